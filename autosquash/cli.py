@@ -1,0 +1,194 @@
+"""The `autosquash` command: search, estimate, devices, eval, export, pull, ui."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from autosquash.errors import AutosquashError
+
+NOT_YET = {
+    "export": "writing GGUF/torch files is not implemented yet; a trial's plan is in <out>/plans/",
+    "pull": "pulling registered models is not implemented yet (nothing is registered yet)",
+}
+
+
+def _search(args: argparse.Namespace) -> int:
+    from autosquash.search.driver import SearchOptions, run_search
+    from autosquash.search.experiment import load_experiment
+    from autosquash.search.report import print_front
+
+    exp_file = Path(args.experiment)
+    exp = load_experiment(exp_file)
+    if args.model:
+        exp = exp.model_copy(update={"model": args.model})
+    out = Path(args.out or Path("runs") / exp.name)
+    opts = SearchOptions(
+        out_dir=out,
+        trials=args.trials or exp.trials,
+        workers=args.workers or exp.workers,
+        ray_address=args.ray_address,
+        resume=args.resume,
+        tracking_uri=args.tracking_uri,
+        storage=args.storage,
+    )
+    front = run_search(exp, exp_file, opts)
+    print_front(front, exp, out)
+    return 0
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    from autosquash.compress.gguf_types import tensor_type
+    from autosquash.compress.plan import Plan, deployed_tensors
+    from autosquash.cost import estimate, format_report, load_device
+    from autosquash.models.load import load_arch
+    from autosquash.yaml_io import load_yaml_model
+
+    arch = load_arch(args.model)
+    device = load_device(args.device)
+    if args.plan:
+        plan = load_yaml_model(Plan, args.plan)
+    else:
+        plan = Plan.uniform(arch, tensor_type(args.uniform or "F16").name)
+    report = estimate(arch, deployed_tensors(arch, plan), device, context_tokens=args.context)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(format_report(report, device))
+    return 0
+
+
+def _devices(args: argparse.Namespace) -> int:
+    from autosquash.cost import list_devices
+
+    devices = list_devices()
+    if args.json:
+        print(json.dumps([d.model_dump(mode="json") for d in devices], indent=2))
+        return 0
+    print(f"{'name':20s} {'DRAM':>7s} {'app limit':>10s} {'bandwidth':>11s} {'battery':>9s}")
+    for d in devices:
+        print(
+            f"{d.name:20s} {d.dram_bytes / 2**30:5.1f} GiB {d.app_memory_fraction * d.dram_bytes / 2**30:6.1f} GiB "
+            f"{d.peak_bandwidth_bytes_per_s / 1e9:7.1f} GB/s {d.battery_j / 1e3:6.1f} kJ"
+        )
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from autosquash.evaluate.proxy import reference
+    from autosquash.evaluate.texts import load_texts, token_block
+    from autosquash.models.load import load_model, load_tokenizer
+
+    if args.tasks:
+        raise AutosquashError("lm-eval tasks are not implemented yet; use --text FILE for perplexity")
+    if not args.text:
+        raise AutosquashError("eval needs --text FILE (or a shipped source: wikipedia, lambada)")
+    tok = load_tokenizer(args.model)
+    model = load_model(args.model)
+    batch = token_block(tok, load_texts(args.text), args.tokens, args.seq_len)
+    result = {"perplexity": reference(model, batch, k=1).perplexity, "tokens": int(batch.numel())}
+    print(json.dumps(result) if args.json else f"perplexity {result['perplexity']:.3f} on {result['tokens']} tokens")
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from autosquash.track.mlflow_store import default_tracking_uri
+
+    out = Path(args.out)
+    if not (out / "mlflow.db").exists():
+        raise AutosquashError(f"{out} holds no search (no mlflow.db); pass the search's --out folder")
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        default_tracking_uri(out),
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
+    print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _not_yet(args: argparse.Namespace) -> int:
+    raise AutosquashError(f"{args.command}: {NOT_YET[args.command]}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    p = argparse.ArgumentParser(prog="autosquash", description="Search per-layer compression plans for phones.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("search", help="run a multi-objective compression search (Optuna trials on Ray)")
+    s.add_argument("experiment", help="experiment YAML file, e.g. experiments/smoke.yaml")
+    s.add_argument("--trials", type=int, help="trials to finish in total (default: the experiment's)")
+    s.add_argument("--workers", type=int, help="trials in flight at once (default: the experiment's)")
+    s.add_argument("--out", help="output folder (default: runs/<experiment name>)")
+    s.add_argument("--model", help="override the experiment's model")
+    s.add_argument("--ray-address", help="address of a running Ray cluster (default: a local Ray)")
+    s.add_argument("--resume", action="store_true", help="continue the search stored in --out")
+    s.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite in the output folder)")
+    s.add_argument("--storage", help="Optuna storage URL (default: SQLite in the output folder)")
+    s.set_defaults(fn=_search)
+
+    e = sub.add_parser("estimate", help="memory, speed and energy of a model on a phone (config only)")
+    e.add_argument("--model", required=True, help="shipped name, .gguf, config.json, folder or hub id")
+    e.add_argument("--device", required=True, help="device profile name (see `devices`) or YAML file")
+    g = e.add_mutually_exclusive_group()
+    g.add_argument("--plan", help="plan YAML file (e.g. a trial's plans/trial-0007.yaml)")
+    g.add_argument("--uniform", help="one GGUF type for every weight, e.g. Q4_0 (default F16)")
+    e.add_argument("--context", type=int, default=2048, help="context length in tokens (default 2048)")
+    e.add_argument("--json", action="store_true", help="print JSON")
+    e.set_defaults(fn=_estimate)
+
+    d = sub.add_parser("devices", help="list the shipped phone profiles")
+    d.add_argument("--json", action="store_true", help="print JSON")
+    d.set_defaults(fn=_devices)
+
+    v = sub.add_parser("eval", help="score a model: perplexity on a text (lm-eval tasks: not yet)")
+    v.add_argument("--model", required=True, help="shipped name, .gguf, config.json, folder or hub id")
+    v.add_argument("--text", help="text file, or a shipped source: wikipedia, lambada")
+    v.add_argument("--tasks", help="comma-separated lm-eval tasks (not implemented yet)")
+    v.add_argument("--tokens", type=int, default=4096, help="tokens to score (default 4096)")
+    v.add_argument("--seq-len", type=int, default=256, help="sequence length (default 256)")
+    v.add_argument("--json", action="store_true", help="print JSON")
+    v.set_defaults(fn=_eval)
+
+    x = sub.add_parser("export", help="write a trial's model as GGUF or torch (not implemented yet)")
+    x.set_defaults(fn=_not_yet)
+    u = sub.add_parser("pull", help="fetch a registered model for deployment (not implemented yet)")
+    u.set_defaults(fn=_not_yet)
+
+    w = sub.add_parser("ui", help="open the MLflow UI on a search's results")
+    w.add_argument("--out", default="runs", help="the search's output folder")
+    w.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
+    w.add_argument("--port", type=int, default=5000)
+    w.set_defaults(fn=_ui)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: one-line errors and a non-zero exit for bad input, never a bare traceback."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except AutosquashError as e:
+        print(f"autosquash: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("autosquash: interrupted; finished trials are stored (continue with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Compression operators (quantization, pruning, decomposition) and the plan that combines them."""

@@ -1,0 +1,103 @@
+"""GGUF tensor types: the one place that maps a type to its block layout and byte size.
+
+Block sizes come from the `gguf` package (GGML_QUANT_SIZES), which mirrors ggml's type traits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from autosquash.errors import AutosquashError
+
+# The types a plan may choose for a weight matrix, from most to fewest bits.
+SEARCHABLE_TYPES: tuple[str, ...] = (
+    "F16",
+    "Q8_0",
+    "Q6_K",
+    "Q5_1",
+    "Q5_K",
+    "Q5_0",
+    "Q4_1",
+    "Q4_K",
+    "Q4_0",
+    "Q3_K",
+    "Q2_K",
+    "TQ2_0",
+    "TQ1_0",
+)
+
+# What a type falls back to when a row is not a multiple of its block length.
+# Mirrors llama.cpp's llama-quant.cpp, except that Q2_K/Q3_K go to Q4_0 instead of IQ4_NL
+# (same 4.5 bits per weight; IQ4_NL is not among the types autosquash writes).
+FALLBACK: dict[str, str] = {
+    "Q2_K": "Q4_0",
+    "Q3_K": "Q4_0",
+    "Q4_K": "Q5_0",
+    "Q5_K": "Q5_1",
+    "Q6_K": "Q8_0",
+    "TQ1_0": "Q4_0",
+    "TQ2_0": "Q4_0",
+}
+
+
+class UnknownTypeError(AutosquashError, ValueError):
+    """A type name GGUF does not define (a ValueError too, so file validators report it per field)."""
+
+
+@dataclass(frozen=True)
+class TensorType:
+    """A GGUF tensor type: `block_size` values stored in `block_bytes` bytes."""
+
+    name: str
+    block_size: int
+    block_bytes: int
+
+    @property
+    def ggml_type(self) -> GGMLQuantizationType:
+        return GGMLQuantizationType[self.name]
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.block_bytes / self.block_size
+
+    def fits_row(self, row_length: int) -> bool:
+        """Whether a row of `row_length` values splits into whole blocks of this type."""
+        return row_length % self.block_size == 0
+
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        """Exact bytes of a tensor of `shape` (rows along the last dimension) in this type."""
+        n = 1
+        for d in shape:
+            n *= d
+        if not self.fits_row(shape[-1]):
+            raise AutosquashError(f"a row of {shape[-1]} values is not a whole number of {self.name} blocks")
+        return n // self.block_size * self.block_bytes
+
+
+def tensor_type(name: str) -> TensorType:
+    """Look a GGUF type up by name (case-insensitive), e.g. 'q4_k' or 'Q4_K'."""
+    key = name.upper()
+    try:
+        ggml = GGMLQuantizationType[key]
+    except KeyError:
+        raise UnknownTypeError(
+            f"unknown GGUF tensor type {name!r}; expected one of {', '.join(SEARCHABLE_TYPES)}, F32"
+        ) from None
+    block_size, block_bytes = GGML_QUANT_SIZES[ggml]
+    return TensorType(key, block_size, block_bytes)
+
+
+def legal_type(name: str, row_length: int) -> str:
+    """The type a row of `row_length` values is stored in when `name` is asked for.
+
+    Returns `name` itself when legal, else its fallback (see FALLBACK), as llama.cpp's quantize does.
+    """
+    t = tensor_type(name)
+    if t.fits_row(row_length):
+        return t.name
+    fallback = FALLBACK.get(t.name)
+    if fallback is None or not tensor_type(fallback).fits_row(row_length):
+        raise AutosquashError(f"no legal GGUF type for a row of {row_length} values (asked for {t.name})")
+    return fallback

@@ -1,0 +1,38 @@
+"""Truncated SVD of a linear layer into two smaller linears, plain or activation-aware."""
+
+from __future__ import annotations
+
+import torch
+
+
+def svd_factors(
+    weight: torch.Tensor, rank: int, input_sq: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (A: rank x in, B: out x rank) with W ≈ B @ A.
+
+    With `input_sq` (E[x²] per input channel) the SVD minimises the output error on calibration
+    activations rather than the weight error (ASVD, Yuan et al., 2023: scale columns, factor, unscale).
+    """
+    w = weight.float()
+    scale = input_sq.float().sqrt().clamp_min(1e-6) if input_sq is not None else None
+    u, s, vh = torch.linalg.svd(w * scale if scale is not None else w, full_matrices=False)
+    root = s[:rank].sqrt()
+    b = u[:, :rank] * root
+    a = root[:, None] * vh[:rank]
+    if scale is not None:
+        a = a / scale
+    return a.contiguous(), b.contiguous()
+
+
+class LowRankLinear(torch.nn.Module):
+    """y = B(A(x)): a linear layer stored as two factors."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor):
+        super().__init__()
+        self.a = torch.nn.Linear(a.shape[1], a.shape[0], bias=False)
+        self.b = torch.nn.Linear(b.shape[1], b.shape[0], bias=False)
+        self.a.weight.data = a
+        self.b.weight.data = b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))

@@ -1,0 +1,599 @@
+"""Quantization of weight matrices to GGUF tensor types, producing exactly the bytes a GGUF file holds.
+
+Block layouts are ggml's (ggml-common.h), the ones `gguf.quants` reads back. Without `importance`, the
+legacy and ternary types (Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, TQ2_0, TQ1_0) reproduce llama.cpp's reference
+quantizers byte for byte (what `gguf.quants.quantize` writes), and the K-quants run a least-squares
+scale/min search with llama.cpp's default weights (ideas of make_qx_quants / make_qkx2_quants in
+ggml-quants.c). With `importance` (per input channel, e.g. the mean squared activation) every quantized
+type searches its scales for the lowest importance-weighted squared error, as llama.cpp does with an
+imatrix. Everything is vectorized over blocks in torch; rows go through in cache-sized chunks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from autosquash.compress.gguf_types import tensor_type
+from autosquash.errors import AutosquashError
+
+QK_K = 256  # values per K-quant / ternary super-block
+# Values quantized per step: big enough that Python overhead vanishes, small enough that the search's
+# temporaries stay in cache (measured: 2^18 is about 2x faster than whole 28M-value matrices).
+_CHUNK_VALUES = 1 << 18
+# Candidate 1/scale offsets around the max-magnitude mapping: llama.cpp's make_qx_quants range (+-0.9) at
+# step 0.3 instead of 0.1; with the refit rounds below the errors on Gaussian rows agree to 1e-4.
+_SCALE_OFFSETS = 0.3 * torch.arange(-3, 4, dtype=torch.float32)
+# Candidate offsets for the affine (scale + min) search: make_qkx2_quants' Q4_K range (rmin -1 .. +1), step 0.2.
+_AFFINE_OFFSETS = -1.0 + 0.2 * torch.arange(11, dtype=torch.float32)
+# Ternary 1/scale candidates as multiples of 1/max|x|: zero threshold from 0.83 to 0.125 of max|x|.
+_TERNARY_MULTIPLES = 0.6 + 0.2 * torch.arange(18, dtype=torch.float32)
+# Assign-then-refit rounds after the candidate scan (each can only lower the error).
+_REFINE_STEPS = 2
+
+Encoder = Callable[[Tensor, "Tensor | None"], Tensor]
+Decoder = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A weight matrix in one GGUF type; `data` is uint8 (rows, bytes_per_row), the bytes GGUFWriter stores.
+
+    For F16/F32, `data.view(np.float16 / np.float32)` is what `gguf.quants.quantize` returns; write any
+    type with `GGUFWriter.add_tensor(name, data, raw_dtype=GGMLQuantizationType[type])`.
+    """
+
+    type: str
+    shape: tuple[int, int]
+    data: np.ndarray
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Small helpers: f16 scales, bit packing, rounding
+
+
+def _f16(v: Tensor) -> Tensor:
+    """`v` rounded to the f16 a block stores (as float32, so codes are chosen against the stored scale)."""
+    return v.to(torch.float16).to(torch.float32)
+
+
+def _f16_bytes(v: Tensor) -> Tensor:
+    return v.to(torch.float16).reshape(-1, 1).view(torch.uint8)
+
+
+def _read_f16(b: Tensor) -> Tensor:
+    """(N, 2) bytes -> (N, 1) float32, like numpy's `.view(np.float16).astype(np.float32)`."""
+    return b.contiguous().view(torch.float16).to(torch.float32)
+
+
+def _pack(q: Tensor, bits: int) -> Tensor:
+    """OR q[..., i, :] << (i * bits) over axis -2: how ggml stacks strided sub-rows of a block into bytes."""
+    out = torch.zeros(q.shape[:-2] + q.shape[-1:], dtype=torch.uint8)
+    for i in range(q.shape[-2]):
+        out |= q[..., i, :].to(torch.uint8) << (i * bits)
+    return out
+
+
+def _unpack(b: Tensor, bits: int, count: int) -> Tensor:
+    """Inverse of _pack: (..., L) bytes -> (..., count, L) codes of `bits` bits each."""
+    shifts = torch.arange(0, count * bits, bits, dtype=torch.uint8).reshape(count, 1)
+    return (b.unsqueeze(-2) >> shifts) & ((1 << bits) - 1)
+
+
+def _round_half_away(v: Tensor) -> Tensor:
+    """Round half away from zero exactly as gguf's np_roundf (llama.cpp's roundf), not torch's half-to-even."""
+    a = v.abs()
+    floored = a.floor()
+    return v.sign() * (floored + (2 * (a - floored)).floor())
+
+
+def _signed_max(x: Tensor) -> Tensor:
+    """The value of largest magnitude along the last axis, sign kept (first one on ties, as numpy)."""
+    return x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1)
+
+
+def _codes(x: Tensor, scale: Tensor, lo: int, hi: int) -> Tensor:
+    """Nearest grid codes clamp(round(x / scale), lo, hi) per row of x; all zero where the scale is 0."""
+    # Multiplying by a masked reciprocal keeps every full-size op a plain float op (a full-size
+    # torch.where is ~10x slower on CPU); x * 0 rounds to code 0, which every grid holds.
+    inv = torch.where(scale != 0, 1.0 / torch.where(scale != 0, scale, 1.0), 0.0)
+    return (x * inv.unsqueeze(-1)).round_().clamp_(lo, hi)
+
+
+def _candidates(ref: Tensor, numerators: Tensor) -> Tensor:
+    """Candidate 1/scale values numerators / ref, shape (C, *ref.shape); 0 where ref is 0 (an all-zero row)."""
+    nonzero = ref != 0
+    inv = torch.where(nonzero, 1.0 / torch.where(nonzero, ref, 1.0), 0.0)
+    return numerators.reshape(-1, *[1] * ref.ndim) * inv
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scale searches (llama.cpp ggml-quants.c: make_qx_quants, make_qkx2_quants, make_qp_quants ideas).
+# All candidates are evaluated at once along a leading axis: a few big ops instead of many small ones.
+
+
+def _lsq_scale(x: Tensor, w: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    """Weighted least-squares scale for fixed codes, and its error reduction sum(wxq)^2 / sum(wq^2)."""
+    wq = w * q
+    sum_xq = (wq * x).sum(-1)
+    sum_qq = (wq * q).sum(-1)
+    ok = sum_qq > 0
+    scale = torch.where(ok, sum_xq / torch.where(ok, sum_qq, 1.0), 0.0)
+    return scale, scale * sum_xq
+
+
+def _fit_scale(x: Tensor, w: Tensor, lo: int, hi: int, iscales: Tensor) -> Tensor:
+    """Per-row scale s minimising sum w (x - s q)^2 with codes q in [lo, hi] (symmetric grids).
+
+    Each candidate 1/s (iscales, shape (C, rows)) gives codes, refit by least squares; the best is then
+    refined by assign/refit rounds, each of which can only lower the error.
+    """
+    scale, gain = _lsq_scale(x, w, (x * iscales.unsqueeze(-1)).round_().clamp_(lo, hi))
+    best_gain, pick = gain.max(0)
+    best = scale.gather(0, pick.unsqueeze(0)).squeeze(0)
+    for _ in range(_REFINE_STEPS):
+        scale, gain = _lsq_scale(x, w, _codes(x, best, lo, hi))
+        better = gain > best_gain
+        best, best_gain = torch.where(better, scale, best), torch.where(better, gain, best_gain)
+    return best
+
+
+def _quantize_signed(v: Tensor, w: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
+    """Per-row f16 scale d and codes in [-nmax, nmax-1] with v ~ d * codes, weighted search.
+
+    Candidates map the largest-magnitude value to about -nmax, the grid's extra negative level.
+    """
+    iscales = _candidates(_signed_max(v), -(nmax + _SCALE_OFFSETS))
+    d = _f16(_fit_scale(v, w, -nmax, nmax - 1, iscales))
+    return d, _codes(v, d, -nmax, nmax - 1)
+
+
+def _quantize_nonneg(v: Tensor, w: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
+    """Per-row f16 scale d and codes in [0, nmax] for non-negative v (K-quant sub-block scales and mins)."""
+    d = _f16(_fit_scale(v, w, 0, nmax, _candidates(v.amax(-1), nmax + _SCALE_OFFSETS)))
+    return d, _codes(v, d, 0, nmax)
+
+
+def _lsq_affine(
+    x: Tensor, w: Tensor, q: Tensor, sums: tuple[Tensor, Tensor, Tensor], min_le_zero: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Weighted least-squares (scale, min) for x ~ scale * q + min with fixed codes, and its error."""
+    sw, sx, sxx = sums
+    wq = w * q
+    sq = wq.sum(-1)
+    sqq = (wq * q).sum(-1)
+    sxq = (wq * x).sum(-1)
+    det = sw * sqq - sq * sq
+    # A relative threshold: when all codes are equal, det is rounding noise and the solve would explode.
+    ok = det > 1e-5 * sw * sqq
+    det = torch.where(ok, det, 1.0)
+    scale = torch.where(ok, (sw * sxq - sx * sq) / det, 0.0)
+    mn = torch.where(ok, (sqq * sx - sq * sxq) / det, sx / sw.clamp_min(1e-30))
+    if min_le_zero:
+        # K-quants store -min with one non-negative dmin per super-block, so a positive min becomes 0.
+        pos = mn > 0
+        scale = torch.where(pos, torch.where(sqq > 0, sxq / sqq.clamp_min(1e-30), 0.0), scale)
+        mn = torch.where(pos, 0.0, mn)
+    # Error in closed form from the sums: no extra pass over the values.
+    err = sxx - 2 * scale * sxq - 2 * mn * sx + scale * scale * sqq + 2 * scale * mn * sq + mn * mn * sw
+    return scale, mn, err
+
+
+def _fit_affine(x: Tensor, w: Tensor, nmax: int, min_le_zero: bool) -> tuple[Tensor, Tensor]:
+    """Per-row (scale, min) minimising sum w (x - scale q - min)^2, codes q in [0, nmax] (make_qkx2_quants)."""
+    sums = (w.sum(-1), (w * x).sum(-1), (w * x * x).sum(-1))
+    xmin = x.amin(-1)
+    if min_le_zero:
+        xmin = xmin.clamp(max=0.0)
+    iscales = _candidates(x.amax(-1) - xmin, nmax + _AFFINE_OFFSETS)
+    q = ((x - xmin.unsqueeze(-1)) * iscales.unsqueeze(-1)).round_().clamp_(0, nmax)
+    scale, mn, err = _lsq_affine(x, w, q, sums, min_le_zero)
+    best_err, pick = err.min(0)
+    best_s = scale.gather(0, pick.unsqueeze(0)).squeeze(0)
+    best_m = mn.gather(0, pick.unsqueeze(0)).squeeze(0)
+    for _ in range(_REFINE_STEPS):
+        scale, mn, err = _lsq_affine(x, w, _codes(x - best_m.unsqueeze(-1), best_s, 0, nmax), sums, min_le_zero)
+        better = err < best_err
+        best_s, best_m = torch.where(better, scale, best_s), torch.where(better, mn, best_m)
+        best_err = torch.where(better, err, best_err)
+    return best_s, best_m
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Legacy types: 32 values per block (block_q8_0, block_q5_0, block_q5_1, block_q4_0, block_q4_1)
+
+
+def _symmetric_legacy(x: Tensor, w: Tensor | None, nmax: int) -> tuple[Tensor, Tensor]:
+    """(f16 scale, codes + nmax in [0, 2 nmax - 1]) for Q4_0 (nmax 8) and Q5_0 (nmax 16)."""
+    if w is None:
+        # quantize_row_q4_0_ref: the largest-magnitude value maps to -nmax, codes truncated after +nmax+0.5.
+        d = _signed_max(x) / -nmax
+        inv = torch.where(d == 0, 0.0, 1.0 / d)
+        q = torch.trunc(x * inv.unsqueeze(-1) + (nmax + 0.5)).clamp_(0, 2 * nmax - 1)
+        return d, q
+    d, q = _quantize_signed(x, w, nmax)
+    return d, q + nmax
+
+
+def _affine_legacy(x: Tensor, w: Tensor | None, nmax: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(f16 scale, f16 min, codes in [0, nmax]) for Q4_1 (nmax 15) and Q5_1 (nmax 31)."""
+    if w is None:
+        # quantize_row_q4_1_ref: min/max range split into nmax steps.
+        mn = x.amin(-1)
+        d = (x.amax(-1) - mn) / nmax
+        inv = torch.where(d == 0, 0.0, 1.0 / d)
+        q = torch.trunc((x - mn.unsqueeze(-1)) * inv.unsqueeze(-1) + 0.5).clamp_(0, nmax)
+        return d, mn, q
+    scale, mn = _fit_affine(x, w, nmax, min_le_zero=False)
+    d, m16 = _f16(scale), _f16(mn)
+    return d, m16, _codes(x - m16.unsqueeze(-1), d, 0, nmax)
+
+
+def _encode_q8_0(x: Tensor, w: Tensor | None) -> Tensor:
+    if w is None:
+        # quantize_row_q8_0_ref: max|x| maps to 127, round half away from zero.
+        d = x.abs().amax(-1) / 127
+        inv = torch.where(d == 0, 0.0, 1.0 / d)
+        q = _round_half_away(x * inv.unsqueeze(-1))
+    else:
+        d, q = _quantize_signed(x, w, 128)
+    return torch.cat([_f16_bytes(d), q.to(torch.int8).view(torch.uint8)], dim=-1)
+
+
+def _decode_q8_0(b: Tensor) -> Tensor:
+    return b[:, 2:].contiguous().view(torch.int8).to(torch.float32) * _read_f16(b[:, :2])
+
+
+def _encode_q4_0(x: Tensor, w: Tensor | None) -> Tensor:
+    d, q = _symmetric_legacy(x, w, 8)
+    return torch.cat([_f16_bytes(d), _pack(q.view(-1, 2, 16), 4)], dim=-1)
+
+
+def _decode_q4_0(b: Tensor) -> Tensor:
+    q = _unpack(b[:, 2:], 4, 2).reshape(-1, 32).to(torch.int8) - 8
+    return _read_f16(b[:, :2]) * q.to(torch.float32)
+
+
+def _encode_q4_1(x: Tensor, w: Tensor | None) -> Tensor:
+    d, mn, q = _affine_legacy(x, w, 15)
+    return torch.cat([_f16_bytes(d), _f16_bytes(mn), _pack(q.view(-1, 2, 16), 4)], dim=-1)
+
+
+def _decode_q4_1(b: Tensor) -> Tensor:
+    q = _unpack(b[:, 4:], 4, 2).reshape(-1, 32).to(torch.float32)
+    return _read_f16(b[:, :2]) * q + _read_f16(b[:, 2:4])
+
+
+def _pack_q5(q: Tensor) -> tuple[Tensor, Tensor]:
+    """(qh, qs) of block_q5_x: bit i of the little-endian uint32 qh is bit 4 of value i; low nibbles as Q4."""
+    qh = _pack((q.to(torch.uint8) >> 4).view(-1, 4, 8).transpose(-1, -2), 1)
+    return qh, _pack((q.to(torch.uint8) & 15).view(-1, 2, 16), 4)
+
+
+def _unpack_q5(qh: Tensor, qs: Tensor) -> Tensor:
+    high = _unpack(qh, 1, 8).transpose(-1, -2).reshape(-1, 32)
+    return _unpack(qs, 4, 2).reshape(-1, 32) | (high << 4)
+
+
+def _encode_q5_0(x: Tensor, w: Tensor | None) -> Tensor:
+    d, q = _symmetric_legacy(x, w, 16)
+    return torch.cat([_f16_bytes(d), *_pack_q5(q)], dim=-1)
+
+
+def _decode_q5_0(b: Tensor) -> Tensor:
+    q = _unpack_q5(b[:, 2:6], b[:, 6:]).to(torch.int8) - 16
+    return _read_f16(b[:, :2]) * q.to(torch.float32)
+
+
+def _encode_q5_1(x: Tensor, w: Tensor | None) -> Tensor:
+    d, mn, q = _affine_legacy(x, w, 31)
+    return torch.cat([_f16_bytes(d), _f16_bytes(mn), *_pack_q5(q)], dim=-1)
+
+
+def _decode_q5_1(b: Tensor) -> Tensor:
+    q = _unpack_q5(b[:, 4:8], b[:, 8:]).to(torch.float32)
+    return _read_f16(b[:, :2]) * q + _read_f16(b[:, 2:4])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# K-quants: super-blocks of 256 (block_q2_K .. block_q6_K)
+
+
+def _k_weights(x: Tensor, w: Tensor | None, sub: int, default: str) -> Tensor:
+    """Per-value search weights: the importance weights if given, else llama.cpp's *_ref defaults."""
+    if w is not None:
+        return w
+    if default == "rms+abs":  # quantize_row_q4_K_ref / q5_K: av_x + |x| per sub-block
+        xs = x.view(x.shape[0], -1, sub)
+        return (xs.square().mean(-1, keepdim=True).sqrt() + xs.abs()).view_as(x)
+    if default == "abs":  # quantize_row_q2_K_ref
+        return x.abs()
+    return x.square()  # make_qx_quants rmse_type 1 / make_q3_quants (Q3_K, Q6_K)
+
+
+def _affine_k(x: Tensor, w: Tensor, sub: int, nmax: int, scale_nmax: int) -> tuple[Tensor, ...]:
+    """Q2_K/Q4_K/Q5_K: value = d * sc * q - dmin * m, with per-sub-block codes sc, m and f16 d, dmin.
+
+    Returns (d, dmin, sc, m, q); sc and m in [0, scale_nmax], q in [0, nmax].
+    """
+    n = x.shape[0]
+    xs, ws = x.view(n, -1, sub), w.view(n, -1, sub)
+    scale, mn = _fit_affine(xs.reshape(-1, sub), ws.reshape(-1, sub), nmax, min_le_zero=True)
+    scale, mn = scale.clamp(min=0.0).view(n, -1), mn.view(n, -1)
+    q = _codes(xs - mn.unsqueeze(-1), scale, 0, nmax)
+    # To first order, a sub-block's scale error costs sum(w q^2) and its min error sum(w) in the values.
+    d, sc = _quantize_nonneg(scale, (ws * q * q).sum(-1), scale_nmax)
+    dmin, m = _quantize_nonneg(-mn, ws.sum(-1), scale_nmax)
+    # Final codes against the stored scales, formed exactly as the dequantizer forms them.
+    sub_scale, sub_min = d.unsqueeze(-1) * sc, dmin.unsqueeze(-1) * m
+    q = _codes(xs + sub_min.unsqueeze(-1), sub_scale, 0, nmax)
+    return d, dmin, sc, m, q.view(n, -1)
+
+
+def _symmetric_k(x: Tensor, w: Tensor, nmax: int, scale_nmax: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Q3_K/Q6_K: value = d * sc * q over sub-blocks of 16; q in [-nmax, nmax-1], sc in [-scale_nmax, ...)."""
+    n = x.shape[0]
+    xs, ws = x.view(n, -1, 16), w.view(n, -1, 16)
+    flat = xs.reshape(-1, 16)
+    iscales = _candidates(_signed_max(flat), -(nmax + _SCALE_OFFSETS))
+    scale = _fit_scale(flat, ws.reshape(-1, 16), -nmax, nmax - 1, iscales).view(n, -1)
+    q = _codes(xs, scale, -nmax, nmax - 1)
+    d, sc = _quantize_signed(scale, (ws * q * q).sum(-1), scale_nmax)
+    q = _codes(xs, d.unsqueeze(-1) * sc, -nmax, nmax - 1)
+    return d, sc, q.view(n, -1)
+
+
+def _pack_k_scales(sc: Tensor, m: Tensor) -> Tensor:
+    """12 bytes of 6-bit (scale, min) pairs for 8 sub-blocks (get_scale_min_k4 layout)."""
+    sc, m = sc.to(torch.uint8), m.to(torch.uint8)
+    low = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+    mid = m[:, :4] | ((m[:, 4:] >> 4) << 6)
+    high = (sc[:, 4:] & 15) | ((m[:, 4:] & 15) << 4)
+    return torch.cat([low, mid, high], dim=-1)
+
+
+def _unpack_k_scales(b: Tensor) -> tuple[Tensor, Tensor]:
+    low, mid, high = b[:, :4], b[:, 4:8], b[:, 8:12]
+    sc = torch.cat([low & 63, (high & 15) | ((low >> 2) & 48)], dim=-1)
+    m = torch.cat([mid & 63, (high >> 4) | ((mid >> 2) & 48)], dim=-1)
+    return sc, m
+
+
+def _encode_q2_k(x: Tensor, w: Tensor | None) -> Tensor:
+    d, dmin, sc, m, q = _affine_k(x, _k_weights(x, w, 16, "abs"), 16, 3, 15)
+    scales = sc.to(torch.uint8) | (m.to(torch.uint8) << 4)
+    qs = _pack(q.view(-1, 2, 4, 32), 2).view(-1, 64)
+    return torch.cat([scales, qs, _f16_bytes(d), _f16_bytes(dmin)], dim=-1)
+
+
+def _decode_q2_k(b: Tensor) -> Tensor:
+    scales = b[:, :16]
+    q = _unpack(b[:, 16:80].reshape(-1, 2, 32), 2, 4).reshape(-1, 16, 16).to(torch.float32)
+    dl = _read_f16(b[:, 80:82]) * (scales & 15).to(torch.float32)
+    ml = _read_f16(b[:, 82:84]) * (scales >> 4).to(torch.float32)
+    return (dl.unsqueeze(-1) * q - ml.unsqueeze(-1)).reshape(-1, QK_K)
+
+
+def _encode_q3_k(x: Tensor, w: Tensor | None) -> Tensor:
+    d, sc, q = _symmetric_k(x, _k_weights(x, w, 16, "square"), 4, 32)
+    q = (q + 4).to(torch.uint8)  # bit 2 goes to hmask (set means no -4 offset), bits 0-1 to qs
+    hmask = _pack((q >> 2).view(-1, 8, 32), 1)
+    qs = _pack((q & 3).view(-1, 2, 4, 32), 2).view(-1, 64)
+    s = (sc + 32).to(torch.uint8)
+    scales = torch.cat([_pack((s & 15).view(-1, 2, 8), 4), _pack((s >> 4).view(-1, 4, 4), 2)], dim=-1)
+    return torch.cat([hmask, qs, scales, _f16_bytes(d)], dim=-1)
+
+
+def _decode_q3_k(b: Tensor) -> Tensor:
+    high = _unpack(b[:, :32], 1, 8).reshape(-1, 16, 16)
+    low = _unpack(b[:, 32:96].reshape(-1, 2, 32), 2, 4).reshape(-1, 16, 16)
+    s = _unpack(b[:, 96:104], 4, 2).reshape(-1, 16) | (_unpack(b[:, 104:108], 2, 4).reshape(-1, 16) << 4)
+    dl = _read_f16(b[:, 108:110]) * (s.to(torch.int8) - 32).to(torch.float32)
+    q = (low.to(torch.int8) - ((high ^ 1) << 2).to(torch.int8)).to(torch.float32)
+    return (dl.unsqueeze(-1) * q).reshape(-1, QK_K)
+
+
+def _encode_q4_k(x: Tensor, w: Tensor | None) -> Tensor:
+    d, dmin, sc, m, q = _affine_k(x, _k_weights(x, w, 32, "rms+abs"), 32, 15, 63)
+    qs = _pack(q.view(-1, 4, 2, 32), 4).view(-1, 128)
+    return torch.cat([_f16_bytes(d), _f16_bytes(dmin), _pack_k_scales(sc, m), qs], dim=-1)
+
+
+def _decode_k_affine(b: Tensor, q: Tensor) -> Tensor:
+    """Q4_K/Q5_K: (d * sc) * q - (dmin * m) per sub-block of 32, codes q (N, 8, 32) already unpacked."""
+    sc, m = _unpack_k_scales(b[:, 4:16])
+    scale = _read_f16(b[:, :2]) * sc.to(torch.float32)
+    mn = _read_f16(b[:, 2:4]) * m.to(torch.float32)
+    return (scale.unsqueeze(-1) * q.to(torch.float32) - mn.unsqueeze(-1)).reshape(-1, QK_K)
+
+
+def _decode_q4_k(b: Tensor) -> Tensor:
+    return _decode_k_affine(b, _unpack(b[:, 16:].reshape(-1, 4, 32), 4, 2).reshape(-1, 8, 32))
+
+
+def _encode_q5_k(x: Tensor, w: Tensor | None) -> Tensor:
+    d, dmin, sc, m, q = _affine_k(x, _k_weights(x, w, 32, "rms+abs"), 32, 31, 63)
+    q = q.to(torch.uint8)
+    qh = _pack((q >> 4).view(-1, 8, 32), 1)
+    qs = _pack((q & 15).view(-1, 4, 2, 32), 4).view(-1, 128)
+    return torch.cat([_f16_bytes(d), _f16_bytes(dmin), _pack_k_scales(sc, m), qh, qs], dim=-1)
+
+
+def _decode_q5_k(b: Tensor) -> Tensor:
+    high = _unpack(b[:, 16:48], 1, 8)
+    low = _unpack(b[:, 48:].reshape(-1, 4, 32), 4, 2).reshape(-1, 8, 32)
+    return _decode_k_affine(b, low | (high << 4))
+
+
+def _encode_q6_k(x: Tensor, w: Tensor | None) -> Tensor:
+    d, sc, q = _symmetric_k(x, _k_weights(x, w, 16, "square"), 32, 128)
+    q = (q + 32).to(torch.uint8)
+    ql = _pack((q & 15).view(-1, 2, 2, 64), 4).view(-1, 128)
+    qh = _pack((q >> 4).view(-1, 2, 4, 32), 2).view(-1, 64)
+    return torch.cat([ql, qh, sc.to(torch.int8).view(torch.uint8), _f16_bytes(d)], dim=-1)
+
+
+def _decode_q6_k(b: Tensor) -> Tensor:
+    low = _unpack(b[:, :128].reshape(-1, 2, 64), 4, 2).reshape(-1, QK_K)
+    high = _unpack(b[:, 128:192].reshape(-1, 2, 32), 2, 4).reshape(-1, QK_K)
+    q = ((low | (high << 4)).to(torch.int8) - 32).to(torch.float32).view(-1, 16, 16)
+    scale = _read_f16(b[:, 208:210]) * b[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
+    return (scale.unsqueeze(-1) * q).reshape(-1, QK_K)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ternary types: super-blocks of 256, values d * {-1, 0, 1} (block_tq1_0, block_tq2_0)
+
+
+def _ternary(x: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(f16 scale, codes + 1 in {0, 1, 2}) for TQ1_0/TQ2_0."""
+    if w is None:
+        # quantize_row_tq1_0_ref: d = max|x|, i.e. exact for already-ternary weights (BitNet b1.58).
+        d = x.abs().amax(-1)
+        inv = torch.where(d == 0, 0.0, 1.0 / d)
+        return d, _round_half_away(x * inv.unsqueeze(-1)) + 1
+    d = _f16(_fit_scale(x, w, -1, 1, _candidates(x.abs().amax(-1), _TERNARY_MULTIPLES)))
+    return d, _codes(x, d, -1, 1) + 1
+
+
+def _encode_tq2_0(x: Tensor, w: Tensor | None) -> Tensor:
+    d, q = _ternary(x, w)
+    return torch.cat([_pack(q.view(-1, 2, 4, 32), 2).view(-1, 64), _f16_bytes(d)], dim=-1)
+
+
+def _decode_tq2_0(b: Tensor) -> Tensor:
+    q = _unpack(b[:, :64].reshape(-1, 2, 32), 2, 4).reshape(-1, QK_K).to(torch.int8) - 1
+    return _read_f16(b[:, 64:66]) * q.to(torch.float32)
+
+
+# TQ1_0 packs 5 trits per byte as a base-3 fixed-point fraction: byte = ceil(sum t_k 3^(4-k) * 256 / 243),
+# so multiplying the byte by 3^k (mod 256) brings trit k to the top, where (b * 3) >> 8 reads it.
+_POW3 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32)
+
+
+def _encode_tq1_0(x: Tensor, w: Tensor | None) -> Tensor:
+    d, q = _ternary(x, w)
+    q = q.to(torch.int32)
+    place = _POW3.flip(0).reshape(5, 1)
+    qs0 = (q[:, :160].view(-1, 5, 32) * place).sum(1)
+    qs1 = (q[:, 160:240].view(-1, 5, 16) * place).sum(1)
+    qh = (q[:, 240:].view(-1, 4, 4) * place[:4]).sum(1)
+    packed = (torch.cat([qs0, qs1, qh], dim=-1) * 256 + 242) // 243
+    return torch.cat([packed.to(torch.uint8), _f16_bytes(d)], dim=-1)
+
+
+def _decode_tq1_0(b: Tensor) -> Tensor:
+    def trits(bytes_: Tensor, count: int) -> Tensor:
+        top = (bytes_.to(torch.int32).unsqueeze(-2) * _POW3[:count].reshape(count, 1)) & 255
+        return ((top * 3) >> 8).reshape(bytes_.shape[0], -1)
+
+    q = torch.cat([trits(b[:, :32], 5), trits(b[:, 32:48], 5), trits(b[:, 48:52], 4)], dim=-1) - 1
+    return _read_f16(b[:, 52:54]) * q.to(torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Float types (block size 1)
+
+
+def _encode_f32(x: Tensor, w: Tensor | None) -> Tensor:
+    return x.contiguous().view(torch.uint8)
+
+
+def _decode_f32(b: Tensor) -> Tensor:
+    return b.contiguous().view(torch.float32)
+
+
+def _encode_f16(x: Tensor, w: Tensor | None) -> Tensor:
+    return x.to(torch.float16).view(torch.uint8)
+
+
+def _decode_f16(b: Tensor) -> Tensor:
+    return _read_f16(b)
+
+
+_CODECS: dict[str, tuple[Encoder, Decoder]] = {
+    "F32": (_encode_f32, _decode_f32),
+    "F16": (_encode_f16, _decode_f16),
+    "Q8_0": (_encode_q8_0, _decode_q8_0),
+    "Q6_K": (_encode_q6_k, _decode_q6_k),
+    "Q5_1": (_encode_q5_1, _decode_q5_1),
+    "Q5_K": (_encode_q5_k, _decode_q5_k),
+    "Q5_0": (_encode_q5_0, _decode_q5_0),
+    "Q4_1": (_encode_q4_1, _decode_q4_1),
+    "Q4_K": (_encode_q4_k, _decode_q4_k),
+    "Q4_0": (_encode_q4_0, _decode_q4_0),
+    "Q3_K": (_encode_q3_k, _decode_q3_k),
+    "Q2_K": (_encode_q2_k, _decode_q2_k),
+    "TQ2_0": (_encode_tq2_0, _decode_tq2_0),
+    "TQ1_0": (_encode_tq1_0, _decode_tq1_0),
+}
+QUANTIZABLE_TYPES: tuple[str, ...] = tuple(_CODECS)
+
+
+def _codec(type_name: str) -> tuple[str, Encoder, Decoder]:
+    name = tensor_type(type_name).name
+    if name not in _CODECS:
+        raise AutosquashError(f"cannot quantize to GGUF type {name}; expected one of {', '.join(_CODECS)}")
+    return (name, *_CODECS[name])
+
+
+def _importance_floor(importance: Tensor, cols: int) -> Tensor:
+    """Validated per-input-channel importance, floored so no block is left with all-zero weights."""
+    imp = importance.detach().to("cpu", torch.float32).reshape(-1)
+    if imp.numel() != cols:
+        raise AutosquashError(f"importance has {imp.numel()} values; expected one per input channel ({cols})")
+    if not bool(torch.isfinite(imp).all()) or bool((imp < 0).any()):
+        raise AutosquashError("importance must be finite and non-negative")
+    mean = float(imp.mean())
+    return imp + 1e-6 * mean if mean > 0 else torch.ones_like(imp)
+
+
+def quantize(weight: Tensor, type_name: str, importance: Tensor | None = None) -> QuantizedTensor:
+    """Quantize a 2-D weight (rows along the last dim) to GGUF type `type_name` (ggml-common.h layouts).
+
+    `importance` (shape (in,)) weights the scale search per input channel as llama.cpp's imatrix does.
+    """
+    name, encode, _ = _codec(type_name)
+    if weight.ndim != 2:
+        raise AutosquashError(f"quantize expects a 2-D weight; got shape {tuple(weight.shape)}")
+    rows, cols = (int(s) for s in weight.shape)
+    t = tensor_type(name)
+    if not t.fits_row(cols):
+        raise AutosquashError(f"{name} needs rows that are a multiple of {t.block_size} values; got a row of {cols}")
+    x = weight.detach().to("cpu", torch.float32)
+    imp = None if importance is None else _importance_floor(importance, cols)
+    step = max(1, _CHUNK_VALUES // cols)
+    chunks = []
+    for start in range(0, rows, step):
+        xr = x[start:start + step].contiguous()
+        w = None
+        if imp is not None:
+            # llama.cpp's imatrix weighting: importance * sqrt(sigma^2 + x^2), which also favours large weights.
+            sq = xr.square()
+            w = (imp * (sq.mean(-1, keepdim=True) + sq).sqrt()).reshape(-1, t.block_size)
+        chunks.append(encode(xr.reshape(-1, t.block_size), w).reshape(xr.shape[0], -1))
+    data = torch.cat(chunks).numpy()
+    return QuantizedTensor(type=name, shape=(rows, cols), data=data)
+
+
+def dequantize(q: QuantizedTensor) -> Tensor:
+    """Decode `q` to float32 (shape q.shape) with the arithmetic of gguf.quants.dequantize (ggml layouts)."""
+    name, _, decode = _codec(q.type)
+    t = tensor_type(name)
+    rows, cols = q.shape
+    expected = (rows, t.nbytes((rows, cols)) // max(rows, 1))
+    if q.data.dtype != np.uint8 or tuple(q.data.shape) != expected:
+        raise AutosquashError(
+            f"{name} data for shape {q.shape} must be uint8 of shape {expected}; got {q.data.dtype} {q.data.shape}"
+        )
+    b = torch.from_numpy(np.array(q.data, copy=True)).reshape(-1, t.block_bytes)
+    return decode(b).reshape(rows, cols)
+
+
+def fake_quantize(weight: Tensor, type_name: str, importance: Tensor | None = None) -> Tensor:
+    """The float32 weights a GGUF file of this type holds: dequantize(quantize(weight, type_name, importance))."""
+    return dequantize(quantize(weight, type_name, importance))

@@ -1,0 +1,153 @@
+"""What a deployed model costs on a phone: memory, decode speed, energy and battery (DESIGN.md §4).
+
+Decoding is memory-bound: every token reads the weights once plus the KV cache so far, so
+time = bytes read / (eta * peak bandwidth) + fixed overhead, and
+energy = bytes read * e_dram + MACs * e_mac + static power * time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from autosquash.compress.gguf_types import tensor_type
+from autosquash.compress.plan import TensorSpec
+from autosquash.cost.device import DeviceProfile
+from autosquash.errors import AutosquashError
+from autosquash.models.arch import Arch
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class CostReport:
+    """The phone cost of one deployed model at one context length; units in the names."""
+
+    context_tokens: int
+    prompt_tokens: int
+    weights_bytes: int
+    kv_cache_bytes: int
+    runtime_overhead_bytes: int
+    peak_memory_bytes: int
+    app_memory_limit_bytes: int
+    fits: bool
+    bytes_read_per_token: float
+    macs_per_token: float
+    decode_s_per_token: float
+    decode_tokens_per_s: float
+    prefill_s: float
+    dram_energy_j_per_token: float
+    compute_energy_j_per_token: float
+    static_energy_j_per_token: float
+    energy_j_per_token: float
+    battery_j: float
+    battery_pct_per_1000_tokens: float
+    hours_continuous_generation: float
+    bits_per_weight: float
+
+    def to_dict(self) -> dict[str, float | int | bool]:
+        """Plain numbers by field name, for JSON and MLflow metrics."""
+        return asdict(self)
+
+
+def kv_cache_bytes_per_token(arch: Arch, kv_type: str = "F16") -> int:
+    """KV cache bytes one context position holds: keys and values of every layer's KV heads."""
+    return 2 * arch.n_layers * tensor_type(kv_type).nbytes((arch.n_kv_heads, arch.head_dim))
+
+
+def estimate(
+    arch: Arch,
+    tensors: Sequence[TensorSpec],
+    device: DeviceProfile,
+    context_tokens: int = 2048,
+    prompt_tokens: int = 512,
+    kv_type: str = "F16",
+) -> CostReport:
+    """Price `tensors` (from `deployed_tensors(arch, plan)`) on `device` for one conversation.
+
+    The KV cache is allocated for `context_tokens`; decoding runs from the end of a `prompt_tokens`
+    prompt to the end of the context, so per-token figures are taken at the average position.
+    """
+    if not 0 < prompt_tokens <= context_tokens:
+        raise AutosquashError(
+            f"prompt_tokens ({prompt_tokens}) must be positive and at most context_tokens ({context_tokens})"
+        )
+    weights_bytes = sum(t.nbytes for t in tensors)
+    kv_per_position = kv_cache_bytes_per_token(arch, kv_type)
+    kv_cache_bytes = kv_per_position * context_tokens
+    peak_memory_bytes = weights_bytes + kv_cache_bytes + device.runtime_overhead_bytes
+    app_memory_limit_bytes = int(device.app_memory_fraction * device.dram_bytes)
+
+    avg_position = (prompt_tokens + context_tokens) / 2
+    # Scores q·k and the weighted sum of values: head_dim MACs each, per query head and position.
+    attn_macs_per_position = 2 * arch.n_layers * arch.n_heads * arch.head_dim
+    linear_macs = sum(t.macs_per_token for t in tensors)
+    weights_read = sum(t.bytes_read_per_token for t in tensors)
+    bytes_read = weights_read + kv_per_position * avg_position
+    macs = linear_macs + attn_macs_per_position * avg_position
+
+    bandwidth = device.bandwidth_efficiency * device.peak_bandwidth_bytes_per_s
+    decode_s = bytes_read / bandwidth + device.fixed_overhead_s_per_token
+    # Prefill multiplies the whole prompt at once, so compute bounds it, but the weights still
+    # have to come from DRAM at least once.
+    prefill_macs = prompt_tokens * linear_macs + attn_macs_per_position * prompt_tokens**2 / 2
+    prefill_s = max(prefill_macs / device.peak_macs_per_s, weights_read / bandwidth)
+
+    dram_j = bytes_read * device.dram_energy_j_per_byte
+    compute_j = macs * device.mac_energy_j
+    static_j = device.static_power_w * decode_s
+    energy_j = dram_j + compute_j + static_j
+    tokens_per_s = 1.0 / decode_s
+    battery_j = device.battery_j
+
+    matrices = [t for t in tensors if len(t.shape) == 2]
+    values = sum(t.shape[0] * t.shape[1] for t in matrices)
+    return CostReport(
+        context_tokens=context_tokens,
+        prompt_tokens=prompt_tokens,
+        weights_bytes=weights_bytes,
+        kv_cache_bytes=kv_cache_bytes,
+        runtime_overhead_bytes=device.runtime_overhead_bytes,
+        peak_memory_bytes=peak_memory_bytes,
+        app_memory_limit_bytes=app_memory_limit_bytes,
+        fits=peak_memory_bytes <= app_memory_limit_bytes,
+        bytes_read_per_token=bytes_read,
+        macs_per_token=macs,
+        decode_s_per_token=decode_s,
+        decode_tokens_per_s=tokens_per_s,
+        prefill_s=prefill_s,
+        dram_energy_j_per_token=dram_j,
+        compute_energy_j_per_token=compute_j,
+        static_energy_j_per_token=static_j,
+        energy_j_per_token=energy_j,
+        battery_j=battery_j,
+        battery_pct_per_1000_tokens=100.0 * 1000 * energy_j / battery_j,
+        hours_continuous_generation=battery_j / (energy_j * tokens_per_s) / 3600,
+        # Average storage bits per weight value of the matrices (as llama.cpp reports BPW);
+        # pruning and low-rank factors show in weights_bytes, not here.
+        bits_per_weight=8.0 * sum(t.nbytes for t in matrices) / values,
+    )
+
+
+def format_report(report: CostReport, device: DeviceProfile) -> str:
+    """A readable multi-line breakdown of `report` on `device`, for a terminal."""
+    r = report
+    verdict = "fits" if r.fits else "does NOT fit"
+    return "\n".join(
+        [
+            f"device   {device.name}" + (f" ({device.description})" if device.description else ""),
+            f"memory   weights {r.weights_bytes / GIB:.2f} GiB + KV cache {r.kv_cache_bytes / GIB:.2f} GiB "
+            f"({r.context_tokens} tokens) + runtime {r.runtime_overhead_bytes / GIB:.2f} GiB "
+            f"= {r.peak_memory_bytes / GIB:.2f} GiB",
+            f"         {verdict}: app limit {r.app_memory_limit_bytes / GIB:.2f} GiB "
+            f"({device.app_memory_fraction:.0%} of {device.dram_bytes / GIB:.1f} GiB DRAM)",
+            f"weights  {r.bits_per_weight:.2f} bits per weight",
+            f"decode   {r.bytes_read_per_token / 1e6:,.0f} MB read and {r.macs_per_token / 1e9:.2f} GMAC per token "
+            f"-> {r.decode_tokens_per_s:.1f} tok/s ({r.decode_s_per_token * 1e3:.1f} ms/token)",
+            f"prefill  {r.prompt_tokens} prompt tokens in {r.prefill_s:.2f} s",
+            f"energy   {r.energy_j_per_token:.3f} J/token = DRAM {r.dram_energy_j_per_token:.3f} "
+            f"+ compute {r.compute_energy_j_per_token:.3f} + static {r.static_energy_j_per_token:.3f}",
+            f"battery  {r.battery_j / 1e3:.1f} kJ: {r.battery_pct_per_1000_tokens:.2f} % per 1000 tokens, "
+            f"{r.hours_continuous_generation:.1f} h of continuous generation",
+        ]
+    )

@@ -1,0 +1,1 @@
+"""Measuring quality: offline texts, per-trial proxies, LoRA healing."""

@@ -1,0 +1,74 @@
+"""Brief LoRA healing (peft) of a compressed model, distilling from the base model's top-k outputs.
+
+The compressed weights stay frozen on their quantization grid; the adapter is what training adds,
+and it is deployed beside them (a GGUF LoRA adapter), so the cost model counts it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from autosquash.compress.plan import TensorSpec
+from autosquash.evaluate.proxy import Reference, topk_kl
+
+
+@dataclass(frozen=True)
+class HealConfig:
+    """How much healing a trial gets; steps=0 turns it off."""
+
+    steps: int = 8
+    rank: int = 8
+    lr: float = 5e-4
+    batch_seqs: int = 2
+
+
+def _targets(model: torch.nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+
+
+def heal(model: torch.nn.Module, teacher: Reference, cfg: HealConfig, seed: int = 0):
+    """Train a LoRA adapter on `teacher.batch` to match the base model's top-k next-token distribution.
+
+    Returns the model with the adapter attached (unmerged) and a summary of the run.
+    """
+    if cfg.steps == 0:
+        return model, {"heal_steps": 0}
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    peft_model = get_peft_model(
+        model, LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, lora_dropout=0.0, target_modules=_targets(model))
+    )
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    n_seq = teacher.batch.shape[0]
+    losses = []
+    peft_model.train()
+    for step in range(cfg.steps):
+        rows = torch.arange(step * cfg.batch_seqs, (step + 1) * cfg.batch_seqs) % n_seq
+        logits = peft_model(teacher.batch[rows]).logits[:, :-1].float()
+        loss = topk_kl(teacher.topk_logp[rows], teacher.topk_idx[rows], torch.log_softmax(logits, -1)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    peft_model.eval()
+    return peft_model, {
+        "heal_steps": cfg.steps,
+        "heal_loss_first": losses[0],
+        "heal_loss_last": losses[-1],
+        "heal_s": time.perf_counter() - start,
+    }
+
+
+def adapter_tensors(model: torch.nn.Module) -> list[TensorSpec]:
+    """The LoRA adapter's tensors as deployed (F16 in a GGUF LoRA file), for the cost model."""
+    out = []
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            macs = p.shape[0] * p.shape[1]
+            out.append(TensorSpec(name, tuple(p.shape), "F16", macs))
+    return out

@@ -1,0 +1,65 @@
+"""The architecture facts that compression and the cost model need, read from a model config."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from autosquash.errors import AutosquashError
+
+# Llama-style decoders: the same tensor set (q/k/v/o, gate/up/down, two RMS norms per block).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Shape of a Llama-style decoder-only transformer."""
+
+    model_type: str
+    n_layers: int
+    hidden_size: int
+    intermediate_size: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    tied_embeddings: bool
+
+    @classmethod
+    def from_config(cls, config: Any) -> Arch:
+        """Build from a transformers config object or a config.json dict."""
+        cfg = config if isinstance(config, dict) else config.to_dict()
+        model_type = cfg.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise AutosquashError(
+                f"model_type {model_type!r} is not supported; expected one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        try:
+            n_heads = int(cfg["num_attention_heads"])
+            hidden = int(cfg["hidden_size"])
+            return cls(
+                model_type=model_type,
+                n_layers=int(cfg["num_hidden_layers"]),
+                hidden_size=hidden,
+                intermediate_size=int(cfg["intermediate_size"]),
+                n_heads=n_heads,
+                n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
+                head_dim=int(cfg.get("head_dim") or hidden // n_heads),
+                vocab_size=int(cfg["vocab_size"]),
+                tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            )
+        except KeyError as e:
+            raise AutosquashError(f"model config lacks the field {e.args[0]!r}") from None
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> Arch:
+        """Read a Hugging Face config.json (no weights needed)."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / "config.json"
+        try:
+            return cls.from_config(json.loads(p.read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise AutosquashError(f"cannot read model config {p}: {e}") from None

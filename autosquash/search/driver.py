@@ -1,0 +1,347 @@
+"""The search driver: ask/tell with K trials in flight on Ray, every result stored before the next ask.
+
+Optuna's storage is the source of truth: trials.csv, pareto.csv and the MLflow tags are rebuilt from
+it, so a driver killed at any point resumes with `--resume` and loses no finished trial.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import optuna
+
+from autosquash.compress.calibrate import cached_stats
+from autosquash.compress.plan import Plan
+from autosquash.cost import load_device
+from autosquash.errors import AutosquashError
+from autosquash.evaluate.heal import HealConfig
+from autosquash.evaluate.proxy import reference
+from autosquash.evaluate.texts import load_texts, token_block
+from autosquash.models.arch import Arch
+from autosquash.models.load import load_model, load_tokenizer, resolve
+from autosquash.search.experiment import Experiment
+from autosquash.search.front import pareto_indices
+from autosquash.search.runner import TrialContext, run_trial
+from autosquash.search.space import SearchSpace
+from autosquash.track.mlflow_store import ORIGIN, SearchTracker, default_tracking_uri
+from autosquash.yaml_io import dump_yaml_model
+
+# Columns of trials.csv and pareto.csv; `plan` is the trial's plan file, relative to the output folder.
+COLUMNS = [
+    "trial",
+    "origin",
+    "state",
+    "perplexity",
+    "kl",
+    "memory_mb",
+    "energy_mj_per_token",
+    "tokens_per_s",
+    "bits_per_weight",
+    "weights_mb",
+    "fits",
+    "trial_s",
+    "plan",
+    "error",
+]
+OBJECTIVE_METRIC = {"perplexity": "perplexity", "kl": "kl", "memory": "memory_mb", "energy": "energy_mj_per_token"}
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """Run-time options of one search (the experiment file holds the configuration)."""
+
+    out_dir: Path
+    trials: int
+    workers: int
+    ray_address: str | None = None
+    resume: bool = False
+    tracking_uri: str | None = None
+    storage: str | None = None
+
+
+def _sampler(exp: Experiment) -> optuna.samplers.BaseSampler:
+    """The experiment's sampler; each honours the device-fit constraint set on its trials."""
+    if exp.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=exp.seed)
+    if exp.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=exp.seed)
+    if exp.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=exp.seed)
+    return optuna.samplers.TPESampler(seed=exp.seed, multivariate=True)
+
+
+def _metrics_row(result: dict[str, float]) -> dict[str, float]:
+    """Derived metrics in the units trials.csv and the objectives use."""
+    return {
+        "memory_mb": result["peak_memory_bytes"] / 1e6,
+        "weights_mb": result["weights_bytes"] / 1e6,
+        "energy_mj_per_token": result["energy_j_per_token"] * 1e3,
+        "tokens_per_s": result["decode_tokens_per_s"],
+        "constraint_mb": (result["peak_memory_bytes"] - result["app_memory_limit_bytes"]) / 1e6,
+    }
+
+
+class Progress:
+    """One line per finished trial, with the front so far and time per trial."""
+
+    def __init__(self, total: int, stream: TextIO = sys.stdout):
+        self.total, self.stream, self.start, self.durations = total, stream, time.perf_counter(), []
+
+    def trial(self, done: int, number: int, origin: str, metrics: dict | None, error: str | None, front: int):
+        elapsed = time.perf_counter() - self.start
+        self.durations.append(elapsed / max(done, 1))
+        eta = (self.total - done) * elapsed / max(done, 1)
+        if metrics is None:
+            what = f"FAILED: {error}"
+        else:
+            what = (
+                f"ppl {metrics['perplexity']:8.2f}  kl {metrics['kl']:.4f}  mem {metrics['memory_mb']:7.1f} MB  "
+                f"{metrics['energy_mj_per_token']:7.2f} mJ/tok  {metrics['trial_s']:5.1f} s"
+            )
+        print(
+            f"[{done:3d}/{self.total}] trial {number:3d} {origin:8s} {what}  | front {front}  "
+            f"| {elapsed / 60:.1f} min, ~{eta / 60:.1f} min left",
+            file=self.stream,
+            flush=True,
+        )
+
+
+def _read_rows(study: optuna.Study) -> list[dict]:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        if t.state not in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL) or t.user_attrs.get(
+            "interrupted"
+        ):
+            continue
+        row = {c: t.user_attrs.get(c, "") for c in COLUMNS}
+        row.update(trial=t.number, state=t.state.name)
+        rows.append(row)
+    return rows
+
+
+def write_tables(study: optuna.Study, exp: Experiment, out_dir: Path) -> tuple[list[dict], list[dict]]:
+    """Rewrite trials.csv and pareto.csv from the study; returns (rows, front rows)."""
+    rows = _read_rows(study)
+    done = [r for r in rows if r["state"] == "COMPLETE"]
+    points = [[float(r[OBJECTIVE_METRIC[o]]) for o in exp.objectives] for r in done]
+    front = [done[i] for i in pareto_indices(points, [bool(r["fits"]) for r in done])]
+    front.sort(key=lambda r: float(r["memory_mb"]))
+    for name, table in (("trials.csv", rows), ("pareto.csv", front)):
+        tmp = out_dir / f".{name}.tmp"
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS)
+            w.writeheader()
+            w.writerows(table)
+        tmp.replace(out_dir / name)
+    return rows, front
+
+
+def _prepare_context(exp: Experiment, exp_dir: Path, out_dir: Path, workers: int) -> TrialContext:
+    model_spec = _relative_to(exp.model, exp_dir)
+    src = resolve(model_spec)
+    print(f"loading {exp.model} ...", flush=True)
+    base = load_model(model_spec, seed=exp.seed)
+    tok = load_tokenizer(model_spec)
+    arch = Arch.from_config(base.config)
+    calib = token_block(
+        tok, load_texts(_relative_to(exp.calibration.source, exp_dir)), exp.calibration.tokens, exp.calibration.seq_len
+    )
+    held_out = token_block(
+        tok, load_texts(_relative_to(exp.evaluation.source, exp_dir)), exp.evaluation.tokens, exp.evaluation.seq_len
+    )
+    print(f"calibrating on {calib.numel()} tokens, held-out set {held_out.numel()} tokens ...", flush=True)
+    stats = cached_stats(base, calib, src.key, out_dir / "cache")
+    return TrialContext(
+        base=base,
+        arch=arch,
+        stats=stats,
+        calib_ref=reference(base, calib, exp.topk),
+        eval_ref=reference(base, held_out, exp.topk),
+        device=load_device(_relative_to(exp.device, exp_dir)),
+        heal=HealConfig(**exp.heal.model_dump()),
+        context_tokens=exp.context_tokens,
+        threads_per_worker=max(1, (os.cpu_count() or 1) // workers),
+    )
+
+
+def _relative_to(value: str, folder: Path) -> str:
+    """A path-like value relative to the experiment file's folder, when such a file exists."""
+    candidate = folder / value
+    return str(candidate) if not Path(value).is_absolute() and candidate.exists() else value
+
+
+def run_search(exp: Experiment, exp_file: Path, opts: SearchOptions) -> list[dict]:
+    """Run (or resume) a search; returns the Pareto front rows."""
+    import ray
+
+    out = opts.out_dir
+    if out.exists() and (out / "optuna.db").exists() and not opts.resume:
+        raise AutosquashError(f"{out} already holds a search; pass --resume to continue it or choose another --out")
+    (out / "plans").mkdir(parents=True, exist_ok=True)
+    space = SearchSpace.load(exp.search_space_path(exp_file))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = opts.storage or f"sqlite:///{(out / 'optuna.db').resolve()}"
+    study = optuna.create_study(
+        study_name=exp.name,
+        storage=storage,
+        load_if_exists=opts.resume,
+        directions=["minimize"] * len(exp.objectives),
+        sampler=_sampler(exp),
+    )
+    tracker = SearchTracker(opts.tracking_uri or default_tracking_uri(out), exp.name, out / "mlartifacts")
+    parent = tracker.start(
+        study.user_attrs.get("mlflow_parent_run_id"),
+        f"search-{exp.name}",
+        {
+            "model": exp.model,
+            "device": exp.device,
+            "search_space": space.name,
+            "target": space.target,
+            "objectives": ",".join(exp.objectives),
+            "sampler": exp.sampler,
+            "trials": opts.trials,
+            "workers": opts.workers,
+        },
+    )
+    study.set_user_attr("mlflow_parent_run_id", parent)
+    _recover_stale(study, exp, tracker)
+    ctx = _prepare_context(exp, exp_file.parent, out, opts.workers)
+    if not study.user_attrs.get("baselines_enqueued"):
+        for quant in space.baselines:
+            study.enqueue_trial(space.baseline_params(ctx.arch, quant), user_attrs={"origin": "baseline"})
+        study.set_user_attr("baselines_enqueued", True)
+
+    if ray.is_initialized():
+        ray.shutdown()
+    if opts.ray_address:
+        ray.init(address=opts.ray_address, logging_level=logging.WARNING)
+    else:
+        ray.init(num_cpus=opts.workers, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+    try:
+        _loop(study, space, exp, ctx, tracker, opts)
+    except KeyboardInterrupt:
+        tracker.finish("KILLED")
+        raise
+    finally:
+        ray.shutdown()
+    rows, front = write_tables(study, exp, out)
+    tracker.mark_front({int(r["trial"]) for r in front})
+    tracker.log_search_artifacts(
+        [out / "trials.csv", out / "pareto.csv"], {"trials_finished": len(rows), "front_size": len(front)}
+    )
+    tracker.finish()
+    return front
+
+
+def _finished(study: optuna.Study) -> int:
+    """Trials that count towards the budget: completed or failed, not interrupted by a driver stop."""
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+    return sum(1 for t in study.get_trials(deepcopy=False, states=states) if not t.user_attrs.get("interrupted"))
+
+
+def _recover_stale(study: optuna.Study, exp: Experiment, tracker: SearchTracker) -> None:
+    """Settle trials a killed driver left RUNNING.
+
+    A trial whose result was already stored (it is in MLflow) is told with that result; one that was
+    still running is marked interrupted and its plan asked again.
+    """
+    storage = study._storage
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if t.number in tracker.trial_runs and "error" not in t.user_attrs:
+            study.tell(t.number, [float(t.user_attrs[OBJECTIVE_METRIC[o]]) for o in exp.objectives])
+        elif t.number in tracker.trial_runs:
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        else:
+            storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+            study.enqueue_trial(t.params, user_attrs={"origin": t.user_attrs.get("origin", "sampled")})
+
+
+def _loop(
+    study, space: SearchSpace, exp: Experiment, ctx: TrialContext, tracker: SearchTracker, opts: SearchOptions
+) -> None:
+    import ray
+
+    task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=False)(run_trial)
+    ctx_box = [ray.put(ctx)]
+    progress = Progress(opts.trials)
+    pending: dict = {}
+    while _finished(study) + len(pending) < opts.trials or pending:
+        while len(pending) < opts.workers and _finished(study) + len(pending) < opts.trials:
+            trial = study.ask()
+            plan = space.sample(trial, ctx.arch)
+            plan_rel = f"plans/trial-{trial.number:04d}.yaml"
+            dump_yaml_model(plan, opts.out_dir / plan_rel)
+            trial.set_user_attr("plan", plan_rel)
+            trial.set_user_attr("origin", trial.user_attrs.get("origin", "sampled"))
+            pending[task.remote(ctx_box, plan.model_dump(mode="json"), exp.seed + trial.number)] = (trial, plan)
+        (ref,), _ = ray.wait(list(pending), num_returns=1)
+        trial, plan = pending.pop(ref)
+        try:
+            result, error = ray.get(ref), None
+        except Exception as e:  # a raising trial is a failed trial, recorded with its reason
+            result, error = None, _reason(e)
+        _record(study, trial, plan, result, error, exp, tracker, opts.out_dir)
+        rows, front = write_tables(study, exp, opts.out_dir)
+        progress.trial(
+            _finished(study),
+            trial.number,
+            trial.user_attrs["origin"],
+            None if result is None else {**result, **_metrics_row(result)},
+            error,
+            len(front),
+        )
+
+
+def _reason(e: Exception) -> str:
+    cause = getattr(e, "cause", None) or e
+    return f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"[:300]
+
+
+def _record(study, trial, plan: Plan, result, error, exp: Experiment, tracker: SearchTracker, out: Path) -> None:
+    origin = trial.user_attrs["origin"]
+    if result is None:
+        trial.set_user_attr("error", error)
+        tracker.log_trial(
+            trial.number,
+            plan.flat_params(),
+            {},
+            {ORIGIN: origin, "autosquash.error": error},
+            out / trial.user_attrs["plan"],
+            failed=True,
+        )
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return
+    derived = _metrics_row(result)
+    metrics = {**result, **derived}
+    for k in (
+        "perplexity",
+        "kl",
+        "memory_mb",
+        "energy_mj_per_token",
+        "tokens_per_s",
+        "weights_mb",
+        "trial_s",
+        "constraint_mb",
+    ):
+        trial.set_user_attr(k, round(float(metrics[k]), 6))
+    trial.set_user_attr("bits_per_weight", round(float(result["bits_per_weight"]), 4))
+    trial.set_user_attr("fits", bool(result["fits"]))
+    # Feasible when <= 0: a plan that does not fit the phone stays visible but off the front.
+    trial.set_constraint("memory_over_limit_mb", float(derived["constraint_mb"]))
+    tracker.log_trial(
+        trial.number, plan.flat_params(), metrics, {ORIGIN: origin}, out / trial.user_attrs["plan"], failed=False
+    )
+    values = [float(metrics[OBJECTIVE_METRIC[o]]) for o in exp.objectives]
+    if not all(math.isfinite(v) for v in values):
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    else:
+        study.tell(trial, values)

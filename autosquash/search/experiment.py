@@ -1,0 +1,79 @@
+"""Experiment files: the single source of a search's configuration (CLI flags only override it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from autosquash.errors import AutosquashError
+from autosquash.yaml_io import read_yaml, validate
+
+Objective = Literal["perplexity", "kl", "memory", "energy"]
+SamplerName = Literal["tpe", "nsga2", "random", "gp"]
+
+
+class TextSpec(BaseModel):
+    """A token set: a shipped source ('wikipedia', 'lambada') or a text file, and its size."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    source: str
+    tokens: int = Field(2048, gt=0)
+    seq_len: int = Field(256, gt=1)
+
+
+class HealSpec(BaseModel):
+    """LoRA healing per trial; steps: 0 turns it off."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    steps: int = Field(8, ge=0)
+    rank: int = Field(8, gt=0)
+    lr: float = Field(5e-4, gt=0)
+    batch_seqs: int = Field(2, gt=0)
+
+
+class Experiment(BaseModel):
+    """One search: which model, on which phone, over which space, scored how."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    model: str
+    device: str
+    search_space: str
+    objectives: list[Objective] = Field(default_factory=lambda: ["perplexity", "memory"], min_length=2)
+    trials: int = Field(24, gt=0)
+    workers: int = Field(1, gt=0)
+    sampler: SamplerName = "tpe"
+    seed: int = 0
+    context_tokens: int = Field(2048, gt=0)
+    calibration: TextSpec = TextSpec(source="wikipedia")
+    evaluation: TextSpec = TextSpec(source="lambada")
+    topk: int = Field(32, gt=0)
+    heal: HealSpec = HealSpec()
+
+    @property
+    def quality_objective(self) -> str:
+        quality = [o for o in self.objectives if o in ("perplexity", "kl")]
+        return quality[0]
+
+    def search_space_path(self, experiment_file: Path) -> Path:
+        """The search-space file, relative to the experiment file's folder unless absolute."""
+        p = Path(self.search_space)
+        return p if p.is_absolute() else (experiment_file.parent / p)
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Read and validate an experiment YAML file."""
+    exp = validate(Experiment, read_yaml(path), str(path))
+    quality = [o for o in exp.objectives if o in ("perplexity", "kl")]
+    if len(quality) != 1 or "memory" not in exp.objectives or len(set(exp.objectives)) != len(exp.objectives):
+        raise AutosquashError(
+            f"{path}: field 'objectives': expected one of perplexity/kl, then memory, optionally energy"
+        )
+    if exp.calibration.source == exp.evaluation.source:
+        raise AutosquashError(f"{path}: field 'evaluation.source': must differ from calibration.source")
+    return exp

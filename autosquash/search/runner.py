@@ -1,0 +1,84 @@
+"""One trial as a Ray task: build the compressed model, heal it, score it, price it on the phone.
+
+The trial context (base model, references, calibration statistics) travels through the Ray object
+store once; each worker process deserialises it once and keeps a variant cache across its trials.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from autosquash.compress.apply import VariantCache, compress
+from autosquash.compress.calibrate import Stats
+from autosquash.compress.plan import Plan, deployed_tensors
+from autosquash.cost import DeviceProfile, estimate
+from autosquash.evaluate.heal import HealConfig, adapter_tensors, heal
+from autosquash.evaluate.proxy import Reference, score
+from autosquash.models.arch import Arch
+
+
+class TrialFailed(Exception):
+    """A trial that ran but produced no usable result (NaN quality, say); recorded as failed."""
+
+
+@dataclass
+class TrialContext:
+    """Everything a trial reads, shared by all trials of a search."""
+
+    base: torch.nn.Module
+    arch: Arch
+    stats: Stats
+    calib_ref: Reference
+    eval_ref: Reference
+    device: DeviceProfile
+    heal: HealConfig
+    context_tokens: int
+    threads_per_worker: int
+
+
+# Per worker process: the context it deserialised last, and its variant cache.
+_WORKER: dict[str, Any] = {}
+
+
+def evaluate_plan(ctx: TrialContext, plan: Plan, seed: int, cache: VariantCache | None = None) -> dict[str, float]:
+    """Build, heal, score and price one plan; the result's keys are metric names."""
+    t0 = time.perf_counter()
+    model = compress(ctx.base, ctx.arch, plan, ctx.stats, cache)
+    t1 = time.perf_counter()
+    model, heal_info = heal(model, ctx.calib_ref, ctx.heal, seed=seed)
+    t2 = time.perf_counter()
+    quality = score(model, ctx.eval_ref)
+    t3 = time.perf_counter()
+    if not all(math.isfinite(v) for v in quality.values()):
+        raise TrialFailed(f"quality is not finite: {quality}")
+    tensors = deployed_tensors(ctx.arch, plan) + adapter_tensors(model)
+    cost = estimate(ctx.arch, tensors, ctx.device, context_tokens=ctx.context_tokens)
+    out = {**quality, **{k: float(v) for k, v in cost.to_dict().items()}, **heal_info}
+    out.update(build_s=t1 - t0, heal_s=t2 - t1, eval_s=t3 - t2, trial_s=t3 - t0)
+    if cache is not None:
+        out.update(cache_hits=cache.hits, cache_misses=cache.misses)
+    return out
+
+
+def run_trial(ctx_ref_box: list, plan_data: dict, seed: int) -> dict[str, float]:
+    """Ray task body. `ctx_ref_box` wraps the context's ObjectRef so Ray does not resolve it per task."""
+    import warnings
+
+    import ray
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter, per trial
+    ctx_ref = ctx_ref_box[0]
+    if _WORKER.get("ref_hex") != ctx_ref.hex():
+        _WORKER.clear()
+        ctx: TrialContext = ray.get(ctx_ref)
+        torch.set_num_threads(ctx.threads_per_worker)
+        _WORKER.update(ref_hex=ctx_ref.hex(), ctx=ctx, cache=VariantCache())
+    result = evaluate_plan(_WORKER["ctx"], Plan.model_validate(plan_data), seed, _WORKER["cache"])
+    result["worker_pid"] = float(os.getpid())
+    return result

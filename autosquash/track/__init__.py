@@ -1,0 +1,1 @@
+"""Tracking searches and trials in MLflow."""

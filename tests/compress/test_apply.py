@@ -1,0 +1,65 @@
+import torch
+
+from autosquash.compress.apply import VariantCache, compress
+from autosquash.compress.calibrate import collect_stats
+from autosquash.compress.lowrank import LowRankLinear
+from autosquash.compress.plan import LayerChoice, Plan, deployed_tensors
+from autosquash.compress.quant import fake_quantize
+
+
+def _deployed_shapes(model) -> list[tuple[int, ...]]:
+    return sorted(tuple(p.shape) for n, p in model.named_parameters() if p.dim() == 2)
+
+
+def test_compressed_model_holds_exactly_the_planned_tensors(tiny_model, tiny_arch, tiny_batch):
+    stats = collect_stats(tiny_model, tiny_batch)
+    plan = Plan(
+        target="torch",
+        embed_quant="Q4_0",
+        groups={
+            "blk.0.ffn": LayerChoice(quant="Q4_K", ffn_keep_ratio=0.5),
+            "blk.1.attn": LayerChoice(quant="Q2_K", rank_ratio=0.25),
+            "blk.1.ffn": LayerChoice(quant="Q8_0", ffn_keep_ratio=0.75, rank_ratio=0.25),
+        },
+    )
+    model = compress(tiny_model, tiny_arch, plan, stats)
+    planned = sorted(t.shape for t in deployed_tensors(tiny_arch, plan) if len(t.shape) == 2)
+    assert _deployed_shapes(model) == planned
+    assert isinstance(model.model.layers[1].self_attn.q_proj, LowRankLinear)
+    out = model(tiny_batch).logits
+    assert out.shape == (*tiny_batch.shape, 512) and torch.isfinite(out).all()
+
+
+def test_weights_sit_on_the_format_grid(tiny_model, tiny_arch):
+    # Quantizing an already-quantized weight again must give it back unchanged (to float32 rounding):
+    # the trial evaluates exactly what a GGUF file of that type holds.
+    model = compress(tiny_model, tiny_arch, Plan.uniform(tiny_arch, "Q4_0"), {})
+    w = model.model.layers[0].mlp.up_proj.weight.data
+    torch.testing.assert_close(fake_quantize(w, "Q4_0"), w, rtol=0, atol=1e-6)
+
+
+def test_base_model_is_left_untouched(tiny_model, tiny_arch):
+    before = {n: p.clone() for n, p in tiny_model.named_parameters()}
+    compress(tiny_model, tiny_arch, Plan.uniform(tiny_arch, "Q2_K"), {})
+    for n, p in tiny_model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def test_variant_cache_reuses_layers(tiny_model, tiny_arch):
+    cache = VariantCache()
+    compress(tiny_model, tiny_arch, Plan.uniform(tiny_arch, "Q4_0"), {}, cache)
+    misses = cache.misses
+    plan = Plan.uniform(tiny_arch, "Q4_0").model_copy(
+        update={"groups": {**Plan.uniform(tiny_arch, "Q4_0").groups, "blk.1.attn": LayerChoice(quant="Q8_0")}}
+    )
+    compress(tiny_model, tiny_arch, plan, {}, cache)
+    assert cache.misses - misses == 4  # only the four attention weights of block 1 are new
+
+
+def test_quantization_error_grows_as_bits_shrink(tiny_model, tiny_arch, tiny_batch):
+    ref = tiny_model(tiny_batch).logits
+    errs = []
+    for q in ("Q8_0", "Q4_K", "Q2_K"):
+        out = compress(tiny_model, tiny_arch, Plan.uniform(tiny_arch, q), {})(tiny_batch).logits
+        errs.append((out - ref).pow(2).mean().item())
+    assert errs[0] < errs[1] < errs[2]

@@ -1,0 +1,57 @@
+import pytest
+
+from autosquash.compress.plan import LayerChoice, Plan, deployed_tensors, factor_rank, kept_ffn_channels
+from autosquash.errors import AutosquashError
+from autosquash.models.arch import Arch
+from autosquash.yaml_io import dump_yaml_model, load_yaml_model
+
+SMOLLM2 = Arch("llama", 30, 576, 1536, 9, 3, 64, 49152, True)
+
+
+def test_uniform_plan_bytes_match_block_sizes():
+    # SmolLM2 has 134.5M parameters; F16 is exactly 2 bytes each (norms stay F32).
+    f16 = sum(t.nbytes for t in deployed_tensors(SMOLLM2, Plan.uniform(SMOLLM2, "F16")))
+    q8 = sum(t.nbytes for t in deployed_tensors(SMOLLM2, Plan.uniform(SMOLLM2, "Q8_0")))
+    assert 268e6 < f16 < 270e6
+    assert q8 / f16 == pytest.approx(8.5 / 16, abs=0.002)
+
+
+def test_k_quants_fall_back_on_576_wide_rows():
+    types = {
+        t.name.split(".")[2]: t.type
+        for t in deployed_tensors(SMOLLM2, Plan.uniform(SMOLLM2, "Q4_K"))
+        if t.name.startswith("blk.0.")
+    }
+    assert types["attn_q"] == "Q5_0" and types["ffn_gate"] == "Q5_0"  # 576-wide rows: llama.cpp's fallback
+    assert types["ffn_down"] == "Q4_K"  # 1536-wide rows hold Q4_K
+
+
+def test_pruning_and_rank_shrink_the_tensors():
+    plan = Plan(
+        target="torch",
+        groups={
+            "blk.0.ffn": LayerChoice(quant="Q8_0", ffn_keep_ratio=0.5),
+            "blk.1.attn": LayerChoice(quant="Q8_0", rank_ratio=0.25),
+        },
+    )
+    t = {x.name: x for x in deployed_tensors(SMOLLM2, plan)}
+    assert t["blk.0.ffn_down.weight"].shape == (576, kept_ffn_channels(SMOLLM2, plan.choice("blk.0.ffn")))
+    r = factor_rank(576, 576, 0.25)
+    assert r % 32 == 0 and t["blk.1.attn_q.lr_a"].shape == (r, 576) and t["blk.1.attn_q.lr_b"].shape == (576, r)
+
+
+def test_rank_that_saves_nothing_is_dropped():
+    assert factor_rank(64, 64, 0.9) == 0
+
+
+def test_plan_yaml_round_trip(tmp_path):
+    plan = Plan(groups={"blk.0.ffn": LayerChoice(quant="q4_k", tensor_quant={"ffn_down": "Q6_K"})})
+    dump_yaml_model(plan, tmp_path / "p.yaml")
+    again = load_yaml_model(Plan, tmp_path / "p.yaml")
+    assert again == plan and again.choice("blk.0.ffn").quant_for("ffn_down") == "Q6_K"
+
+
+def test_bad_plan_names_file_and_field(tmp_path):
+    (tmp_path / "bad.yaml").write_text("groups:\n  blk.0.attn: {quant: Q9_9}\n")
+    with pytest.raises(AutosquashError, match=r"bad\.yaml.*blk\.0\.attn\.quant"):
+        load_yaml_model(Plan, tmp_path / "bad.yaml")

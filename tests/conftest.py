@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny random Llama models built from a config (no downloads, no real weights)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from autosquash.models.arch import Arch
+
+
+def tiny_config(**overrides) -> LlamaConfig:
+    """A 2-block Llama whose rows (256, 512) are whole K-quant super-blocks."""
+    cfg = dict(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        vocab_size=512,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    cfg.update(overrides)
+    return LlamaConfig(**cfg)
+
+
+@pytest.fixture
+def tiny_model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_config()).eval()
+
+
+@pytest.fixture
+def tiny_arch(tiny_model) -> Arch:
+    return Arch.from_config(tiny_model.config)
+
+
+@pytest.fixture
+def tiny_batch() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 512, (4, 64), generator=g)

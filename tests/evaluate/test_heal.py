@@ -1,0 +1,33 @@
+import torch
+
+from autosquash.compress.apply import compress
+from autosquash.compress.plan import Plan
+from autosquash.evaluate.heal import HealConfig, adapter_tensors, heal
+from autosquash.evaluate.proxy import reference, score
+
+
+def test_healing_lowers_kl_on_its_training_batch(tiny_model, tiny_arch, tiny_batch):
+    ref = reference(tiny_model, tiny_batch, k=16)
+    damaged = compress(tiny_model, tiny_arch, Plan.uniform(tiny_arch, "Q2_K"), {})
+    before = score(damaged, ref)["kl"]
+    healed, info = heal(damaged, ref, HealConfig(steps=12, rank=4, lr=3e-3, batch_seqs=4))
+    assert info["heal_steps"] == 12
+    assert score(healed, ref)["kl"] < before
+
+
+def test_adapter_is_counted_in_f16(tiny_model, tiny_arch, tiny_batch):
+    ref = reference(tiny_model, tiny_batch, k=4)
+    healed, _ = heal(
+        compress(tiny_model, tiny_arch, Plan.uniform(tiny_arch, "Q8_0"), {}), ref, HealConfig(steps=1, rank=4)
+    )
+    tensors = adapter_tensors(healed)
+    assert len(tensors) == 2 * 7 * tiny_arch.n_layers  # A and B for each of the 7 linears per block
+    assert all(t.type == "F16" and 4 in t.shape for t in tensors)
+    assert sum(t.nbytes for t in tensors) == 2 * sum(t.shape[0] * t.shape[1] for t in tensors)
+
+
+def test_no_steps_means_no_adapter(tiny_model, tiny_arch, tiny_batch):
+    ref = reference(tiny_model, tiny_batch, k=4)
+    model, info = heal(tiny_model, ref, HealConfig(steps=0))
+    assert model is tiny_model and info == {"heal_steps": 0} and adapter_tensors(model) == []
+    assert torch.isfinite(model(tiny_batch).logits).all()

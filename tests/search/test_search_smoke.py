@@ -1,0 +1,60 @@
+"""The smoke search end to end through real Optuna, Ray and MLflow (a tiny random Llama)."""
+
+import csv
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from autosquash.cli import main
+from autosquash.search.driver import COLUMNS
+from autosquash.track.mlflow_store import default_tracking_uri
+
+ROOT = Path(__file__).parents[2]
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    code = main(["search", str(ROOT / "experiments/smoke.yaml"), "--trials", "6", "--out", str(out)])
+    assert code == 0
+    return out
+
+
+def _rows(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_output_folder_holds_trials_front_and_plans(smoke_run):
+    trials = _rows(smoke_run / "trials.csv")
+    front = _rows(smoke_run / "pareto.csv")
+    assert len(trials) == 6 and all(r["state"] == "COMPLETE" for r in trials)
+    assert set(COLUMNS) <= set(trials[0])
+    assert [r["origin"] for r in trials[:2]] == ["baseline", "baseline"]  # the space seeds Q8_0 and Q4_0
+    assert {r["origin"] for r in trials[2:]} == {"sampled"}
+    assert 1 <= len(front) <= 6 and {r["trial"] for r in front} <= {r["trial"] for r in trials}
+    for r in trials:
+        assert (smoke_run / r["plan"]).is_file()
+        assert float(r["memory_mb"]) > 0 and float(r["perplexity"]) > 1
+
+
+def test_mlflow_has_a_parent_and_six_nested_trials(smoke_run):
+    client = MlflowClient(default_tracking_uri(smoke_run))
+    exp = client.get_experiment_by_name("smoke")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("autosquash.role") == "search"]
+    trials = [r for r in runs if r.data.tags.get("autosquash.role") == "trial"]
+    assert len(parents) == 1 and len(trials) == 6
+    parent = parents[0].info.run_id
+    assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parent}
+    assert sorted(int(r.data.tags["autosquash.trial"]) for r in trials) == list(range(6))
+    t = trials[0]
+    assert "blk.0.attn.quant" in t.data.params
+    assert {"perplexity", "kl", "peak_memory_bytes", "energy_j_per_token", "dram_energy_j_per_token"} <= set(
+        t.data.metrics
+    )
+    assert any(a.path.endswith(".yaml") for a in client.list_artifacts(t.info.run_id))
+    assert {r.data.tags["autosquash.pareto"] for r in trials} <= {"true", "false"}
+    assert {a.path for a in client.list_artifacts(parent)} >= {"trials.csv", "pareto.csv"}

@@ -1,0 +1,61 @@
+import optuna
+import pytest
+
+from autosquash.errors import AutosquashError
+from autosquash.search.space import SearchSpace
+
+SPACE = {
+    "name": "t",
+    "target": "torch",
+    "embed_quant": ["Q8_0", "Q4_0"],
+    "attn": {"quant": ["Q8_0", "Q4_0"], "rank_ratio": [0.0, 0.25]},
+    "ffn": {"quant": ["Q8_0", "Q4_K", "Q4_0"], "ffn_keep_ratio": [1.0, 0.5]},
+    "baselines": ["Q8_0", "Q4_0"],
+}
+
+
+def test_sampled_plans_stay_inside_the_space(tiny_arch):
+    space = SearchSpace.model_validate(SPACE)
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(10):
+        plan = space.sample(study.ask(), tiny_arch)
+        assert len(plan.groups) == 2 * tiny_arch.n_layers
+        for name, c in plan.groups.items():
+            group = space.attn if name.endswith("attn") else space.ffn
+            assert c.quant in group.quant and c.ffn_keep_ratio in group.ffn_keep_ratio
+            assert c.rank_ratio in group.rank_ratio
+        assert plan.embed_quant in space.embed_quant
+
+
+def test_baseline_params_rebuild_the_uniform_plan(tiny_arch):
+    space = SearchSpace.model_validate({**SPACE, "baselines": ["Q8_0"]})
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    study.enqueue_trial(space.baseline_params(tiny_arch, "Q8_0"))
+    plan = space.sample(study.ask(), tiny_arch)
+    assert {c.quant for c in plan.groups.values()} == {"Q8_0"}
+    assert {c.ffn_keep_ratio for c in plan.groups.values()} == {1.0}
+    assert {c.rank_ratio for c in plan.groups.values()} == {0.0}
+
+
+def test_gguf_target_refuses_decomposition(tmp_path):
+    bad = {**SPACE, "target": "gguf"}
+    import yaml
+
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(AutosquashError, match="gguf target cannot hold low-rank"):
+        SearchSpace.load(tmp_path / "s.yaml")
+
+
+def test_unknown_type_is_named(tmp_path):
+    import yaml
+
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({**SPACE, "ffn": {"quant": ["Q4_X"]}}))
+    with pytest.raises(AutosquashError, match=r"s\.yaml.*ffn\.quant.*Q4_X"):
+        SearchSpace.load(tmp_path / "s.yaml")
+
+
+def test_shipped_spaces_load():
+    from pathlib import Path
+
+    for f in Path(__file__).parents[2].joinpath("search_spaces").glob("*.yaml"):
+        SearchSpace.load(f)

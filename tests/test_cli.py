@@ -1,0 +1,67 @@
+"""Bad input gets one line naming the problem and a non-zero exit, never a traceback."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from autosquash.cli import main
+
+ROOT = Path(__file__).parents[1]
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["search", "no/such/experiment.yaml"], "cannot read no/such/experiment.yaml"),
+        (["estimate", "--model", "no-such-model", "--device", "iphone-16"], "neither a shipped name"),
+        (["estimate", "--model", "experiments/tiny-llama.json", "--device", "nokia-3310"], "nokia-3310"),
+        (
+            ["estimate", "--model", "experiments/tiny-llama.json", "--device", "iphone-16", "--uniform", "Q9_0"],
+            "unknown GGUF tensor type",
+        ),
+        (["export"], "not implemented yet"),
+    ],
+)
+def test_bad_input_is_one_line(capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(ROOT)
+    code, _, err = _run(capsys, *argv)
+    assert code == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_experiment_field_is_named(capsys, tmp_path):
+    (tmp_path / "e.yaml").write_text("name: x\nmodel: m\ndevice: iphone-16\nsearch_space: s.yaml\ntrials: -3\n")
+    code, _, err = _run(capsys, "search", str(tmp_path / "e.yaml"))
+    assert code == 2 and "e.yaml" in err and "'trials'" in err
+
+
+def test_estimate_json_from_a_config(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    code, out, _ = _run(
+        capsys, "estimate", "--model", "tests/cost/configs/Llama-3.1-8B/config.json", "--device", "iphone-16", "--json"
+    )
+    report = json.loads(out)
+    assert code == 0
+    assert 14 * 2**30 <= report["weights_bytes"] <= 16 * 2**30 and report["fits"] is False
+    assert 0.6 <= report["dram_energy_j_per_token"] <= 1.0 < report["energy_j_per_token"]
+
+
+def test_devices_lists_the_shipped_phones(capsys):
+    code, out, _ = _run(capsys, "devices", "--json")
+    names = {d["name"] for d in json.loads(out)}
+    assert code == 0 and {"iphone-16", "pixel-9-pro", "galaxy-s24-ultra", "midrange-6gb"} <= names
+
+
+def test_every_subcommand_has_help():
+    for sub in ("search", "estimate", "devices", "eval", "export", "pull", "ui"):
+        r = subprocess.run([sys.executable, "-m", "autosquash", sub, "--help"], capture_output=True, text=True)
+        assert r.returncode == 0 and "usage: autosquash" in r.stdout, sub
