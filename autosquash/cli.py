@@ -9,10 +9,8 @@ from pathlib import Path
 
 from autosquash.errors import AutosquashError
 
-NOT_YET = {
-    "export": "writing GGUF/torch files is not implemented yet; a trial's plan is in <out>/plans/",
-    "pull": "pulling registered models is not implemented yet (nothing is registered yet)",
-}
+NOT_YET = {"pull": "pulling registered models is not implemented yet (nothing is registered yet)"}
+CACHE_DIR = Path.home() / ".cache" / "autosquash"
 
 
 def _search(args: argparse.Namespace) -> int:
@@ -20,8 +18,7 @@ def _search(args: argparse.Namespace) -> int:
     from autosquash.search.experiment import load_experiment
     from autosquash.search.report import print_front
 
-    exp_file = Path(args.experiment)
-    exp = load_experiment(exp_file)
+    exp = load_experiment(args.experiment)
     if args.model:
         exp = exp.model_copy(update={"model": args.model})
     out = Path(args.out or Path("runs") / exp.name)
@@ -34,7 +31,7 @@ def _search(args: argparse.Namespace) -> int:
         tracking_uri=args.tracking_uri,
         storage=args.storage,
     )
-    front = run_search(exp, exp_file, opts)
+    front = run_search(exp, opts)
     print_front(front, exp, out)
     return 0
 
@@ -90,6 +87,51 @@ def _eval(args: argparse.Namespace) -> int:
     batch = token_block(tok, load_texts(args.text), args.tokens, args.seq_len)
     result = {"perplexity": reference(model, batch, k=1).perplexity, "tokens": int(batch.numel())}
     print(json.dumps(result) if args.json else f"perplexity {result['perplexity']:.3f} on {result['tokens']} tokens")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from autosquash.compress.calibrate import cached_stats
+    from autosquash.compress.gguf_types import tensor_type
+    from autosquash.compress.plan import Plan
+    from autosquash.export.gguf_file import write_gguf
+    from autosquash.models.arch import Arch
+    from autosquash.models.load import load_model, load_tokenizer, resolve
+    from autosquash.search.driver import load_inputs, text_batch
+    from autosquash.search.experiment import TextSpec, load_experiment
+    from autosquash.yaml_io import load_yaml_model
+
+    if args.format != "gguf":
+        raise AutosquashError("--format torch is not implemented yet; GGUF is")
+    if args.register:
+        raise AutosquashError("--register (MLflow model registry) is not implemented yet")
+    if args.run:
+        run = Path(args.run)
+        if args.trial is None:
+            raise AutosquashError("--run needs --trial N")
+        plan_file = run / "plans" / f"trial-{args.trial:04d}.yaml"
+        if not plan_file.exists():
+            raise AutosquashError(f"{run} holds no trial {args.trial} ({plan_file} is missing)")
+        exp = load_experiment(run / "experiment.yaml")
+        plan = load_yaml_model(Plan, plan_file)
+        inputs = load_inputs(exp, run)
+        spec, base, arch, stats = exp.model, inputs.base, inputs.arch, inputs.stats
+    else:
+        if not args.model or not (args.plan or args.uniform):
+            raise AutosquashError("export needs --run DIR --trial N, or --model M with --plan FILE or --uniform TYPE")
+        spec = args.model
+        base = load_model(spec)
+        arch = Arch.from_config(base.config)
+        if args.plan:
+            plan = load_yaml_model(Plan, args.plan)
+        else:
+            plan = Plan.uniform(arch, tensor_type(args.uniform).name)
+        calib = text_batch(load_tokenizer(spec), TextSpec(source="wikipedia"))
+        stats = cached_stats(base, calib, resolve(spec).key, CACHE_DIR)
+    counts = write_gguf(args.out, spec, base, arch, plan, stats)
+    size = Path(args.out).stat().st_size
+    types = ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
+    print(f"wrote {args.out}: {size / 1e6:.1f} MB, tensors: {types}")
     return 0
 
 
@@ -164,8 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true", help="print JSON")
     v.set_defaults(fn=_eval)
 
-    x = sub.add_parser("export", help="write a trial's model as GGUF or torch (not implemented yet)")
-    x.set_defaults(fn=_not_yet)
+    x = sub.add_parser("export", help="write a trial's (or a plan's) model as a GGUF file for llama.cpp")
+    x.add_argument("--run", help="a search's output folder (with --trial)")
+    x.add_argument("--trial", type=int, help="the trial number to export")
+    x.add_argument("--model", help="base model, with --plan or --uniform instead of --run")
+    g = x.add_mutually_exclusive_group()
+    g.add_argument("--plan", help="plan YAML file")
+    g.add_argument("--uniform", help="one GGUF type for every linear weight and the embeddings")
+    x.add_argument("--out", required=True, help="output file, e.g. model.gguf")
+    x.add_argument("--format", choices=("gguf", "torch"), default="gguf", help="gguf (default); torch: not yet")
+    x.add_argument("--register", help="register in the MLflow model registry under NAME (not yet)")
+    x.set_defaults(fn=_export)
     u = sub.add_parser("pull", help="fetch a registered model for deployment (not implemented yet)")
     u.set_defaults(fn=_not_yet)
 

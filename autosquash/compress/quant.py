@@ -24,7 +24,7 @@ from autosquash.errors import AutosquashError
 QK_K = 256  # values per K-quant / ternary super-block
 # Values quantized per step: big enough that Python overhead vanishes, small enough that the search's
 # temporaries stay in cache (measured: 2^18 is about 2x faster than whole 28M-value matrices).
-_CHUNK_VALUES = 1 << 18
+_CHUNK_VALUES = 1 << 17
 # Candidate 1/scale offsets around the max-magnitude mapping: llama.cpp's make_qx_quants range (+-0.9) at
 # step 0.3 instead of 0.1; with the refit rounds below the errors on Gaussian rows agree to 1e-4.
 _SCALE_OFFSETS = 0.3 * torch.arange(-3, 4, dtype=torch.float32)
@@ -97,11 +97,11 @@ def _signed_max(x: Tensor) -> Tensor:
 
 
 def _codes(x: Tensor, scale: Tensor, lo: int, hi: int) -> Tensor:
-    """Nearest grid codes clamp(round(x / scale), lo, hi) per row of x; all zero where the scale is 0."""
+    """Nearest grid codes clamp(round(x / scale), lo, hi), `scale` broadcast against x; 0 where it is 0."""
     # Multiplying by a masked reciprocal keeps every full-size op a plain float op (a full-size
     # torch.where is ~10x slower on CPU); x * 0 rounds to code 0, which every grid holds.
     inv = torch.where(scale != 0, 1.0 / torch.where(scale != 0, scale, 1.0), 0.0)
-    return (x * inv.unsqueeze(-1)).round_().clamp_(lo, hi)
+    return (x * inv).round_().clamp_(lo, hi)
 
 
 def _candidates(ref: Tensor, numerators: Tensor) -> Tensor:
@@ -113,14 +113,21 @@ def _candidates(ref: Tensor, numerators: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------------------------------------------------
 # Scale searches (llama.cpp ggml-quants.c: make_qx_quants, make_qkx2_quants, make_qp_quants ideas).
-# All candidates are evaluated at once along a leading axis: a few big ops instead of many small ones.
+# They take rows of values (rows, n) but work on the transpose with all candidates at once, (n, C, rows):
+# sums over the short value axis become vector adds and per-row scalars broadcast contiguously, about
+# 2x faster on CPU than reducing an innermost axis of 16 or 32 values, one candidate at a time.
+
+
+def _columns(x: Tensor) -> Tensor:
+    """(rows, n) -> (n, 1, rows): values along axis 0, room for a candidate axis in the middle."""
+    return x.T.contiguous().unsqueeze(1)
 
 
 def _lsq_scale(x: Tensor, w: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
     """Weighted least-squares scale for fixed codes, and its error reduction sum(wxq)^2 / sum(wq^2)."""
     wq = w * q
-    sum_xq = (wq * x).sum(-1)
-    sum_qq = (wq * q).sum(-1)
+    sum_xq = (wq * x).sum(0)
+    sum_qq = (wq * q).sum(0)
     ok = sum_qq > 0
     scale = torch.where(ok, sum_xq / torch.where(ok, sum_qq, 1.0), 0.0)
     return scale, scale * sum_xq
@@ -132,14 +139,15 @@ def _fit_scale(x: Tensor, w: Tensor, lo: int, hi: int, iscales: Tensor) -> Tenso
     Each candidate 1/s (iscales, shape (C, rows)) gives codes, refit by least squares; the best is then
     refined by assign/refit rounds, each of which can only lower the error.
     """
-    scale, gain = _lsq_scale(x, w, (x * iscales.unsqueeze(-1)).round_().clamp_(lo, hi))
-    best_gain, pick = gain.max(0)
-    best = scale.gather(0, pick.unsqueeze(0)).squeeze(0)
+    x, w = _columns(x), _columns(w)
+    scale, gain = _lsq_scale(x, w, (x * iscales).round_().clamp_(lo, hi))
+    best_gain, pick = gain.max(0, keepdim=True)
+    best = scale.gather(0, pick)
     for _ in range(_REFINE_STEPS):
         scale, gain = _lsq_scale(x, w, _codes(x, best, lo, hi))
         better = gain > best_gain
         best, best_gain = torch.where(better, scale, best), torch.where(better, gain, best_gain)
-    return best
+    return best.squeeze(0)
 
 
 def _quantize_signed(v: Tensor, w: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
@@ -149,13 +157,13 @@ def _quantize_signed(v: Tensor, w: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
     """
     iscales = _candidates(_signed_max(v), -(nmax + _SCALE_OFFSETS))
     d = _f16(_fit_scale(v, w, -nmax, nmax - 1, iscales))
-    return d, _codes(v, d, -nmax, nmax - 1)
+    return d, _codes(v, d.unsqueeze(-1), -nmax, nmax - 1)
 
 
 def _quantize_nonneg(v: Tensor, w: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
     """Per-row f16 scale d and codes in [0, nmax] for non-negative v (K-quant sub-block scales and mins)."""
     d = _f16(_fit_scale(v, w, 0, nmax, _candidates(v.amax(-1), nmax + _SCALE_OFFSETS)))
-    return d, _codes(v, d, 0, nmax)
+    return d, _codes(v, d.unsqueeze(-1), 0, nmax)
 
 
 def _lsq_affine(
@@ -164,9 +172,9 @@ def _lsq_affine(
     """Weighted least-squares (scale, min) for x ~ scale * q + min with fixed codes, and its error."""
     sw, sx, sxx = sums
     wq = w * q
-    sq = wq.sum(-1)
-    sqq = (wq * q).sum(-1)
-    sxq = (wq * x).sum(-1)
+    sq = wq.sum(0)
+    sqq = (wq * q).sum(0)
+    sxq = (wq * x).sum(0)
     det = sw * sqq - sq * sq
     # A relative threshold: when all codes are equal, det is rounding noise and the solve would explode.
     ok = det > 1e-5 * sw * sqq
@@ -185,22 +193,21 @@ def _lsq_affine(
 
 def _fit_affine(x: Tensor, w: Tensor, nmax: int, min_le_zero: bool) -> tuple[Tensor, Tensor]:
     """Per-row (scale, min) minimising sum w (x - scale q - min)^2, codes q in [0, nmax] (make_qkx2_quants)."""
-    sums = (w.sum(-1), (w * x).sum(-1), (w * x * x).sum(-1))
-    xmin = x.amin(-1)
+    x, w = _columns(x), _columns(w)
+    sums = (w.sum(0), (w * x).sum(0), (w * x * x).sum(0))
+    xmin = x.amin(0)
     if min_le_zero:
         xmin = xmin.clamp(max=0.0)
-    iscales = _candidates(x.amax(-1) - xmin, nmax + _AFFINE_OFFSETS)
-    q = ((x - xmin.unsqueeze(-1)) * iscales.unsqueeze(-1)).round_().clamp_(0, nmax)
-    scale, mn, err = _lsq_affine(x, w, q, sums, min_le_zero)
-    best_err, pick = err.min(0)
-    best_s = scale.gather(0, pick.unsqueeze(0)).squeeze(0)
-    best_m = mn.gather(0, pick.unsqueeze(0)).squeeze(0)
+    iscales = _candidates((x.amax(0) - xmin).squeeze(0), nmax + _AFFINE_OFFSETS)
+    scale, mn, err = _lsq_affine(x, w, ((x - xmin) * iscales).round_().clamp_(0, nmax), sums, min_le_zero)
+    best_err, pick = err.min(0, keepdim=True)
+    best_s, best_m = scale.gather(0, pick), mn.gather(0, pick)
     for _ in range(_REFINE_STEPS):
-        scale, mn, err = _lsq_affine(x, w, _codes(x - best_m.unsqueeze(-1), best_s, 0, nmax), sums, min_le_zero)
+        scale, mn, err = _lsq_affine(x, w, _codes(x - best_m, best_s, 0, nmax), sums, min_le_zero)
         better = err < best_err
         best_s, best_m = torch.where(better, scale, best_s), torch.where(better, mn, best_m)
         best_err = torch.where(better, err, best_err)
-    return best_s, best_m
+    return best_s.squeeze(0), best_m.squeeze(0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -230,7 +237,7 @@ def _affine_legacy(x: Tensor, w: Tensor | None, nmax: int) -> tuple[Tensor, Tens
         return d, mn, q
     scale, mn = _fit_affine(x, w, nmax, min_le_zero=False)
     d, m16 = _f16(scale), _f16(mn)
-    return d, m16, _codes(x - m16.unsqueeze(-1), d, 0, nmax)
+    return d, m16, _codes(x - m16.unsqueeze(-1), d.unsqueeze(-1), 0, nmax)
 
 
 def _encode_q8_0(x: Tensor, w: Tensor | None) -> Tensor:
@@ -324,13 +331,13 @@ def _affine_k(x: Tensor, w: Tensor, sub: int, nmax: int, scale_nmax: int) -> tup
     xs, ws = x.view(n, -1, sub), w.view(n, -1, sub)
     scale, mn = _fit_affine(xs.reshape(-1, sub), ws.reshape(-1, sub), nmax, min_le_zero=True)
     scale, mn = scale.clamp(min=0.0).view(n, -1), mn.view(n, -1)
-    q = _codes(xs - mn.unsqueeze(-1), scale, 0, nmax)
+    q = _codes(xs - mn.unsqueeze(-1), scale.unsqueeze(-1), 0, nmax)
     # To first order, a sub-block's scale error costs sum(w q^2) and its min error sum(w) in the values.
     d, sc = _quantize_nonneg(scale, (ws * q * q).sum(-1), scale_nmax)
     dmin, m = _quantize_nonneg(-mn, ws.sum(-1), scale_nmax)
     # Final codes against the stored scales, formed exactly as the dequantizer forms them.
     sub_scale, sub_min = d.unsqueeze(-1) * sc, dmin.unsqueeze(-1) * m
-    q = _codes(xs + sub_min.unsqueeze(-1), sub_scale, 0, nmax)
+    q = _codes(xs + sub_min.unsqueeze(-1), sub_scale.unsqueeze(-1), 0, nmax)
     return d, dmin, sc, m, q.view(n, -1)
 
 
@@ -341,9 +348,9 @@ def _symmetric_k(x: Tensor, w: Tensor, nmax: int, scale_nmax: int) -> tuple[Tens
     flat = xs.reshape(-1, 16)
     iscales = _candidates(_signed_max(flat), -(nmax + _SCALE_OFFSETS))
     scale = _fit_scale(flat, ws.reshape(-1, 16), -nmax, nmax - 1, iscales).view(n, -1)
-    q = _codes(xs, scale, -nmax, nmax - 1)
+    q = _codes(xs, scale.unsqueeze(-1), -nmax, nmax - 1)
     d, sc = _quantize_signed(scale, (ws * q * q).sum(-1), scale_nmax)
-    q = _codes(xs, d.unsqueeze(-1) * sc, -nmax, nmax - 1)
+    q = _codes(xs, (d.unsqueeze(-1) * sc).unsqueeze(-1), -nmax, nmax - 1)
     return d, sc, q.view(n, -1)
 
 
@@ -457,7 +464,7 @@ def _ternary(x: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor]:
         inv = torch.where(d == 0, 0.0, 1.0 / d)
         return d, _round_half_away(x * inv.unsqueeze(-1)) + 1
     d = _f16(_fit_scale(x, w, -1, 1, _candidates(x.abs().amax(-1), _TERNARY_MULTIPLES)))
-    return d, _codes(x, d, -1, 1) + 1
+    return d, _codes(x, d.unsqueeze(-1), -1, 1) + 1
 
 
 def _encode_tq2_0(x: Tensor, w: Tensor | None) -> Tensor:

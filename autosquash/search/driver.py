@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import TextIO
 
 import optuna
+import torch
 
-from autosquash.compress.calibrate import cached_stats
+from autosquash.compress.calibrate import Stats, cached_stats
 from autosquash.compress.plan import Plan
 from autosquash.cost import load_device
 from autosquash.errors import AutosquashError
@@ -27,7 +28,7 @@ from autosquash.evaluate.proxy import reference
 from autosquash.evaluate.texts import load_texts, token_block
 from autosquash.models.arch import Arch
 from autosquash.models.load import load_model, load_tokenizer, resolve
-from autosquash.search.experiment import Experiment
+from autosquash.search.experiment import Experiment, TextSpec
 from autosquash.search.front import pareto_indices
 from autosquash.search.runner import TrialContext, run_trial
 from autosquash.search.space import SearchSpace
@@ -144,41 +145,50 @@ def write_tables(study: optuna.Study, exp: Experiment, out_dir: Path) -> tuple[l
     return rows, front
 
 
-def _prepare_context(exp: Experiment, exp_dir: Path, out_dir: Path, workers: int) -> TrialContext:
-    model_spec = _relative_to(exp.model, exp_dir)
-    src = resolve(model_spec)
+@dataclass
+class SearchInputs:
+    """What a search computes once before its trials: base model, token sets, calibration statistics."""
+
+    spec: str
+    base: torch.nn.Module
+    arch: Arch
+    calib: torch.Tensor
+    held_out: torch.Tensor
+    stats: Stats
+
+
+def load_inputs(exp: Experiment, out_dir: Path) -> SearchInputs:
+    """Load the base model and tokenizer, cut the token sets, and get the (disk-cached) statistics."""
     print(f"loading {exp.model} ...", flush=True)
-    base = load_model(model_spec, seed=exp.seed)
-    tok = load_tokenizer(model_spec)
-    arch = Arch.from_config(base.config)
-    calib = token_block(
-        tok, load_texts(_relative_to(exp.calibration.source, exp_dir)), exp.calibration.tokens, exp.calibration.seq_len
-    )
-    held_out = token_block(
-        tok, load_texts(_relative_to(exp.evaluation.source, exp_dir)), exp.evaluation.tokens, exp.evaluation.seq_len
-    )
+    base = load_model(exp.model, seed=exp.seed)
+    tok = load_tokenizer(exp.model)
+    calib = text_batch(tok, exp.calibration)
+    held_out = text_batch(tok, exp.evaluation)
     print(f"calibrating on {calib.numel()} tokens, held-out set {held_out.numel()} tokens ...", flush=True)
-    stats = cached_stats(base, calib, src.key, out_dir / "cache")
+    stats = cached_stats(base, calib, resolve(exp.model).key, out_dir / "cache")
+    return SearchInputs(exp.model, base, Arch.from_config(base.config), calib, held_out, stats)
+
+
+def text_batch(tokenizer, spec: TextSpec) -> torch.Tensor:
+    """The token batch a text spec names."""
+    return token_block(tokenizer, load_texts(spec.source), spec.tokens, spec.seq_len)
+
+
+def _prepare_context(exp: Experiment, inputs: SearchInputs, workers: int) -> TrialContext:
     return TrialContext(
-        base=base,
-        arch=arch,
-        stats=stats,
-        calib_ref=reference(base, calib, exp.topk),
-        eval_ref=reference(base, held_out, exp.topk),
-        device=load_device(_relative_to(exp.device, exp_dir)),
+        base=inputs.base,
+        arch=inputs.arch,
+        stats=inputs.stats,
+        calib_ref=reference(inputs.base, inputs.calib, exp.topk),
+        eval_ref=reference(inputs.base, inputs.held_out, exp.topk),
+        device=load_device(exp.device),
         heal=HealConfig(**exp.heal.model_dump()),
         context_tokens=exp.context_tokens,
         threads_per_worker=max(1, (os.cpu_count() or 1) // workers),
     )
 
 
-def _relative_to(value: str, folder: Path) -> str:
-    """A path-like value relative to the experiment file's folder, when such a file exists."""
-    candidate = folder / value
-    return str(candidate) if not Path(value).is_absolute() and candidate.exists() else value
-
-
-def run_search(exp: Experiment, exp_file: Path, opts: SearchOptions) -> list[dict]:
+def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
     """Run (or resume) a search; returns the Pareto front rows."""
     import ray
 
@@ -186,7 +196,8 @@ def run_search(exp: Experiment, exp_file: Path, opts: SearchOptions) -> list[dic
     if out.exists() and (out / "optuna.db").exists() and not opts.resume:
         raise AutosquashError(f"{out} already holds a search; pass --resume to continue it or choose another --out")
     (out / "plans").mkdir(parents=True, exist_ok=True)
-    space = SearchSpace.load(exp.search_space_path(exp_file))
+    space = SearchSpace.load(exp.search_space)
+    dump_yaml_model(exp, out / "experiment.yaml")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = opts.storage or f"sqlite:///{(out / 'optuna.db').resolve()}"
     study = optuna.create_study(
@@ -213,7 +224,7 @@ def run_search(exp: Experiment, exp_file: Path, opts: SearchOptions) -> list[dic
     )
     study.set_user_attr("mlflow_parent_run_id", parent)
     _recover_stale(study, exp, tracker)
-    ctx = _prepare_context(exp, exp_file.parent, out, opts.workers)
+    ctx = _prepare_context(exp, load_inputs(exp, out), opts.workers)
     if not study.user_attrs.get("baselines_enqueued"):
         for quant in space.baselines:
             study.enqueue_trial(space.baseline_params(ctx.arch, quant), user_attrs={"origin": "baseline"})

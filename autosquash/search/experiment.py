@@ -60,14 +60,29 @@ class Experiment(BaseModel):
         quality = [o for o in self.objectives if o in ("perplexity", "kl")]
         return quality[0]
 
-    def search_space_path(self, experiment_file: Path) -> Path:
-        """The search-space file, relative to the experiment file's folder unless absolute."""
-        p = Path(self.search_space)
-        return p if p.is_absolute() else (experiment_file.parent / p)
+    def resolved(self, folder: Path) -> Experiment:
+        """The same experiment with paths relative to `folder` (its file's folder) made absolute.
+
+        A value that names no existing file there (a shipped model, device or text) stays as it is.
+        """
+
+        def fix(value: str) -> str:
+            p = folder / value
+            return str(p.resolve()) if not Path(value).is_absolute() and p.exists() else value
+
+        return self.model_copy(
+            update={
+                "model": fix(self.model),
+                "device": fix(self.device),
+                "search_space": fix(self.search_space),
+                "calibration": self.calibration.model_copy(update={"source": fix(self.calibration.source)}),
+                "evaluation": self.evaluation.model_copy(update={"source": fix(self.evaluation.source)}),
+            }
+        )
 
 
 def load_experiment(path: str | Path) -> Experiment:
-    """Read and validate an experiment YAML file."""
+    """Read and validate an experiment YAML file; relative paths in it are taken from its folder."""
     exp = validate(Experiment, read_yaml(path), str(path))
     quality = [o for o in exp.objectives if o in ("perplexity", "kl")]
     if len(quality) != 1 or "memory" not in exp.objectives or len(set(exp.objectives)) != len(exp.objectives):
@@ -76,4 +91,4 @@ def load_experiment(path: str | Path) -> Experiment:
         )
     if exp.calibration.source == exp.evaluation.source:
         raise AutosquashError(f"{path}: field 'evaluation.source': must differ from calibration.source")
-    return exp
+    return exp.resolved(Path(path).parent)

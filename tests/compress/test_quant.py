@@ -137,3 +137,12 @@ def test_type_names_are_case_insensitive_and_inputs_any_float() -> None:
     q = quantize(w.to(torch.bfloat16), "q4_k")
     assert q.type == "Q4_K"
     assert torch.equal(dequantize(q), fake_quantize(w.to(torch.bfloat16).float(), "Q4_K"))
+
+
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "TQ2_0", "TQ1_0"])
+def test_weights_on_the_grid_come_back_unchanged(type_name: str) -> None:
+    # SmolLM2 ships on a Q4_1 grid (DESIGN §5): re-quantizing to that grid must be free, with or
+    # without importance (the search's candidates include the reference scale's codes).
+    on_grid = fake_quantize(_weight(), type_name)
+    assert torch.equal(fake_quantize(on_grid, type_name), on_grid)
+    assert torch.equal(fake_quantize(on_grid, type_name, _skewed_importance(512)), on_grid)

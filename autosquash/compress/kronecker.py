@@ -1,0 +1,177 @@
+"""Sum-of-Kronecker-products decomposition of a linear layer, with learned row/column permutations.
+
+W ≈ P · (Σ_k A_k ⊗ B_k) · Q: the factors come from the Van Loan–Pitsianis rearrangement (Van Loan & Pitsianis,
+"Approximation with Kronecker products", 1993), the permutations P, Q from an alternating search as in TQCompressor
+(Abronin et al., IEEE MIPR 2024).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from scipy.optimize import linear_sum_assignment
+
+# A search step is kept only when it lowers the squared error by more than this fraction: float32 SVD noise
+# must not count as progress.
+_MIN_GAIN = 1e-6
+
+
+def kron_shape(out_features: int, in_features: int) -> tuple[int, int, int, int]:
+    """(m1, m2, n1, n2) with m1·m2 = out, n1·n2 = in, each pair near its square root.
+
+    m1 <= m2 and n1 >= n2, so A (m1 x n1) and B (m2 x n2) hold similar numbers of values and the rearranged
+    matrix (m1·n1 x m2·n2) is as square as the divisors allow (Van Loan & Pitsianis, 1993).
+    """
+    m1 = max(d for d in range(1, math.isqrt(out_features) + 1) if out_features % d == 0)
+    n2 = max(d for d in range(1, math.isqrt(in_features) + 1) if in_features % d == 0)
+    return m1, out_features // m1, in_features // n2, n2
+
+
+@dataclass(frozen=True)
+class KronFactors:
+    """W ≈ (Σ_k A_k ⊗ B_k)[inverse row_perm][:, inverse col_perm] · diag(col_scale).
+
+    A: (r, m1, n1), B: (r, m2, n2). `W[row_perm][:, col_perm]` is the matrix the Kronecker sum approximates.
+    `col_scale` (n,) is present only for an activation-aware fit.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    row_perm: torch.Tensor
+    col_perm: torch.Tensor
+    col_scale: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(m1, m2, n1, n2)."""
+        _, m1, n1 = self.a.shape
+        _, m2, n2 = self.b.shape
+        return m1, m2, n1, n2
+
+    @property
+    def n_params(self) -> int:
+        """Stored weight values: r·(m1·n1 + m2·n2), plus n for an activation-aware column scale."""
+        scale = 0 if self.col_scale is None else self.col_scale.numel()
+        return self.a.numel() + self.b.numel() + scale
+
+    @property
+    def index_bytes(self) -> int:
+        """Storage of the two permutations as int16 indices (m + n of them)."""
+        return 2 * (self.row_perm.numel() + self.col_perm.numel())
+
+    def matrix(self) -> torch.Tensor:
+        """The dense approximation of W, in W's own row and column order."""
+        k = _kron_sum(self.a, self.b)
+        w = k[torch.argsort(self.row_perm)][:, torch.argsort(self.col_perm)]
+        return w if self.col_scale is None else w * self.col_scale
+
+
+def _rearrange(w: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
+    """R(W): row (i1, j1) holds the block W[i1·m2:(i1+1)·m2, j1·n2:(j1+1)·n2], flattened."""
+    m1, m2, n1, n2 = shape
+    return w.reshape(m1, m2, n1, n2).permute(0, 2, 1, 3).reshape(m1 * n1, m2 * n2)
+
+
+def _kron_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    r, m1, n1 = a.shape
+    _, m2, n2 = b.shape
+    return torch.einsum("kac,kbd->abcd", a, b).reshape(m1 * m2, n1 * n2)
+
+
+def _fit(w: torch.Tensor, rank: int, shape: tuple[int, int, int, int]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Best Σ_k A_k ⊗ B_k of `rank` terms for `w` (rank-r SVD of R(W)), and its squared error."""
+    m1, m2, n1, n2 = shape
+    u, s, vh = torch.linalg.svd(_rearrange(w, shape), full_matrices=False)
+    root = s[:rank].sqrt()
+    a = (u[:, :rank] * root).T.reshape(rank, m1, n1)
+    b = (root[:, None] * vh[:rank]).reshape(rank, m2, n2)
+    # ||R(W)||² equals ||W||², and the rank-r SVD leaves exactly the tail of the spectrum.
+    return a.contiguous(), b.contiguous(), float(s[rank:].square().sum())
+
+
+def _assign_rows(w: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The permutation p minimising ||w[p] - target||² (a linear assignment on squared row distances)."""
+    cost = w.square().sum(1)[:, None] + target.square().sum(1)[None, :] - 2 * w @ target.T
+    rows, cols = linear_sum_assignment(cost.double().numpy())
+    p = torch.empty(w.shape[0], dtype=torch.long)
+    p[torch.from_numpy(cols)] = torch.from_numpy(rows)
+    return p
+
+
+def kron_factors(
+    weight: torch.Tensor,
+    rank: int,
+    shape: tuple[int, int, int, int] | None = None,
+    permute: bool = True,
+    iters: int = 4,
+    input_sq: torch.Tensor | None = None,
+) -> KronFactors:
+    """Σ_k A_k ⊗ B_k of `rank` terms approximating `weight` (out x in), optionally after permuting rows and columns.
+
+    Factors: rank-r SVD of the Van Loan–Pitsianis rearrangement. Permutations (TQCompressor, Abronin et al., IEEE
+    MIPR 2024): alternate a linear assignment of W's rows (then columns) to the current approximation's rows
+    (columns) with a refit of the factors, keeping a step only when it lowers the error, for at most `iters` rounds.
+    With `input_sq` (E[x²] per input channel) the fit minimises the error weighted by sqrt(E[x²]) per column, as
+    ASVD does (Yuan et al., 2023); since a column scaling breaks the Kronecker structure, the layer stores it
+    (`col_scale`, n values).
+    """
+    m, n = weight.shape
+    shape = shape or kron_shape(m, n)
+    m1, m2, n1, n2 = shape
+    if m1 * m2 != m or n1 * n2 != n:
+        raise ValueError(f"Kronecker shape {shape} does not factor a {m}x{n} weight: need m1·m2 = {m}, n1·n2 = {n}")
+    if not 1 <= rank <= min(m1 * n1, m2 * n2):
+        raise ValueError(f"rank {rank} is outside 1..{min(m1 * n1, m2 * n2)} for Kronecker shape {shape}")
+    w = weight.float()
+    scale = input_sq.float().sqrt().clamp_min(1e-6) if input_sq is not None else None
+    if scale is not None:
+        w = w * scale
+    row_perm, col_perm = torch.arange(m), torch.arange(n)
+    a, b, err = _fit(w, rank, shape)
+    for _ in range(iters if permute else 0):
+        improved = False
+        for axis in (0, 1):
+            wp = w[row_perm][:, col_perm]
+            k = _kron_sum(a, b)
+            if axis == 0:
+                new_rows, new_cols = row_perm[_assign_rows(wp, k)], col_perm
+            else:
+                new_rows, new_cols = row_perm, col_perm[_assign_rows(wp.T, k.T)]
+            new_a, new_b, new_err = _fit(w[new_rows][:, new_cols], rank, shape)
+            if new_err < err * (1 - _MIN_GAIN):
+                row_perm, col_perm, a, b, err = new_rows, new_cols, new_a, new_b, new_err
+                improved = True
+        if not improved:
+            break
+    return KronFactors(a, b, row_perm, col_perm, None if scale is None else 1 / scale)
+
+
+class KronLinear(torch.nn.Module):
+    """y = x @ W^T for W stored as Kronecker factors, without forming W (cost r·(n1·n2·m2 + n1·m2·m1) per row)."""
+
+    def __init__(self, factors: KronFactors):
+        super().__init__()
+        m1, m2, n1, n2 = factors.shape
+        self.in_features, self.out_features = n1 * n2, m1 * m2
+        self.a = torch.nn.Parameter(factors.a.clone())
+        self.b = torch.nn.Parameter(factors.b.clone())
+        self.register_buffer("col_perm", factors.col_perm.clone())
+        self.register_buffer("row_unperm", torch.argsort(factors.row_perm))
+        self.col_scale = None if factors.col_scale is None else torch.nn.Parameter(factors.col_scale.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, m1, n1 = self.a.shape
+        _, m2, n2 = self.b.shape
+        if self.col_scale is not None:
+            x = x * self.col_scale
+        z = x[..., self.col_perm].reshape(*x.shape[:-1], n1, n2)
+        # (A ⊗ B) vec(Z) = vec(A Z B^T) for row-major vec, summed over the r terms.
+        zb = torch.einsum("...cd,kbd->...kcb", z, self.b)
+        y = torch.einsum("...kcb,kac->...ab", zb, self.a).reshape(*x.shape[:-1], m1 * m2)
+        return y[..., self.row_unperm]

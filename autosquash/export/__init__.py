@@ -1,0 +1,1 @@
+"""Deployment files: GGUF for llama.cpp."""
