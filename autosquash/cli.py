@@ -38,7 +38,7 @@ def _search(args: argparse.Namespace) -> int:
 
 def _estimate(args: argparse.Namespace) -> int:
     from autosquash.compress.gguf_types import tensor_type
-    from autosquash.compress.plan import Plan, deployed_tensors
+    from autosquash.compress.plan import Plan, deployed_tensors, kv_heads_per_layer
     from autosquash.cost import estimate, format_report, load_device
     from autosquash.models.load import load_arch
     from autosquash.yaml_io import load_yaml_model
@@ -49,7 +49,13 @@ def _estimate(args: argparse.Namespace) -> int:
         plan = load_yaml_model(Plan, args.plan)
     else:
         plan = Plan.uniform(arch, tensor_type(args.uniform or "F16").name)
-    report = estimate(arch, deployed_tensors(arch, plan), device, context_tokens=args.context)
+    report = estimate(
+        arch,
+        deployed_tensors(arch, plan),
+        device,
+        context_tokens=args.context,
+        kv_heads_per_layer=kv_heads_per_layer(arch, plan),
+    )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from typing import Any
 
 import gguf.quants
 import numpy as np
@@ -25,13 +26,14 @@ from autosquash.compress.quant import QUANTIZABLE_TYPES, dequantize, quantize
 SMOLLM2_LINEAR_VALUES = 30 * (2 * 576 * 576 + 2 * 192 * 576 + 3 * 1536 * 576)
 
 
-def _best_seconds(fn: Callable[[], object], repeat: int) -> float:
+def _timed(repeat: int, fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
+    """Best wall-clock seconds of `repeat` calls fn(*args), and the last result."""
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
-        fn()
+        result = fn(*args)
         times.append(time.perf_counter() - start)
-    return min(times)
+    return min(times), result
 
 
 def _rel_error(approx: np.ndarray | torch.Tensor, w: torch.Tensor) -> float:
@@ -59,15 +61,13 @@ def main() -> None:
             t = tensor_type(name)
             if not t.fits_row(cols):
                 continue
-            ours_s = _best_seconds(lambda: quantize(w, name), args.repeat)
-            imp_s = _best_seconds(lambda: quantize(w, name, importance), args.repeat)
-            ours_err = _rel_error(dequantize(quantize(w, name)), w)
-            imp_err = _rel_error(dequantize(quantize(w, name, importance)), w)
+            ours_s, ours = _timed(args.repeat, quantize, w, name)
+            imp_s, imp = _timed(args.repeat, quantize, w, name, importance)
+            ours_err, imp_err = _rel_error(dequantize(ours), w), _rel_error(dequantize(imp), w)
             ggml = GGMLQuantizationType[name]
             try:
-                gguf_s = _best_seconds(lambda: gguf.quants.quantize(w.numpy(), ggml), args.repeat)
-                data = gguf.quants.quantize(w.numpy(), ggml).view(np.uint8).reshape(rows, -1)
-                gguf_err = f"{_rel_error(gguf.quants.dequantize(data, ggml), w):8.5f}"
+                gguf_s, data = _timed(args.repeat, gguf.quants.quantize, w.numpy(), ggml)
+                gguf_err = f"{_rel_error(gguf.quants.dequantize(data.view(np.uint8), ggml), w):8.5f}"
                 gguf_time = f"{gguf_s:7.3f}"
             except NotImplementedError:
                 gguf_err, gguf_time = f"{'-':>8}", f"{'-':>7}"

@@ -18,8 +18,15 @@ import torch
 from autosquash.compress.calibrate import Stats
 from autosquash.compress.gguf_types import legal_type
 from autosquash.compress.lowrank import LowRankLinear, svd_factors
-from autosquash.compress.plan import ATTN_LINEARS, FFN_LINEARS, Plan, factor_rank, kept_ffn_channels
-from autosquash.compress.prune import ffn_channel_importance, keep_channels
+from autosquash.compress.plan import (
+    ATTN_LINEARS,
+    FFN_LINEARS,
+    Plan,
+    factor_rank,
+    kept_ffn_channels,
+    kept_kv_heads,
+)
+from autosquash.compress.prune import input_channel_importance, keep_channels, kv_group_importance
 from autosquash.compress.quant import QuantizedTensor, dequantize, quantize
 from autosquash.models.arch import Arch
 
@@ -78,7 +85,41 @@ def _compress_linear(weight: torch.Tensor, quant: str, rank: int, input_sq: torc
 
 
 def _ffn_keep(down_weight: torch.Tensor, down_sq: torch.Tensor | None, keep: int) -> tuple[torch.Tensor]:
-    return (keep_channels(ffn_channel_importance(down_weight, down_sq), keep),)
+    return (keep_channels(input_channel_importance(down_weight, down_sq), keep),)
+
+
+def _kv_keep(o_weight: torch.Tensor, o_sq: torch.Tensor | None, arch: Arch, keep: int) -> tuple[torch.Tensor, ...]:
+    """Rows of q (query heads) and of k/v (KV heads) of the `keep` most important KV groups."""
+    groups = keep_channels(kv_group_importance(o_weight, o_sq, arch.n_kv_heads), keep)
+    d, per_group = arch.head_dim, arch.n_heads // arch.n_kv_heads
+    kv_rows = (groups[:, None] * d + torch.arange(d)).flatten()
+    q_rows = (groups[:, None] * per_group * d + torch.arange(per_group * d)).flatten()
+    return q_rows, kv_rows
+
+
+def _selections(block, i: int, arch: Arch, plan: Plan, stats: Stats, cache: VariantCache) -> dict[str, tuple]:
+    """(kept rows, kept input columns) of each linear of block `i` after structured pruning; None keeps all.
+
+    A linear missing from the result belongs to a removed sublayer.
+    """
+    out: dict[str, tuple] = {}
+    kv = kept_kv_heads(arch, plan.choice(f"blk.{i}.attn"))
+    if kv == arch.n_kv_heads:
+        out.update({name: (None, None) for name, _ in ATTN_LINEARS})
+    elif kv > 0:
+        o_sq = stats.get(f"model.layers.{i}.self_attn.o_proj")
+        q_rows, kv_rows = cache.get(
+            ("kv_keep", i, kv), partial(_kv_keep, block.self_attn.o_proj.weight.data, o_sq, arch, kv)
+        )
+        out.update(attn_q=(q_rows, None), attn_k=(kv_rows, None), attn_v=(kv_rows, None), attn_output=(None, q_rows))
+    ff = kept_ffn_channels(arch, plan.choice(f"blk.{i}.ffn"))
+    if ff == arch.intermediate_size:
+        out.update({name: (None, None) for name, _ in FFN_LINEARS})
+    elif ff > 0:
+        down_sq = stats.get(f"model.layers.{i}.mlp.down_proj")
+        (idx,) = cache.get(("ffn_keep", i, ff), partial(_ffn_keep, block.mlp.down_proj.weight.data, down_sq, ff))
+        out.update(ffn_gate=(idx, None), ffn_up=(idx, None), ffn_down=(None, idx))
+    return out
 
 
 def quantized_tensors(
@@ -87,23 +128,23 @@ def quantized_tensors(
     """(GGUF name, module path, variant) for every compressed weight: block linears, then embeddings."""
     cache = cache or VariantCache(max_bytes=0)
     for i, block in enumerate(base.model.layers):
-        ff = kept_ffn_channels(arch, plan.choice(f"blk.{i}.ffn"))
-        down_sq = stats.get(f"model.layers.{i}.mlp.down_proj")
-        (idx,) = cache.get(("ffn_keep", i, ff), partial(_ffn_keep, block.mlp.down_proj.weight.data, down_sq, ff))
+        kept = _selections(block, i, arch, plan, stats, cache)
         for group, linears in (("attn", ATTN_LINEARS), ("ffn", FFN_LINEARS)):
             choice = plan.choice(f"blk.{i}.{group}")
             for gguf_name, path in linears:
+                if gguf_name not in kept:
+                    continue
+                rows, cols = kept[gguf_name]
                 w = block.get_submodule(path).weight.data
                 input_sq = stats.get(f"model.layers.{i}.{path}")
-                if group == "ffn" and ff < arch.intermediate_size:
-                    if gguf_name == "ffn_down":
-                        w = w[:, idx]
-                        input_sq = input_sq[idx] if input_sq is not None else None
-                    else:
-                        w = w[idx]
+                if rows is not None:
+                    w = w[rows]
+                if cols is not None:
+                    w = w[:, cols]
+                    input_sq = input_sq[cols] if input_sq is not None else None
                 rank = factor_rank(w.shape[0], w.shape[1], choice.rank_ratio)
                 quant = choice.quant_for(gguf_name)
-                key = (i, gguf_name, ff, rank, legal_type(quant, w.shape[1]))
+                key = (i, gguf_name, tuple(w.shape), rank, legal_type(quant, w.shape[1]))
                 variant = cache.get(key, partial(_compress_linear, w, quant, rank, input_sq))
                 yield f"blk.{i}.{gguf_name}", f"model.layers.{i}.{path}", variant
     embed_type = legal_type(plan.embed_quant, arch.hidden_size)
@@ -117,6 +158,20 @@ def quantized_tensors(
         out_type = legal_type(plan.output_quant or plan.embed_quant, arch.hidden_size)
         head = base.lm_head.weight.data
         yield "output", "lm_head", cache.get(("output", out_type), lambda: (_quantized(head, out_type, None),))
+
+
+class RemovedAttention(torch.nn.Module):
+    """An attention sublayer pruned away: it adds nothing to the residual stream."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
+        return torch.zeros_like(hidden_states), None
+
+
+class RemovedMLP(torch.nn.Module):
+    """An FFN sublayer pruned away: it adds nothing to the residual stream."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(hidden_states)
 
 
 def _linear_from(variant: Variant) -> torch.nn.Module:
@@ -142,6 +197,12 @@ def compress(
             continue
         parent, attr = path.rsplit(".", 1)
         model.get_submodule(parent).register_module(attr, _linear_from(variant))
-    for i in range(arch.n_layers):
-        model.model.layers[i].mlp.intermediate_size = kept_ffn_channels(arch, plan.choice(f"blk.{i}.ffn"))
+    for i, block in enumerate(model.model.layers):
+        ff = kept_ffn_channels(arch, plan.choice(f"blk.{i}.ffn"))
+        if ff == 0:
+            block.mlp = RemovedMLP()
+        else:
+            block.mlp.intermediate_size = ff
+        if kept_kv_heads(arch, plan.choice(f"blk.{i}.attn")) == 0:
+            block.self_attn = RemovedAttention()
     return model.eval()

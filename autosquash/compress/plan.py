@@ -34,7 +34,10 @@ class LayerChoice(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     quant: str = "F16"
-    ffn_keep_ratio: float = Field(1.0, gt=0.0, le=1.0)
+    # Share of FFN channels kept (0 removes the block's FFN).
+    ffn_keep_ratio: float = Field(1.0, ge=0.0, le=1.0)
+    # Share of KV-head groups kept, each with its query heads (0 removes the block's attention).
+    attn_keep_ratio: float = Field(1.0, ge=0.0, le=1.0)
     rank_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     # Per-tensor exceptions to `quant`, by GGUF short name, e.g. {"attn_v": "Q6_K"} as in Q4_K_M.
     tensor_quant: dict[str, str] = Field(default_factory=dict)
@@ -117,9 +120,23 @@ class TensorSpec:
 
 
 def kept_ffn_channels(arch: Arch, choice: LayerChoice) -> int:
-    """FFN width after pruning: rounded to a multiple of 32 so every row stays block-aligned."""
+    """FFN width after pruning (0: removed), a multiple of 32 so every row stays block-aligned."""
+    if choice.ffn_keep_ratio == 0:
+        return 0
     keep = round(arch.intermediate_size * choice.ffn_keep_ratio / 32) * 32
     return max(32, min(arch.intermediate_size, keep))
+
+
+def kept_kv_heads(arch: Arch, choice: LayerChoice) -> int:
+    """KV heads left after pruning whole KV groups (0: the attention sublayer is removed)."""
+    if choice.attn_keep_ratio == 0:
+        return 0
+    return max(1, min(arch.n_kv_heads, round(arch.n_kv_heads * choice.attn_keep_ratio)))
+
+
+def kv_heads_per_layer(arch: Arch, plan: Plan) -> list[int]:
+    """KV heads of every block as deployed: what the KV cache holds per position."""
+    return [kept_kv_heads(arch, plan.choice(f"blk.{i}.attn")) for i in range(arch.n_layers)]
 
 
 def factor_rank(out_features: int, in_features: int, rank_ratio: float) -> int:
@@ -142,33 +159,32 @@ def _linear(name: str, out_f: int, in_f: int, quant: str, rank: int) -> list[Ten
 
 def deployed_tensors(arch: Arch, plan: Plan) -> list[TensorSpec]:
     """Every tensor the plan deploys, with its legal GGUF type; what the cost model prices."""
-    h, q_out, kv_out = arch.hidden_size, arch.n_heads * arch.head_dim, arch.n_kv_heads * arch.head_dim
+    h = arch.hidden_size
     embed_type = legal_type(plan.embed_quant, h)
     tensors = [TensorSpec("token_embd.weight", (arch.vocab_size, h), embed_type, 0, lookup=True)]
+    group_size = arch.n_heads // arch.n_kv_heads
     for i in range(arch.n_layers):
         attn, ffn = plan.choice(f"blk.{i}.attn"), plan.choice(f"blk.{i}.ffn")
+        kv = kept_kv_heads(arch, attn) * arch.head_dim
+        q = kv * group_size
         ff = kept_ffn_channels(arch, ffn)
-        shapes = {
-            "attn_q": (q_out, h),
-            "attn_k": (kv_out, h),
-            "attn_v": (kv_out, h),
-            "attn_output": (h, q_out),
-            "ffn_gate": (ff, h),
-            "ffn_up": (ff, h),
-            "ffn_down": (h, ff),
-        }
-        tensors.append(TensorSpec(f"blk.{i}.attn_norm.weight", (h,), "F32", 0))
-        for gguf_name, _ in ATTN_LINEARS:
-            o, n = shapes[gguf_name]
-            tensors += _linear(
-                f"blk.{i}.{gguf_name}", o, n, attn.quant_for(gguf_name), factor_rank(o, n, attn.rank_ratio)
-            )
-        tensors.append(TensorSpec(f"blk.{i}.ffn_norm.weight", (h,), "F32", 0))
-        for gguf_name, _ in FFN_LINEARS:
-            o, n = shapes[gguf_name]
-            tensors += _linear(
-                f"blk.{i}.{gguf_name}", o, n, ffn.quant_for(gguf_name), factor_rank(o, n, ffn.rank_ratio)
-            )
+        for choice, width, norm, linears, shapes in (
+            (
+                attn,
+                kv,
+                "attn_norm",
+                ATTN_LINEARS,
+                {"attn_q": (q, h), "attn_k": (kv, h), "attn_v": (kv, h), "attn_output": (h, q)},
+            ),
+            (ffn, ff, "ffn_norm", FFN_LINEARS, {"ffn_gate": (ff, h), "ffn_up": (ff, h), "ffn_down": (h, ff)}),
+        ):
+            if width == 0:
+                continue  # a removed sublayer deploys nothing, not even its norm
+            tensors.append(TensorSpec(f"blk.{i}.{norm}.weight", (h,), "F32", 0))
+            for gguf_name, _ in linears:
+                o, n = shapes[gguf_name]
+                rank = factor_rank(o, n, choice.rank_ratio)
+                tensors += _linear(f"blk.{i}.{gguf_name}", o, n, choice.quant_for(gguf_name), rank)
     tensors.append(TensorSpec("output_norm.weight", (h,), "F32", 0))
     if arch.tied_embeddings:
         # The output head reuses token_embd: every token multiplies by the whole table.

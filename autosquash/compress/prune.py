@@ -1,12 +1,13 @@
-"""Structured pruning of FFN channels, which shrinks the dense model (and a GGUF file's tensors)."""
+"""Structured pruning of FFN channels and attention KV groups: it shrinks the dense model and its GGUF file."""
 
 from __future__ import annotations
 
 import torch
 
 
-def ffn_channel_importance(down_weight: torch.Tensor, down_input_sq: torch.Tensor | None) -> torch.Tensor:
-    """Score of each FFN channel: the norm of its down-projection column times its RMS activation.
+def input_channel_importance(down_weight: torch.Tensor, down_input_sq: torch.Tensor | None) -> torch.Tensor:
+    """Score of each input channel of a linear (an FFN channel entering down_proj, say): the norm
+    of its weight column times its RMS activation.
 
     Activation-aware as in Wanda (Sun et al., 2023), applied to whole channels; without statistics
     it is the column norm alone.
@@ -15,6 +16,12 @@ def ffn_channel_importance(down_weight: torch.Tensor, down_input_sq: torch.Tenso
     if down_input_sq is not None:
         score = score * down_input_sq.float().sqrt()
     return score
+
+
+def kv_group_importance(o_weight: torch.Tensor, o_input_sq: torch.Tensor | None, n_kv_heads: int) -> torch.Tensor:
+    """Score of each KV group (a KV head and the query heads that share it): the summed importance
+    of its channels entering the output projection, scored like FFN channels."""
+    return input_channel_importance(o_weight, o_input_sq).view(n_kv_heads, -1).sum(-1)
 
 
 def keep_channels(importance: torch.Tensor, keep: int) -> torch.Tensor:

@@ -50,9 +50,10 @@ class CostReport:
         return asdict(self)
 
 
-def kv_cache_bytes_per_token(arch: Arch, kv_type: str = "F16") -> int:
+def kv_cache_bytes_per_token(arch: Arch, kv_type: str = "F16", kv_heads_per_layer: Sequence[int] | None = None) -> int:
     """KV cache bytes one context position holds: keys and values of every layer's KV heads."""
-    return 2 * arch.n_layers * tensor_type(kv_type).nbytes((arch.n_kv_heads, arch.head_dim))
+    heads = kv_heads_per_layer if kv_heads_per_layer is not None else [arch.n_kv_heads] * arch.n_layers
+    return 2 * sum(tensor_type(kv_type).nbytes((n, arch.head_dim)) for n in heads if n > 0)
 
 
 def estimate(
@@ -62,25 +63,28 @@ def estimate(
     context_tokens: int = 2048,
     prompt_tokens: int = 512,
     kv_type: str = "F16",
+    kv_heads_per_layer: Sequence[int] | None = None,
 ) -> CostReport:
     """Price `tensors` (from `deployed_tensors(arch, plan)`) on `device` for one conversation.
 
     The KV cache is allocated for `context_tokens`; decoding runs from the end of a `prompt_tokens`
     prompt to the end of the context, so per-token figures are taken at the average position.
+    `kv_heads_per_layer` (from `kv_heads_per_layer(arch, plan)`) accounts for pruned attention.
     """
     if not 0 < prompt_tokens <= context_tokens:
         raise AutosquashError(
             f"prompt_tokens ({prompt_tokens}) must be positive and at most context_tokens ({context_tokens})"
         )
     weights_bytes = sum(t.nbytes for t in tensors)
-    kv_per_position = kv_cache_bytes_per_token(arch, kv_type)
+    kv_heads = list(kv_heads_per_layer) if kv_heads_per_layer is not None else [arch.n_kv_heads] * arch.n_layers
+    kv_per_position = kv_cache_bytes_per_token(arch, kv_type, kv_heads)
     kv_cache_bytes = kv_per_position * context_tokens
     peak_memory_bytes = weights_bytes + kv_cache_bytes + device.runtime_overhead_bytes
     app_memory_limit_bytes = int(device.app_memory_fraction * device.dram_bytes)
 
     avg_position = (prompt_tokens + context_tokens) / 2
     # Scores q·k and the weighted sum of values: head_dim MACs each, per query head and position.
-    attn_macs_per_position = 2 * arch.n_layers * arch.n_heads * arch.head_dim
+    attn_macs_per_position = 2 * sum(kv_heads) * (arch.n_heads // arch.n_kv_heads) * arch.head_dim
     linear_macs = sum(t.macs_per_token for t in tensors)
     weights_read = sum(t.bytes_read_per_token for t in tensors)
     bytes_read = weights_read + kv_per_position * avg_position

@@ -1,8 +1,8 @@
 """Write a plan's model as a GGUF file for llama.cpp, every tensor in the type its trial evaluated.
 
-A plan without pruning is written with the `llama` architecture; per-layer FFN widths need the
-`deci` architecture, whose loader in llama.cpp reads one FFN width (and head counts) per layer
-(DESIGN.md §2). The tokenizer is copied from the source GGUF file.
+A plan without pruning is written with the `llama` architecture; per-layer FFN widths and head
+counts need the `deci` architecture, whose loader in llama.cpp reads them per layer, 0 for a removed
+sublayer (DESIGN.md §2). The tokenizer is copied from the source GGUF file.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from gguf.constants import GGMLQuantizationType
 
 from autosquash.compress.apply import VariantCache, quantized_tensors
 from autosquash.compress.calibrate import Stats
-from autosquash.compress.plan import Plan, kept_ffn_channels
+from autosquash.compress.plan import Plan, kept_ffn_channels, kv_heads_per_layer
 from autosquash.errors import AutosquashError
 from autosquash.models.arch import Arch
 from autosquash.models.load import DEFAULT_MODEL, ModelSource, resolve
@@ -71,15 +71,18 @@ def write_gguf(
     if any(c.rank_ratio > 0 for c in plan.groups.values()):
         raise AutosquashError("this plan uses low-rank factors, which no GGUF runtime holds; use --format torch")
     widths = [kept_ffn_channels(arch, plan.choice(f"blk.{i}.ffn")) for i in range(arch.n_layers)]
-    arch_name = "llama" if len(set(widths)) == 1 else "deci"
+    kv_heads = kv_heads_per_layer(arch, plan)
+    heads = [n * (arch.n_heads // arch.n_kv_heads) for n in kv_heads]
+    uniform = len(set(widths)) == 1 and len(set(kv_heads)) == 1 and widths[0] > 0 and kv_heads[0] > 0
+    arch_name = "llama" if uniform else "deci"
     writer = GGUFWriter(str(path), arch_name)
     writer.add_name(f"{getattr(base.config, 'name_or_path', '') or spec} (autosquash)")
     writer.add_context_length(int(base.config.max_position_embeddings))
     writer.add_embedding_length(arch.hidden_size)
     writer.add_block_count(arch.n_layers)
     writer.add_feed_forward_length(widths[0] if arch_name == "llama" else widths)
-    writer.add_head_count(arch.n_heads if arch_name == "llama" else [arch.n_heads] * arch.n_layers)
-    writer.add_head_count_kv(arch.n_kv_heads if arch_name == "llama" else [arch.n_kv_heads] * arch.n_layers)
+    writer.add_head_count(heads[0] if arch_name == "llama" else heads)
+    writer.add_head_count_kv(kv_heads[0] if arch_name == "llama" else kv_heads)
     writer.add_rope_freq_base(_rope_theta(base.config))
     writer.add_rope_dimension_count(arch.head_dim)
     writer.add_layer_norm_rms_eps(float(base.config.rms_norm_eps))
@@ -104,9 +107,12 @@ def write_gguf(
             data = rope_permute(data, arch.n_heads)
         elif gguf_name.endswith("attn_k"):
             data = rope_permute(data, arch.n_kv_heads)
+        # Each present sublayer's norm goes before its first weight; a removed one has none.
         if gguf_name.endswith("attn_q"):
             i = int(gguf_name.split(".")[1])
             add_norm(f"blk.{i}.attn_norm.weight", layers[i].input_layernorm.weight)
+        elif gguf_name.endswith("ffn_gate"):
+            i = int(gguf_name.split(".")[1])
             add_norm(f"blk.{i}.ffn_norm.weight", layers[i].post_attention_layernorm.weight)
         add(f"{gguf_name}.weight", data, q.type)
     add_norm("output_norm.weight", base.model.norm.weight)

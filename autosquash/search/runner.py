@@ -16,7 +16,7 @@ import torch
 
 from autosquash.compress.apply import VariantCache, compress
 from autosquash.compress.calibrate import Stats
-from autosquash.compress.plan import Plan, deployed_tensors
+from autosquash.compress.plan import Plan, deployed_tensors, kv_heads_per_layer
 from autosquash.cost import DeviceProfile, estimate
 from autosquash.evaluate.heal import HealConfig, adapter_tensors, heal
 from autosquash.evaluate.proxy import Reference, score
@@ -58,7 +58,13 @@ def evaluate_plan(ctx: TrialContext, plan: Plan, seed: int, cache: VariantCache 
     if not all(math.isfinite(v) for v in quality.values()):
         raise TrialFailed(f"quality is not finite: {quality}")
     tensors = deployed_tensors(ctx.arch, plan) + adapter_tensors(model)
-    cost = estimate(ctx.arch, tensors, ctx.device, context_tokens=ctx.context_tokens)
+    cost = estimate(
+        ctx.arch,
+        tensors,
+        ctx.device,
+        context_tokens=ctx.context_tokens,
+        kv_heads_per_layer=kv_heads_per_layer(ctx.arch, plan),
+    )
     out = {**quality, **{k: float(v) for k, v in cost.to_dict().items()}, **heal_info}
     out.update(build_s=t1 - t0, heal_s=t2 - t1, eval_s=t3 - t2, trial_s=t3 - t0)
     if cache is not None:

@@ -28,6 +28,7 @@ class GroupSpace(BaseModel):
 
     quant: list[str] = Field(min_length=1)
     ffn_keep_ratio: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
+    attn_keep_ratio: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
     rank_ratio: list[float] = Field(default_factory=lambda: [0.0], min_length=1)
 
     @field_validator("quant")
@@ -35,11 +36,11 @@ class GroupSpace(BaseModel):
     def _quant(cls, v: list[str]) -> list[str]:
         return _types(v)
 
-    @field_validator("ffn_keep_ratio")
+    @field_validator("ffn_keep_ratio", "attn_keep_ratio")
     @classmethod
     def _ratios(cls, v: list[float]) -> list[float]:
-        if any(not 0 < r <= 1 for r in v):
-            raise ValueError("every ffn_keep_ratio must lie in (0, 1]")
+        if any(not 0 <= r <= 1 for r in v):
+            raise ValueError("every keep ratio must lie in [0, 1] (0 removes the sublayer)")
         return v
 
     @field_validator("rank_ratio")
@@ -72,14 +73,16 @@ class SearchSpace(BaseModel):
     def _deployable(self) -> SearchSpace:
         if self.attn.ffn_keep_ratio != [1.0]:
             raise ValueError("attn.ffn_keep_ratio: attention groups have no FFN channels to prune")
+        if self.ffn.attn_keep_ratio != [1.0]:
+            raise ValueError("ffn.attn_keep_ratio: FFN groups have no attention heads to prune")
         if self.target == "gguf" and (self.attn.rank_ratio != [0.0] or self.ffn.rank_ratio != [0.0]):
             raise ValueError("rank_ratio: a gguf target cannot hold low-rank factors; use target: torch")
         for b in self.baselines:
             for g, space in (("attn", self.attn), ("ffn", self.ffn)):
                 if b not in space.quant:
                     raise ValueError(f"baseline {b} is not among {g}.quant, so the study cannot sample it")
-        if 1.0 not in self.ffn.ffn_keep_ratio and self.baselines:
-            raise ValueError("ffn.ffn_keep_ratio must include 1.0 for the uniform baselines")
+        if (1.0 not in self.ffn.ffn_keep_ratio or 1.0 not in self.attn.attn_keep_ratio) and self.baselines:
+            raise ValueError("ffn_keep_ratio and attn_keep_ratio must include 1.0 for the uniform baselines")
         if 0.0 not in self.ffn.rank_ratio + self.attn.rank_ratio and self.baselines:
             raise ValueError("rank_ratio must include 0.0 for the uniform baselines")
         return self
@@ -93,7 +96,7 @@ class SearchSpace(BaseModel):
         dims = []
         for i in range(arch.n_layers):
             for g, space in (("attn", self.attn), ("ffn", self.ffn)):
-                for field in ("quant", "ffn_keep_ratio", "rank_ratio"):
+                for field in ("quant", "ffn_keep_ratio", "attn_keep_ratio", "rank_ratio"):
                     dims.append((f"blk.{i}.{g}", field, getattr(space, field)))
         return dims
 
@@ -115,7 +118,7 @@ class SearchSpace(BaseModel):
         params: dict[str, object] = {}
         for group, field, choices in self._dims(arch):
             if len(choices) > 1:
-                params[f"{group}.{field}"] = {"quant": quant, "ffn_keep_ratio": 1.0, "rank_ratio": 0.0}[field]
+                params[f"{group}.{field}"] = {"quant": quant, "rank_ratio": 0.0}.get(field, 1.0)
         if len(self.embed_quant) > 1:
             params["embed_quant"] = self.embed_quant[0]
         return params

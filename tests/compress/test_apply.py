@@ -63,3 +63,36 @@ def test_quantization_error_grows_as_bits_shrink(tiny_model, tiny_arch, tiny_bat
         out = compress(tiny_model, tiny_arch, Plan.uniform(tiny_arch, q), {})(tiny_batch).logits
         errs.append((out - ref).pow(2).mean().item())
     assert errs[0] < errs[1] < errs[2]
+
+
+def test_heads_and_whole_blocks_are_pruned(tiny_model, tiny_arch, tiny_batch):
+    from autosquash.compress.apply import RemovedAttention, RemovedMLP
+    from autosquash.compress.plan import kv_heads_per_layer
+
+    stats = collect_stats(tiny_model, tiny_batch)
+    plan = Plan(
+        groups={
+            "blk.0.attn": LayerChoice(quant="Q8_0", attn_keep_ratio=0.5),  # one of two KV groups
+            "blk.1.attn": LayerChoice(quant="Q8_0", attn_keep_ratio=0.0),  # block 1 removed entirely
+            "blk.1.ffn": LayerChoice(quant="Q8_0", ffn_keep_ratio=0.0),
+        }
+    )
+    model = compress(tiny_model, tiny_arch, plan, stats)
+    assert _deployed_shapes(model) == sorted(t.shape for t in deployed_tensors(tiny_arch, plan) if len(t.shape) == 2)
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.weight.shape == (2 * 64, 256) and attn.k_proj.weight.shape == (64, 256)
+    assert isinstance(model.model.layers[1].self_attn, RemovedAttention)
+    assert isinstance(model.model.layers[1].mlp, RemovedMLP)
+    assert kv_heads_per_layer(tiny_arch, plan) == [1, 0]
+    assert torch.isfinite(model(tiny_batch).logits).all()
+
+
+def test_kept_kv_group_is_the_more_important_one(tiny_model, tiny_arch, tiny_batch):
+    # Make KV group 1 matter far more in the output projection: pruning must keep it.
+    with torch.no_grad():
+        tiny_model.model.layers[0].self_attn.o_proj.weight[:, 128:] *= 10
+    plan = Plan(groups={"blk.0.attn": LayerChoice(quant="F16", attn_keep_ratio=0.5)})
+    model = compress(tiny_model, tiny_arch, plan, collect_stats(tiny_model, tiny_batch))
+    kept = model.model.layers[0].self_attn.k_proj.weight
+    base = tiny_model.model.layers[0].self_attn.k_proj.weight
+    torch.testing.assert_close(kept, base[64:].half().float(), rtol=0, atol=0)  # F16 storage of group 1

@@ -16,6 +16,16 @@ from autosquash.errors import AutosquashError
 GGUF_WRITES = ("F32", "F16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "TQ2_0", "TQ1_0")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Pin torch to one thread here: the quantizer issues hundreds of mid-sized ops per chunk, and on a shared
+    CI machine OpenMP barriers between two contended threads made this module 20x slower (1 s vs 22 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _weight(rows: int = 64, cols: int = 512, seed: int = 0) -> torch.Tensor:
     return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
 
@@ -93,8 +103,9 @@ def test_error_ordering_on_gaussian_rows() -> None:
     assert err["Q8_0"] < 0.007 and err["Q4_K"] < 0.08 and err["Q2_K"] < 0.32, err
 
 
-@pytest.mark.parametrize("type_name", ["Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_1", "Q4_K", "Q4_0",
-                                       "Q3_K", "Q2_K", "TQ2_0", "TQ1_0"])
+@pytest.mark.parametrize(
+    "type_name", ["Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_1", "Q4_K", "Q4_0", "Q3_K", "Q2_K", "TQ2_0", "TQ1_0"]
+)
 def test_importance_lowers_weighted_error(type_name: str) -> None:
     w = _weight()
     imp = _skewed_importance(w.shape[1])

@@ -59,3 +59,24 @@ def test_low_rank_plans_are_refused(tiny, tmp_path):
     plan = Plan(target="torch", groups={"blk.0.attn": LayerChoice(quant="Q8_0", rank_ratio=0.25)})
     with pytest.raises(AutosquashError, match="low-rank"):
         write_gguf(tmp_path / "m.gguf", TINY, base, arch, plan, {})
+
+
+def test_pruned_plan_is_written_as_deci_with_per_layer_shapes(tiny, tmp_path):
+    base, arch = tiny
+    plan = Plan(
+        groups={
+            "blk.0.ffn": LayerChoice(quant="Q4_0", ffn_keep_ratio=0.5),
+            "blk.0.attn": LayerChoice(quant="Q4_0", attn_keep_ratio=0.5),
+            "blk.1.attn": LayerChoice(quant="Q4_0", attn_keep_ratio=0.0),
+            "blk.1.ffn": LayerChoice(quant="Q4_0"),
+        }
+    )
+    write_gguf(tmp_path / "p.gguf", TINY, base, arch, plan, {})
+    reader = GGUFReader(tmp_path / "p.gguf")
+    assert reader.fields["general.architecture"].contents() == "deci"
+    assert reader.fields["deci.feed_forward_length"].contents() == [256, 512]
+    assert reader.fields["deci.attention.head_count_kv"].contents() == [1, 0]
+    assert reader.fields["deci.attention.head_count"].contents() == [2, 0]
+    names = {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors}
+    assert names["blk.0.ffn_down.weight"] == (256, 256) and names["blk.0.attn_k.weight"] == (256, 64)
+    assert not any(n.startswith("blk.1.attn") for n in names) and "blk.1.ffn_norm.weight" in names

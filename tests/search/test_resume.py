@@ -1,0 +1,69 @@
+"""A stopped search resumes from its storage: no finished trial lost, none logged twice."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from autosquash.cli import main
+from autosquash.track.mlflow_store import default_tracking_uri
+
+ROOT = Path(__file__).parents[2]
+SMOKE = str(ROOT / "experiments/smoke.yaml")
+pytestmark = pytest.mark.integration
+
+
+def _trials(out: Path) -> list[dict]:
+    with (out / "trials.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def _trial_runs(out: Path) -> list[int]:
+    client = MlflowClient(default_tracking_uri(out))
+    exp = client.get_experiment_by_name("smoke")
+    runs = client.search_runs([exp.experiment_id], "tags.`autosquash.role` = 'trial'")
+    parents = client.search_runs([exp.experiment_id], "tags.`autosquash.role` = 'search'")
+    assert len(parents) == 1  # a resumed search reopens its parent run
+    return sorted(int(r.data.tags["autosquash.trial"]) for r in runs)
+
+
+def test_resume_continues_to_the_total(tmp_path):
+    out = tmp_path / "run"
+    assert main(["search", SMOKE, "--trials", "3", "--out", str(out)]) == 0
+    first = {r["trial"]: r["perplexity"] for r in _trials(out)}
+    assert main(["search", SMOKE, "--trials", "3", "--out", str(out)]) == 2  # refuses to overwrite
+    assert main(["search", SMOKE, "--trials", "5", "--out", str(out), "--resume"]) == 0
+    rows = _trials(out)
+    assert len(rows) == 5 and {r["trial"]: r["perplexity"] for r in rows[:3]} == first
+    assert _trial_runs(out) == [0, 1, 2, 3, 4]
+
+
+def test_driver_killed_mid_search_resumes_without_loss(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "autosquash", "search", SMOKE, "--trials", "6", "--workers", "1", "--out", str(out)]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if (out / "trials.csv").exists() and len(_trials(out)) >= 2:
+            break
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("the search finished no two trials in time")
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+    proc.wait()
+    done_before = {r["trial"]: r["perplexity"] for r in _trials(out)}
+    assert main(["search", SMOKE, "--trials", "6", "--workers", "1", "--out", str(out), "--resume"]) == 0
+    rows = [r for r in _trials(out) if r["state"] == "COMPLETE"]
+    assert len(rows) == 6
+    after = {r["trial"]: r["perplexity"] for r in rows}
+    assert all(after[t] == p for t, p in done_before.items())  # nothing finished was lost or redone
+    numbers = _trial_runs(out)
+    assert len(numbers) == len(set(numbers))  # no trial logged twice
+    assert set(after) <= {str(n) for n in numbers}
