@@ -80,19 +80,41 @@ def _devices(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from autosquash.evaluate.proxy import reference
-    from autosquash.evaluate.texts import load_texts, token_block
     from autosquash.models.load import load_model, load_tokenizer
 
-    if args.tasks:
-        raise AutosquashError("lm-eval tasks are not implemented yet; use --text FILE for perplexity")
-    if not args.text:
-        raise AutosquashError("eval needs --text FILE (or a shipped source: wikipedia, lambada)")
+    if not (args.tasks or args.text):
+        raise AutosquashError(
+            "eval needs --tasks a,b,... (lm-eval) or --text FILE (or a shipped source: wikipedia, lambada)"
+        )
+    if args.limit is not None and args.limit < 1:
+        raise AutosquashError(f"--limit must be at least 1 example per task, got {args.limit}")
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    if args.tasks is not None and not tasks:
+        raise AutosquashError(f"--tasks {args.tasks!r} names no task")
     tok = load_tokenizer(args.model)
     model = load_model(args.model)
-    batch = token_block(tok, load_texts(args.text), args.tokens, args.seq_len)
-    result = {"perplexity": reference(model, batch, k=1).perplexity, "tokens": int(batch.numel())}
-    print(json.dumps(result) if args.json else f"perplexity {result['perplexity']:.3f} on {result['tokens']} tokens")
+    result: dict = {}
+    if tasks:
+        from autosquash.evaluate.benchmark import run_tasks
+
+        result["tasks"] = run_tasks(model, tok, tasks, args.limit)
+    if args.text:
+        from autosquash.evaluate.proxy import reference
+        from autosquash.evaluate.texts import load_texts, token_block
+
+        batch = token_block(tok, load_texts(args.text), args.tokens, args.seq_len)
+        result.update(perplexity=reference(model, batch, k=1).perplexity, tokens=int(batch.numel()))
+    result.update(model=args.model, limit=args.limit)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    if tasks:
+        from autosquash.evaluate.benchmark import format_table
+
+        limit = f"first {args.limit} examples of each task" if args.limit else "all examples"
+        print(f"{args.model}, zero-shot, {limit}\n{format_table(result['tasks'])}")
+    if args.text:
+        print(f"perplexity {result['perplexity']:.3f} on {result['tokens']} tokens")
     return 0
 
 
@@ -203,10 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="print JSON")
     d.set_defaults(fn=_devices)
 
-    v = sub.add_parser("eval", help="score a model: perplexity on a text (lm-eval tasks: not yet)")
+    from autosquash.evaluate.benchmark import SHIPPED_TASKS
+
+    v = sub.add_parser("eval", help="score a model: lm-eval tasks and/or perplexity on a text")
     v.add_argument("--model", required=True, help="shipped name, .gguf, config.json, folder or hub id")
     v.add_argument("--text", help="text file, or a shipped source: wikipedia, lambada")
-    v.add_argument("--tasks", help="comma-separated lm-eval tasks (not implemented yet)")
+    v.add_argument(
+        "--tasks",
+        help=f"comma-separated lm-eval tasks, zero-shot; offline: {', '.join(SHIPPED_TASKS)}; others need the hub",
+    )
+    v.add_argument("--limit", type=int, help="score the first N examples of each task (default: all)")
     v.add_argument("--tokens", type=int, default=4096, help="tokens to score (default 4096)")
     v.add_argument("--seq-len", type=int, default=256, help="sequence length (default 256)")
     v.add_argument("--json", action="store_true", help="print JSON")

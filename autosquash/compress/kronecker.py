@@ -13,12 +13,14 @@ from dataclasses import dataclass
 import torch
 from scipy.optimize import linear_sum_assignment
 
+KronShape = tuple[int, int, int, int]  # (m1, m2, n1, n2): A is m1 x n1, B is m2 x n2
+
 # A search step is kept only when it lowers the squared error by more than this fraction: float32 SVD noise
 # must not count as progress.
 _MIN_GAIN = 1e-6
 
 
-def kron_shape(out_features: int, in_features: int) -> tuple[int, int, int, int]:
+def kron_shape(out_features: int, in_features: int) -> KronShape:
     """(m1, m2, n1, n2) with m1·m2 = out, n1·n2 = in, each pair near its square root.
 
     m1 <= m2 and n1 >= n2, so A (m1 x n1) and B (m2 x n2) hold similar numbers of values and the rearranged
@@ -45,10 +47,11 @@ class KronFactors:
 
     @property
     def rank(self) -> int:
+        """Number of Kronecker terms r."""
         return self.a.shape[0]
 
     @property
-    def shape(self) -> tuple[int, int, int, int]:
+    def shape(self) -> KronShape:
         """(m1, m2, n1, n2)."""
         _, m1, n1 = self.a.shape
         _, m2, n2 = self.b.shape
@@ -65,6 +68,12 @@ class KronFactors:
         """Storage of the two permutations as int16 indices (m + n of them)."""
         return 2 * (self.row_perm.numel() + self.col_perm.numel())
 
+    @property
+    def macs_per_token(self) -> int:
+        """Multiply-adds of one y = W x through the factors, in the cheaper contraction order (see KronLinear)."""
+        m1, m2, n1, n2 = self.shape
+        return self.rank * min(n1 * m2 * (n2 + m1), m1 * n2 * (n1 + m2))
+
     def matrix(self) -> torch.Tensor:
         """The dense approximation of W, in W's own row and column order."""
         k = _kron_sum(self.a, self.b)
@@ -72,19 +81,19 @@ class KronFactors:
         return w if self.col_scale is None else w * self.col_scale
 
 
-def _rearrange(w: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
+def _rearrange(w: torch.Tensor, shape: KronShape) -> torch.Tensor:
     """R(W): row (i1, j1) holds the block W[i1·m2:(i1+1)·m2, j1·n2:(j1+1)·n2], flattened."""
     m1, m2, n1, n2 = shape
     return w.reshape(m1, m2, n1, n2).permute(0, 2, 1, 3).reshape(m1 * n1, m2 * n2)
 
 
 def _kron_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    r, m1, n1 = a.shape
+    _, m1, n1 = a.shape
     _, m2, n2 = b.shape
     return torch.einsum("kac,kbd->abcd", a, b).reshape(m1 * m2, n1 * n2)
 
 
-def _fit(w: torch.Tensor, rank: int, shape: tuple[int, int, int, int]) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _fit(w: torch.Tensor, rank: int, shape: KronShape) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Best Σ_k A_k ⊗ B_k of `rank` terms for `w` (rank-r SVD of R(W)), and its squared error."""
     m1, m2, n1, n2 = shape
     u, s, vh = torch.linalg.svd(_rearrange(w, shape), full_matrices=False)
@@ -104,22 +113,49 @@ def _assign_rows(w: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return p
 
 
+def _search(
+    w: torch.Tensor, ranks: tuple[int, ...], shape: KronShape, iters: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """From the identity, alternate row and column assignments with refits at each of `ranks` in turn.
+
+    Returns (row_perm, col_perm, A, B, squared error) at the last rank; a step is kept only when it lowers the error.
+    """
+    row_perm, col_perm = torch.arange(w.shape[0]), torch.arange(w.shape[1])
+    for rank in ranks:
+        a, b, err = _fit(w[row_perm][:, col_perm], rank, shape)
+        for _ in range(iters):
+            improved = False
+            for axis in (0, 1):
+                wp, k = w[row_perm][:, col_perm], _kron_sum(a, b)
+                if axis == 0:
+                    new_rows, new_cols = row_perm[_assign_rows(wp, k)], col_perm
+                else:
+                    new_rows, new_cols = row_perm, col_perm[_assign_rows(wp.T, k.T)]
+                new_a, new_b, new_err = _fit(w[new_rows][:, new_cols], rank, shape)
+                if new_err < err * (1 - _MIN_GAIN):
+                    row_perm, col_perm, a, b, err = new_rows, new_cols, new_a, new_b, new_err
+                    improved = True
+            if not improved:
+                break
+    return row_perm, col_perm, a, b, err
+
+
 def kron_factors(
     weight: torch.Tensor,
     rank: int,
-    shape: tuple[int, int, int, int] | None = None,
+    shape: KronShape | None = None,
     permute: bool = True,
-    iters: int = 4,
+    iters: int = 8,
     input_sq: torch.Tensor | None = None,
+    search_rank: int = 1,
 ) -> KronFactors:
-    """Σ_k A_k ⊗ B_k of `rank` terms approximating `weight` (out x in), optionally after permuting rows and columns.
+    """Σ_k A_k ⊗ B_k of `rank` terms approximating `weight` (out x in), after permuting its rows and columns.
 
     Factors: rank-r SVD of the Van Loan–Pitsianis rearrangement. Permutations (TQCompressor, Abronin et al., IEEE
-    MIPR 2024): alternate a linear assignment of W's rows (then columns) to the current approximation's rows
-    (columns) with a refit of the factors, keeping a step only when it lowers the error, for at most `iters` rounds.
-    With `input_sq` (E[x²] per input channel) the fit minimises the error weighted by sqrt(E[x²]) per column, as
-    ASVD does (Yuan et al., 2023); since a column scaling breaks the Kronecker structure, the layer stores it
-    (`col_scale`, n values).
+    MIPR 2024): alternating linear assignments of W's rows, then columns, to the current approximation and refits,
+    at most `iters` rounds, searched at `rank` and at `search_rank` then `rank`; the best is kept only if it beats
+    the unpermuted fit. `input_sq` (E[x²] per input channel) weights column j by sqrt(E[x_j²]) as in ASVD (Yuan et
+    al., 2023); that scaling is not Kronecker-structured, so the factors keep it as `col_scale` (n more values).
     """
     m, n = weight.shape
     shape = shape or kron_shape(m, n)
@@ -134,26 +170,19 @@ def kron_factors(
         w = w * scale
     row_perm, col_perm = torch.arange(m), torch.arange(n)
     a, b, err = _fit(w, rank, shape)
-    for _ in range(iters if permute else 0):
-        improved = False
-        for axis in (0, 1):
-            wp = w[row_perm][:, col_perm]
-            k = _kron_sum(a, b)
-            if axis == 0:
-                new_rows, new_cols = row_perm[_assign_rows(wp, k)], col_perm
-            else:
-                new_rows, new_cols = row_perm, col_perm[_assign_rows(wp.T, k.T)]
-            new_a, new_b, new_err = _fit(w[new_rows][:, new_cols], rank, shape)
-            if new_err < err * (1 - _MIN_GAIN):
-                row_perm, col_perm, a, b, err = new_rows, new_cols, new_a, new_b, new_err
-                improved = True
-        if not improved:
-            break
+    # Searched at the target rank, the assignment often returns the identity on real weights: the fit already
+    # matches each row of W best. A rank-1 fit leaves it room to regroup rows and columns (measured on SmolLM2),
+    # while a permuted exact sum of r products is recovered more often by searching at rank r.
+    schedules = [(rank,), (search_rank, rank)] if search_rank < rank else [(rank,)]
+    for ranks in schedules if permute else []:
+        rows, cols, perm_a, perm_b, perm_err = _search(w, ranks, shape, iters)
+        if perm_err < err * (1 - _MIN_GAIN):
+            row_perm, col_perm, a, b, err = rows, cols, perm_a, perm_b, perm_err
     return KronFactors(a, b, row_perm, col_perm, None if scale is None else 1 / scale)
 
 
 class KronLinear(torch.nn.Module):
-    """y = x @ W^T for W stored as Kronecker factors, without forming W (cost r·(n1·n2·m2 + n1·m2·m1) per row)."""
+    """y = x @ W^T for W stored as Kronecker factors, computed as Σ_k A_k Z B_k^T without forming W."""
 
     def __init__(self, factors: KronFactors):
         super().__init__()
@@ -161,17 +190,24 @@ class KronLinear(torch.nn.Module):
         self.in_features, self.out_features = n1 * n2, m1 * m2
         self.a = torch.nn.Parameter(factors.a.clone())
         self.b = torch.nn.Parameter(factors.b.clone())
+        scale = factors.col_scale
+        self.register_parameter("col_scale", None if scale is None else torch.nn.Parameter(scale.clone()))
         self.register_buffer("col_perm", factors.col_perm.clone())
         self.register_buffer("row_unperm", torch.argsort(factors.row_perm))
-        self.col_scale = None if factors.col_scale is None else torch.nn.Parameter(factors.col_scale.clone())
+        # Contracting B first keeps an (r, n1, m2) intermediate per token, A first an (r, m1, n2) one: take the
+        # order with fewer multiply-adds.
+        self.b_first = n1 * m2 * (n2 + m1) <= m1 * n2 * (n1 + m2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, m1, n1 = self.a.shape
         _, m2, n2 = self.b.shape
+        lead = x.shape[:-1]
         if self.col_scale is not None:
             x = x * self.col_scale
-        z = x[..., self.col_perm].reshape(*x.shape[:-1], n1, n2)
-        # (A ⊗ B) vec(Z) = vec(A Z B^T) for row-major vec, summed over the r terms.
-        zb = torch.einsum("...cd,kbd->...kcb", z, self.b)
-        y = torch.einsum("...kcb,kac->...ab", zb, self.a).reshape(*x.shape[:-1], m1 * m2)
-        return y[..., self.row_unperm]
+        # Row-major vec: (A ⊗ B) vec(Z) = vec(A Z B^T), with Z the permuted input as an (n1, n2) matrix.
+        z = x[..., self.col_perm].reshape(*lead, n1, n2)
+        if self.b_first:
+            y = torch.einsum("...kcb,kac->...ab", torch.einsum("...cd,kbd->...kcb", z, self.b), self.a)
+        else:
+            y = torch.einsum("...kad,kbd->...ab", torch.einsum("...cd,kac->...kad", z, self.a), self.b)
+        return y.reshape(*lead, m1 * m2)[..., self.row_unperm]

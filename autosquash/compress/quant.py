@@ -99,8 +99,8 @@ def _signed_max(x: Tensor) -> Tensor:
 
 def _codes(x: Tensor, scale: Tensor, lo: int, hi: int) -> Tensor:
     """Nearest grid codes clamp(round(x / scale), lo, hi), `scale` broadcast against x; 0 where it is 0."""
-    # Multiplying by a masked reciprocal keeps every full-size op a plain float op (a full-size
-    # torch.where is ~10x slower on CPU); x * 0 rounds to code 0, which every grid holds.
+    # Multiplying by a masked reciprocal keeps every full-size op a plain multiply (a full-size
+    # torch.where costs ~4x as much on CPU); x * 0 rounds to code 0, which every grid holds.
     inv = torch.where(scale != 0, 1.0 / torch.where(scale != 0, scale, 1.0), 0.0)
     return (x * inv).round_().clamp_(lo, hi)
 
@@ -151,14 +151,14 @@ def _fit_scale(x: Tensor, w: Tensor, lo: int, hi: int, iscales: Tensor) -> Tenso
     return best.squeeze(0)
 
 
-def _quantize_signed(v: Tensor, w: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
-    """Per-row f16 scale d and codes in [-nmax, nmax-1] with v ~ d * codes, weighted search.
+def _quantize_signed(v: Tensor, w: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+    """Per-row f16 scale d and codes in [lo, hi] (lo < 0) with v ~ d * codes, weighted search.
 
-    Candidates map the largest-magnitude value to about -nmax, the grid's extra negative level.
+    Candidates map the largest-magnitude value to about lo: on the grids with an extra negative level
+    (Q4_0's -8..7) that level is then used for the largest value, as llama.cpp does.
     """
-    iscales = _candidates(_signed_max(v), -(nmax + _SCALE_OFFSETS))
-    d = _f16(_fit_scale(v, w, -nmax, nmax - 1, iscales))
-    return d, _codes(v, d.unsqueeze(-1), -nmax, nmax - 1)
+    d = _f16(_fit_scale(v, w, lo, hi, _candidates(_signed_max(v), lo - _SCALE_OFFSETS)))
+    return d, _codes(v, d.unsqueeze(-1), lo, hi)
 
 
 def _quantize_nonneg(v: Tensor, w: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
@@ -223,7 +223,7 @@ def _symmetric_legacy(x: Tensor, w: Tensor | None, nmax: int) -> tuple[Tensor, T
         inv = torch.where(d == 0, 0.0, 1.0 / d)
         q = torch.trunc(x * inv.unsqueeze(-1) + (nmax + 0.5)).clamp_(0, 2 * nmax - 1)
         return d, q
-    d, q = _quantize_signed(x, w, nmax)
+    d, q = _quantize_signed(x, w, -nmax, nmax - 1)
     return d, q + nmax
 
 
@@ -248,7 +248,8 @@ def _encode_q8_0(x: Tensor, w: Tensor | None) -> Tensor:
         inv = torch.where(d == 0, 0.0, 1.0 / d)
         q = _round_half_away(x * inv.unsqueeze(-1))
     else:
-        d, q = _quantize_signed(x, w, 128)
+        # The reference's symmetric -127..127: some int8 dot-product kernels assume -128 never occurs.
+        d, q = _quantize_signed(x, w, -127, 127)
     return torch.cat([_f16_bytes(d), q.to(torch.int8).view(torch.uint8)], dim=-1)
 
 
@@ -347,10 +348,10 @@ def _symmetric_k(x: Tensor, w: Tensor, nmax: int, scale_nmax: int) -> tuple[Tens
     n = x.shape[0]
     xs, ws = x.view(n, -1, 16), w.view(n, -1, 16)
     flat = xs.reshape(-1, 16)
-    iscales = _candidates(_signed_max(flat), -(nmax + _SCALE_OFFSETS))
+    iscales = _candidates(_signed_max(flat), -nmax - _SCALE_OFFSETS)
     scale = _fit_scale(flat, ws.reshape(-1, 16), -nmax, nmax - 1, iscales).view(n, -1)
     q = _codes(xs, scale.unsqueeze(-1), -nmax, nmax - 1)
-    d, sc = _quantize_signed(scale, (ws * q * q).sum(-1), scale_nmax)
+    d, sc = _quantize_signed(scale, (ws * q * q).sum(-1), -scale_nmax, scale_nmax - 1)
     q = _codes(xs, (d.unsqueeze(-1) * sc).unsqueeze(-1), -nmax, nmax - 1)
     return d, sc, q.view(n, -1)
 

@@ -33,6 +33,7 @@ from autosquash.search.front import pareto_indices
 from autosquash.search.runner import TrialContext, run_trial
 from autosquash.search.space import SearchSpace
 from autosquash.track.mlflow_store import ORIGIN, SearchTracker, default_tracking_uri
+from autosquash.track.plots import front_html, front_png
 from autosquash.yaml_io import dump_yaml_model
 
 # Columns of trials.csv and pareto.csv; `plan` is the trial's plan file, relative to the output folder.
@@ -245,8 +246,13 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
         ray.shutdown()
     rows, front = write_tables(study, exp, out)
     tracker.mark_front({int(r["trial"]) for r in front})
+    title = f"{exp.name}: {exp.quality_objective} against memory on {exp.device}"
+    limit_mb = ctx.device.app_memory_fraction * ctx.device.dram_bytes / 1e6
+    front_png(rows, front, exp.quality_objective, limit_mb, title, out / "pareto.png")
+    front_html(rows, front, exp.quality_objective, limit_mb, title, out / "pareto.html")
     tracker.log_search_artifacts(
-        [out / "trials.csv", out / "pareto.csv"], {"trials_finished": len(rows), "front_size": len(front)}
+        [out / f for f in ("trials.csv", "pareto.csv", "pareto.png", "pareto.html")],
+        {"trials_finished": len(rows), "front_size": len(front)},
     )
     tracker.finish()
     return front

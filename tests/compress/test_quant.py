@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import gguf.quants
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ GGUF_WRITES = ("F32", "F16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "TQ2_0", "T
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
+def _one_thread() -> Iterator[None]:
     """Pin torch to one thread here: the quantizer issues hundreds of mid-sized ops per chunk, and on a shared
     CI machine OpenMP barriers between two contended threads made this module 20x slower (1 s vs 22 s)."""
     threads = torch.get_num_threads()
@@ -157,3 +159,28 @@ def test_weights_on_the_grid_come_back_unchanged(type_name: str) -> None:
     on_grid = fake_quantize(_weight(), type_name)
     assert torch.equal(fake_quantize(on_grid, type_name), on_grid)
     assert torch.equal(fake_quantize(on_grid, type_name, _skewed_importance(512)), on_grid)
+
+
+def test_q8_0_keeps_the_reference_symmetric_range() -> None:
+    # llama.cpp's Q8_0 never stores -128 and some int8 dot-product kernels rely on it.
+    for imp in (None, _skewed_importance(512)):
+        codes = quantize(_weight(), "Q8_0", imp).data.reshape(-1, 34)[:, 2:].view(np.int8)
+        assert codes.min() >= -127
+
+
+def test_gguf_file_round_trip(tmp_path) -> None:
+    # What GGUFWriter stores and GGUFReader hands back is exactly our bytes, with the logical shape.
+    path = tmp_path / "q.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    tensors = {t: quantize(_weight(8, 256), t) for t in ("F16", "Q4_K", "Q3_K", "TQ1_0", "Q5_1")}
+    for name, q in tensors.items():
+        writer.add_tensor(name, q.data, raw_dtype=GGMLQuantizationType[q.type])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    for t in gguf.GGUFReader(str(path)).tensors:
+        q = tensors[t.name]
+        assert t.tensor_type == GGMLQuantizationType[q.type]
+        assert tuple(int(d) for d in reversed(t.shape)) == q.shape  # GGUF lists dims innermost first
+        np.testing.assert_array_equal(np.asarray(t.data).view(np.uint8).reshape(q.data.shape), q.data)

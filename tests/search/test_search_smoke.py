@@ -57,4 +57,4 @@ def test_mlflow_has_a_parent_and_six_nested_trials(smoke_run):
     )
     assert any(a.path.endswith(".yaml") for a in client.list_artifacts(t.info.run_id))
     assert {r.data.tags["autosquash.pareto"] for r in trials} <= {"true", "false"}
-    assert {a.path for a in client.list_artifacts(parent)} >= {"trials.csv", "pareto.csv"}
+    assert {a.path for a in client.list_artifacts(parent)} >= {"trials.csv", "pareto.csv", "pareto.png", "pareto.html"}

