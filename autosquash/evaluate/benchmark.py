@@ -84,6 +84,22 @@ def _env(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def _offline() -> Iterator[None]:
+    """The Hugging Face offline switches: any hub request in between raises instead of downloading."""
+    import datasets
+    from huggingface_hub import constants as hub
+
+    # The libraries parse the variables once, at import: set the parsed values as well.
+    saved = hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        with _env(OFFLINE_ENV):
+            yield
+    finally:
+        hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
+
+
 def _load_tasks(shipped: Any, names: list[str]) -> list[Any]:
     """lm-eval Task objects: the shipped ones from the `shipped` TaskManager, the rest from lm-eval's own index."""
     from lm_eval.tasks import TaskManager
@@ -134,8 +150,8 @@ def run_tasks(
 
     if not tasks:
         raise AutosquashError("no lm-eval task given")
-    offline = OFFLINE_ENV if all(t in SHIPPED_TASKS for t in tasks) else {}
-    with _quiet(), _env(NO_POOL_ENV | offline):
+    offline = _offline() if all(t in SHIPPED_TASKS for t in tasks) else contextlib.nullcontext()
+    with _quiet(), _env(NO_POOL_ENV), offline:
         # Indexes only the shipped YAMLs; simple_evaluate would otherwise index all of lm-eval's again.
         shipped = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
         task_objects = _load_tasks(shipped, list(dict.fromkeys(tasks)))

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 
 from autosquash.errors import AutosquashError
 from autosquash.models.arch import Arch
@@ -114,7 +115,7 @@ def load_config(src: ModelSource) -> Any:
                 data = json.loads(Path(src.location, src.gguf_file or "config.json").read_text())
                 return AutoConfig.for_model(**data)
             return AutoConfig.from_pretrained(src.location, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as e:
         if src.kind == "hub":
             raise _hub_error(src.location, e) from None
         raise AutosquashError(f"cannot read the config of {src.location}: {str(e).splitlines()[0]}") from None

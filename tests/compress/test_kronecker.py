@@ -1,3 +1,5 @@
+from itertools import pairwise
+
 import pytest
 import torch
 
@@ -52,7 +54,7 @@ def test_exact_sum_of_kronecker_products_is_recovered(rank):
 def test_permuted_kronecker_product_is_recovered(rank, seed):
     # The search is local (assignments against the current fit), so it undoes a partial scramble: here 30 % of the
     # rows and of the columns trade places. Measured: 20/20 seeds recovered at this size and rank 1-3; a full
-    # random scramble of both sides is not recovered (0/30 from 4x4 (x) 4x4 to 16x24 (x) 24x16).
+    # random scramble of both sides is rarely recovered (1 of 34 tries from 4x4 (x) 4x4 to 16x24 (x) 24x16).
     shape = (8, 8, 8, 8)
     a, b = _random_factors(rank, shape, seed)
     g = torch.Generator().manual_seed(100 + seed)
@@ -65,9 +67,10 @@ def test_permuted_kronecker_product_is_recovered(rank, seed):
 def test_error_decreases_with_rank():
     w = torch.randn(48, 40, generator=torch.Generator().manual_seed(0))
     shape = kron_shape(48, 40)
-    plain = [_rel_error(kron_factors(w, r, shape, permute=False), w) for r in (1, 2, 4, 8, 16, 30)]
-    assert all(x > y for x, y in zip(plain, plain[1:], strict=False))
-    assert plain[-1] < 1e-5  # rank 30 = min(m1·n1, m2·n2) is the full rearranged matrix
+    assert shape == (6, 8, 8, 5)
+    plain = [_rel_error(kron_factors(w, r, shape, permute=False), w) for r in (1, 2, 4, 8, 16, 40)]
+    assert all(x > y for x, y in pairwise(plain))
+    assert plain[-1] < EXACT  # rank 40 = min(m1·n1, m2·n2) keeps the whole rearranged matrix
     # Permutations are kept only when they lower the error, so they never do worse than the plain fit.
     for r, e in zip((1, 2, 4), plain, strict=False):
         assert _rel_error(kron_factors(w, r, shape), w) <= e + 1e-6
@@ -89,14 +92,14 @@ def test_kron_linear_matches_dense_product(shape, scaled):
 
 
 def test_parameter_and_index_counts():
-    w = torch.randn(1536, 576, generator=torch.Generator().manual_seed(0))
-    f = kron_factors(w, 5, permute=False)
-    m1, m2, n1, n2 = f.shape
-    assert f.n_params == 5 * (m1 * n1 + m2 * n2) == 5 * (32 * 24 + 48 * 24)
-    assert f.index_bytes == 2 * (1536 + 576)
-    assert f.macs_per_token == 5 * min(n1 * m2 * (n2 + m1), m1 * n2 * (n1 + m2))
-    aware = kron_factors(w, 5, permute=False, input_sq=torch.ones(576))
-    assert aware.n_params == f.n_params + 576  # the stored column scale
+    w = torch.randn(48, 40, generator=torch.Generator().manual_seed(0))
+    f = kron_factors(w, 5)
+    assert f.shape == (6, 8, 8, 5)
+    assert f.n_params == 5 * (6 * 8 + 8 * 5)
+    assert f.index_bytes == 2 * (48 + 40)
+    assert f.macs_per_token == 5 * min(8 * 8 * (5 + 6), 6 * 5 * (8 + 8))
+    aware = kron_factors(w, 5, input_sq=torch.ones(40))
+    assert aware.n_params == f.n_params + 40  # the stored column scale
 
 
 def test_activation_aware_fit_recovers_column_scaled_product():

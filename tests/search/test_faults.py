@@ -1,0 +1,106 @@
+"""Faults a search survives: a trial that fails is recorded with its reason; a killed worker is retried."""
+
+import csv
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from transformers import LlamaForCausalLM
+
+from autosquash.cli import main
+from autosquash.models.load import load_model, load_tokenizer
+from autosquash.track.mlflow_store import default_tracking_uri
+
+ROOT = Path(__file__).parents[2]
+pytestmark = pytest.mark.integration
+
+
+def _rows(out: Path) -> list[dict]:
+    with (out / "trials.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def _experiment(tmp_path: Path, model: str, space: dict, trials: int, workers: int = 1) -> Path:
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    exp = {
+        "name": "faults",
+        "model": model,
+        "device": "iphone-16",
+        "search_space": "space.yaml",
+        "objectives": ["perplexity", "memory"],
+        "trials": trials,
+        "workers": workers,
+        "context_tokens": 512,
+        "calibration": {"source": "wikipedia", "tokens": 256, "seq_len": 128},
+        "evaluation": {"source": "lambada", "tokens": 256, "seq_len": 128},
+        "topk": 8,
+        "heal": {"steps": 0},
+    }
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp))
+    return tmp_path / "exp.yaml"
+
+
+def test_failing_trial_is_recorded_with_its_reason(tmp_path):
+    # Weights above F16's range (65504): an F16 plan overflows to inf and its perplexity is not finite.
+    model: LlamaForCausalLM = load_model(str(ROOT / "experiments/tiny-llama.json"))
+    with torch.no_grad():
+        for p in model.model.layers.parameters():
+            if p.dim() == 2:
+                p.mul_(1e6)
+    model.save_pretrained(tmp_path / "huge")
+    load_tokenizer("smollm2-135m").save_pretrained(tmp_path / "huge")
+    space = {
+        "name": "overflow",
+        "target": "torch",
+        "attn": {"quant": ["Q8_0", "F16"]},
+        "ffn": {"quant": ["Q8_0", "F16"]},
+        "baselines": ["F16", "Q8_0"],
+    }
+    out = tmp_path / "out"
+    assert main(["search", str(_experiment(tmp_path, str(tmp_path / "huge"), space, 2)), "--out", str(out)]) == 0
+    rows = _rows(out)
+    assert [r["state"] for r in rows] == ["FAIL", "COMPLETE"]  # the F16 baseline fails, Q8_0 does not
+    assert "not finite" in rows[0]["error"]
+    client = MlflowClient(default_tracking_uri(out))
+    runs = client.search_runs([client.get_experiment_by_name("faults").experiment_id], "tags.`autosquash.trial` = '0'")
+    assert runs[0].info.status == "FAILED" and "not finite" in runs[0].data.tags["autosquash.error"]
+    front = list(csv.DictReader((out / "pareto.csv").open()))
+    assert [r["trial"] for r in front] == ["1"]  # a failed trial never reaches the front
+
+
+def test_killed_worker_is_retried_and_the_search_finishes(tmp_path):
+    space = {
+        "name": "small",
+        "target": "gguf",
+        "attn": {"quant": ["Q8_0", "Q4_0"]},
+        "ffn": {"quant": ["Q8_0", "Q4_0"]},
+        "baselines": ["Q8_0"],
+    }
+    exp = _experiment(tmp_path, str(ROOT / "experiments/tiny-llama.json"), space, 4)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "autosquash", "search", str(exp), "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    killed = None
+    deadline = time.monotonic() + 180
+    while killed is None and time.monotonic() < deadline and proc.poll() is None:
+        for p in psutil.process_iter(["cmdline"]):
+            if p.info["cmdline"] and p.info["cmdline"][0].startswith("ray::run_trial"):
+                p.kill()  # mid-trial: the task is lost with its worker process
+                killed = p.pid
+                break
+        time.sleep(0.2)
+    output, _ = proc.communicate(timeout=300)
+    assert killed is not None, "no worker was seen running a trial"
+    assert proc.returncode == 0, output[-2000:]
+    rows = _rows(out)
+    assert len(rows) == 4 and all(r["state"] == "COMPLETE" for r in rows)
