@@ -303,19 +303,14 @@ def _loop(
         (ref,), _ = ray.wait(list(pending), num_returns=1)
         trial, plan = pending.pop(ref)
         try:
-            result, error = ray.get(ref), None
+            raw, worker = ray.get(ref)
+            metrics, error = {**raw, **_metrics_row(raw)}, None
+            trial.set_user_attr("worker", worker)
         except Exception as e:  # a raising trial is a failed trial, recorded with its reason
-            result, error = None, _reason(e)
-        _record(study, trial, plan, result, error, exp, tracker, opts.out_dir)
-        rows, front = write_tables(study, exp, opts.out_dir)
-        progress.trial(
-            _finished(study),
-            trial.number,
-            trial.user_attrs["origin"],
-            None if result is None else {**result, **_metrics_row(result)},
-            error,
-            len(front),
-        )
+            metrics, error = None, _reason(e)
+        _record(study, trial, plan, metrics, error, exp, tracker, opts.out_dir)
+        _, front = write_tables(study, exp, opts.out_dir)
+        progress.trial(_finished(study), trial.number, trial.user_attrs["origin"], metrics, error, len(front))
 
 
 def _reason(e: Exception) -> str:
@@ -323,9 +318,11 @@ def _reason(e: Exception) -> str:
     return f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"[:300]
 
 
-def _record(study, trial, plan: Plan, result, error, exp: Experiment, tracker: SearchTracker, out: Path) -> None:
+def _record(study, trial, plan: Plan, metrics, error, exp: Experiment, tracker: SearchTracker, out: Path) -> None:
+    """Store a finished trial: user attributes and MLflow run first, then tell, so a crash in between
+    is settled on resume from what was stored."""
     origin = trial.user_attrs["origin"]
-    if result is None:
+    if metrics is None:
         trial.set_user_attr("error", error)
         tracker.log_trial(
             trial.number,
@@ -337,8 +334,6 @@ def _record(study, trial, plan: Plan, result, error, exp: Experiment, tracker: S
         )
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         return
-    derived = _metrics_row(result)
-    metrics = {**result, **derived}
     for k in (
         "perplexity",
         "kl",
@@ -350,13 +345,12 @@ def _record(study, trial, plan: Plan, result, error, exp: Experiment, tracker: S
         "constraint_mb",
     ):
         trial.set_user_attr(k, round(float(metrics[k]), 6))
-    trial.set_user_attr("bits_per_weight", round(float(result["bits_per_weight"]), 4))
-    trial.set_user_attr("fits", bool(result["fits"]))
+    trial.set_user_attr("bits_per_weight", round(float(metrics["bits_per_weight"]), 4))
+    trial.set_user_attr("fits", bool(metrics["fits"]))
     # Feasible when <= 0: a plan that does not fit the phone stays visible but off the front.
-    trial.set_constraint("memory_over_limit_mb", float(derived["constraint_mb"]))
-    tracker.log_trial(
-        trial.number, plan.flat_params(), metrics, {ORIGIN: origin}, out / trial.user_attrs["plan"], failed=False
-    )
+    trial.set_constraint("memory_over_limit_mb", float(metrics["constraint_mb"]))
+    tags = {ORIGIN: origin, "autosquash.worker": trial.user_attrs["worker"]}
+    tracker.log_trial(trial.number, plan.flat_params(), metrics, tags, out / trial.user_attrs["plan"], failed=False)
     values = [float(metrics[OBJECTIVE_METRIC[o]]) for o in exp.objectives]
     if not all(math.isfinite(v) for v in values):
         study.tell(trial, state=optuna.trial.TrialState.FAIL)

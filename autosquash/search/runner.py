@@ -72,8 +72,11 @@ def evaluate_plan(ctx: TrialContext, plan: Plan, seed: int, cache: VariantCache 
     return out
 
 
-def run_trial(ctx_ref_box: list, plan_data: dict, seed: int) -> dict[str, float]:
-    """Ray task body. `ctx_ref_box` wraps the context's ObjectRef so Ray does not resolve it per task."""
+def run_trial(ctx_ref_box: list, plan_data: dict, seed: int) -> tuple[dict[str, float], str]:
+    """Ray task body: the trial's metrics and the worker (node/pid) that ran it.
+
+    `ctx_ref_box` wraps the context's ObjectRef so that Ray does not resolve it for every task.
+    """
     import warnings
 
     import ray
@@ -86,5 +89,4 @@ def run_trial(ctx_ref_box: list, plan_data: dict, seed: int) -> dict[str, float]
         torch.set_num_threads(ctx.threads_per_worker)
         _WORKER.update(ref_hex=ctx_ref.hex(), ctx=ctx, cache=VariantCache())
     result = evaluate_plan(_WORKER["ctx"], Plan.model_validate(plan_data), seed, _WORKER["cache"])
-    result["worker_pid"] = float(os.getpid())
-    return result
+    return result, f"{ray.get_runtime_context().get_node_id()[:12]}/{os.getpid()}"
