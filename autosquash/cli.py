@@ -9,7 +9,6 @@ from pathlib import Path
 
 from autosquash.errors import AutosquashError
 
-NOT_YET = {"pull": "pulling registered models is not implemented yet (nothing is registered yet)"}
 CACHE_DIR = Path.home() / ".cache" / "autosquash"
 
 
@@ -131,8 +130,8 @@ def _export(args: argparse.Namespace) -> int:
 
     if args.format != "gguf":
         raise AutosquashError("--format torch is not implemented yet; GGUF is")
-    if args.register:
-        raise AutosquashError("--register (MLflow model registry) is not implemented yet")
+    if args.register and not args.run:
+        raise AutosquashError("--register needs --run DIR --trial N: a model version links to its trial's run")
     if args.run:
         run = Path(args.run)
         if args.trial is None:
@@ -160,6 +159,55 @@ def _export(args: argparse.Namespace) -> int:
     size = Path(args.out).stat().st_size
     types = ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
     print(f"wrote {args.out}: {size / 1e6:.1f} MB, tensors: {types}")
+    if args.register:
+        _register(args, exp, plan_file)
+    return 0
+
+
+def _register(args: argparse.Namespace, exp, plan_file: Path) -> None:
+    from autosquash.track.mlflow_store import find_trial_run
+    from autosquash.track.registry import register
+
+    run = Path(args.run)
+    tracking_uri = (run / "tracking_uri.txt").read_text().strip()
+    trial_run = find_trial_run(tracking_uri, exp.name, args.trial)
+    if trial_run is None:
+        raise AutosquashError(f"the MLflow store of {run} holds no run of trial {args.trial}")
+    metrics = trial_run.data.metrics
+    tags = {
+        k: f"{metrics[k]:.6g}"
+        for k in (
+            "perplexity",
+            "kl",
+            "peak_memory_bytes",
+            "energy_j_per_token",
+            "decode_tokens_per_s",
+            "bits_per_weight",
+        )
+        if k in metrics
+    }
+    tags.update(
+        {
+            "device": exp.device,
+            "model": exp.model,
+            "search": exp.name,
+            "trial": str(args.trial),
+            "plan": plan_file.read_text()[:5000],
+            "format": args.format,
+        }
+    )
+    version = register(tracking_uri, args.register, [Path(args.out), plan_file], trial_run.info.run_id, tags)
+    print(
+        f"registered {args.register} version {version}; pull it with: autosquash pull models:/{args.register}/"
+        f"{version} --out DIR"
+    )
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from autosquash.track.registry import pull
+
+    files = pull(args.model_uri, Path(args.out), args.tracking_uri)
+    print(f"pulled {args.model_uri} into {args.out}: {', '.join(f.name for f in files)}")
     return 0
 
 
@@ -188,10 +236,6 @@ def _ui(args: argparse.Namespace) -> int:
         return subprocess.call(cmd)
     except KeyboardInterrupt:
         return 0
-
-
-def _not_yet(args: argparse.Namespace) -> int:
-    raise AutosquashError(f"{args.command}: {NOT_YET[args.command]}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,10 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--uniform", help="one GGUF type for every linear weight and the embeddings")
     x.add_argument("--out", required=True, help="output file, e.g. model.gguf")
     x.add_argument("--format", choices=("gguf", "torch"), default="gguf", help="gguf (default); torch: not yet")
-    x.add_argument("--register", help="register in the MLflow model registry under NAME (not yet)")
+    x.add_argument("--register", metavar="NAME", help="register the file as a new version of model NAME (with --run)")
     x.set_defaults(fn=_export)
-    u = sub.add_parser("pull", help="fetch a registered model for deployment (not implemented yet)")
-    u.set_defaults(fn=_not_yet)
+    u = sub.add_parser("pull", help="fetch a registered model (GGUF and its plan) for deployment")
+    u.add_argument("model_uri", help="models:/NAME/VERSION or models:/NAME@ALIAS")
+    u.add_argument("--out", required=True, help="folder to download into")
+    u.add_argument("--tracking-uri", help="MLflow store holding the registry (default: where it was registered)")
+    u.set_defaults(fn=_pull)
 
     w = sub.add_parser("ui", help="open the MLflow UI on a search's results")
     w.add_argument("--out", default="runs", help="the search's output folder")

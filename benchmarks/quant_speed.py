@@ -48,8 +48,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
-    header = (f"{'shape':>9} {'type':>6} {'bpw':>6} | {'ours err':>8} {'ours s':>7} | {'imp err':>8} {'imp s':>7} | "
-              f"{'gguf err':>8} {'gguf s':>7} | {'ours/imp s per 106M':>19}")
+    header = (
+        f"{'shape':>9} {'type':>6} {'bpw':>6} | {'ours err':>8} {'ours s':>7} | {'imp err':>8} {'imp s':>7} | "
+        f"{'gguf err':>8} {'gguf s':>7} | {'ours/imp s per 106M':>19}"
+    )
     print(f"torch threads: {torch.get_num_threads()}, best of {args.repeat}")
     print(header)
     print("-" * len(header))
@@ -71,9 +73,11 @@ def main() -> None:
                 gguf_time = f"{gguf_s:7.3f}"
             except NotImplementedError:
                 gguf_err, gguf_time = f"{'-':>8}", f"{'-':>7}"
-            print(f"{rows:>4}x{cols:<4} {name:>6} {t.bits_per_weight:6.3f} | {ours_err:8.5f} {ours_s:7.3f} | "
-                  f"{imp_err:8.5f} {imp_s:7.3f} | {gguf_err} {gguf_time} | "
-                  f"{ours_s * scale_to_model:8.1f} / {imp_s * scale_to_model:8.1f}")
+            print(
+                f"{rows:>4}x{cols:<4} {name:>6} {t.bits_per_weight:6.3f} | {ours_err:8.5f} {ours_s:7.3f} | "
+                f"{imp_err:8.5f} {imp_s:7.3f} | {gguf_err} {gguf_time} | "
+                f"{ours_s * scale_to_model:8.1f} / {imp_s * scale_to_model:8.1f}"
+            )
 
 
 if __name__ == "__main__":

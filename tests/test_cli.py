@@ -28,7 +28,9 @@ def _run(capsys, *argv) -> tuple[int, str, str]:
             ["estimate", "--model", "experiments/tiny-llama.json", "--device", "iphone-16", "--uniform", "Q9_0"],
             "unknown GGUF tensor type",
         ),
-        (["export"], "not implemented yet"),
+        (["export", "--out", "x.gguf"], "export needs --run DIR --trial N"),
+        (["export", "--model", "m", "--uniform", "Q4_0", "--out", "x", "--register", "n"], "--register needs --run"),
+        (["pull", "not-a-uri", "--out", "x"], "is not a model URI"),
     ],
 )
 def test_bad_input_is_one_line(capsys, monkeypatch, argv, message):

@@ -16,7 +16,8 @@ from functools import partial
 import torch
 
 from autosquash.compress.calibrate import Stats
-from autosquash.compress.gguf_types import legal_type
+from autosquash.compress.gguf_types import legal_type, legal_type_or_f16
+from autosquash.compress.kronecker import KronFactors, KronLinear, kron_factors
 from autosquash.compress.lowrank import LowRankLinear, svd_factors
 from autosquash.compress.plan import (
     ATTN_LINEARS,
@@ -25,13 +26,23 @@ from autosquash.compress.plan import (
     factor_rank,
     kept_ffn_channels,
     kept_kv_heads,
+    kron_terms,
 )
 from autosquash.compress.prune import input_channel_importance, keep_channels, kv_group_importance
 from autosquash.compress.quant import QuantizedTensor, dequantize, quantize
 from autosquash.models.arch import Arch
 
-# A compressed weight: its GGUF bytes and the float32 weights they decode to.
+# A compressed weight: its GGUF bytes and the float32 weights they decode to (two pairs for SVD factors).
 Variant = tuple[tuple[QuantizedTensor, torch.Tensor], ...]
+
+
+@dataclass(frozen=True)
+class KronVariant:
+    """A linear as permuted Kronecker factors: A and B quantized (one row per term), the rest exact."""
+
+    a: tuple[QuantizedTensor, torch.Tensor]
+    b: tuple[QuantizedTensor, torch.Tensor]
+    factors: KronFactors  # with the dequantized A and B: what the trial evaluates
 
 
 @dataclass
@@ -47,7 +58,9 @@ class VariantCache:
         self._bytes = 0
 
     @staticmethod
-    def _size(value: tuple) -> int:
+    def _size(value) -> int:
+        if isinstance(value, KronVariant):
+            return value.a[0].data.nbytes + value.b[0].data.nbytes + 2 * (value.a[1].numel() + value.b[1].numel()) * 4
         size = 0
         for item in value:
             parts = item if isinstance(item, tuple) else (item,)
@@ -72,7 +85,7 @@ class VariantCache:
 
 
 def _quantized(weight: torch.Tensor, quant: str, input_sq: torch.Tensor | None) -> tuple[QuantizedTensor, torch.Tensor]:
-    q = quantize(weight, legal_type(quant, weight.shape[1]), input_sq)
+    q = quantize(weight, legal_type_or_f16(quant, weight.shape[1]), input_sq)
     return q, dequantize(q)
 
 
@@ -82,6 +95,16 @@ def _compress_linear(weight: torch.Tensor, quant: str, rank: int, input_sq: torc
         return (_quantized(weight, quant, input_sq),)
     a, b = svd_factors(weight, rank, input_sq)
     return _quantized(a, quant, input_sq), _quantized(b, quant, None)
+
+
+def _compress_kron(weight: torch.Tensor, quant: str, terms: int, input_sq: torch.Tensor | None) -> KronVariant:
+    """Permuted Kronecker factors of one linear (activation-aware), then A and B on their GGUF grid."""
+    sq = input_sq if input_sq is not None else torch.ones(weight.shape[1])
+    f = kron_factors(weight, terms, input_sq=sq)
+    a = _quantized(f.a.reshape(terms, -1), legal_type_or_f16(quant, f.a[0].numel()), None)
+    b = _quantized(f.b.reshape(terms, -1), legal_type_or_f16(quant, f.b[0].numel()), None)
+    deq = KronFactors(a[1].reshape(f.a.shape), b[1].reshape(f.b.shape), f.row_perm, f.col_perm, f.col_scale)
+    return KronVariant(a, b, deq)
 
 
 def _ffn_keep(down_weight: torch.Tensor, down_sq: torch.Tensor | None, keep: int) -> tuple[torch.Tensor]:
@@ -142,10 +165,14 @@ def quantized_tensors(
                 if cols is not None:
                     w = w[:, cols]
                     input_sq = input_sq[cols] if input_sq is not None else None
-                rank = factor_rank(w.shape[0], w.shape[1], choice.rank_ratio)
                 quant = choice.quant_for(gguf_name)
-                key = (i, gguf_name, tuple(w.shape), rank, legal_type(quant, w.shape[1]))
-                variant = cache.get(key, partial(_compress_linear, w, quant, rank, input_sq))
+                terms = kron_terms(w.shape[0], w.shape[1], choice.kron_rank)
+                rank = factor_rank(w.shape[0], w.shape[1], choice.rank_ratio)
+                key = (i, gguf_name, tuple(w.shape), rank, terms, legal_type_or_f16(quant, w.shape[1]))
+                if terms:
+                    variant = cache.get(key, partial(_compress_kron, w, quant, terms, input_sq))
+                else:
+                    variant = cache.get(key, partial(_compress_linear, w, quant, rank, input_sq))
                 yield f"blk.{i}.{gguf_name}", f"model.layers.{i}.{path}", variant
     embed_type = legal_type(plan.embed_quant, arch.hidden_size)
     emb = base.model.embed_tokens.weight.data
@@ -174,7 +201,9 @@ class RemovedMLP(torch.nn.Module):
         return torch.zeros_like(hidden_states)
 
 
-def _linear_from(variant: Variant) -> torch.nn.Module:
+def _linear_from(variant: Variant | KronVariant) -> torch.nn.Module:
+    if isinstance(variant, KronVariant):
+        return KronLinear(variant.factors)
     if len(variant) == 2:
         return LowRankLinear(variant[0][1].clone(), variant[1][1].clone())
     w = variant[0][1]

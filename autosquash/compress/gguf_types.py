@@ -101,3 +101,11 @@ def legal_type(name: str, row_length: int) -> str:
     if fallback is None or not tensor_type(fallback).fits_row(row_length):
         raise AutosquashError(f"no legal GGUF type for a row of {row_length} values (asked for {t.name})")
     return fallback
+
+
+def legal_type_or_f16(name: str, row_length: int) -> str:
+    """`legal_type`, or F16 for rows no quantized type fits (short Kronecker factor rows, say)."""
+    try:
+        return legal_type(name, row_length)
+    except AutosquashError:
+        return "F16"

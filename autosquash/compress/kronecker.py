@@ -31,6 +31,12 @@ def kron_shape(out_features: int, in_features: int) -> KronShape:
     return m1, out_features // m1, in_features // n2, n2
 
 
+def kron_macs(shape: KronShape, rank: int) -> int:
+    """Multiply-adds of one y = W x through `rank` Kronecker terms, in the cheaper contraction order."""
+    m1, m2, n1, n2 = shape
+    return rank * min(n1 * m2 * (n2 + m1), m1 * n2 * (n1 + m2))
+
+
 @dataclass(frozen=True)
 class KronFactors:
     """W ≈ (Σ_k A_k ⊗ B_k)[inverse row_perm][:, inverse col_perm] · diag(col_scale).
@@ -71,8 +77,7 @@ class KronFactors:
     @property
     def macs_per_token(self) -> int:
         """Multiply-adds of one y = W x through the factors, in the cheaper contraction order (see KronLinear)."""
-        m1, m2, n1, n2 = self.shape
-        return self.rank * min(n1 * m2 * (n2 + m1), m1 * n2 * (n1 + m2))
+        return kron_macs(self.shape, self.rank)
 
     def matrix(self) -> torch.Tensor:
         """The dense approximation of W, in W's own row and column order."""

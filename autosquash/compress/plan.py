@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from autosquash.compress.gguf_types import legal_type, tensor_type
+from autosquash.compress.gguf_types import legal_type, legal_type_or_f16, tensor_type
+from autosquash.compress.kronecker import kron_macs, kron_shape
 from autosquash.models.arch import Arch
 
 Target = Literal["gguf", "torch"]
@@ -39,6 +40,8 @@ class LayerChoice(BaseModel):
     # Share of KV-head groups kept, each with its query heads (0 removes the block's attention).
     attn_keep_ratio: float = Field(1.0, ge=0.0, le=1.0)
     rank_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    # Terms of a permuted Kronecker decomposition (TQCompressor) of each linear; 0 = none.
+    kron_rank: int = Field(0, ge=0)
     # Per-tensor exceptions to `quant`, by GGUF short name, e.g. {"attn_v": "Q6_K"} as in Q4_K_M.
     tensor_quant: dict[str, str] = Field(default_factory=dict)
 
@@ -55,6 +58,12 @@ class LayerChoice(BaseModel):
             if name not in known:
                 raise ValueError(f"unknown tensor {name!r}; expected one of {', '.join(sorted(known))}")
         return {k: tensor_type(t).name for k, t in v.items()}
+
+    @model_validator(mode="after")
+    def _one_decomposition(self) -> LayerChoice:
+        if self.rank_ratio > 0 and self.kron_rank > 0:
+            raise ValueError("choose rank_ratio (SVD) or kron_rank (Kronecker), not both")
+        return self
 
     def quant_for(self, tensor: str) -> str:
         """The GGUF type asked for tensor `tensor` (a short name such as 'attn_v')."""
@@ -147,13 +156,35 @@ def factor_rank(out_features: int, in_features: int, rank_ratio: float) -> int:
     return r if r * (out_features + in_features) < out_features * in_features else 0
 
 
+def kron_terms(out_features: int, in_features: int, kron_rank: int) -> int:
+    """Kronecker terms actually used: 0 when none is asked for or the factors would not save storage."""
+    if kron_rank <= 0:
+        return 0
+    m1, m2, n1, n2 = kron_shape(out_features, in_features)
+    r = min(kron_rank, m1 * n1, m2 * n2)
+    return r if r * (m1 * n1 + m2 * n2) < out_features * in_features else 0
+
+
+def _kron_linear(name: str, out_f: int, in_f: int, quant: str, r: int) -> list[TensorSpec]:
+    m1, m2, n1, n2 = kron_shape(out_f, in_f)
+    macs = kron_macs((m1, m2, n1, n2), r)
+    # Factors are stored flattened, one row per term, so their rows hold whole quantization blocks.
+    return [
+        TensorSpec(f"{name}.kron_a", (r, m1 * n1), legal_type_or_f16(quant, m1 * n1), macs),
+        TensorSpec(f"{name}.kron_b", (r, m2 * n2), legal_type_or_f16(quant, m2 * n2), 0),
+        TensorSpec(f"{name}.row_perm", (out_f,), "I16", 0),
+        TensorSpec(f"{name}.col_perm", (in_f,), "I16", 0),
+        TensorSpec(f"{name}.col_scale", (in_f,), "F32", in_f),
+    ]
+
+
 def _linear(name: str, out_f: int, in_f: int, quant: str, rank: int) -> list[TensorSpec]:
     if rank == 0:
-        return [TensorSpec(f"{name}.weight", (out_f, in_f), legal_type(quant, in_f), out_f * in_f)]
+        return [TensorSpec(f"{name}.weight", (out_f, in_f), legal_type_or_f16(quant, in_f), out_f * in_f)]
     # W ≈ B @ A with A: (rank, in), B: (out, rank).
     return [
-        TensorSpec(f"{name}.lr_a", (rank, in_f), legal_type(quant, in_f), rank * in_f),
-        TensorSpec(f"{name}.lr_b", (out_f, rank), legal_type(quant, rank), out_f * rank),
+        TensorSpec(f"{name}.lr_a", (rank, in_f), legal_type_or_f16(quant, in_f), rank * in_f),
+        TensorSpec(f"{name}.lr_b", (out_f, rank), legal_type_or_f16(quant, rank), out_f * rank),
     ]
 
 
@@ -183,8 +214,12 @@ def deployed_tensors(arch: Arch, plan: Plan) -> list[TensorSpec]:
             tensors.append(TensorSpec(f"blk.{i}.{norm}.weight", (h,), "F32", 0))
             for gguf_name, _ in linears:
                 o, n = shapes[gguf_name]
-                rank = factor_rank(o, n, choice.rank_ratio)
-                tensors += _linear(f"blk.{i}.{gguf_name}", o, n, choice.quant_for(gguf_name), rank)
+                quant = choice.quant_for(gguf_name)
+                kron = kron_terms(o, n, choice.kron_rank)
+                if kron:
+                    tensors += _kron_linear(f"blk.{i}.{gguf_name}", o, n, quant, kron)
+                else:
+                    tensors += _linear(f"blk.{i}.{gguf_name}", o, n, quant, factor_rank(o, n, choice.rank_ratio))
     tensors.append(TensorSpec("output_norm.weight", (h,), "F32", 0))
     if arch.tied_embeddings:
         # The output head reuses token_embd: every token multiplies by the whole table.

@@ -68,8 +68,8 @@ def write_gguf(
     cache: VariantCache | None = None,
 ) -> dict[str, int]:
     """Write `plan` applied to `base` to `path`; returns the count of tensors per GGUF type."""
-    if any(c.rank_ratio > 0 for c in plan.groups.values()):
-        raise AutosquashError("this plan uses low-rank factors, which no GGUF runtime holds; use --format torch")
+    if any(c.rank_ratio > 0 or c.kron_rank > 0 for c in plan.groups.values()):
+        raise AutosquashError("this plan uses low-rank or Kronecker factors, which no GGUF runtime holds")
     widths = [kept_ffn_channels(arch, plan.choice(f"blk.{i}.ffn")) for i in range(arch.n_layers)]
     kv_heads = kv_heads_per_layer(arch, plan)
     heads = [n * (arch.n_heads // arch.n_kv_heads) for n in kv_heads]

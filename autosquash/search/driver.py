@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import optuna
 import torch
@@ -23,6 +23,7 @@ from autosquash.compress.calibrate import Stats, cached_stats
 from autosquash.compress.plan import Plan
 from autosquash.cost import load_device
 from autosquash.errors import AutosquashError
+from autosquash.evaluate.benchmark import mean_accuracy
 from autosquash.evaluate.heal import HealConfig
 from autosquash.evaluate.proxy import reference
 from autosquash.evaluate.texts import load_texts, token_block
@@ -30,11 +31,11 @@ from autosquash.models.arch import Arch
 from autosquash.models.load import load_model, load_tokenizer, resolve
 from autosquash.search.experiment import Experiment, TextSpec
 from autosquash.search.front import pareto_indices
-from autosquash.search.runner import TrialContext, run_trial
+from autosquash.search.runner import TrialContext, run_benchmark, run_trial
 from autosquash.search.space import SearchSpace
 from autosquash.track.mlflow_store import ORIGIN, SearchTracker, default_tracking_uri
 from autosquash.track.plots import front_html, front_png
-from autosquash.yaml_io import dump_yaml_model
+from autosquash.yaml_io import dump_yaml_model, load_yaml_model
 
 # Columns of trials.csv and pareto.csv; `plan` is the trial's plan file, relative to the output folder.
 COLUMNS = [
@@ -152,6 +153,7 @@ class SearchInputs:
 
     spec: str
     base: torch.nn.Module
+    tokenizer: Any
     arch: Arch
     calib: torch.Tensor
     held_out: torch.Tensor
@@ -167,7 +169,7 @@ def load_inputs(exp: Experiment, out_dir: Path) -> SearchInputs:
     held_out = text_batch(tok, exp.evaluation)
     print(f"calibrating on {calib.numel()} tokens, held-out set {held_out.numel()} tokens ...", flush=True)
     stats = cached_stats(base, calib, resolve(exp.model).key, out_dir / "cache")
-    return SearchInputs(exp.model, base, Arch.from_config(base.config), calib, held_out, stats)
+    return SearchInputs(exp.model, base, tok, Arch.from_config(base.config), calib, held_out, stats)
 
 
 def text_batch(tokenizer, spec: TextSpec) -> torch.Tensor:
@@ -186,6 +188,7 @@ def _prepare_context(exp: Experiment, inputs: SearchInputs, workers: int) -> Tri
         heal=HealConfig(**exp.heal.model_dump()),
         context_tokens=exp.context_tokens,
         threads_per_worker=max(1, (os.cpu_count() or 1) // workers),
+        tokenizer=inputs.tokenizer,
     )
 
 
@@ -193,6 +196,7 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
     """Run (or resume) a search; returns the Pareto front rows."""
     import ray
 
+    started = time.perf_counter()
     out = opts.out_dir
     if out.exists() and (out / "optuna.db").exists() and not opts.resume:
         raise AutosquashError(f"{out} already holds a search; pass --resume to continue it or choose another --out")
@@ -208,7 +212,9 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
         directions=["minimize"] * len(exp.objectives),
         sampler=_sampler(exp),
     )
-    tracker = SearchTracker(opts.tracking_uri or default_tracking_uri(out), exp.name, out / "mlartifacts")
+    tracking_uri = opts.tracking_uri or default_tracking_uri(out)
+    (out / "tracking_uri.txt").write_text(tracking_uri + "\n")  # where export/register find this search's runs
+    tracker = SearchTracker(tracking_uri, exp.name, out / "mlartifacts")
     parent = tracker.start(
         study.user_attrs.get("mlflow_parent_run_id"),
         f"search-{exp.name}",
@@ -238,13 +244,15 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
     else:
         ray.init(num_cpus=opts.workers, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
     try:
-        _loop(study, space, exp, ctx, tracker, opts)
+        ctx_box = [ray.put(ctx)]
+        setup_s = _loop(study, space, exp, ctx, ctx_box, tracker, opts, started)
+        rows, front = write_tables(study, exp, out)
+        _benchmark_front(front, exp, ctx_box, tracker, out)
     except KeyboardInterrupt:
         tracker.finish("KILLED")
         raise
     finally:
         ray.shutdown()
-    rows, front = write_tables(study, exp, out)
     tracker.mark_front({int(r["trial"]) for r in front})
     title = f"{exp.name}: {exp.quality_objective} against memory on {exp.device}"
     limit_mb = ctx.device.app_memory_fraction * ctx.device.dram_bytes / 1e6
@@ -252,7 +260,7 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
     front_html(rows, front, exp.quality_objective, limit_mb, title, out / "pareto.html")
     tracker.log_search_artifacts(
         [out / f for f in ("trials.csv", "pareto.csv", "pareto.png", "pareto.html")],
-        {"trials_finished": len(rows), "front_size": len(front)},
+        {"trials_finished": len(rows), "front_size": len(front), "setup_s": setup_s},
     )
     tracker.finish()
     return front
@@ -283,12 +291,24 @@ def _recover_stale(study: optuna.Study, exp: Experiment, tracker: SearchTracker)
 
 
 def _loop(
-    study, space: SearchSpace, exp: Experiment, ctx: TrialContext, tracker: SearchTracker, opts: SearchOptions
-) -> None:
+    study,
+    space: SearchSpace,
+    exp: Experiment,
+    ctx: TrialContext,
+    ctx_box: list,
+    tracker: SearchTracker,
+    opts: SearchOptions,
+    started: float,
+) -> float:
+    """Keep `opts.workers` trials in flight until the budget is spent; returns the set-up time (s)."""
     import ray
 
     task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=False)(run_trial)
-    ctx_box = [ray.put(ctx)]
+    setup_s = time.perf_counter() - started
+    print(
+        f"ready after {setup_s:.0f} s; {opts.trials - _finished(study)} trials to run on {opts.workers} workers",
+        flush=True,
+    )
     progress = Progress(opts.trials)
     pending: dict = {}
     while _finished(study) + len(pending) < opts.trials or pending:
@@ -311,6 +331,43 @@ def _loop(
         _record(study, trial, plan, metrics, error, exp, tracker, opts.out_dir)
         _, front = write_tables(study, exp, opts.out_dir)
         progress.trial(_finished(study), trial.number, trial.user_attrs["origin"], metrics, error, len(front))
+    return setup_s
+
+
+def _benchmark_front(front: list[dict], exp: Experiment, ctx_box: list, tracker: SearchTracker, out: Path) -> None:
+    """lm-eval on every front plan, in parallel on the workers, logged beside each trial's proxies.
+
+    A plan is rebuilt exactly as its trial built it (same plan, same healing seed). Front plans that
+    already carry scores (a resumed search) are not run again.
+    """
+    import ray
+
+    spec = exp.benchmark
+    if not spec.tasks or not front:
+        return
+    todo = [r for r in front if not tracker.has_metric(int(r["trial"]), "lm_eval_mean_acc")]
+    print(f"benchmarking the front: {len(todo)} plans on {', '.join(spec.tasks)} (limit {spec.limit}) ...", flush=True)
+    task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=False)(run_benchmark)
+    refs = {}
+    for r in todo:
+        plan = load_yaml_model(Plan, out / r["plan"])
+        refs[task.remote(ctx_box, plan.model_dump(mode="json"), exp.seed + int(r["trial"]), spec.tasks, spec.limit)] = r
+    while refs:
+        (ref,), _ = ray.wait(list(refs), num_returns=1)
+        row = refs.pop(ref)
+        try:
+            scores = ray.get(ref)
+        except Exception as e:  # a benchmark that fails leaves the trial's proxies as they are
+            print(f"  trial {row['trial']}: benchmark failed: {_reason(e)}", flush=True)
+            continue
+        metrics = {f"lm_eval.{t}.{m}": v for t, ms in scores.items() for m, v in ms.items()}
+        metrics["lm_eval_mean_acc"] = mean_accuracy(scores)
+        tracker.log_metrics(int(row["trial"]), metrics)
+        print(
+            f"  trial {row['trial']:>4}: mean accuracy {metrics['lm_eval_mean_acc']:.3f}  "
+            f"({', '.join(f'{t} {mean_accuracy({t: ms}):.3f}' for t, ms in scores.items())})",
+            flush=True,
+        )
 
 
 def _reason(e: Exception) -> str:

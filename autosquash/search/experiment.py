@@ -35,6 +35,15 @@ class HealSpec(BaseModel):
     batch_seqs: int = Field(2, gt=0)
 
 
+class BenchmarkSpec(BaseModel):
+    """lm-eval tasks run on every plan of the final front (none: skip), `limit` examples per task."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tasks: list[str] = Field(default_factory=list)
+    limit: int | None = Field(None, gt=0)
+
+
 class Experiment(BaseModel):
     """One search: which model, on which phone, over which space, scored how."""
 
@@ -54,6 +63,7 @@ class Experiment(BaseModel):
     evaluation: TextSpec = TextSpec(source="lambada")
     topk: int = Field(32, gt=0)
     heal: HealSpec = HealSpec()
+    benchmark: BenchmarkSpec = BenchmarkSpec()
 
     @property
     def quality_objective(self) -> str:

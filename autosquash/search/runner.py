@@ -40,10 +40,16 @@ class TrialContext:
     heal: HealConfig
     context_tokens: int
     threads_per_worker: int
+    tokenizer: Any = None  # for lm-eval on the front
 
 
 # Per worker process: the context it deserialised last, and its variant cache.
 _WORKER: dict[str, Any] = {}
+
+
+def build_plan(ctx: TrialContext, plan: Plan, seed: int, cache: VariantCache | None = None):
+    """The trial's model: compressed, then healed (deterministic for a plan and seed); and heal stats."""
+    return heal(compress(ctx.base, ctx.arch, plan, ctx.stats, cache), ctx.calib_ref, ctx.heal, seed=seed)
 
 
 def evaluate_plan(ctx: TrialContext, plan: Plan, seed: int, cache: VariantCache | None = None) -> dict[str, float]:
@@ -72,8 +78,8 @@ def evaluate_plan(ctx: TrialContext, plan: Plan, seed: int, cache: VariantCache 
     return out
 
 
-def run_trial(ctx_ref_box: list, plan_data: dict, seed: int) -> tuple[dict[str, float], str]:
-    """Ray task body: the trial's metrics and the worker (node/pid) that ran it.
+def _worker_context(ctx_ref_box: list) -> tuple[TrialContext, VariantCache]:
+    """This worker process's copy of the context (fetched once per search) and its variant cache.
 
     `ctx_ref_box` wraps the context's ObjectRef so that Ray does not resolve it for every task.
     """
@@ -88,5 +94,25 @@ def run_trial(ctx_ref_box: list, plan_data: dict, seed: int) -> tuple[dict[str, 
         ctx: TrialContext = ray.get(ctx_ref)
         torch.set_num_threads(ctx.threads_per_worker)
         _WORKER.update(ref_hex=ctx_ref.hex(), ctx=ctx, cache=VariantCache())
-    result = evaluate_plan(_WORKER["ctx"], Plan.model_validate(plan_data), seed, _WORKER["cache"])
-    return result, f"{ray.get_runtime_context().get_node_id()[:12]}/{os.getpid()}"
+    return _WORKER["ctx"], _WORKER["cache"]
+
+
+def _worker_name() -> str:
+    import ray
+
+    return f"{ray.get_runtime_context().get_node_id()[:12]}/{os.getpid()}"
+
+
+def run_trial(ctx_ref_box: list, plan_data: dict, seed: int) -> tuple[dict[str, float], str]:
+    """Ray task body: the trial's metrics and the worker (node/pid) that ran it."""
+    ctx, cache = _worker_context(ctx_ref_box)
+    return evaluate_plan(ctx, Plan.model_validate(plan_data), seed, cache), _worker_name()
+
+
+def run_benchmark(ctx_ref_box: list, plan_data: dict, seed: int, tasks: list[str], limit: int | None) -> dict:
+    """Ray task body: lm-eval scores {task: {metric: value}} of a front plan, rebuilt as its trial built it."""
+    from autosquash.evaluate.benchmark import run_tasks
+
+    ctx, cache = _worker_context(ctx_ref_box)
+    model, _ = build_plan(ctx, Plan.model_validate(plan_data), seed, cache)
+    return run_tasks(model, ctx.tokenizer, tasks, limit)

@@ -30,6 +30,7 @@ class GroupSpace(BaseModel):
     ffn_keep_ratio: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
     attn_keep_ratio: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
     rank_ratio: list[float] = Field(default_factory=lambda: [0.0], min_length=1)
+    kron_rank: list[int] = Field(default_factory=lambda: [0], min_length=1)
 
     @field_validator("quant")
     @classmethod
@@ -75,16 +76,22 @@ class SearchSpace(BaseModel):
             raise ValueError("attn.ffn_keep_ratio: attention groups have no FFN channels to prune")
         if self.ffn.attn_keep_ratio != [1.0]:
             raise ValueError("ffn.attn_keep_ratio: FFN groups have no attention heads to prune")
-        if self.target == "gguf" and (self.attn.rank_ratio != [0.0] or self.ffn.rank_ratio != [0.0]):
-            raise ValueError("rank_ratio: a gguf target cannot hold low-rank factors; use target: torch")
+        for g in (self.attn, self.ffn):
+            if self.target == "gguf" and (g.rank_ratio != [0.0] or g.kron_rank != [0]):
+                raise ValueError("rank_ratio/kron_rank: a gguf target cannot hold decompositions; use target: torch")
+            if any(k < 0 for k in g.kron_rank):
+                raise ValueError("kron_rank: every choice must be 0 (none) or a positive number of terms")
+            if max(g.rank_ratio) > 0 and max(g.kron_rank) > 0:
+                raise ValueError("a group searches SVD (rank_ratio) or Kronecker (kron_rank) ranks, not both")
         for b in self.baselines:
             for g, space in (("attn", self.attn), ("ffn", self.ffn)):
                 if b not in space.quant:
                     raise ValueError(f"baseline {b} is not among {g}.quant, so the study cannot sample it")
         if (1.0 not in self.ffn.ffn_keep_ratio or 1.0 not in self.attn.attn_keep_ratio) and self.baselines:
             raise ValueError("ffn_keep_ratio and attn_keep_ratio must include 1.0 for the uniform baselines")
-        if 0.0 not in self.ffn.rank_ratio + self.attn.rank_ratio and self.baselines:
-            raise ValueError("rank_ratio must include 0.0 for the uniform baselines")
+        for g in (self.attn, self.ffn):
+            if (0.0 not in g.rank_ratio or 0 not in g.kron_rank) and self.baselines:
+                raise ValueError("rank_ratio and kron_rank must include 0 for the uniform baselines")
         return self
 
     @classmethod
@@ -96,7 +103,7 @@ class SearchSpace(BaseModel):
         dims = []
         for i in range(arch.n_layers):
             for g, space in (("attn", self.attn), ("ffn", self.ffn)):
-                for field in ("quant", "ffn_keep_ratio", "attn_keep_ratio", "rank_ratio"):
+                for field in ("quant", "ffn_keep_ratio", "attn_keep_ratio", "rank_ratio", "kron_rank"):
                     dims.append((f"blk.{i}.{g}", field, getattr(space, field)))
         return dims
 
@@ -118,7 +125,7 @@ class SearchSpace(BaseModel):
         params: dict[str, object] = {}
         for group, field, choices in self._dims(arch):
             if len(choices) > 1:
-                params[f"{group}.{field}"] = {"quant": quant, "rank_ratio": 0.0}.get(field, 1.0)
+                params[f"{group}.{field}"] = {"quant": quant, "rank_ratio": 0.0, "kron_rank": 0}.get(field, 1.0)
         if len(self.embed_quant) > 1:
             params["embed_quant"] = self.embed_quant[0]
         return params

@@ -21,6 +21,20 @@ def default_tracking_uri(out_dir: Path) -> str:
     return f"sqlite:///{(out_dir / 'mlflow.db').resolve()}"
 
 
+def find_trial_run(tracking_uri: str, experiment_name: str, trial: int):
+    """The MLflow run of one trial of a search (the newest, should a store hold several searches)."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment_name)
+    runs = (
+        []
+        if exp is None
+        else client.search_runs(
+            [exp.experiment_id], f"tags.`{ROLE}` = 'trial' and tags.`{TRIAL}` = '{trial}'", order_by=["start_time DESC"]
+        )
+    )
+    return runs[0] if runs else None
+
+
 class SearchTracker:
     """The MLflow runs of one search."""
 
@@ -84,6 +98,17 @@ class SearchTracker:
         self.client.set_terminated(rid, status="FAILED" if failed else "FINISHED")
         self.trial_runs[number] = rid
         return rid
+
+    def has_metric(self, number: int, key: str) -> bool:
+        """Whether trial `number`'s run already holds metric `key`."""
+        rid = self.trial_runs.get(number)
+        return rid is not None and key in self.client.get_run(rid).data.metrics
+
+    def log_metrics(self, number: int, metrics: dict[str, float]) -> None:
+        """Add metrics to a finished trial's run (the front's benchmark scores, say)."""
+        items = [Metric(k, float(v), 0, 0) for k, v in metrics.items() if math.isfinite(float(v))]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.trial_runs[number], metrics=items[i : i + 1000])
 
     def mark_front(self, front: set[int]) -> None:
         """Tag every trial run `autosquash.pareto=true|false` as the front now stands."""

@@ -96,3 +96,21 @@ def test_kept_kv_group_is_the_more_important_one(tiny_model, tiny_arch, tiny_bat
     kept = model.model.layers[0].self_attn.k_proj.weight
     base = tiny_model.model.layers[0].self_attn.k_proj.weight
     torch.testing.assert_close(kept, base[64:].half().float(), rtol=0, atol=0)  # F16 storage of group 1
+
+
+def test_kronecker_layers_compose_with_pruning_and_quantization(tiny_model, tiny_arch, tiny_batch):
+    from autosquash.compress.kronecker import KronLinear
+
+    stats = collect_stats(tiny_model, tiny_batch)
+    plan = Plan(target="torch", groups={"blk.0.ffn": LayerChoice(quant="Q4_0", ffn_keep_ratio=0.5, kron_rank=4)})
+    model = compress(tiny_model, tiny_arch, plan, stats)
+    up = model.model.layers[0].mlp.up_proj
+    assert isinstance(up, KronLinear) and (up.out_features, up.in_features) == (256, 256)
+    specs = {t.name: t for t in deployed_tensors(tiny_arch, plan)}
+    a = specs["blk.0.ffn_up.kron_a"]
+    assert a.shape == (4, up.a[0].numel()) and a.type == "Q4_0"
+    # The factors the model evaluates sit on the Q4_0 grid (re-quantizing them changes nothing).
+    flat = up.a.data.reshape(4, -1)
+    torch.testing.assert_close(fake_quantize(flat, "Q4_0"), flat, rtol=0, atol=1e-6)
+    assert specs["blk.0.ffn_up.row_perm"].type == "I16"
+    assert torch.isfinite(model(tiny_batch).logits).all()

@@ -58,3 +58,21 @@ def test_mlflow_has_a_parent_and_six_nested_trials(smoke_run):
     assert any(a.path.endswith(".yaml") for a in client.list_artifacts(t.info.run_id))
     assert {r.data.tags["autosquash.pareto"] for r in trials} <= {"true", "false"}
     assert {a.path for a in client.list_artifacts(parent)} >= {"trials.csv", "pareto.csv", "pareto.png", "pareto.html"}
+
+
+def test_export_register_and_pull_a_trial(smoke_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("AUTOSQUASH_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    gguf = tmp_path / "m.gguf"
+    code = main(["export", "--run", str(smoke_run), "--trial", "0", "--out", str(gguf), "--register", "tiny-phone"])
+    assert code == 0 and gguf.stat().st_size > 0
+    assert main(["pull", "models:/tiny-phone/1", "--out", str(tmp_path / "pulled")]) == 0
+    pulled = tmp_path / "pulled"
+    assert (pulled / "m.gguf").read_bytes() == gguf.read_bytes()
+    assert (pulled / "trial-0000.yaml").exists()
+    client = MlflowClient(default_tracking_uri(smoke_run))
+    version = client.get_model_version("tiny-phone", "1")
+    assert version.tags["device"] == "iphone-16" and version.tags["trial"] == "0"
+    assert float(version.tags["perplexity"]) > 1 and "blk.0.attn" in version.tags["plan"]
+    assert main(["pull", "models:/no-such-model/1", "--out", str(tmp_path / "x")]) == 2
+    assert "no registry knows" in capsys.readouterr().err

@@ -42,7 +42,7 @@ def test_gguf_target_refuses_decomposition(tmp_path):
     import yaml
 
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(bad))
-    with pytest.raises(AutosquashError, match="gguf target cannot hold low-rank"):
+    with pytest.raises(AutosquashError, match="gguf target cannot hold decompositions"):
         SearchSpace.load(tmp_path / "s.yaml")
 
 
