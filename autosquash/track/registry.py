@@ -60,8 +60,13 @@ def pull(model_uri: str, out_dir: Path, tracking_uri: str | None = None) -> list
             f"no registry knows {m['name']!r}: pass --tracking-uri, set MLFLOW_TRACKING_URI, or register it first"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     try:
-        got = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(out_dir), tracking_uri=uri)
+        if m["version"]:
+            version = client.get_model_version(m["name"], m["version"])
+        else:
+            version = client.get_model_version_by_alias(m["name"], m["alias"])
+        got = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(out_dir))
     except MlflowException as e:
         raise AutosquashError(f"cannot pull {model_uri} from {uri}: {str(e).splitlines()[0]}") from None
     got_path = Path(got)

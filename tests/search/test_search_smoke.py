@@ -74,5 +74,8 @@ def test_export_register_and_pull_a_trial(smoke_run, tmp_path, monkeypatch, caps
     version = client.get_model_version("tiny-phone", "1")
     assert version.tags["device"] == "iphone-16" and version.tags["trial"] == "0"
     assert float(version.tags["perplexity"]) > 1 and "blk.0.attn" in version.tags["plan"]
+    client.set_registered_model_alias("tiny-phone", "champion", "1")  # as a user would in the MLflow UI
+    assert main(["pull", "models:/tiny-phone@champion", "--out", str(tmp_path / "by-alias")]) == 0
+    assert (tmp_path / "by-alias" / "m.gguf").read_bytes() == gguf.read_bytes()
     assert main(["pull", "models:/no-such-model/1", "--out", str(tmp_path / "x")]) == 2
     assert "no registry knows" in capsys.readouterr().err
