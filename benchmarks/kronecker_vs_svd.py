@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from autosquash.compress.calibrate import collect_inputs
 from autosquash.compress.kronecker import kron_factors, kron_shape
 from autosquash.compress.lowrank import svd_factors
 from autosquash.evaluate.texts import load_texts, token_block
@@ -24,25 +25,6 @@ LINEARS = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_pr
 KEEP = (0.25, 0.10)
 METHODS = ("svd", "svd-aa", "kron", "kron+perm", "kron+perm-aa")
 COMPARED = (("kron+perm", "kron"), ("kron+perm", "svd"), ("kron+perm-aa", "kron+perm"), ("kron+perm-aa", "svd-aa"))
-
-
-@torch.no_grad()
-def _inputs(model: torch.nn.Module, batch: torch.Tensor, paths: list[str]) -> dict[str, torch.Tensor]:
-    """The (tokens, in_features) activations entering each module in `paths` over `batch`."""
-    seen: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
-    hooks = [
-        model.get_submodule(p).register_forward_pre_hook(
-            lambda _m, args, p=p: seen[p].append(args[0].reshape(-1, args[0].shape[-1]).float())
-        )
-        for p in paths
-    ]
-    try:
-        for row in batch:
-            model(row.unsqueeze(0))
-    finally:
-        for h in hooks:
-            h.remove()
-    return {p: torch.cat(xs) for p, xs in seen.items()}
 
 
 def _moved(perm: torch.Tensor) -> float:
@@ -87,8 +69,8 @@ def main() -> None:
     model = load_model("smollm2-135m")
     tokenizer = load_tokenizer("smollm2-135m")
     paths = [f"model.layers.{i}.{name}" for i in args.blocks for name in LINEARS]
-    calib = _inputs(model, token_block(tokenizer, load_texts("wikipedia"), args.tokens, 128), paths)
-    held_out = _inputs(model, token_block(tokenizer, load_texts("lambada"), args.tokens, 128), paths)
+    calib = collect_inputs(model, token_block(tokenizer, load_texts("wikipedia"), args.tokens, 128), paths)
+    held_out = collect_inputs(model, token_block(tokenizer, load_texts("lambada"), args.tokens, 128), paths)
 
     print(f"torch threads: {torch.get_num_threads()}; errors as frob / out (relative); kron+perm also stores")
     print("(m + n) int16 permutation indices, the -aa Kronecker variant n column scales (counted in its params);")

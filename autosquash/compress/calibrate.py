@@ -41,6 +41,25 @@ def collect_stats(model: torch.nn.Module, batch: torch.Tensor) -> Stats:
     return {k: (sums[k] / counts[k]).contiguous() for k in sums}
 
 
+@torch.no_grad()
+def collect_inputs(model: torch.nn.Module, batch: torch.Tensor, paths: list[str]) -> dict[str, torch.Tensor]:
+    """The (tokens, in_features) activations entering each module in `paths` over `batch` (for benchmarks)."""
+    seen: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
+    hooks = [
+        model.get_submodule(p).register_forward_pre_hook(
+            lambda _m, args, p=p: seen[p].append(args[0].reshape(-1, args[0].shape[-1]).float())
+        )
+        for p in paths
+    ]
+    try:
+        for row in batch:
+            model(row.unsqueeze(0))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {p: torch.cat(xs) for p, xs in seen.items()}
+
+
 def cached_stats(model: torch.nn.Module, batch: torch.Tensor, model_key: str, cache_dir: Path) -> Stats:
     """`collect_stats`, read from `cache_dir` when this model and batch were seen before."""
     digest = hashlib.sha256(model_key.encode() + batch.numpy().tobytes()).hexdigest()[:24]
