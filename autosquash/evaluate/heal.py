@@ -35,12 +35,13 @@ def heal(model: torch.nn.Module, teacher: Reference, cfg: HealConfig, seed: int 
 
     Returns the model with the adapter attached (unmerged) and a summary of the run.
     """
-    if cfg.steps == 0:
+    targets = _targets(model)
+    if cfg.steps == 0 or not targets:  # nothing to heal: every linear was pruned away or decomposed
         return model, {"heal_steps": 0}
     torch.manual_seed(seed)
     start = time.perf_counter()
     peft_model = get_peft_model(
-        model, LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, lora_dropout=0.0, target_modules=_targets(model))
+        model, LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, lora_dropout=0.0, target_modules=targets)
     )
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)

@@ -31,3 +31,13 @@ def test_no_steps_means_no_adapter(tiny_model, tiny_arch, tiny_batch):
     model, info = heal(tiny_model, ref, HealConfig(steps=0))
     assert model is tiny_model and info == {"heal_steps": 0} and adapter_tensors(model) == []
     assert torch.isfinite(model(tiny_batch).logits).all()
+
+
+def test_a_model_without_linears_is_left_unhealed(tiny_model, tiny_arch, tiny_batch):
+    from autosquash.compress.plan import LayerChoice
+
+    ref = reference(tiny_model, tiny_batch, k=4)
+    gone = LayerChoice(quant="Q8_0", attn_keep_ratio=0.0, ffn_keep_ratio=0.0)
+    plan = Plan(groups={f"blk.{i}.{g}": gone for i in range(tiny_arch.n_layers) for g in ("attn", "ffn")})
+    model, info = heal(compress(tiny_model, tiny_arch, plan, {}), ref, HealConfig(steps=2, rank=4))
+    assert info == {"heal_steps": 0} and torch.isfinite(model(tiny_batch).logits).all()
