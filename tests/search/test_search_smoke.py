@@ -57,6 +57,10 @@ def test_mlflow_has_a_parent_and_six_nested_trials(smoke_run):
     )
     assert any(a.path.endswith(".yaml") for a in client.list_artifacts(t.info.run_id))
     assert {r.data.tags["autosquash.pareto"] for r in trials} <= {"true", "false"}
+    front = [r for r in trials if r.data.tags["autosquash.pareto"] == "true"]
+    assert front and all(0 <= r.data.metrics["lm_eval_mean_acc"] <= 1 for r in front)  # lm-eval beside the proxies
+    assert all("lm_eval.piqa.acc" in r.data.metrics for r in front)
+    assert not any("lm_eval_mean_acc" in r.data.metrics for r in trials if r not in front)
     assert {a.path for a in client.list_artifacts(parent)} >= {"trials.csv", "pareto.csv", "pareto.png", "pareto.html"}
 
 
