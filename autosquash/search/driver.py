@@ -95,13 +95,13 @@ def _metrics_row(result: dict[str, float]) -> dict[str, float]:
 class Progress:
     """One line per finished trial, with the front so far and time per trial."""
 
-    def __init__(self, total: int, stream: TextIO = sys.stdout):
-        self.total, self.stream, self.start, self.durations = total, stream, time.perf_counter(), []
+    def __init__(self, total: int, already_done: int, stream: TextIO = sys.stdout):
+        self.total, self.already_done, self.stream, self.start = total, already_done, stream, time.perf_counter()
 
     def trial(self, done: int, number: int, origin: str, metrics: dict | None, error: str | None, front: int):
         elapsed = time.perf_counter() - self.start
-        self.durations.append(elapsed / max(done, 1))
-        eta = (self.total - done) * elapsed / max(done, 1)
+        # Time per trial of this run only: a resumed search's earlier trials cost it nothing.
+        eta = (self.total - done) * elapsed / max(done - self.already_done, 1)
         if metrics is None:
             what = f"FAILED: {error}"
         else:
@@ -309,7 +309,7 @@ def _loop(
         f"ready after {setup_s:.0f} s; {opts.trials - _finished(study)} trials to run on {opts.workers} workers",
         flush=True,
     )
-    progress = Progress(opts.trials)
+    progress = Progress(opts.trials, _finished(study))
     pending: dict = {}
     while _finished(study) + len(pending) < opts.trials or pending:
         while len(pending) < opts.workers and _finished(study) + len(pending) < opts.trials:

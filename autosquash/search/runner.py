@@ -113,6 +113,7 @@ def run_benchmark(ctx_ref_box: list, plan_data: dict, seed: int, tasks: list[str
     """Ray task body: lm-eval scores {task: {metric: value}} of a front plan, rebuilt as its trial built it."""
     from autosquash.evaluate.benchmark import run_tasks
 
+    os.environ["TQDM_DISABLE"] = "1"  # lm-eval's progress bars would flood the driver's log from every worker
     ctx, cache = _worker_context(ctx_ref_box)
     model, _ = build_plan(ctx, Plan.model_validate(plan_data), seed, cache)
     return run_tasks(model, ctx.tokenizer, tasks, limit)
