@@ -30,10 +30,12 @@ def _targets(model: torch.nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
 
 
-def heal(model: torch.nn.Module, teacher: Reference, cfg: HealConfig, seed: int = 0):
+def heal(model: torch.nn.Module, teacher: Reference, cfg: HealConfig, seed: int = 0, merge: bool = False):
     """Train a LoRA adapter on `teacher.batch` to match the base model's top-k next-token distribution.
 
-    Returns the model with the adapter attached (unmerged) and a summary of the run.
+    Returns the healed model and a summary of the run. The adapter stays attached (deployed beside
+    quantized weights as a GGUF LoRA file), unless `merge`: for weights stored in F16, where merging
+    keeps them in their format; the merged weights are rounded to F16, as the file stores them.
     """
     targets = _targets(model)
     if cfg.steps == 0 or not targets:  # nothing to heal: every linear was pruned away or decomposed
@@ -57,6 +59,19 @@ def heal(model: torch.nn.Module, teacher: Reference, cfg: HealConfig, seed: int 
         opt.step()
         losses.append(loss.item())
     peft_model.eval()
+    if merge:
+        merged = peft_model.merge_and_unload()
+        with torch.no_grad():
+            for name in targets:
+                w = merged.get_submodule(name).weight
+                w.copy_(w.half().float())
+        return merged, {
+            "heal_steps": cfg.steps,
+            "heal_loss_first": losses[0],
+            "heal_loss_last": losses[-1],
+            "heal_s": time.perf_counter() - start,
+            "heal_merged": 1.0,
+        }
     return peft_model, {
         "heal_steps": cfg.steps,
         "heal_loss_first": losses[0],

@@ -47,9 +47,15 @@ class TrialContext:
 _WORKER: dict[str, Any] = {}
 
 
+def merges_adapter(arch: Arch, plan: Plan) -> bool:
+    """Whether healing merges into the weights: only when every block weight stays F16/F32 (float)."""
+    return all(t.type in ("F16", "F32") for t in deployed_tensors(arch, plan) if t.name.startswith("blk."))
+
+
 def build_plan(ctx: TrialContext, plan: Plan, seed: int, cache: VariantCache | None = None):
     """The trial's model: compressed, then healed (deterministic for a plan and seed); and heal stats."""
-    return heal(compress(ctx.base, ctx.arch, plan, ctx.stats, cache), ctx.calib_ref, ctx.heal, seed=seed)
+    model = compress(ctx.base, ctx.arch, plan, ctx.stats, cache)
+    return heal(model, ctx.calib_ref, ctx.heal, seed=seed, merge=merges_adapter(ctx.arch, plan))
 
 
 def evaluate_plan(ctx: TrialContext, plan: Plan, seed: int, cache: VariantCache | None = None) -> dict[str, float]:
@@ -57,7 +63,7 @@ def evaluate_plan(ctx: TrialContext, plan: Plan, seed: int, cache: VariantCache 
     t0 = time.perf_counter()
     model = compress(ctx.base, ctx.arch, plan, ctx.stats, cache)
     t1 = time.perf_counter()
-    model, heal_info = heal(model, ctx.calib_ref, ctx.heal, seed=seed)
+    model, heal_info = heal(model, ctx.calib_ref, ctx.heal, seed=seed, merge=merges_adapter(ctx.arch, plan))
     t2 = time.perf_counter()
     quality = score(model, ctx.eval_ref)
     t3 = time.perf_counter()

@@ -41,3 +41,20 @@ def test_a_model_without_linears_is_left_unhealed(tiny_model, tiny_arch, tiny_ba
     plan = Plan(groups={f"blk.{i}.{g}": gone for i in range(tiny_arch.n_layers) for g in ("attn", "ffn")})
     model, info = heal(compress(tiny_model, tiny_arch, plan, {}), ref, HealConfig(steps=2, rank=4))
     assert info == {"heal_steps": 0} and torch.isfinite(model(tiny_batch).logits).all()
+
+
+def test_float_weights_get_the_adapter_merged_in_f16(tiny_model, tiny_arch, tiny_batch):
+    from autosquash.search.runner import merges_adapter
+
+    ref = reference(tiny_model, tiny_batch, k=8)
+    f16, q8 = Plan.uniform(tiny_arch, "F16"), Plan.uniform(tiny_arch, "Q8_0")
+    assert merges_adapter(tiny_arch, f16) and not merges_adapter(tiny_arch, q8)
+    cfg = HealConfig(steps=4, rank=4, lr=3e-3, batch_seqs=4)
+    kept, _ = heal(compress(tiny_model, tiny_arch, f16, {}), ref, cfg, seed=1)
+    merged, info = heal(compress(tiny_model, tiny_arch, f16, {}), ref, cfg, seed=1, merge=True)
+    assert info["heal_merged"] == 1.0 and adapter_tensors(merged) == [] and adapter_tensors(kept)
+    w = merged.model.layers[0].mlp.up_proj.weight
+    assert torch.equal(w, w.half().float())  # still exactly on the F16 grid the file stores
+    with torch.no_grad():
+        diff = (merged(tiny_batch).logits - kept(tiny_batch).logits).abs().max().item()
+    assert diff < 1e-2  # merging only adds F16 rounding of the merged weights
