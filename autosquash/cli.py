@@ -186,6 +186,9 @@ def _register(args: argparse.Namespace, exp, plan_file: Path) -> None:
         )
         if k in metrics
     }
+    if metrics.get("heal_steps", 0) > 0 and not metrics.get("heal_merged"):
+        # The file holds the compressed weights; the trial's quality was measured with its LoRA adapter.
+        tags["lora_adapter"] = "not in this file: the recorded quality includes LoRA healing"
     tags.update(
         {
             "device": exp.device,
