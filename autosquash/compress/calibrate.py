@@ -15,39 +15,12 @@ Stats = dict[str, torch.Tensor]  # module path (e.g. "model.layers.3.mlp.down_pr
 
 
 @torch.no_grad()
-def collect_stats(model: torch.nn.Module, batch: torch.Tensor) -> Stats:
-    """E[x²] per input channel of each linear inside the decoder blocks, over all tokens of `batch`."""
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    hooks = []
-
-    def hook(name: str):
-        def fn(_module, inputs, _output):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-            sums[name] = sums.get(name, 0) + (x * x).sum(0)
-            counts[name] = counts.get(name, 0) + x.shape[0]
-
-        return fn
-
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".layers." in name:
-            hooks.append(module.register_forward_hook(hook(name)))
-    try:
-        for row in batch:
-            model(row.unsqueeze(0))
-    finally:
-        for h in hooks:
-            h.remove()
-    return {k: (sums[k] / counts[k]).contiguous() for k in sums}
-
-
-@torch.no_grad()
-def collect_inputs(model: torch.nn.Module, batch: torch.Tensor, paths: list[str]) -> dict[str, torch.Tensor]:
-    """The (tokens, in_features) activations entering each module in `paths` over `batch` (for benchmarks)."""
-    seen: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
+def _feed_inputs(model: torch.nn.Module, batch: torch.Tensor, paths: list[str], sink) -> None:
+    """Run `batch` through `model`, one sequence at a time, handing `sink(path, x)` the (tokens, in)
+    activations that enter each module in `paths`."""
     hooks = [
         model.get_submodule(p).register_forward_pre_hook(
-            lambda _m, args, p=p: seen[p].append(args[0].reshape(-1, args[0].shape[-1]).float())
+            lambda _m, args, p=p: sink(p, args[0].detach().reshape(-1, args[0].shape[-1]).float())
         )
         for p in paths
     ]
@@ -57,6 +30,26 @@ def collect_inputs(model: torch.nn.Module, batch: torch.Tensor, paths: list[str]
     finally:
         for h in hooks:
             h.remove()
+
+
+def collect_stats(model: torch.nn.Module, batch: torch.Tensor) -> Stats:
+    """E[x²] per input channel of each linear inside the decoder blocks, over all tokens of `batch`."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def add(path: str, x: torch.Tensor) -> None:
+        sums[path] = sums.get(path, 0) + (x * x).sum(0)
+        counts[path] = counts.get(path, 0) + x.shape[0]
+
+    paths = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    _feed_inputs(model, batch, paths, add)
+    return {k: (sums[k] / counts[k]).contiguous() for k in sums}
+
+
+def collect_inputs(model: torch.nn.Module, batch: torch.Tensor, paths: list[str]) -> dict[str, torch.Tensor]:
+    """The (tokens, in_features) activations entering each module in `paths` over `batch` (for benchmarks)."""
+    seen: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
+    _feed_inputs(model, batch, paths, lambda p, x: seen[p].append(x))
     return {p: torch.cat(xs) for p, xs in seen.items()}
 
 
