@@ -54,6 +54,7 @@ COLUMNS = [
     "plan",
     "error",
 ]
+BENCH = "lm_eval_mean_acc"  # the front's lm-eval mean accuracy, a metric of its trial runs
 OBJECTIVE_METRIC = {"perplexity": "perplexity", "kl": "kl", "memory": "memory_mb", "energy": "energy_mj_per_token"}
 
 
@@ -137,14 +138,19 @@ def write_tables(study: optuna.Study, exp: Experiment, out_dir: Path) -> tuple[l
     points = [[float(r[OBJECTIVE_METRIC[o]]) for o in exp.objectives] for r in done]
     front = [done[i] for i in pareto_indices(points, [bool(r["fits"]) for r in done])]
     front.sort(key=lambda r: float(r["memory_mb"]))
-    for name, table in (("trials.csv", rows), ("pareto.csv", front)):
-        tmp = out_dir / f".{name}.tmp"
-        with tmp.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=COLUMNS)
-            w.writeheader()
-            w.writerows(table)
-        tmp.replace(out_dir / name)
+    _write_csv(out_dir / "trials.csv", rows, COLUMNS)
+    _write_csv(out_dir / "pareto.csv", front, COLUMNS)
     return rows, front
+
+
+def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    """Replace `path` atomically: a reader (or a crash) never sees half a table."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
 
 
 @dataclass
@@ -247,7 +253,11 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
         ctx_box = [ray.put(ctx)]
         setup_s = _loop(study, space, exp, ctx, ctx_box, tracker, opts, started)
         rows, front = write_tables(study, exp, out)
-        _benchmark_front(front, exp, ctx_box, tracker, out)
+        if exp.benchmark.tasks:
+            _benchmark_front(front, exp, ctx_box, tracker, out)
+            for r in front:  # the front's benchmark beside its proxies, in pareto.csv too
+                r[BENCH] = tracker.metric(int(r["trial"]), BENCH)
+            _write_csv(out / "pareto.csv", front, [*COLUMNS, BENCH])
     except KeyboardInterrupt:
         tracker.finish("KILLED")
         raise
@@ -343,9 +353,7 @@ def _benchmark_front(front: list[dict], exp: Experiment, ctx_box: list, tracker:
     import ray
 
     spec = exp.benchmark
-    if not spec.tasks or not front:
-        return
-    todo = [r for r in front if not tracker.has_metric(int(r["trial"]), "lm_eval_mean_acc")]
+    todo = [r for r in front if tracker.metric(int(r["trial"]), BENCH) is None]
     print(f"benchmarking the front: {len(todo)} plans on {', '.join(spec.tasks)} (limit {spec.limit}) ...", flush=True)
     task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=False)(run_benchmark)
     refs = {}
@@ -361,10 +369,10 @@ def _benchmark_front(front: list[dict], exp: Experiment, ctx_box: list, tracker:
             print(f"  trial {row['trial']}: benchmark failed: {_reason(e)}", flush=True)
             continue
         metrics = {f"lm_eval.{t}.{m}": v for t, ms in scores.items() for m, v in ms.items()}
-        metrics["lm_eval_mean_acc"] = mean_accuracy(scores)
+        metrics[BENCH] = mean_accuracy(scores)
         tracker.log_metrics(int(row["trial"]), metrics)
         print(
-            f"  trial {row['trial']:>4}: mean accuracy {metrics['lm_eval_mean_acc']:.3f}  "
+            f"  trial {row['trial']:>4}: mean accuracy {metrics[BENCH]:.3f}  "
             f"({', '.join(f'{t} {mean_accuracy({t: ms}):.3f}' for t, ms in scores.items())})",
             flush=True,
         )

@@ -99,10 +99,10 @@ class SearchTracker:
         self.trial_runs[number] = rid
         return rid
 
-    def has_metric(self, number: int, key: str) -> bool:
-        """Whether trial `number`'s run already holds metric `key`."""
+    def metric(self, number: int, key: str) -> float | None:
+        """Metric `key` of trial `number`'s run, or None when it has none."""
         rid = self.trial_runs.get(number)
-        return rid is not None and key in self.client.get_run(rid).data.metrics
+        return None if rid is None else self.client.get_run(rid).data.metrics.get(key)
 
     def log_metrics(self, number: int, metrics: dict[str, float]) -> None:
         """Add metrics to a finished trial's run (the front's benchmark scores, say)."""

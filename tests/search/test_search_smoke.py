@@ -35,6 +35,7 @@ def test_output_folder_holds_trials_front_and_plans(smoke_run):
     assert [r["origin"] for r in trials[:2]] == ["baseline", "baseline"]  # the space seeds Q8_0 and Q4_0
     assert {r["origin"] for r in trials[2:]} == {"sampled"}
     assert 1 <= len(front) <= 6 and {r["trial"] for r in front} <= {r["trial"] for r in trials}
+    assert all(0 <= float(r["lm_eval_mean_acc"]) <= 1 for r in front)  # the front's benchmark, beside its proxies
     for r in trials:
         assert (smoke_run / r["plan"]).is_file()
         assert float(r["memory_mb"]) > 0 and float(r["perplexity"]) > 1
