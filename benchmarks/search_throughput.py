@@ -15,14 +15,15 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from autosquash.search.driver import SearchOptions, run_search
-from autosquash.search.experiment import load_experiment
+from autosquash.search.experiment import BenchmarkSpec, load_experiment
 from autosquash.track.mlflow_store import default_tracking_uri
 
 PARTS = ("build_s", "heal_s", "eval_s", "trial_s")
 
 
 def measure(experiment: str, trials: int, workers: int, out: Path) -> dict[str, float]:
-    exp = load_experiment(experiment)
+    # Trials only: the front's lm-eval benchmark runs once after them and is not a per-trial cost.
+    exp = load_experiment(experiment).model_copy(update={"benchmark": BenchmarkSpec()})
     start = time.perf_counter()
     run_search(exp, SearchOptions(out_dir=out, trials=trials, workers=workers))
     wall = time.perf_counter() - start
