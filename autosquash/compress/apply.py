@@ -57,16 +57,19 @@ class VariantCache:
         self._items: OrderedDict[tuple, tuple] = OrderedDict()
         self._bytes = 0
 
-    @staticmethod
-    def _size(value) -> int:
+    @classmethod
+    def _size(cls, value) -> int:
+        """Bytes a cached value holds: GGUF bytes and tensors, nested in tuples or a KronVariant."""
+        if value is None:
+            return 0
+        if isinstance(value, QuantizedTensor):
+            return value.data.nbytes
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
         if isinstance(value, KronVariant):
-            return value.a[0].data.nbytes + value.b[0].data.nbytes + 2 * (value.a[1].numel() + value.b[1].numel()) * 4
-        size = 0
-        for item in value:
-            parts = item if isinstance(item, tuple) else (item,)
-            for p in parts:
-                size += p.data.nbytes if isinstance(p, QuantizedTensor) else p.numel() * p.element_size()
-        return size
+            f = value.factors  # f.a and f.b are views of the decoded A and B, counted once
+            return cls._size((value.a, value.b, f.row_perm, f.col_perm, f.col_scale))
+        return sum(cls._size(v) for v in value)
 
     def get(self, key: tuple, make: Callable[[], tuple]) -> tuple:
         """The cached value of `key`, made (and cached) on a miss."""

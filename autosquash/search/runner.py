@@ -53,17 +53,19 @@ def merges_adapter(arch: Arch, plan: Plan) -> bool:
 
 
 def build_plan(ctx: TrialContext, plan: Plan, seed: int, cache: VariantCache | None = None):
-    """The trial's model: compressed, then healed (deterministic for a plan and seed); and heal stats."""
+    """The trial's model: compressed, then healed (deterministic for a plan and seed); and its build
+    and heal statistics."""
+    start = time.perf_counter()
     model = compress(ctx.base, ctx.arch, plan, ctx.stats, cache)
-    return heal(model, ctx.calib_ref, ctx.heal, seed=seed, merge=merges_adapter(ctx.arch, plan))
+    build_s = time.perf_counter() - start
+    model, info = heal(model, ctx.calib_ref, ctx.heal, seed=seed, merge=merges_adapter(ctx.arch, plan))
+    return model, {**info, "build_s": build_s, "heal_s": time.perf_counter() - start - build_s}
 
 
 def evaluate_plan(ctx: TrialContext, plan: Plan, seed: int, cache: VariantCache | None = None) -> dict[str, float]:
     """Build, heal, score and price one plan; the result's keys are metric names."""
     t0 = time.perf_counter()
-    model = compress(ctx.base, ctx.arch, plan, ctx.stats, cache)
-    t1 = time.perf_counter()
-    model, heal_info = heal(model, ctx.calib_ref, ctx.heal, seed=seed, merge=merges_adapter(ctx.arch, plan))
+    model, build_info = build_plan(ctx, plan, seed, cache)
     t2 = time.perf_counter()
     quality = score(model, ctx.eval_ref)
     t3 = time.perf_counter()
@@ -77,8 +79,8 @@ def evaluate_plan(ctx: TrialContext, plan: Plan, seed: int, cache: VariantCache 
         context_tokens=ctx.context_tokens,
         kv_heads_per_layer=kv_heads_per_layer(ctx.arch, plan),
     )
-    out = {**quality, **{k: float(v) for k, v in cost.to_dict().items()}, **heal_info}
-    out.update(build_s=t1 - t0, heal_s=t2 - t1, eval_s=t3 - t2, trial_s=t3 - t0)
+    out = {**quality, **{k: float(v) for k, v in cost.to_dict().items()}, **build_info}
+    out.update(eval_s=t3 - t2, trial_s=t3 - t0)
     if cache is not None:
         out.update(cache_hits=cache.hits, cache_misses=cache.misses)
     return out
