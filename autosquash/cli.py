@@ -20,6 +20,8 @@ def _search(args: argparse.Namespace) -> int:
     exp = load_experiment(args.experiment)
     if args.model:
         exp = exp.model_copy(update={"model": args.model})
+    if args.sampler:
+        exp = exp.model_copy(update={"sampler": args.sampler})
     out = Path(args.out or Path("runs") / exp.name)
     opts = SearchOptions(
         out_dir=out,
@@ -90,8 +92,12 @@ def _eval(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     if args.tasks is not None and not tasks:
         raise AutosquashError(f"--tasks {args.tasks!r} names no task")
+    if args.lora and not Path(args.lora).is_file():
+        raise AutosquashError(f"LoRA adapter {args.lora} does not exist")
     tok = load_tokenizer(args.model)
     model = load_model(args.model)
+    if args.lora:
+        model = _with_lora(model, args.model, args.lora)
     result: dict = {}
     if tasks:
         from autosquash.evaluate.benchmark import run_tasks
@@ -104,67 +110,92 @@ def _eval(args: argparse.Namespace) -> int:
         batch = token_block(tok, load_texts(args.text), args.tokens, args.seq_len)
         result.update(perplexity=reference(model, batch, k=1).perplexity, tokens=int(batch.numel()))
     result.update(model=args.model, limit=args.limit)
+    if args.lora:
+        result["lora"] = args.lora
     if args.json:
         print(json.dumps(result))
         return 0
+    name = f"{args.model} + {args.lora}" if args.lora else args.model
     if tasks:
         from autosquash.evaluate.benchmark import format_table
 
         limit = f"first {args.limit} examples of each task" if args.limit else "all examples"
-        print(f"{args.model}, zero-shot, {limit}\n{format_table(result['tasks'])}")
+        print(f"{name}, zero-shot, {limit}\n{format_table(result['tasks'])}")
     if args.text:
         print(f"perplexity {result['perplexity']:.3f} on {result['tokens']} tokens")
     return 0
 
 
+def _with_lora(model, spec: str, lora: str):
+    """`model` with the GGUF LoRA adapter `lora` applied, as llama.cpp's --lora applies it."""
+    from autosquash.export.gguf_read import gguf_architecture
+    from autosquash.export.lora import apply_adapter, read_gguf_lora
+    from autosquash.models.load import resolve
+
+    src = resolve(spec)
+    if src.kind == "torch":
+        raise AutosquashError(f"{spec} is a torch-format file, which carries its adapter inside; --lora is for GGUF")
+    adapter, alpha, adapter_arch = read_gguf_lora(lora)
+    if src.kind == "gguf":
+        model_arch = gguf_architecture(Path(src.location, src.gguf_file))
+        if model_arch != adapter_arch:
+            raise AutosquashError(f"{lora} adapts a {adapter_arch} model; {spec} is {model_arch}")
+    return apply_adapter(model, adapter, alpha)
+
+
 def _export(args: argparse.Namespace) -> int:
-    from autosquash.compress.calibrate import cached_stats
-    from autosquash.compress.gguf_types import tensor_type
     from autosquash.compress.plan import Plan
-    from autosquash.export.gguf_file import write_gguf
-    from autosquash.models.arch import Arch
-    from autosquash.models.load import load_model, load_tokenizer, resolve
-    from autosquash.search.driver import load_inputs, text_batch
-    from autosquash.search.experiment import TextSpec, load_experiment
+    from autosquash.export.build import plan_model, rebuild_trial
     from autosquash.yaml_io import load_yaml_model
 
-    if args.format != "gguf":
-        raise AutosquashError("--format torch is not implemented yet; GGUF is")
     if args.register and not args.run:
         raise AutosquashError("--register needs --run DIR --trial N: a model version links to its trial's run")
+    out = Path(args.out)
+    if args.format == "gguf" and out.suffix != ".gguf":
+        raise AutosquashError(f"--out {out}: a GGUF file's name ends in .gguf")
+    if args.format == "torch" and out.suffix in (".gguf", ".json"):
+        raise AutosquashError(f"--out {out}: --format torch writes safetensors; name it e.g. model.safetensors")
+    exp = plan_file = None
     if args.run:
-        run = Path(args.run)
         if args.trial is None:
             raise AutosquashError("--run needs --trial N")
-        plan_file = run / "plans" / f"trial-{args.trial:04d}.yaml"
-        if not plan_file.exists():
-            raise AutosquashError(f"{run} holds no trial {args.trial} ({plan_file} is missing)")
-        exp = load_experiment(run / "experiment.yaml")
-        plan = load_yaml_model(Plan, plan_file)
-        inputs = load_inputs(exp, run)
-        spec, base, arch, stats = exp.model, inputs.base, inputs.arch, inputs.stats
+        built, exp, plan_file = rebuild_trial(Path(args.run), args.trial)
     else:
         if not args.model or not (args.plan or args.uniform):
             raise AutosquashError("export needs --run DIR --trial N, or --model M with --plan FILE or --uniform TYPE")
-        spec = args.model
-        base = load_model(spec)
-        arch = Arch.from_config(base.config)
-        if args.plan:
-            plan = load_yaml_model(Plan, args.plan)
-        else:
-            plan = Plan.uniform(arch, tensor_type(args.uniform).name)
-        calib = text_batch(load_tokenizer(spec), TextSpec(source="wikipedia"))
-        stats = cached_stats(base, calib, resolve(spec).key, CACHE_DIR)
-    counts = write_gguf(args.out, spec, base, arch, plan, stats)
-    size = Path(args.out).stat().st_size
+        plan = load_yaml_model(Plan, args.plan) if args.plan else args.uniform
+        built = plan_model(args.model, plan, CACHE_DIR)
+    files, counts, healing = _write_export(out, args.format, built)
     types = ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
-    print(f"wrote {args.out}: {size / 1e6:.1f} MB, tensors: {types}")
+    for f in files:
+        print(f"wrote {f}: {f.stat().st_size / 1e6:.1f} MB")
+    print(f"tensors: {types}" + (f"; healing: {healing}" if healing else ""))
     if args.register:
-        _register(args, exp, plan_file)
+        _register(args, exp, plan_file, files, healing)
     return 0
 
 
-def _register(args: argparse.Namespace, exp, plan_file: Path) -> None:
+def _write_export(out: Path, fmt: str, built) -> tuple[list[Path], dict[str, int], str | None]:
+    """Write `built` as `fmt`: (files written, tensors per type, where the trial's LoRA healing went)."""
+    from autosquash.export.gguf_file import gguf_arch, write_gguf
+    from autosquash.export.lora import adapter_weights, lora_path, write_gguf_lora
+    from autosquash.export.torch_file import save
+
+    b = built
+    merged = "the trial's LoRA healing, merged into the weights" if b.healing == "merged" else None
+    if fmt == "torch":
+        counts = save(out, b.spec, b.base, b.arch, b.plan, b.stats, b.cache, model=b.model)
+        return [out], counts, f"the trial's LoRA healing, inside {out.name}" if b.healing == "adapter" else merged
+    counts = write_gguf(out, b.spec, b.base, b.arch, b.plan, b.stats, b.cache, model=b.model)
+    if b.healing != "adapter":
+        return [out], counts, merged
+    lora = lora_path(out)
+    adapter, alpha = adapter_weights(b.model)
+    write_gguf_lora(lora, adapter, alpha, b.arch, gguf_arch(b.arch, b.plan))
+    return [out, lora], counts, f"the trial's LoRA healing, in {lora.name} (llama.cpp: --lora {lora.name})"
+
+
+def _register(args: argparse.Namespace, exp, plan_file: Path, files: list[Path], healing: str | None) -> None:
     from autosquash.track.mlflow_store import find_trial_run
     from autosquash.track.registry import register
 
@@ -186,9 +217,8 @@ def _register(args: argparse.Namespace, exp, plan_file: Path) -> None:
         )
         if k in metrics
     }
-    if metrics.get("heal_steps", 0) > 0 and not metrics.get("heal_merged"):
-        # The file holds the compressed weights; the trial's quality was measured with its LoRA adapter.
-        tags["lora_adapter"] = "not in this file: the recorded quality includes LoRA healing"
+    if healing:
+        tags["lora_adapter"] = healing
     tags.update(
         {
             "device": exp.device,
@@ -197,9 +227,10 @@ def _register(args: argparse.Namespace, exp, plan_file: Path) -> None:
             "trial": str(args.trial),
             "plan": plan_file.read_text()[:5000],
             "format": args.format,
+            "files": ", ".join(f.name for f in files),
         }
     )
-    version = register(tracking_uri, args.register, [Path(args.out), plan_file], trial_run.info.run_id, tags)
+    version = register(tracking_uri, args.register, [*files, plan_file], trial_run.info.run_id, tags)
     print(
         f"registered {args.register} version {version}; pull it with: autosquash pull models:/{args.register}/"
         f"{version} --out DIR"
@@ -252,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, help="trials in flight at once (default: the experiment's)")
     s.add_argument("--out", help="output folder (default: runs/<experiment name>)")
     s.add_argument("--model", help="override the experiment's model")
+    s.add_argument(
+        "--sampler",
+        choices=["sensitivity", "tpe", "nsga2", "random", "gp"],
+        help="override the experiment's sampler (sensitivity: plans from a measured per-layer damage model)",
+    )
     s.add_argument("--ray-address", help="address of a running Ray cluster (default: a local Ray)")
     s.add_argument("--resume", action="store_true", help="continue the search stored in --out")
     s.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite in the output folder)")
@@ -275,7 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     from autosquash.evaluate.benchmark import SHIPPED_TASKS
 
     v = sub.add_parser("eval", help="score a model: lm-eval tasks and/or perplexity on a text")
-    v.add_argument("--model", required=True, help="shipped name, .gguf, config.json, folder or hub id")
+    v.add_argument(
+        "--model",
+        required=True,
+        help="shipped name, .gguf (llama or deci), torch-format file, config.json, folder or hub id",
+    )
     v.add_argument("--text", help="text file, or a shipped source: wikipedia, lambada")
     v.add_argument(
         "--tasks",
@@ -284,19 +324,39 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--limit", type=int, help="score the first N examples of each task (default: all)")
     v.add_argument("--tokens", type=int, default=4096, help="tokens to score (default 4096)")
     v.add_argument("--seq-len", type=int, default=256, help="sequence length (default 256)")
+    v.add_argument(
+        "--lora",
+        metavar="FILE",
+        help="GGUF LoRA adapter to apply, as llama.cpp's --lora does: the M.lora.gguf that export writes beside "
+        "M.gguf for a healed trial with quantized weights (not picked up on its own)",
+    )
     v.add_argument("--json", action="store_true", help="print JSON")
     v.set_defaults(fn=_eval)
 
-    x = sub.add_parser("export", help="write a trial's (or a plan's) model as a GGUF file for llama.cpp")
+    x = sub.add_parser(
+        "export",
+        help="write a trial's model (rebuilt and healed as the trial was) or a plan's, as GGUF or torch format",
+        description="A trial is rebuilt as it was evaluated, LoRA healing included: merged into F16 weights, "
+        "or as a GGUF LoRA adapter M.lora.gguf beside M.gguf (llama.cpp: --lora; autosquash eval: --lora), "
+        "or inside a torch-format file. --model with --plan/--uniform writes the plan without healing.",
+    )
     x.add_argument("--run", help="a search's output folder (with --trial)")
     x.add_argument("--trial", type=int, help="the trial number to export")
     x.add_argument("--model", help="base model, with --plan or --uniform instead of --run")
     g = x.add_mutually_exclusive_group()
     g.add_argument("--plan", help="plan YAML file")
     g.add_argument("--uniform", help="one GGUF type for every linear weight and the embeddings")
-    x.add_argument("--out", required=True, help="output file, e.g. model.gguf")
-    x.add_argument("--format", choices=("gguf", "torch"), default="gguf", help="gguf (default); torch: not yet")
-    x.add_argument("--register", metavar="NAME", help="register the file as a new version of model NAME (with --run)")
+    x.add_argument("--out", required=True, help="output file: M.gguf, or M.safetensors with --format torch")
+    x.add_argument(
+        "--format",
+        choices=("gguf", "torch"),
+        default="gguf",
+        help="gguf (default: llama.cpp; llama or deci architecture); torch: safetensors that also hold SVD and "
+        "Kronecker factors, for autosquash's own loader",
+    )
+    x.add_argument(
+        "--register", metavar="NAME", help="register the file(s) as a new version of model NAME (with --run)"
+    )
     x.set_defaults(fn=_export)
     u = sub.add_parser("pull", help="fetch a registered model (GGUF and its plan) for deployment")
     u.add_argument("model_uri", help="models:/NAME/VERSION or models:/NAME@ALIAS")

@@ -31,6 +31,13 @@ def _run(capsys, *argv) -> tuple[int, str, str]:
         (["export", "--out", "x.gguf"], "export needs --run DIR --trial N"),
         (["export", "--model", "m", "--uniform", "Q4_0", "--out", "x", "--register", "n"], "--register needs --run"),
         (["pull", "not-a-uri", "--out", "x"], "is not a model URI"),
+        (["export", "--run", "no/such/run", "--trial", "1", "--out", "x.gguf"], "not a search's output folder"),
+        (["export", "--run", "experiments", "--trial", "1", "--out", "x.gguf"], "not a search's output folder"),
+        (["export", "--model", "m", "--uniform", "Q4_0", "--out", "x.bin"], "ends in .gguf"),
+        (["export", "--model", "m", "--uniform", "Q4_0", "--format", "torch", "--out", "x.gguf"], "writes safetensors"),
+        (["eval", "--model", "README.md", "--text", "lambada"], "not an autosquash torch-format file"),
+        (["eval", "--model", "no/such.safetensors", "--text", "lambada"], "does not exist"),
+        (["eval", "--model", "m.gguf", "--text", "lambada", "--lora", "no/such.lora.gguf"], "does not exist"),
     ],
 )
 def test_bad_input_is_one_line(capsys, monkeypatch, argv, message):

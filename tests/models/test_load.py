@@ -41,3 +41,15 @@ def test_unsupported_architecture_is_named(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(AutosquashError, match="gpt2"):
         load_arch(str(tmp_path / "c.json"))
+
+
+def test_torch_format_files_are_their_own_kind(tmp_path, tiny_model, tiny_arch):
+    from autosquash.compress.plan import Plan
+    from autosquash.export.torch_file import save
+
+    plan = Plan.uniform(tiny_arch, "Q8_0")
+    spec = str(tmp_path / "base.json")
+    save(tmp_path / "m.safetensors", spec, tiny_model, tiny_arch, plan, {})
+    src = resolve(str(tmp_path / "m.safetensors"))
+    assert src.kind == "torch" and src.key.startswith("torch:")
+    assert load_arch(str(tmp_path / "m.safetensors")) == tiny_arch  # from the base config it records
