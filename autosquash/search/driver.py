@@ -32,6 +32,7 @@ from autosquash.models.load import load_model, load_tokenizer, resolve
 from autosquash.search.experiment import Experiment, TextSpec
 from autosquash.search.front import pareto_indices
 from autosquash.search.runner import TrialContext, run_benchmark, run_trial
+from autosquash.search.sensitivity import SensitivitySampler, cached_profile, proposal_targets
 from autosquash.search.space import SearchSpace
 from autosquash.track.mlflow_store import ORIGIN, SearchTracker, default_tracking_uri
 from autosquash.track.plots import front_html, front_png
@@ -72,7 +73,11 @@ class SearchOptions:
 
 
 def _sampler(exp: Experiment) -> optuna.samplers.BaseSampler:
-    """The experiment's sampler; each honours the device-fit constraint set on its trials."""
+    """The experiment's sampler; each honours the device-fit constraint set on its trials.
+
+    `sensitivity` needs the base model: the study starts with TPE and `_use_sensitivity` replaces it
+    once the inputs are loaded.
+    """
     if exp.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=exp.seed)
     if exp.sampler == "random":
@@ -242,6 +247,8 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
         for quant in space.baselines:
             study.enqueue_trial(space.baseline_params(ctx.arch, quant), user_attrs={"origin": "baseline"})
         study.set_user_attr("baselines_enqueued", True)
+    if exp.sampler == "sensitivity":
+        study.sampler = _sensitivity_sampler(exp, space, ctx, out)
 
     if ray.is_initialized():
         ray.shutdown()
@@ -274,6 +281,15 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
     )
     tracker.finish()
     return front
+
+
+def _sensitivity_sampler(exp: Experiment, space: SearchSpace, ctx: TrialContext, out: Path) -> SensitivitySampler:
+    """The per-group damage model (measured once, cached on disk) and a sampler proposing from it."""
+    profile = cached_profile(
+        ctx.base, ctx.arch, space, ctx.stats, ctx.calib_ref, exp.context_tokens, resolve(exp.model).key, out / "cache"
+    )
+    sizes = [profile.size(*profile.picks_of(space.baseline_params(ctx.arch, b))) for b in space.baselines]
+    return SensitivitySampler(profile, proposal_targets(profile, sizes), seed=exp.seed)
 
 
 def _finished(study: optuna.Study) -> int:
@@ -328,13 +344,16 @@ def _loop(
             plan_rel = f"plans/trial-{trial.number:04d}.yaml"
             dump_yaml_model(plan, opts.out_dir / plan_rel)
             trial.set_user_attr("plan", plan_rel)
-            trial.set_user_attr("origin", trial.user_attrs.get("origin", "sampled"))
+            # A sampler may name the origin as the trial starts (after `trial.user_attrs` was read).
+            origin = study._storage.get_trial(trial._trial_id).user_attrs.get("origin", "sampled")
+            trial.set_user_attr("origin", origin)
             pending[task.remote(ctx_box, plan.model_dump(mode="json"), exp.seed + trial.number)] = (trial, plan)
         (ref,), _ = ray.wait(list(pending), num_returns=1)
         trial, plan = pending.pop(ref)
         try:
             raw, worker = ray.get(ref)
-            metrics, error = {**raw, **_metrics_row(raw)}, None
+            # The worker's torch threads: SVD/Kronecker factors depend on them, so an export rebuilds with them.
+            metrics, error = {**raw, **_metrics_row(raw), "torch_threads": ctx.threads_per_worker}, None
             trial.set_user_attr("worker", worker)
         except Exception as e:  # a raising trial is a failed trial, recorded with its reason
             metrics, error = None, _reason(e)

@@ -11,7 +11,7 @@ from autosquash.errors import AutosquashError
 from autosquash.yaml_io import read_yaml, validate
 
 Objective = Literal["perplexity", "kl", "memory", "energy"]
-SamplerName = Literal["tpe", "nsga2", "random", "gp"]
+SamplerName = Literal["tpe", "nsga2", "random", "gp", "sensitivity"]
 
 
 class TextSpec(BaseModel):

@@ -1,0 +1,159 @@
+import itertools
+import random
+
+import optuna
+import pytest
+import torch
+
+from autosquash.compress.apply import compress
+from autosquash.compress.calibrate import collect_stats
+from autosquash.compress.plan import Plan, deployed_tensors
+from autosquash.cost.model import kv_cache_bytes_per_token
+from autosquash.evaluate.proxy import reference, score
+from autosquash.search.sensitivity import (
+    GroupProfile,
+    Profile,
+    SensitivitySampler,
+    best_under,
+    measure_profile,
+    proposal_targets,
+)
+from autosquash.search.space import SearchSpace
+
+SPACE = SearchSpace.model_validate(
+    {
+        "name": "t",
+        "target": "gguf",
+        "embed_quant": ["Q8_0", "Q4_0"],
+        "attn": {"quant": ["Q8_0", "Q4_0", "Q2_K"]},
+        "ffn": {"quant": ["Q8_0", "Q4_0", "Q2_K"], "ffn_keep_ratio": [1.0, 0.5]},
+        "baselines": ["Q8_0", "Q4_0", "Q2_K"],
+    }
+)
+CONTEXT = 64
+
+
+@pytest.fixture(scope="module")
+def measured():
+    from transformers import LlamaForCausalLM
+
+    from autosquash.models.arch import Arch
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config()).eval()
+    arch = Arch.from_config(model.config)
+    batch = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(1))
+    stats = collect_stats(model, batch)
+    ref = reference(model, batch, 16)
+    profile = measure_profile(model, arch, SPACE, stats, ref, CONTEXT, log=lambda *a, **k: None)
+    return model, arch, stats, ref, profile
+
+
+def test_sizes_are_what_the_plan_deploys(measured):
+    _, arch, _, _, profile = measured
+    for quant in SPACE.baselines:
+        params = SPACE.baseline_params(arch, quant)
+        plan = Plan.uniform(arch, quant, embed_quant="Q8_0")
+        weights = sum(t.nbytes for t in deployed_tensors(arch, plan))
+        kv = kv_cache_bytes_per_token(arch) * CONTEXT
+        assert profile.size(*profile.picks_of(params)) == weights + kv
+
+
+def test_damage_grows_as_bits_shrink_and_channels_go(measured):
+    _, _, _, _, profile = measured
+    for g in profile.groups:
+        by = {tuple(sorted(o.items())): d for o, d in zip(g.options, g.damage, strict=True)}
+        key = (lambda q, r=1.0: (("ffn_keep_ratio", r), ("quant", q))) if g.name.endswith("ffn") else None
+        if key is None:
+            assert by[(("quant", "Q8_0"),)] < by[(("quant", "Q4_0"),)] < by[(("quant", "Q2_K"),)]
+        else:
+            assert by[key("Q8_0")] < by[key("Q4_0")] < by[key("Q2_K")]
+            assert by[key("Q8_0")] < by[key("Q8_0", 0.5)]
+    assert profile.embed.damage[0] < profile.embed.damage[1]  # Q8_0 embeddings hurt less than Q4_0
+
+
+def test_predicted_damage_ranks_plans_as_measured(measured):
+    """The additive model's order of random plans agrees with their measured KL (rank correlation)."""
+    from scipy.stats import spearmanr
+
+    model, arch, stats, ref, profile = measured
+    rng = random.Random(0)
+    predicted, measured_kl = [], []
+    for _ in range(8):
+        picks = [rng.randrange(len(g.nbytes)) for g in profile.groups]
+        embed = rng.randrange(len(profile.embed.nbytes))
+        params = profile.params(picks, embed)
+        trial = optuna.trial.FixedTrial(params)
+        plan = SPACE.sample(trial, arch)
+        predicted.append(profile.damage(picks, embed))
+        measured_kl.append(score(compress(model, arch, plan, stats), ref)["kl"])
+    assert spearmanr(predicted, measured_kl).statistic > 0.6
+
+
+def _random_profile(rng: random.Random, n_groups: int, n_options: int) -> Profile:
+    def part(name):
+        nbytes = sorted(rng.randrange(10, 100) for _ in range(n_options))
+        damage = sorted((rng.random() for _ in range(n_options)), reverse=True)
+        return GroupProfile(name, [{"o": k} for k in range(n_options)], nbytes, damage)
+
+    return Profile([part(f"g{i}") for i in range(n_groups)], part("embed"), fixed_bytes=5)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_knapsack_fits_the_budget_and_is_near_the_exact_optimum(seed):
+    rng = random.Random(seed)
+    profile = _random_profile(rng, 4, 3)
+    parts = [*profile.groups, profile.embed]
+    for budget in (60, 150, 250, 400):
+        exact = None
+        for picks in itertools.product(range(3), repeat=len(parts)):
+            size = profile.fixed_bytes + sum(p.nbytes[k] for p, k in zip(parts, picks, strict=True))
+            dmg = sum(p.damage[k] for p, k in zip(parts, picks, strict=True))
+            if size <= budget and (exact is None or dmg < exact):
+                exact = dmg
+        found = best_under(profile, budget)
+        if exact is None:
+            assert found is None
+            continue
+        assert profile.size(*found) <= budget
+        # Lagrangian + greedy is not exact for a multiple-choice knapsack, but close on small cases.
+        assert profile.damage(*found) <= exact + 0.25
+
+
+def test_sampler_proposes_under_each_target_then_mutates(measured):
+    _, arch, _, _, profile = measured
+    sizes = [profile.size(*profile.picks_of(SPACE.baseline_params(arch, b))) for b in SPACE.baselines]
+    targets = proposal_targets(profile, sizes)
+    assert targets[: len(sizes)] == sorted(sizes)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=SensitivitySampler(profile, targets))
+    study.enqueue_trial(SPACE.baseline_params(arch, "Q8_0"), user_attrs={"origin": "baseline"})
+    kinds, seen = [], set()
+    for _ in range(len(targets) + 4):
+        trial = study.ask()
+        SPACE.sample(trial, arch)
+        frozen = study._storage.get_trial(trial._trial_id)
+        kinds.append(frozen.user_attrs.get("origin"))
+        picks = profile.picks_of(trial.params)
+        if kinds[-1] == "proposed":
+            assert profile.size(*picks) <= targets[frozen.system_attrs["sensitivity.target"]]
+        key = tuple(sorted(trial.params.items()))
+        assert key not in seen  # never the same plan twice
+        seen.add(key)
+        study.tell(trial, [profile.damage(*picks), profile.size(*picks)])
+    assert kinds[0] == "baseline"
+    assert "proposed" in kinds and kinds[-1] == "mutated"
+
+
+def test_proposals_beat_the_uniform_plan_of_their_size(measured):
+    """At each baseline's size the proposal's measured KL is no worse than the baseline's."""
+    model, arch, stats, ref, profile = measured
+    for quant in ("Q4_0", "Q2_K"):
+        base_params = SPACE.baseline_params(arch, quant)
+        found = best_under(profile, profile.size(*profile.picks_of(base_params)))
+        kl = {}
+        for name, params in (("baseline", base_params), ("proposal", profile.params(*found))):
+            plan = SPACE.sample(optuna.trial.FixedTrial(params), arch)
+            kl[name] = score(compress(model, arch, plan, stats), ref)["kl"]
+        assert kl["proposal"] <= kl["baseline"] * 1.05, (quant, kl)
