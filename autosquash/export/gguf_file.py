@@ -111,6 +111,14 @@ def write_gguf(
     widths = [kept_ffn_channels(arch, plan.choice(f"blk.{i}.ffn")) for i in range(arch.n_layers)]
     kv_heads = kv_heads_per_layer(arch, plan)
     heads = [n * (arch.n_heads // arch.n_kv_heads) for n in kv_heads]
+    ffn_alone = [i for i, (w, kv) in enumerate(zip(widths, kv_heads, strict=True)) if w == 0 and kv > 0]
+    if ffn_alone:
+        # Checked with llama-cpp-python 0.3.36: deci's graph skips the rest of a block with no FFN,
+        # attention output included, so the file would not compute what the trial measured.
+        raise AutosquashError(
+            f"block(s) {', '.join(map(str, ffn_alone))} remove the FFN but keep the attention, which llama.cpp's "
+            "deci architecture cannot run (it drops that attention too); export with --format torch"
+        )
     arch_name = gguf_arch(arch, plan)
     merged = merged_weights(model)
     writer = GGUFWriter(str(path), arch_name)

@@ -76,6 +76,11 @@ class SearchSpace(BaseModel):
             raise ValueError("attn.ffn_keep_ratio: attention groups have no FFN channels to prune")
         if self.ffn.attn_keep_ratio != [1.0]:
             raise ValueError("ffn.attn_keep_ratio: FFN groups have no attention heads to prune")
+        if self.target == "gguf" and 0.0 in self.ffn.ffn_keep_ratio:
+            raise ValueError(
+                "ffn.ffn_keep_ratio: a gguf target cannot remove an FFN alone (llama.cpp's deci architecture "
+                "drops that block's attention too); use target: torch"
+            )
         for g in (self.attn, self.ffn):
             if self.target == "gguf" and (g.rank_ratio != [0.0] or g.kron_rank != [0]):
                 raise ValueError("rank_ratio/kron_rank: a gguf target cannot hold decompositions; use target: torch")

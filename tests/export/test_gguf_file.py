@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from autosquash.compress.apply import compress
 from autosquash.compress.plan import LayerChoice, Plan
+from autosquash.errors import AutosquashError
 from autosquash.export.gguf_file import write_gguf
 from autosquash.models.arch import Arch
 from autosquash.models.load import load_model
@@ -80,3 +81,12 @@ def test_pruned_plan_is_written_as_deci_with_per_layer_shapes(tiny, tmp_path):
     names = {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors}
     assert names["blk.0.ffn_down.weight"] == (256, 256) and names["blk.0.attn_k.weight"] == (256, 64)
     assert not any(n.startswith("blk.1.attn") for n in names) and "blk.1.ffn_norm.weight" in names
+
+
+def test_an_ffn_removed_alone_is_refused(tiny, tmp_path):
+    """llama.cpp's deci graph skips the rest of a block whose FFN width is 0, its attention output
+    included (measured with llama-cpp-python 0.3.36), so such a file would compute something else."""
+    base, arch = tiny
+    plan = Plan(groups={"blk.1.ffn": LayerChoice(ffn_keep_ratio=0.0)})
+    with pytest.raises(AutosquashError, match="remove the FFN but keep the attention"):
+        write_gguf(tmp_path / "m.gguf", TINY, base, arch, plan, {})

@@ -46,6 +46,13 @@ def test_gguf_target_refuses_decomposition(tmp_path):
         SearchSpace.load(tmp_path / "s.yaml")
 
 
+def test_gguf_target_refuses_removing_an_ffn_alone():
+    space = {"name": "s", "target": "gguf", "attn": {"quant": ["Q8_0"]}, "ffn": {"quant": ["Q8_0"]}}
+    space["ffn"]["ffn_keep_ratio"] = [1.0, 0.0]
+    with pytest.raises(ValueError, match="cannot remove an FFN alone"):
+        SearchSpace.model_validate(space)
+
+
 def test_unknown_type_is_named(tmp_path):
     import yaml
 
