@@ -1,0 +1,212 @@
+"""Search efficiency: hypervolume of (memory, perplexity) against trials for each sampler, at equal budget.
+
+Each (sampler, seed) runs an Optuna study in this process (no Ray, no MLflow) over the experiment's
+search space and objectives, with the device-fit constraint as in a search, but without the enqueued
+uniform baselines: the samplers are measured alone. (The sensitivity sampler aims its first proposals
+at the baselines' sizes, as it does in a search; it never evaluates them.) A trial is the plan compressed
+(one variant cache for every run) and scored on the experiment's held-out text, without healing: healing
+is the same for every sampler, so it would only add the same cost to each. A plan seen before is scored
+once. The uniform baselines, evaluated the same way, fix one reference point for every run and are drawn
+for comparison.
+
+    .venv/bin/python benchmarks/sampler_efficiency.py [--trials 16] [--seeds 0,1,2]
+        [--samplers random,tpe,nsga2,sensitivity] [--experiment FILE] [--png FILE]
+    .venv/bin/python benchmarks/sampler_efficiency.py --quick   # the smoke model over a small GGUF space
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import matplotlib
+import optuna
+from _common import DEFAULT_EXPERIMENT, OUT, SMOKE_EXPERIMENT, evaluate, hypervolume_2d, table, trial_context
+
+from autosquash.compress.apply import VariantCache
+from autosquash.compress.plan import Plan
+from autosquash.models.arch import Arch
+from autosquash.search.driver import OBJECTIVE_METRIC, _sampler, _sensitivity_sampler
+from autosquash.search.experiment import Experiment, HealSpec, load_experiment
+from autosquash.search.runner import TrialContext, TrialFailed
+from autosquash.search.space import SearchSpace
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+
+Ref = tuple[float, float]  # the hypervolume's reference point: (memory MB, perplexity)
+
+# --quick: few choices and no decompositions, so that the tiny model's variants are computed in seconds.
+QUICK_SPACE = SearchSpace.model_validate(
+    {
+        "name": "quick",
+        "target": "gguf",
+        "attn": {"quant": ["Q8_0", "Q4_0", "Q2_K"]},
+        "ffn": {"quant": ["Q8_0", "Q4_0", "Q2_K"], "ffn_keep_ratio": [1.0, 0.75]},
+        "baselines": ["Q8_0", "Q4_0", "Q2_K"],
+    }
+)
+
+
+class Scorer:
+    """Scores plans as a trial would, without healing; a plan seen before is not scored again."""
+
+    def __init__(self, ctx: TrialContext):
+        self.ctx, self.cache, self.memo = ctx, VariantCache(), {}
+
+    def __call__(self, plan: Plan) -> dict | None:
+        key = plan.model_dump_json()
+        if key not in self.memo:
+            try:
+                self.memo[key] = evaluate(self.ctx, plan, 0, self.cache)  # no healing: the seed is unused
+            except TrialFailed:  # a plan whose quality is not finite: a failed trial
+                self.memo[key] = None
+        return self.memo[key]
+
+
+def run_study(
+    exp: Experiment, space: SearchSpace, sampler: optuna.samplers.BaseSampler, trials: int, score: Scorer, ref: Ref
+) -> tuple[list[float], float]:
+    """One study of `trials` trials: the hypervolume after each, and the sampler's mean seconds per trial."""
+    study = optuna.create_study(directions=["minimize"] * len(exp.objectives), sampler=sampler)
+    points, hv, asking = [], [], 0.0
+    for _ in range(trials):
+        t = time.perf_counter()
+        trial = study.ask()
+        plan = space.sample(trial, score.ctx.arch)
+        asking += time.perf_counter() - t
+        m = score(plan)
+        if m is None:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        else:
+            # Feasible when <= 0, as in a search: a plan that does not fit stays off the front.
+            trial.set_constraint("memory_over_limit_mb", m["constraint_mb"])
+            study.tell(trial, [m[OBJECTIVE_METRIC[o]] for o in exp.objectives])
+            if m["fits"]:
+                points.append((m["memory_mb"], m["perplexity"]))
+        hv.append(hypervolume_2d(points, ref))
+    return hv, asking / trials
+
+
+def baseline_plan(space: SearchSpace, arch: Arch, quant: str) -> Plan:
+    """The uniform plan a search enqueues for `quant`."""
+    return space.sample(optuna.trial.FixedTrial(space.baseline_params(arch, quant)), arch)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--experiment", type=Path, default=None, help="default: the default experiment")
+    p.add_argument("--trials", type=int, default=None, help="budget per study (default 16; 12 with --quick)")
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=None)
+    p.add_argument("--samplers", type=lambda s: s.split(","), default=["random", "tpe", "nsga2", "sensitivity"])
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="the smoke experiment's tiny model over a small GGUF space, 12 trials, seeds 0,1 (tests the script)",
+    )
+    p.add_argument("--png", type=Path, default=OUT / "sampler_efficiency.png")
+    args = p.parse_args()
+    trials = args.trials or (12 if args.quick else 16)
+    seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2])
+    exp = load_experiment(args.experiment or (SMOKE_EXPERIMENT if args.quick else DEFAULT_EXPERIMENT))
+    exp = exp.model_copy(update={"heal": HealSpec(steps=0)})
+    space = QUICK_SPACE if args.quick else SearchSpace.load(exp.search_space)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+    # One process does everything: all of the machine's threads for it.
+    _, ctx = trial_context(exp, OUT, workers=1)
+    score = Scorer(ctx)
+    print(f"scoring the {len(space.baselines)} uniform baselines (they fix the reference point) ...", flush=True)
+    base = {q: score(baseline_plan(space, ctx.arch, q)) for q in space.baselines}
+    fixed = [(m["memory_mb"], m["perplexity"]) for m in base.values() if m is not None and m["fits"]]
+    ref = (1.05 * max(x for x, _ in fixed), 1.05 * max(y for _, y in fixed))
+    base_hv = hypervolume_2d(fixed, ref)
+    if "sensitivity" in args.samplers:
+        t = time.perf_counter()
+        _sensitivity_sampler(exp, space, ctx, OUT)  # the profile: measured once, then read from OUT/cache
+        print(f"sensitivity profile ready in {time.perf_counter() - t:.1f} s (once per model, data and space)")
+
+    curves: dict[str, list] = {name: [] for name in args.samplers}
+    ask_s: dict[str, list] = {name: [] for name in args.samplers}
+    for name in args.samplers:
+        for seed in seeds:
+            run = exp.model_copy(update={"seed": seed, "sampler": name})
+            sampler = _sensitivity_sampler(run, space, ctx, OUT) if name == "sensitivity" else _sampler(run)
+            t = time.perf_counter()
+            hv, asking = run_study(run, space, sampler, trials, score, ref)
+            curves[name].append(hv)
+            ask_s[name].append(asking)
+            print(
+                f"  {name:11s} seed {seed}: hypervolume {hv[-1]:10.1f} after {trials} trials"
+                f" ({time.perf_counter() - t:.0f} s)",
+                flush=True,
+            )
+
+    report(exp, curves, ask_s, trials, seeds, ref, base_hv, len(score.memo))
+    plot(exp, curves, trials, seeds, ref, base_hv, args.png)
+    print(f"plot: {args.png}")
+
+
+def report(
+    exp: Experiment, curves: dict, ask_s: dict, trials: int, seeds: list[int], ref: Ref, base_hv: float, plans: int
+) -> None:
+    """The table: hypervolume at a quarter, half, three quarters and all of the budget."""
+    marks = sorted({max(1, trials * k // 4) for k in (1, 2, 3, 4)})
+    print(
+        f"\n{exp.name}: hypervolume of (memory MB, perplexity) in MB x perplexity after n trials, "
+        f"mean (min..max) over seeds {','.join(map(str, seeds))}"
+    )
+    print(
+        f"objectives {', '.join(exp.objectives)} with the device-fit constraint; no healing (the same for every"
+        f" sampler); reference point ({ref[0]:.1f} MB, {ref[1]:.2f}) = 1.05 x the uniform baselines' largest"
+    )
+    rows = []
+    for name, runs in curves.items():
+        cells = [name]
+        for n in marks:
+            at = [hv[n - 1] for hv in runs]
+            cells.append(f"{statistics.mean(at):.1f} ({min(at):.1f}..{max(at):.1f})")
+        rows.append([*cells, f"{statistics.mean(ask_s[name]) * 1e3:.1f}"])
+    rows.append(["uniform baselines", *[f"{base_hv:.1f}"] * len(marks), "-"])
+    print(table(["sampler", *[f"n = {n}" for n in marks], "sampler ms/trial"], rows))
+    print(
+        "uniform baselines: the search space's uniform plans, evaluated the same way but never shown to the"
+        f" samplers; {plans} distinct plans scored in all"
+    )
+    # As configured for a search (driver._sampler): below these budgets a sampler draws at random.
+    tpe, nsga2 = (_sampler(exp.model_copy(update={"sampler": s})) for s in ("tpe", "nsga2"))
+    print(
+        f"tpe draws its first {tpe._n_startup_trials} trials at random and nsga2 its first generation of"
+        f" {nsga2._population_size}: until then each matches random with the same seed"
+    )
+
+
+def plot(exp: Experiment, curves: dict, trials: int, seeds: list[int], ref: Ref, base_hv: float, path: Path) -> None:
+    """Mean hypervolume per sampler against trials, with the min..max band over seeds."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    x = list(range(1, trials + 1))
+    for name, runs in curves.items():
+        mean = [statistics.mean(hv[i] for hv in runs) for i in range(trials)]
+        line = ax.plot(x, mean, label=name)[0]
+        lo = [min(hv[i] for hv in runs) for i in range(trials)]
+        hi = [max(hv[i] for hv in runs) for i in range(trials)]
+        ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2)
+    ax.axhline(base_hv, color="grey", linestyle="--", label="uniform baselines")
+    ax.set_xlabel("trials")
+    ax.set_ylabel("hypervolume (MB x perplexity)")
+    ax.set_title(
+        f"{exp.name}: seeds {','.join(map(str, seeds))}, reference ({ref[0]:.0f} MB, ppl {ref[1]:.1f})", fontsize=10
+    )
+    ax.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
