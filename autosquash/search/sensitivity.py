@@ -443,21 +443,11 @@ def best_under(profile: Profile, budget: int) -> tuple[list[int], int] | None:
                 hi = mid
         picks = pick(hi)
     room = budget - size(picks)
-    while True:
-        best = None
-        for j, g in enumerate(parts):
-            for k in range(len(g.nbytes)):
-                extra = g.nbytes[k] - g.nbytes[picks[j]]
-                saved = g.damage[picks[j]] - g.damage[k]
-                if saved > 0 and extra <= room:
-                    ratio = saved / max(extra, 1)
-                    if best is None or ratio > best[0]:
-                        best = (ratio, j, k, extra)
-        if best is None:
-            break
-        _, j, k, extra = best
+    # Upgrades that fit what is left, best damage saved per byte first.
+    while move := _best_move(parts, picks, _upgrade_within(room)):
+        j, k = move
+        room -= parts[j].nbytes[k] - parts[j].nbytes[picks[j]]
         picks[j] = k
-        room -= extra
     return picks[:-1], picks[-1]
 
 
@@ -531,6 +521,22 @@ class SensitivitySampler(optuna.samplers.BaseSampler):
         return self.profile.params(picks, embed)
 
 
+def _upgrade_within(room: int):
+    """Score of a change that lowers damage and adds at most `room` bytes: damage saved per byte."""
+    return lambda db, dd: -dd / max(db, 1) if dd < 0 and db <= room else None
+
+
+def _best_move(parts: list[GroupProfile], picks: list[int], score) -> tuple[int, int] | None:
+    """The (part, option) change of highest `score(bytes added, damage added)`; None scores rule one out."""
+    best = None
+    for j, g in enumerate(parts):
+        for k in range(len(g.nbytes)):
+            value = score(g.nbytes[k] - g.nbytes[picks[j]], g.damage[k] - g.damage[picks[j]])
+            if value is not None and (best is None or value > best[0]):
+                best = (value, j, k)
+    return None if best is None else best[1:]
+
+
 def _key(params: dict) -> tuple:
     return tuple(sorted((k, str(v)) for k, v in params.items()))
 
@@ -544,20 +550,11 @@ def _repair(profile: Profile, picks: list[int], embed: int, budget: int) -> tupl
     parts = [*profile.groups, profile.embed]
     picks = [*picks, embed]
     size = profile.fixed_bytes + sum(g.nbytes[k] for g, k in zip(parts, picks, strict=True))
-    while size > budget:
-        best = None
-        for j, g in enumerate(parts):
-            for k in range(len(g.nbytes)):
-                saved = g.nbytes[picks[j]] - g.nbytes[k]
-                if saved > 0:
-                    cost = (g.damage[k] - g.damage[picks[j]]) / saved
-                    if best is None or cost < best[0]:
-                        best = (cost, j, k, saved)
-        if best is None:
-            break
-        _, j, k, saved = best
+    # Downgrades, least damage added per byte saved first.
+    while size > budget and (move := _best_move(parts, picks, lambda db, dd: -dd / -db if db < 0 else None)):
+        j, k = move
+        size += parts[j].nbytes[k] - parts[j].nbytes[picks[j]]
         picks[j] = k
-        size -= saved
     return picks[:-1], picks[-1]
 
 
