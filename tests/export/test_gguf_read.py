@@ -16,9 +16,10 @@ from autosquash.models.load import load_arch, load_model
 PRUNED = Plan(
     groups={
         "blk.0.attn": LayerChoice(quant="Q4_K", attn_keep_ratio=0.5),
-        "blk.0.ffn": LayerChoice(quant="Q3_K", ffn_keep_ratio=0.0),
+        "blk.0.ffn": LayerChoice(quant="Q2_K", ffn_keep_ratio=0.5, tensor_quant={"ffn_down": "Q8_0"}),
+        # Block 1 removed whole (an FFN removed alone is refused: llama.cpp would drop its attention too).
         "blk.1.attn": LayerChoice(quant="Q6_K", attn_keep_ratio=0.0),
-        "blk.1.ffn": LayerChoice(quant="Q2_K", ffn_keep_ratio=0.5, tensor_quant={"ffn_down": "Q8_0"}),
+        "blk.1.ffn": LayerChoice(quant="Q3_K", ffn_keep_ratio=0.0),
     }
 )
 
@@ -36,8 +37,8 @@ def test_deci_file_reads_back_as_the_evaluated_model(tmp_path, tiny_spec, tiny_m
     evaluated = compress(tiny_model, tiny_arch, PRUNED, {})
     loaded = load_model(str(path))  # the one loader dispatches deci files to autosquash's reader
     blocks = loaded.model.layers
-    assert isinstance(blocks[0].mlp, RemovedMLP) and isinstance(blocks[1].self_attn, RemovedAttention)
-    assert blocks[0].self_attn.q_proj.weight.shape == (128, 256) and blocks[1].mlp.down_proj.weight.shape == (256, 256)
+    assert isinstance(blocks[1].mlp, RemovedMLP) and isinstance(blocks[1].self_attn, RemovedAttention)
+    assert blocks[0].self_attn.q_proj.weight.shape == (128, 256) and blocks[0].mlp.down_proj.weight.shape == (256, 256)
     with torch.no_grad():
         # Bitwise: same bytes, same dequantizer, q/k rows back in Hugging Face's order (1 of 2 KV groups kept).
         assert torch.equal(loaded(tiny_ref.batch).logits, evaluated(tiny_ref.batch).logits)
