@@ -10,7 +10,7 @@ import torch
 
 from autosquash.compress.apply import VariantCache
 from autosquash.compress.plan import Plan
-from autosquash.search.driver import SearchInputs, _metrics_row, _prepare_context, load_inputs
+from autosquash.search.driver import SearchInputs, load_inputs, metrics_row, prepare_context
 from autosquash.search.experiment import Experiment
 from autosquash.search.runner import TrialContext, evaluate_plan
 
@@ -24,7 +24,7 @@ def trial_context(exp: Experiment, out_dir: Path, workers: int) -> tuple[SearchI
     """Inputs and trial context exactly as `autosquash search` builds them (calibration statistics cached
     under `out_dir`/cache), and this process's torch threads set as one of `workers` trial workers sets them."""
     inputs = load_inputs(exp, out_dir)
-    ctx = _prepare_context(exp, inputs, workers)
+    ctx = prepare_context(exp, inputs, workers)
     torch.set_num_threads(ctx.threads_per_worker)
     return inputs, ctx
 
@@ -32,7 +32,7 @@ def trial_context(exp: Experiment, out_dir: Path, workers: int) -> tuple[SearchI
 def evaluate(ctx: TrialContext, plan: Plan, seed: int, cache: VariantCache | None = None) -> dict:
     """One plan built, healed, scored and priced as a trial is; metrics in trials.csv's units too."""
     raw = evaluate_plan(ctx, plan, seed, cache)
-    return {**raw, **_metrics_row(raw), "fits": bool(raw["fits"])}
+    return {**raw, **metrics_row(raw), "fits": bool(raw["fits"])}
 
 
 def hypervolume_2d(points: Sequence[tuple[float, float]], ref: tuple[float, float]) -> float:

@@ -29,7 +29,7 @@ from _common import DEFAULT_EXPERIMENT, OUT, SMOKE_EXPERIMENT, evaluate, hypervo
 from autosquash.compress.apply import VariantCache
 from autosquash.compress.plan import Plan
 from autosquash.models.arch import Arch
-from autosquash.search.driver import OBJECTIVE_METRIC, _sampler, _sensitivity_sampler
+from autosquash.search.driver import OBJECTIVE_METRIC, _sampler, sensitivity_sampler
 from autosquash.search.experiment import Experiment, HealSpec, load_experiment
 from autosquash.search.runner import TrialContext, TrialFailed
 from autosquash.search.space import SearchSpace
@@ -127,7 +127,7 @@ def main() -> None:
     base_hv = hypervolume_2d(fixed, ref)
     if "sensitivity" in args.samplers:
         t = time.perf_counter()
-        _sensitivity_sampler(exp, space, ctx, OUT)  # the profile: measured once, then read from OUT/cache
+        sensitivity_sampler(exp, space, ctx, OUT)  # the profile: measured once, then read from OUT/cache
         print(f"sensitivity profile ready in {time.perf_counter() - t:.1f} s (once per model, data and space)")
 
     curves: dict[str, list] = {name: [] for name in args.samplers}
@@ -135,7 +135,7 @@ def main() -> None:
     for name in args.samplers:
         for seed in seeds:
             run = exp.model_copy(update={"seed": seed, "sampler": name})
-            sampler = _sensitivity_sampler(run, space, ctx, OUT) if name == "sensitivity" else _sampler(run)
+            sampler = sensitivity_sampler(run, space, ctx, OUT) if name == "sensitivity" else _sampler(run)
             t = time.perf_counter()
             hv, asking = run_study(run, space, sampler, trials, score, ref)
             curves[name].append(hv)

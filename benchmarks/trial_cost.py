@@ -26,7 +26,7 @@ from autosquash.compress.calibrate import cached_stats
 from autosquash.compress.plan import LayerChoice, Plan
 from autosquash.models.arch import Arch
 from autosquash.models.load import load_model, load_tokenizer, resolve
-from autosquash.search.driver import SearchInputs, _prepare_context, text_batch
+from autosquash.search.driver import SearchInputs, prepare_context, text_batch
 from autosquash.search.experiment import Experiment, load_experiment
 
 
@@ -73,7 +73,7 @@ def main() -> None:
     print(f"loading {exp.model} ...", flush=True)
     inputs, once = one_off(exp)
     t = time.perf_counter()
-    ctx = _prepare_context(exp, inputs, exp.workers)  # the reference logits on calibration and held-out text
+    ctx = prepare_context(exp, inputs, exp.workers)  # the reference logits on calibration and held-out text
     once["base reference logits (calibration + held-out)"] = time.perf_counter() - t
     torch.set_num_threads(ctx.threads_per_worker)
 

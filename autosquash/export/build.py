@@ -86,7 +86,7 @@ def _trial_threads(run: Path, experiment: str, number: int) -> int | None:
 
 def rebuild_trial(run: Path, number: int) -> tuple[BuiltModel, Experiment, Path]:
     """Trial `number` of the search in `run`: (its BuiltModel, the experiment, its plan file)."""
-    from autosquash.search.driver import _prepare_context, load_inputs
+    from autosquash.search.driver import load_inputs, prepare_context
     from autosquash.search.experiment import load_experiment
     from autosquash.search.runner import build_plan
     from autosquash.yaml_io import load_yaml_model
@@ -99,7 +99,7 @@ def rebuild_trial(run: Path, number: int) -> tuple[BuiltModel, Experiment, Path]
     exp = load_experiment(run / "experiment.yaml")
     plan = load_yaml_model(Plan, plan_file)
     inputs = load_inputs(exp, run)
-    ctx = _prepare_context(exp, inputs, workers=1)  # the trial's context: healing batch and config
+    ctx = prepare_context(exp, inputs, workers=1)  # the trial's context: healing batch and config
     cache = VariantCache(max_bytes=_KEEP_ALL)
     threads = _trial_threads(run, exp.name, number)
     if threads is None and deploys_factors(inputs.arch, plan):

@@ -87,7 +87,7 @@ def _sampler(exp: Experiment) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=exp.seed, multivariate=True)
 
 
-def _metrics_row(result: dict[str, float]) -> dict[str, float]:
+def metrics_row(result: dict[str, float]) -> dict[str, float]:
     """Derived metrics in the units trials.csv and the objectives use."""
     return {
         "memory_mb": result["peak_memory_bytes"] / 1e6,
@@ -188,7 +188,9 @@ def text_batch(tokenizer, spec: TextSpec) -> torch.Tensor:
     return token_block(tokenizer, load_texts(spec.source), spec.tokens, spec.seq_len)
 
 
-def _prepare_context(exp: Experiment, inputs: SearchInputs, workers: int) -> TrialContext:
+def prepare_context(exp: Experiment, inputs: SearchInputs, workers: int) -> TrialContext:
+    """What every trial of `exp` reads (base model, reference logits, device, healing); also what an
+    export or a benchmark needs to rebuild a trial exactly as the search ran it."""
     return TrialContext(
         base=inputs.base,
         arch=inputs.arch,
@@ -242,13 +244,13 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
     )
     study.set_user_attr("mlflow_parent_run_id", parent)
     _recover_stale(study, exp, tracker)
-    ctx = _prepare_context(exp, load_inputs(exp, out), opts.workers)
+    ctx = prepare_context(exp, load_inputs(exp, out), opts.workers)
     if not study.user_attrs.get("baselines_enqueued"):
         for quant in space.baselines:
             study.enqueue_trial(space.baseline_params(ctx.arch, quant), user_attrs={"origin": "baseline"})
         study.set_user_attr("baselines_enqueued", True)
     if exp.sampler == "sensitivity":
-        study.sampler = _sensitivity_sampler(exp, space, ctx, out)
+        study.sampler = sensitivity_sampler(exp, space, ctx, out)
 
     if ray.is_initialized():
         ray.shutdown()
@@ -283,7 +285,7 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
     return front
 
 
-def _sensitivity_sampler(exp: Experiment, space: SearchSpace, ctx: TrialContext, out: Path) -> SensitivitySampler:
+def sensitivity_sampler(exp: Experiment, space: SearchSpace, ctx: TrialContext, out: Path) -> SensitivitySampler:
     """The per-group damage model (measured once, cached on disk) and a sampler proposing from it."""
     profile = cached_profile(
         ctx.base, ctx.arch, space, ctx.stats, ctx.calib_ref, exp.context_tokens, resolve(exp.model).key, out / "cache"
@@ -353,7 +355,7 @@ def _loop(
         try:
             raw, worker = ray.get(ref)
             # The worker's torch threads: SVD/Kronecker factors depend on them, so an export rebuilds with them.
-            metrics, error = {**raw, **_metrics_row(raw), "torch_threads": ctx.threads_per_worker}, None
+            metrics, error = {**raw, **metrics_row(raw), "torch_threads": ctx.threads_per_worker}, None
             trial.set_user_attr("worker", worker)
         except Exception as e:  # a raising trial is a failed trial, recorded with its reason
             metrics, error = None, _reason(e)
