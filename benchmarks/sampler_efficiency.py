@@ -29,7 +29,7 @@ from _common import DEFAULT_EXPERIMENT, OUT, SMOKE_EXPERIMENT, evaluate, hypervo
 from autosquash.compress.apply import VariantCache
 from autosquash.compress.plan import Plan
 from autosquash.models.arch import Arch
-from autosquash.search.driver import OBJECTIVE_METRIC, _sampler, sensitivity_sampler
+from autosquash.search.driver import OBJECTIVE_METRIC, make_sampler, sensitivity_sampler
 from autosquash.search.experiment import Experiment, HealSpec, load_experiment
 from autosquash.search.runner import TrialContext, TrialFailed
 from autosquash.search.space import SearchSpace
@@ -135,7 +135,7 @@ def main() -> None:
     for name in args.samplers:
         for seed in seeds:
             run = exp.model_copy(update={"seed": seed, "sampler": name})
-            sampler = sensitivity_sampler(run, space, ctx, OUT) if name == "sensitivity" else _sampler(run)
+            sampler = sensitivity_sampler(run, space, ctx, OUT) if name == "sensitivity" else make_sampler(run, trials)
             t = time.perf_counter()
             hv, asking = run_study(run, space, sampler, trials, score, ref)
             curves[name].append(hv)
@@ -177,8 +177,8 @@ def report(
         "uniform baselines: the search space's uniform plans, evaluated the same way but never shown to the"
         f" samplers; {plans} distinct plans scored in all"
     )
-    # As configured for a search (driver._sampler): below these budgets a sampler draws at random.
-    tpe, nsga2 = (_sampler(exp.model_copy(update={"sampler": s})) for s in ("tpe", "nsga2"))
+    # As configured for a search of this budget (driver.make_sampler): until then a sampler draws at random.
+    tpe, nsga2 = (make_sampler(exp.model_copy(update={"sampler": s}), trials) for s in ("tpe", "nsga2"))
     print(
         f"tpe draws its first {tpe._n_startup_trials} trials at random and nsga2 its first generation of"
         f" {nsga2._population_size}: until then each matches random with the same seed"

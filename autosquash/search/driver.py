@@ -72,19 +72,24 @@ class SearchOptions:
     storage: str | None = None
 
 
-def _sampler(exp: Experiment) -> optuna.samplers.BaseSampler:
-    """The experiment's sampler; each honours the device-fit constraint set on its trials.
+def make_sampler(exp: Experiment, budget: int) -> optuna.samplers.BaseSampler:
+    """The experiment's sampler, sized for a search of `budget` trials; each honours the device-fit
+    constraint set on its trials.
 
-    `sensitivity` needs the base model: the study starts with TPE and `_use_sensitivity` replaces it
+    Optuna's defaults (TPE: 10 random start-up trials; NSGA-II: generations of 50) assume hundreds of
+    trials: at a phone search's few dozen, NSGA-II would never leave its random first generation. So the
+    start-up and the generation are a quarter of the budget (TPE 4..10 trials, NSGA-II 4..50 plans).
+    `sensitivity` needs the base model: the study starts with TPE and `sensitivity_sampler` replaces it
     once the inputs are loaded.
     """
+    quarter = budget // 4
     if exp.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=exp.seed)
+        return optuna.samplers.NSGAIISampler(population_size=min(50, max(4, quarter)), seed=exp.seed)
     if exp.sampler == "random":
         return optuna.samplers.RandomSampler(seed=exp.seed)
     if exp.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=exp.seed)
-    return optuna.samplers.TPESampler(seed=exp.seed, multivariate=True)
+        return optuna.samplers.GPSampler(seed=exp.seed, n_startup_trials=min(10, max(4, quarter)))
+    return optuna.samplers.TPESampler(seed=exp.seed, multivariate=True, n_startup_trials=min(10, max(4, quarter)))
 
 
 def metrics_row(result: dict[str, float]) -> dict[str, float]:
@@ -223,7 +228,7 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
         storage=storage,
         load_if_exists=opts.resume,
         directions=["minimize"] * len(exp.objectives),
-        sampler=_sampler(exp),
+        sampler=make_sampler(exp, opts.trials),
     )
     tracking_uri = opts.tracking_uri or default_tracking_uri(out)
     (out / "tracking_uri.txt").write_text(tracking_uri + "\n")  # where export/register find this search's runs

@@ -1,7 +1,7 @@
 import optuna
 import pytest
 
-from autosquash.search.driver import _sampler
+from autosquash.search.driver import make_sampler
 from autosquash.search.experiment import Experiment
 from autosquash.search.space import SearchSpace
 
@@ -21,7 +21,7 @@ BITS = {"Q8_0": 8.5, "Q4_0": 4.5, "Q2_K": 2.625}
 def test_every_sampler_runs_ask_tell_with_the_fit_constraint(name, tiny_arch):
     exp = Experiment(name="x", model="m", device="d", search_space="s", sampler=name, seed=0)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(directions=["minimize", "minimize"], sampler=_sampler(exp))
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=make_sampler(exp, 8))
     study.enqueue_trial(SPACE.baseline_params(tiny_arch, "Q8_0"))
     for _ in range(8):
         trial = study.ask()
