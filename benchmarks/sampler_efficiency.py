@@ -12,11 +12,15 @@ for comparison.
     .venv/bin/python benchmarks/sampler_efficiency.py [--trials 16] [--seeds 0,1,2]
         [--samplers random,tpe,nsga2,sensitivity] [--experiment FILE] [--png FILE]
     .venv/bin/python benchmarks/sampler_efficiency.py --quick   # the smoke model over a small GGUF space
+    .venv/bin/python benchmarks/sampler_efficiency.py --from-json benchmarks/out/sampler_efficiency.json
+
+Every run's points are saved as JSON beside the PNG; --from-json prints the table and draws the plot again.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 import warnings
@@ -68,11 +72,12 @@ class Scorer:
 
 
 def run_study(
-    exp: Experiment, space: SearchSpace, sampler: optuna.samplers.BaseSampler, trials: int, score: Scorer, ref: Ref
-) -> tuple[list[float], float]:
-    """One study of `trials` trials: the hypervolume after each, and the sampler's mean seconds per trial."""
+    exp: Experiment, space: SearchSpace, sampler: optuna.samplers.BaseSampler, trials: int, score: Scorer
+) -> tuple[list[tuple[float, float] | None], float]:
+    """One study of `trials` trials: each trial's (memory MB, perplexity), None where the plan failed or
+    does not fit, and the sampler's mean seconds per trial."""
     study = optuna.create_study(directions=["minimize"] * len(exp.objectives), sampler=sampler)
-    points, hv, asking = [], [], 0.0
+    points, asking = [], 0.0
     for _ in range(trials):
         t = time.perf_counter()
         trial = study.ask()
@@ -81,14 +86,24 @@ def run_study(
         m = score(plan)
         if m is None:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            points.append(None)
         else:
             # Feasible when <= 0, as in a search: a plan that does not fit stays off the front.
             trial.set_constraint("memory_over_limit_mb", m["constraint_mb"])
             study.tell(trial, [m[OBJECTIVE_METRIC[o]] for o in exp.objectives])
-            if m["fits"]:
-                points.append((m["memory_mb"], m["perplexity"]))
-        hv.append(hypervolume_2d(points, ref))
-    return hv, asking / trials
+            points.append((m["memory_mb"], m["perplexity"]) if m["fits"] else None)
+    return points, asking / trials
+
+
+def curve(points: list[tuple[float, float] | None], ref: Ref) -> list[float]:
+    """The hypervolume after each trial."""
+    return [hypervolume_2d([p for p in points[: n + 1] if p is not None], ref) for n in range(len(points))]
+
+
+def beaten(points: list[tuple[float, float] | None], baselines: dict[str, tuple[float, float]]) -> list[str]:
+    """The baselines some point beats: no more memory and lower perplexity."""
+    found = [p for p in points if p is not None]
+    return [q for q, (mem, ppl) in baselines.items() if any(m <= mem and y < ppl for m, y in found)]
 
 
 def baseline_plan(space: SearchSpace, arch: Arch, quant: str) -> Plan:
@@ -108,7 +123,23 @@ def main() -> None:
         help="the smoke experiment's tiny model over a small GGUF space, 12 trials, seeds 0,1 (tests the script)",
     )
     p.add_argument("--png", type=Path, default=OUT / "sampler_efficiency.png")
+    p.add_argument("--from-json", type=Path, default=None, help="report the runs saved in this file again")
     args = p.parse_args()
+    if args.from_json:
+        result = json.loads(args.from_json.read_text())
+    else:
+        result = measure(args)
+        saved = args.png.with_suffix(".json")
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(result, indent=1))
+        print(f"runs saved: {saved}")
+    report(result)
+    plot(result, args.png)
+    print(f"plot: {args.png}")
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Every (sampler, seed) study; the result as JSON-ready data."""
     trials = args.trials or (12 if args.quick else 16)
     seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2])
     exp = load_experiment(args.experiment or (SMOKE_EXPERIMENT if args.quick else DEFAULT_EXPERIMENT))
@@ -122,84 +153,103 @@ def main() -> None:
     score = Scorer(ctx)
     print(f"scoring the {len(space.baselines)} uniform baselines (they fix the reference point) ...", flush=True)
     base = {q: score(baseline_plan(space, ctx.arch, q)) for q in space.baselines}
-    fixed = [(m["memory_mb"], m["perplexity"]) for m in base.values() if m is not None and m["fits"]]
-    ref = (1.05 * max(x for x, _ in fixed), 1.05 * max(y for _, y in fixed))
-    base_hv = hypervolume_2d(fixed, ref)
+    fixed = {q: (m["memory_mb"], m["perplexity"]) for q, m in base.items() if m is not None and m["fits"]}
+    ref = (1.05 * max(x for x, _ in fixed.values()), 1.05 * max(y for _, y in fixed.values()))
     if "sensitivity" in args.samplers:
         t = time.perf_counter()
         sensitivity_sampler(exp, space, ctx, OUT)  # the profile: measured once, then read from OUT/cache
         print(f"sensitivity profile ready in {time.perf_counter() - t:.1f} s (once per model, data and space)")
 
-    curves: dict[str, list] = {name: [] for name in args.samplers}
-    ask_s: dict[str, list] = {name: [] for name in args.samplers}
+    # Sampler parameters as a search of this budget has them (driver.make_sampler): until the end of
+    # TPE's start-up or NSGA-II's first generation, each draws at random.
+    tpe, nsga2 = (make_sampler(exp.model_copy(update={"sampler": s}), trials) for s in ("tpe", "nsga2"))
+    runs: dict[str, list] = {name: [] for name in args.samplers}
     for name in args.samplers:
         for seed in seeds:
             run = exp.model_copy(update={"seed": seed, "sampler": name})
             sampler = sensitivity_sampler(run, space, ctx, OUT) if name == "sensitivity" else make_sampler(run, trials)
             t = time.perf_counter()
-            hv, asking = run_study(run, space, sampler, trials, score, ref)
-            curves[name].append(hv)
-            ask_s[name].append(asking)
+            points, asking = run_study(run, space, sampler, trials, score)
+            runs[name].append({"seed": seed, "points": points, "ask_s": asking})
             print(
-                f"  {name:11s} seed {seed}: hypervolume {hv[-1]:10.1f} after {trials} trials"
-                f" ({time.perf_counter() - t:.0f} s)",
+                f"  {name:11s} seed {seed}: hypervolume {curve(points, ref)[-1]:10.1f} after {trials} trials,"
+                f" beats {len(beaten(points, fixed))} of {len(fixed)} baselines ({time.perf_counter() - t:.0f} s)",
                 flush=True,
             )
+    return {
+        "experiment": exp.name,
+        "trials": trials,
+        "seeds": seeds,
+        "reference": ref,
+        "baselines": fixed,
+        "plans_scored": len(score.memo),
+        "tpe_startup": tpe._n_startup_trials,
+        "nsga2_generation": nsga2._population_size,
+        "runs": runs,
+    }
 
-    report(exp, curves, ask_s, trials, seeds, ref, base_hv, len(score.memo))
-    plot(exp, curves, trials, seeds, ref, base_hv, args.png)
-    print(f"plot: {args.png}")
 
-
-def report(
-    exp: Experiment, curves: dict, ask_s: dict, trials: int, seeds: list[int], ref: Ref, base_hv: float, plans: int
-) -> None:
-    """The table: hypervolume at a quarter, half, three quarters and all of the budget."""
+def report(result: dict) -> None:
+    """The table: hypervolume at a quarter, half, three quarters and all of the budget, and the uniform
+    baselines beaten (a fitting plan with no more memory and lower perplexity) in the whole budget."""
+    trials, seeds, ref = result["trials"], result["seeds"], tuple(result["reference"])
+    fixed = {q: tuple(p) for q, p in result["baselines"].items()}
     marks = sorted({max(1, trials * k // 4) for k in (1, 2, 3, 4)})
     print(
-        f"\n{exp.name}: hypervolume of (memory MB, perplexity) in MB x perplexity after n trials, "
+        f"\n{result['experiment']}: hypervolume of (memory MB, perplexity) in MB x perplexity after n trials, "
         f"mean (min..max) over seeds {','.join(map(str, seeds))}"
     )
     print(
-        f"objectives {', '.join(exp.objectives)} with the device-fit constraint; no healing (the same for every"
-        f" sampler); reference point ({ref[0]:.1f} MB, {ref[1]:.2f}) = 1.05 x the uniform baselines' largest"
+        "objectives as the experiment's, with the device-fit constraint; no healing (the same for every sampler);"
+        f" reference point ({ref[0]:.1f} MB, {ref[1]:.2f}) = 1.05 x the uniform baselines' largest"
     )
     rows = []
-    for name, runs in curves.items():
+    for name, runs in result["runs"].items():
+        hvs = [curve(r["points"], ref) for r in runs]
         cells = [name]
         for n in marks:
-            at = [hv[n - 1] for hv in runs]
+            at = [hv[n - 1] for hv in hvs]
             cells.append(f"{statistics.mean(at):.1f} ({min(at):.1f}..{max(at):.1f})")
-        rows.append([*cells, f"{statistics.mean(ask_s[name]) * 1e3:.1f}"])
-    rows.append(["uniform baselines", *[f"{base_hv:.1f}"] * len(marks), "-"])
-    print(table(["sampler", *[f"n = {n}" for n in marks], "sampler ms/trial"], rows))
+        wins = [len(beaten(r["points"], fixed)) for r in runs]
+        cells.append(f"{statistics.mean(wins):.1f} ({min(wins)}..{max(wins)}) of {len(fixed)}")
+        rows.append([*cells, f"{statistics.mean(r['ask_s'] for r in runs) * 1e3:.1f}"])
+    base_hv = hypervolume_2d(list(fixed.values()), ref)
+    rows.append(["uniform baselines", *[f"{base_hv:.1f}"] * len(marks), "-", "-"])
+    print(table(["sampler", *[f"n = {n}" for n in marks], "baselines beaten", "sampler ms/trial"], rows))
     print(
         "uniform baselines: the search space's uniform plans, evaluated the same way but never shown to the"
-        f" samplers; {plans} distinct plans scored in all"
+        f" samplers; {result['plans_scored']} distinct plans scored in all"
     )
-    # As configured for a search of this budget (driver.make_sampler): until then a sampler draws at random.
-    tpe, nsga2 = (make_sampler(exp.model_copy(update={"sampler": s}), trials) for s in ("tpe", "nsga2"))
+    for name, runs in result["runs"].items():
+        counts = {q: sum(q in beaten(r["points"], fixed) for r in runs) for q in fixed}
+        wins = ", ".join(f"{q} in {c} of {len(runs)} runs" for q, c in counts.items() if c)
+        print(f"  {name} beat {wins or 'no baseline'}")
     print(
-        f"tpe draws its first {tpe._n_startup_trials} trials at random and nsga2 its first generation of"
-        f" {nsga2._population_size}: until then each matches random with the same seed"
+        f"tpe draws its first {result['tpe_startup']} trials at random and nsga2 its first generation of"
+        f" {result['nsga2_generation']}: until then each matches random with the same seed"
     )
 
 
-def plot(exp: Experiment, curves: dict, trials: int, seeds: list[int], ref: Ref, base_hv: float, path: Path) -> None:
+def plot(result: dict, path: Path) -> None:
     """Mean hypervolume per sampler against trials, with the min..max band over seeds."""
+    trials, ref = result["trials"], tuple(result["reference"])
     fig, ax = plt.subplots(figsize=(7, 4.5))
     x = list(range(1, trials + 1))
-    for name, runs in curves.items():
-        mean = [statistics.mean(hv[i] for hv in runs) for i in range(trials)]
+    for name, runs in result["runs"].items():
+        hvs = [curve(r["points"], ref) for r in runs]
+        mean = [statistics.mean(hv[i] for hv in hvs) for i in range(trials)]
         line = ax.plot(x, mean, label=name)[0]
-        lo = [min(hv[i] for hv in runs) for i in range(trials)]
-        hi = [max(hv[i] for hv in runs) for i in range(trials)]
+        lo = [min(hv[i] for hv in hvs) for i in range(trials)]
+        hi = [max(hv[i] for hv in hvs) for i in range(trials)]
         ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2)
+    base_hv = hypervolume_2d([tuple(p) for p in result["baselines"].values()], ref)
     ax.axhline(base_hv, color="grey", linestyle="--", label="uniform baselines")
     ax.set_xlabel("trials")
     ax.set_ylabel("hypervolume (MB x perplexity)")
     ax.set_title(
-        f"{exp.name}: seeds {','.join(map(str, seeds))}, reference ({ref[0]:.0f} MB, ppl {ref[1]:.1f})", fontsize=10
+        f"{result['experiment']}: seeds {','.join(map(str, result['seeds']))},"
+        f" reference ({ref[0]:.0f} MB, ppl {ref[1]:.1f})",
+        fontsize=10,
     )
     ax.legend()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))  # the scripts
 
 from _common import hypervolume_2d  # noqa: E402
 from front_vs_uniform import llama_cpp_mixture, use_more_bits  # noqa: E402
+from sampler_efficiency import beaten, curve  # noqa: E402
 
 from autosquash.compress.plan import deployed_tensors  # noqa: E402
 from autosquash.models.arch import Arch  # noqa: E402
@@ -31,6 +32,19 @@ def test_hypervolume_ignores_dominated_and_outside_points_and_order():
 
 def test_hypervolume_of_one_point_is_its_box():
     assert hypervolume_2d([(1.5, 2.0)], (4.0, 3.0)) == pytest.approx(2.5 * 1.0)
+
+
+def test_hypervolume_curve_skips_failed_and_unfit_trials():
+    points = [None, (5, 3), None, (2, 6)]
+    assert curve(points, (10, 10)) == pytest.approx([0, 35, 35, 47])
+
+
+def test_a_baseline_is_beaten_by_no_more_memory_and_lower_perplexity():
+    baselines = {"Q4_K": (100.0, 20.0), "Q3_K": (90.0, 25.0), "Q2_K": (80.0, 40.0)}
+    # Equal memory and lower perplexity beats Q4_K; equal perplexity does not beat Q3_K; Q2_K is smaller.
+    points = [(100.0, 19.0), (85.0, 25.0), None]
+    assert beaten(points, baselines) == ["Q4_K"]
+    assert beaten([*points, (80.0, 24.0)], baselines) == ["Q4_K", "Q3_K", "Q2_K"]
 
 
 def test_use_more_bits_on_30_blocks():

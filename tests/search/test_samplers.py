@@ -34,3 +34,14 @@ def test_every_sampler_runs_ask_tell_with_the_fit_constraint(name, tiny_arch):
     front = study.best_trials
     # Optuna keeps infeasible plans (constraint > 0) off its front; the search shows them, off the front.
     assert front and all(t.constraints["memory_over_limit_mb"] <= 0 for t in front)
+
+
+@pytest.mark.parametrize(("budget", "generation", "startup"), [(8, 4, 4), (24, 6, 6), (400, 50, 10)])
+def test_samplers_are_sized_for_the_budget(budget, generation, startup):
+    def make(name):
+        return make_sampler(Experiment(name="x", model="m", device="d", search_space="s", sampler=name), budget)
+
+    # NSGA-II's default generation of 50 would leave a few-dozen-trial search random throughout.
+    assert make("nsga2")._population_size == generation
+    assert make("tpe")._n_startup_trials == startup
+    assert make("gp")._n_startup_trials == startup
