@@ -2,7 +2,8 @@
 
 `quantized_tensors` yields the GGUF bytes of every compressed tensor; `compress` builds the float
 model a trial evaluates by decoding exactly those bytes, so a trial scores what its export holds.
-Each compressed tensor is computed once per (layer, choice) and reused from a variant cache.
+Each compressed tensor is computed once per (layer, choice) and reused from a variant cache, which
+keeps the bytes (a quarter to a twelfth of the float32 weights) and decodes them on every use.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -32,17 +33,35 @@ from autosquash.compress.prune import input_channel_importance, keep_channels, k
 from autosquash.compress.quant import QuantizedTensor, dequantize, quantize
 from autosquash.models.arch import Arch
 
-# A compressed weight: its GGUF bytes and the float32 weights they decode to (two pairs for SVD factors).
-Variant = tuple[tuple[QuantizedTensor, torch.Tensor], ...]
+# A compressed weight as deployed: its GGUF bytes (two matrices, A then B, for SVD factors).
+Variant = tuple[QuantizedTensor, ...]
 
 
 @dataclass(frozen=True)
 class KronVariant:
     """A linear as permuted Kronecker factors: A and B quantized (one row per term), the rest exact."""
 
-    a: tuple[QuantizedTensor, torch.Tensor]
-    b: tuple[QuantizedTensor, torch.Tensor]
-    factors: KronFactors  # with the dequantized A and B: what the trial evaluates
+    a: QuantizedTensor
+    b: QuantizedTensor
+    a_shape: tuple[int, int, int]  # (r, m1, n1)
+    b_shape: tuple[int, int, int]  # (r, m2, n2)
+    row_perm: torch.Tensor
+    col_perm: torch.Tensor
+    col_scale: torch.Tensor | None = field(default=None)
+
+    def factors(self) -> KronFactors:
+        """The factors a trial evaluates: A and B decoded from their GGUF bytes."""
+        a, b = dequantize(self.a).reshape(self.a_shape), dequantize(self.b).reshape(self.b_shape)
+        return KronFactors(a, b, self.row_perm, self.col_perm, self.col_scale)
+
+
+def dense(variant: Variant | KronVariant) -> torch.Tensor:
+    """The float32 matrix a compressed weight stands for: W, B·A for SVD factors, or the Kronecker sum."""
+    if isinstance(variant, KronVariant):
+        return variant.factors().matrix()
+    if len(variant) == 2:
+        return dequantize(variant[1]) @ dequantize(variant[0])
+    return dequantize(variant[0])
 
 
 @dataclass
@@ -67,8 +86,7 @@ class VariantCache:
         if isinstance(value, torch.Tensor):
             return value.numel() * value.element_size()
         if isinstance(value, KronVariant):
-            f = value.factors  # f.a and f.b are views of the decoded A and B, counted once
-            return cls._size((value.a, value.b, f.row_perm, f.col_perm, f.col_scale))
+            return cls._size((value.a, value.b, value.row_perm, value.col_perm, value.col_scale))
         return sum(cls._size(v) for v in value)
 
     def get(self, key: tuple, make: Callable[[], tuple]) -> tuple:
@@ -87,27 +105,26 @@ class VariantCache:
         return value
 
 
-def _quantized(weight: torch.Tensor, quant: str, input_sq: torch.Tensor | None) -> tuple[QuantizedTensor, torch.Tensor]:
-    q = quantize(weight, legal_type_or_f16(quant, weight.shape[1]), input_sq)
-    return q, dequantize(q)
+def quantize_rows(weight: torch.Tensor, quant: str, input_sq: torch.Tensor | None) -> QuantizedTensor:
+    """`weight` in `quant`, or in F16 where its rows do not fit `quant`'s blocks (as llama.cpp falls back)."""
+    return quantize(weight, legal_type_or_f16(quant, weight.shape[1]), input_sq)
 
 
-def _compress_linear(weight: torch.Tensor, quant: str, rank: int, input_sq: torch.Tensor | None) -> Variant:
+def compress_linear(weight: torch.Tensor, quant: str, rank: int, input_sq: torch.Tensor | None) -> Variant:
     """One linear's deployed weights (one matrix, or the two SVD factors A then B), on their GGUF grid."""
     if rank == 0:
-        return (_quantized(weight, quant, input_sq),)
+        return (quantize_rows(weight, quant, input_sq),)
     a, b = svd_factors(weight, rank, input_sq)
-    return _quantized(a, quant, input_sq), _quantized(b, quant, None)
+    return quantize_rows(a, quant, input_sq), quantize_rows(b, quant, None)
 
 
-def _compress_kron(weight: torch.Tensor, quant: str, terms: int, input_sq: torch.Tensor | None) -> KronVariant:
+def compress_kron(weight: torch.Tensor, quant: str, terms: int, input_sq: torch.Tensor | None) -> KronVariant:
     """Permuted Kronecker factors of one linear (activation-aware), then A and B on their GGUF grid."""
     sq = input_sq if input_sq is not None else torch.ones(weight.shape[1])
     f = kron_factors(weight, terms, input_sq=sq)
-    a = _quantized(f.a.reshape(terms, -1), legal_type_or_f16(quant, f.a[0].numel()), None)
-    b = _quantized(f.b.reshape(terms, -1), legal_type_or_f16(quant, f.b[0].numel()), None)
-    deq = KronFactors(a[1].reshape(f.a.shape), b[1].reshape(f.b.shape), f.row_perm, f.col_perm, f.col_scale)
-    return KronVariant(a, b, deq)
+    a = quantize_rows(f.a.reshape(terms, -1), quant, None)
+    b = quantize_rows(f.b.reshape(terms, -1), quant, None)
+    return KronVariant(a, b, tuple(f.a.shape), tuple(f.b.shape), f.row_perm, f.col_perm, f.col_scale)
 
 
 def _ffn_keep(down_weight: torch.Tensor, down_sq: torch.Tensor | None, keep: int) -> tuple[torch.Tensor]:
@@ -173,21 +190,21 @@ def quantized_tensors(
                 rank = factor_rank(w.shape[0], w.shape[1], choice.rank_ratio)
                 key = (i, gguf_name, tuple(w.shape), rank, terms, legal_type_or_f16(quant, w.shape[1]))
                 if terms:
-                    variant = cache.get(key, partial(_compress_kron, w, quant, terms, input_sq))
+                    variant = cache.get(key, partial(compress_kron, w, quant, terms, input_sq))
                 else:
-                    variant = cache.get(key, partial(_compress_linear, w, quant, rank, input_sq))
+                    variant = cache.get(key, partial(compress_linear, w, quant, rank, input_sq))
                 yield f"blk.{i}.{gguf_name}", f"model.layers.{i}.{path}", variant
     embed_type = legal_type(plan.embed_quant, arch.hidden_size)
     emb = base.model.embed_tokens.weight.data
     yield (
         "token_embd",
         "model.embed_tokens",
-        cache.get(("token_embd", embed_type), lambda: (_quantized(emb, embed_type, None),)),
+        cache.get(("token_embd", embed_type), lambda: (quantize(emb, embed_type, None),)),
     )
     if not arch.tied_embeddings:
         out_type = legal_type(plan.output_quant or plan.embed_quant, arch.hidden_size)
         head = base.lm_head.weight.data
-        yield "output", "lm_head", cache.get(("output", out_type), lambda: (_quantized(head, out_type, None),))
+        yield "output", "lm_head", cache.get(("output", out_type), lambda: (quantize(head, out_type, None),))
 
 
 class RemovedAttention(torch.nn.Module):
@@ -205,13 +222,14 @@ class RemovedMLP(torch.nn.Module):
 
 
 def _linear_from(variant: Variant | KronVariant) -> torch.nn.Module:
+    """The module a trial evaluates, its weights decoded from the variant's GGUF bytes."""
     if isinstance(variant, KronVariant):
-        return KronLinear(variant.factors)
+        return KronLinear(variant.factors())
     if len(variant) == 2:
-        return LowRankLinear(variant[0][1].clone(), variant[1][1].clone())
-    w = variant[0][1]
+        return LowRankLinear(dequantize(variant[0]), dequantize(variant[1]))
+    w = dequantize(variant[0])
     layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
-    layer.weight.data = w.clone()
+    layer.weight.data = w
     return layer
 
 
@@ -225,7 +243,7 @@ def compress(
     for gguf_name, path, variant in quantized_tensors(base, arch, plan, stats, cache):
         if gguf_name in ("token_embd", "output"):
             # Assigning .data keeps a tied output head pointing at the same (compressed) table.
-            model.get_submodule(path).weight.data = variant[0][1].clone()
+            model.get_submodule(path).weight.data = dequantize(variant[0])
             continue
         parent, attr = path.rsplit(".", 1)
         model.get_submodule(parent).register_module(attr, _linear_from(variant))

@@ -148,7 +148,7 @@ def write_gguf(
 
     layers = base.model.layers
     for gguf_name, path, variant in quantized_tensors(base, arch, plan, stats, cache):
-        ((q, _),) = variant
+        (q,) = variant
         if merged is not None and gguf_name.startswith("blk."):
             q = merged(f"{path}.weight", q)
         data = q.data

@@ -70,16 +70,15 @@ def save(
     merged = merged_weights(model)
     for name, module, variant in quantized_tensors(base, arch, plan, stats, cache):
         if isinstance(variant, KronVariant):
-            f = variant.factors
-            out.blocks(f"{name}.kron_a", variant.a[0])
-            out.blocks(f"{name}.kron_b", variant.b[0])
-            out.plain(f"{name}.row_perm", f.row_perm.to(_index_dtype(f.row_perm.numel())))
-            out.plain(f"{name}.col_perm", f.col_perm.to(_index_dtype(f.col_perm.numel())))
-            if f.col_scale is not None:
-                out.plain(f"{name}.col_scale", f.col_scale.float())
+            out.blocks(f"{name}.kron_a", variant.a)
+            out.blocks(f"{name}.kron_b", variant.b)
+            out.plain(f"{name}.row_perm", variant.row_perm.to(_index_dtype(variant.row_perm.numel())))
+            out.plain(f"{name}.col_perm", variant.col_perm.to(_index_dtype(variant.col_perm.numel())))
+            if variant.col_scale is not None:
+                out.plain(f"{name}.col_scale", variant.col_scale.float())
             continue
         tensors = [("weight", "weight")] if len(variant) == 1 else [("lr_a", "a.weight"), ("lr_b", "b.weight")]
-        for (suffix, param), (q, _) in zip(tensors, variant, strict=True):
+        for (suffix, param), q in zip(tensors, variant, strict=True):
             if merged is not None and name.startswith("blk."):
                 q = merged(f"{module}.{param}", q)
             out.blocks(f"{name}.{suffix}", q)

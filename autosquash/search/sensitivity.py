@@ -26,13 +26,14 @@ import itertools
 import json
 import math
 import random
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import optuna
 import torch
 
-from autosquash.compress.apply import _compress_kron, _compress_linear, _quantized
+from autosquash.compress.apply import compress_kron, compress_linear, dense, quantize_rows
 from autosquash.compress.calibrate import Stats
 from autosquash.compress.gguf_types import legal_type, legal_type_or_f16
 from autosquash.compress.plan import (
@@ -47,6 +48,7 @@ from autosquash.compress.plan import (
     kron_terms,
 )
 from autosquash.compress.prune import input_channel_importance, kv_group_importance
+from autosquash.compress.quant import dequantize, quantize
 from autosquash.cost.model import kv_cache_bytes_per_token
 from autosquash.evaluate.proxy import Reference, score
 from autosquash.models.arch import Arch
@@ -55,7 +57,7 @@ from autosquash.search.space import GroupSpace, SearchSpace
 FIELDS = ("quant", "ffn_keep_ratio", "attn_keep_ratio", "rank_ratio", "kron_rank")
 SAMPLE_ROWS = 64  # rows per weight on which a quantization error is measured
 PROBE_SEQS, PROBE_LEN = 4, 128  # calibration tokens of a probe pass: sequences, positions
-VERSION = 3  # bump when the model changes, so cached profiles are recomputed
+VERSION = 4  # bump when the model changes, so cached profiles are recomputed
 
 
 @dataclass
@@ -150,13 +152,9 @@ def relative_error(w: torch.Tensor, sq: torch.Tensor | None, quant: str, rank: i
     """
     if rank == 0 and terms == 0:
         sub = w[_rows(w.shape[0], seed)]
-        _, deq = _quantized(sub, quant, sq)
+        deq = dequantize(quantize_rows(sub, quant, sq))
         return _weighted_energy(sub - deq, sq) / max(_weighted_energy(sub, sq), 1e-30)
-    if terms:
-        approx = _compress_kron(w, quant, terms, sq).factors.matrix()
-    else:
-        (_, a), (_, b) = _compress_linear(w, quant, rank, sq)
-        approx = b @ a
+    approx = dense(compress_kron(w, quant, terms, sq) if terms else compress_linear(w, quant, rank, sq))
     return _weighted_energy(w - approx, sq) / max(_weighted_energy(w, sq), 1e-30)
 
 
@@ -175,13 +173,14 @@ class _Errors:
     def linear(self, gguf_name: str, path: str, choice: LayerChoice) -> float:
         w = self.block.get_submodule(path).weight.data
         sq = self.stats.get(f"model.layers.{self.i}.{path}")
-        quant = legal_type_or_f16(choice.quant_for(gguf_name), w.shape[1])
+        # The type as named: a factor's rows may fit a block type that W's rows do not (see quantize_rows).
+        quant = choice.quant_for(gguf_name)
         rank = factor_rank(w.shape[0], w.shape[1], choice.rank_ratio)
         terms = kron_terms(w.shape[0], w.shape[1], choice.kron_rank)
         key = (gguf_name, quant, rank, terms)
         if key not in self.memo:
-            seed = hash((self.i, gguf_name)) & 0xFFFF
-            lossless = quant in ("F16", "F32") and not (rank or terms)
+            seed = zlib.crc32(f"{self.i}.{gguf_name}".encode()) & 0xFFFF  # the same rows in every process
+            lossless = legal_type_or_f16(quant, w.shape[1]) in ("F16", "F32") and not (rank or terms)
             self.memo[key] = 0.0 if lossless else relative_error(w, sq, quant, rank, terms, seed)
         return self.memo[key]
 
@@ -363,16 +362,11 @@ def _dense_swaps(block, i: int, linears, choice: LayerChoice, stats: Stats) -> d
     for name, path in linears:
         w = block.get_submodule(path).weight.data
         sq = stats.get(f"model.layers.{i}.{path}")
-        quant = legal_type_or_f16(choice.quant_for(name), w.shape[1])
+        quant = choice.quant_for(name)
         rank = factor_rank(w.shape[0], w.shape[1], choice.rank_ratio)
         terms = kron_terms(w.shape[0], w.shape[1], choice.kron_rank)
-        if terms:
-            out[f"model.layers.{i}.{path}"] = _compress_kron(w, quant, terms, sq).factors.matrix()
-        elif rank:
-            (_, a), (_, b) = _compress_linear(w, quant, rank, sq)
-            out[f"model.layers.{i}.{path}"] = b @ a
-        else:
-            out[f"model.layers.{i}.{path}"] = _quantized(w, quant, sq)[1]
+        variant = compress_kron(w, quant, terms, sq) if terms else compress_linear(w, quant, rank, sq)
+        out[f"model.layers.{i}.{path}"] = dense(variant)
     return out
 
 
@@ -382,7 +376,7 @@ def _embed_profile(base: torch.nn.Module, arch: Arch, space: SearchSpace, ref: R
     options, nbytes, damage = [], [], []
     for q in space.embed_quant:
         t = legal_type(q, arch.hidden_size)
-        deq = _quantized(emb.weight.data, t, None)[1]
+        deq = dequantize(quantize(emb.weight.data, t, None))
         damage.append(_probe(base, ref, {"model.embed_tokens": deq}))
         plan = Plan(embed_quant=q)
         tables = ("token_embd.weight", "output.weight")

@@ -56,6 +56,31 @@ def test_variant_cache_reuses_layers(tiny_model, tiny_arch):
     assert cache.misses - misses == 4  # only the four attention weights of block 1 are new
 
 
+def test_variant_cache_holds_gguf_bytes_and_hands_out_fresh_weights(tiny_model, tiny_arch, tiny_batch):
+    """The cache keeps the deployed bytes, not float32 weights; a model built from it owns its weights."""
+    plan = Plan(
+        target="torch",
+        groups={
+            "blk.0.ffn": LayerChoice(quant="Q4_0", kron_rank=2),
+            "blk.1.attn": LayerChoice(quant="Q8_0", rank_ratio=0.25),
+        },
+    )
+    stats = collect_stats(tiny_model, tiny_batch)
+    cache = VariantCache()
+    first = compress(tiny_model, tiny_arch, plan, stats, cache)
+    stored = sum(t.nbytes for t in deployed_tensors(tiny_arch, plan) if len(t.shape) == 2)
+    h, f = tiny_arch.hidden_size, tiny_arch.intermediate_size
+    perms = 3 * 8 * (h + f) + 4 * (2 * h + f)  # gate, up, down: int64 row/column orders, float32 column scales
+    assert cache._bytes == stored + perms
+    for p in first.parameters():
+        p.data.mul_(0)  # healing or a merge writing into one trial's model must not reach the next
+    second = compress(tiny_model, tiny_arch, plan, stats, cache)
+    assert cache.hits > 0
+    torch.testing.assert_close(
+        second(tiny_batch).logits, compress(tiny_model, tiny_arch, plan, stats)(tiny_batch).logits
+    )
+
+
 def test_quantization_error_grows_as_bits_shrink(tiny_model, tiny_arch, tiny_batch):
     ref = tiny_model(tiny_batch).logits
     errs = []
