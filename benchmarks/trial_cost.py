@@ -112,6 +112,10 @@ def main() -> None:
     headers = ["plan", "build no cache", "build cached", "hits/misses", "build speed-up", "heal", "score"]
     print(table([*headers, "trial no cache", "trial cached"], rows))
     print("cached: one variant cache shared by the plans in this order (a worker keeps one across its trials)")
+    print(
+        f"the cache ends holding {shared.nbytes / 1e6:.0f} MB of GGUF bytes for {shared.misses} variants,"
+        f" {shared.decoded_nbytes() / 1e6:.0f} MB once decoded to float32 (decoded on every use)"
+    )
 
     mean_trial = statistics.mean(w["trial_s"] for w in warms)
     print(f"\nPaid once per search, not per trial (against a mean cached trial of {mean_trial:.2f} s)")

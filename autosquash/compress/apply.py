@@ -19,7 +19,7 @@ import torch
 from autosquash.compress.calibrate import Stats
 from autosquash.compress.gguf_types import legal_type, legal_type_or_f16
 from autosquash.compress.kronecker import KronFactors, KronLinear, kron_factors
-from autosquash.compress.lowrank import LowRankLinear, svd_factors
+from autosquash.compress.lowrank import LowRankLinear, linear_with, svd_factors
 from autosquash.compress.plan import (
     ATTN_LINEARS,
     FFN_LINEARS,
@@ -88,6 +88,25 @@ class VariantCache:
         if isinstance(value, KronVariant):
             return cls._size((value.a, value.b, value.row_perm, value.col_perm, value.col_scale))
         return sum(cls._size(v) for v in value)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held now."""
+        return self._bytes
+
+    def decoded_nbytes(self) -> int:
+        """Bytes the held weights take once decoded to float32 (what each use of them allocates)."""
+
+        def size(value) -> int:
+            if isinstance(value, QuantizedTensor):
+                return value.shape[0] * value.shape[1] * 4
+            if isinstance(value, KronVariant):
+                return size((value.a, value.b, value.row_perm, value.col_perm, value.col_scale))
+            if isinstance(value, tuple):
+                return sum(size(v) for v in value)
+            return self._size(value)
+
+        return sum(size(v) for v in self._items.values())
 
     def get(self, key: tuple, make: Callable[[], tuple]) -> tuple:
         """The cached value of `key`, made (and cached) on a miss."""
@@ -227,10 +246,7 @@ def _linear_from(variant: Variant | KronVariant) -> torch.nn.Module:
         return KronLinear(variant.factors())
     if len(variant) == 2:
         return LowRankLinear(dequantize(variant[0]), dequantize(variant[1]))
-    w = dequantize(variant[0])
-    layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
-    layer.weight.data = w
-    return layer
+    return linear_with(dequantize(variant[0]))
 
 
 def compress(

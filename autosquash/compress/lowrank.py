@@ -24,15 +24,19 @@ def svd_factors(
     return a.contiguous(), b.contiguous()
 
 
+def linear_with(weight: torch.Tensor) -> torch.nn.Linear:
+    """A bias-free linear layer holding `weight` (out, in), built without a random initialisation to discard."""
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    layer.weight = torch.nn.Parameter(weight)
+    return layer
+
+
 class LowRankLinear(torch.nn.Module):
     """y = B(A(x)): a linear layer stored as two factors."""
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor):
         super().__init__()
-        self.a = torch.nn.Linear(a.shape[1], a.shape[0], bias=False)
-        self.b = torch.nn.Linear(b.shape[1], b.shape[0], bias=False)
-        self.a.weight.data = a
-        self.b.weight.data = b
+        self.a, self.b = linear_with(a), linear_with(b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.b(self.a(x))

@@ -16,6 +16,7 @@ import torch
 from gguf import GGUFReader, GGUFValueType
 
 from autosquash.compress.apply import RemovedAttention, RemovedMLP
+from autosquash.compress.lowrank import linear_with
 from autosquash.compress.plan import ATTN_LINEARS, FFN_LINEARS
 from autosquash.compress.quant import QuantizedTensor, dequantize
 from autosquash.errors import AutosquashError
@@ -120,12 +121,6 @@ def read_gguf_config(path: str | Path):
     return _config(GGUFReader(path))[0]
 
 
-def _linear(w: torch.Tensor) -> torch.nn.Linear:
-    layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
-    layer.weight.data = w.contiguous()
-    return layer
-
-
 def read_gguf_model(path: str | Path) -> torch.nn.Module:
     """The float32 LlamaForCausalLM (eval mode) of a `llama` or `deci` GGUF file, per-layer shapes included."""
     from transformers import LlamaForCausalLM
@@ -163,7 +158,7 @@ def _fill_block(block, i: int, tensors: dict, head_dim: int, ffn_width: int, kv_
         if name in ("attn_q", "attn_k"):
             w = rope_unpermute(w, head_dim)
         parent, attr = path.rsplit(".", 1)
-        block.get_submodule(parent).register_module(attr, _linear(w))
+        block.get_submodule(parent).register_module(attr, linear_with(w.contiguous()))
 
 
 def gguf_tokens(path: str | Path) -> list[str]:

@@ -17,7 +17,7 @@ import torch
 from autosquash.compress.apply import KronVariant, RemovedAttention, RemovedMLP, VariantCache, quantized_tensors
 from autosquash.compress.calibrate import Stats
 from autosquash.compress.kronecker import KronFactors, KronLinear, kron_shape
-from autosquash.compress.lowrank import LowRankLinear
+from autosquash.compress.lowrank import LowRankLinear, linear_with
 from autosquash.compress.plan import ATTN_LINEARS, FFN_LINEARS, Plan, kept_ffn_channels, kept_kv_heads
 from autosquash.compress.quant import QuantizedTensor, dequantize, quantize
 from autosquash.errors import AutosquashError
@@ -203,9 +203,7 @@ def _fill_block(block, i: int, arch: Arch, plan: Plan, stored: _Stored) -> None:
     for short, path in ATTN_LINEARS + FFN_LINEARS:
         name = f"blk.{i}.{short}"
         if f"{name}.weight" in stored:
-            w = stored[f"{name}.weight"]
-            layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
-            layer.weight.data = w
+            layer = linear_with(stored[f"{name}.weight"])
         elif f"{name}.lr_a" in stored:
             layer = LowRankLinear(stored[f"{name}.lr_a"], stored[f"{name}.lr_b"])
         elif f"{name}.kron_a" in stored:

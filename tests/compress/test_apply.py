@@ -71,7 +71,7 @@ def test_variant_cache_holds_gguf_bytes_and_hands_out_fresh_weights(tiny_model, 
     stored = sum(t.nbytes for t in deployed_tensors(tiny_arch, plan) if len(t.shape) == 2)
     h, f = tiny_arch.hidden_size, tiny_arch.intermediate_size
     perms = 3 * 8 * (h + f) + 4 * (2 * h + f)  # gate, up, down: int64 row/column orders, float32 column scales
-    assert cache._bytes == stored + perms
+    assert cache.nbytes == stored + perms < cache.decoded_nbytes() / 2
     for p in first.parameters():
         p.data.mul_(0)  # healing or a merge writing into one trial's model must not reach the next
     second = compress(tiny_model, tiny_arch, plan, stats, cache)
