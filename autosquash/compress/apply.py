@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -47,7 +47,7 @@ class KronVariant:
     b_shape: tuple[int, int, int]  # (r, m2, n2)
     row_perm: torch.Tensor
     col_perm: torch.Tensor
-    col_scale: torch.Tensor | None = field(default=None)
+    col_scale: torch.Tensor | None = None
 
     def factors(self) -> KronFactors:
         """The factors a trial evaluates: A and B decoded from their GGUF bytes."""
