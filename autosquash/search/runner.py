@@ -6,6 +6,8 @@ store once; each worker process deserialises it once and keeps a variant cache a
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
 import time
@@ -121,7 +123,9 @@ def run_benchmark(ctx_ref_box: list, plan_data: dict, seed: int, tasks: list[str
     """Ray task body: lm-eval scores {task: {metric: value}} of a front plan, rebuilt as its trial built it."""
     from autosquash.evaluate.benchmark import run_tasks
 
-    os.environ["TQDM_DISABLE"] = "1"  # lm-eval's progress bars would flood the driver's log from every worker
     ctx, cache = _worker_context(ctx_ref_box)
     model, _ = build_plan(ctx, Plan.model_validate(plan_data), seed, cache)
-    return run_tasks(model, ctx.tokenizer, tasks, limit)
+    # lm-eval's progress bars (stderr; they ignore TQDM_DISABLE) would flood the driver's log from every
+    # worker; the driver prints one line per plan instead. Errors still come back as exceptions.
+    with contextlib.redirect_stderr(io.StringIO()):
+        return run_tasks(model, ctx.tokenizer, tasks, limit)
