@@ -26,6 +26,8 @@ import itertools
 import json
 import math
 import random
+import sys
+import time
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -297,6 +299,7 @@ def measure_profile(
     ref = Reference(ref.batch[:n, :t], ref.topk_logp[:n, : t - 1], ref.topk_idx[:n, : t - 1], ref.perplexity)
     hidden = _block_inputs(base, ref.batch)
     groups, gains = [], {}
+    tty, every, started = sys.stdout.isatty(), max(1, arch.n_layers // 5), time.perf_counter()
     for i, block in enumerate(base.model.layers):
         errs = _Errors(block, i, stats)
         for kind, gspace, linears in (("attn", space.attn, ATTN_LINEARS), ("ffn", space.ffn, FFN_LINEARS)):
@@ -316,8 +319,11 @@ def measure_profile(
                     [gain * e for e in errors],
                 )
             )
-        log(f"  sensitivity: block {i + 1}/{arch.n_layers}", end="\r", flush=True)
-    log("")
+        if tty or (i + 1) % every == 0 or i + 1 == arch.n_layers:  # a log file gets a line per fifth
+            done = f"  sensitivity: block {i + 1}/{arch.n_layers}, {time.perf_counter() - started:.0f} s"
+            log(done, end="\r" if tty else "\n", flush=True)
+    if tty:
+        log("")
     embed = _embed_profile(base, arch, space, ref)
     # Block norms belong to their group (a removed sublayer drops its norm); the final norm is fixed.
     fixed = sum(t.nbytes for t in deployed_tensors(arch, Plan()) if t.name == "output_norm.weight")
