@@ -272,15 +272,41 @@ def _ui(args: argparse.Namespace) -> int:
         return 0
 
 
+def _count(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    """An argparse type: a TCP port, 1..65535."""
+    value = _count(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is at most 65535, got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (the usage stays behind --help); subcommands inherit it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    p = argparse.ArgumentParser(prog="autosquash", description="Search per-layer compression plans for phones.")
+    p = _Parser(prog="autosquash", description="Search per-layer compression plans for phones.")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("search", help="run a multi-objective compression search (Optuna trials on Ray)")
     s.add_argument("experiment", help="experiment YAML file, e.g. experiments/smoke.yaml")
-    s.add_argument("--trials", type=int, help="trials to finish in total (default: the experiment's)")
-    s.add_argument("--workers", type=int, help="trials in flight at once (default: the experiment's)")
+    s.add_argument("--trials", type=_count, help="trials to finish in total (default: the experiment's)")
+    s.add_argument("--workers", type=_count, help="trials in flight at once (default: the experiment's)")
     s.add_argument("--out", help="output folder (default: runs/<experiment name>)")
     s.add_argument("--model", help="override the experiment's model")
     s.add_argument(
@@ -300,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = e.add_mutually_exclusive_group()
     g.add_argument("--plan", help="plan YAML file (e.g. a trial's plans/trial-0007.yaml)")
     g.add_argument("--uniform", help="one GGUF type for every weight, e.g. Q4_0 (default F16)")
-    e.add_argument("--context", type=int, default=2048, help="context length in tokens (default 2048)")
+    e.add_argument("--context", type=_count, default=2048, help="context length in tokens (default 2048)")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(fn=_estimate)
 
@@ -321,9 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--tasks",
         help=f"comma-separated lm-eval tasks, zero-shot; offline: {', '.join(SHIPPED_TASKS)}; others need the hub",
     )
-    v.add_argument("--limit", type=int, help="score the first N examples of each task (default: all)")
-    v.add_argument("--tokens", type=int, default=4096, help="tokens to score (default 4096)")
-    v.add_argument("--seq-len", type=int, default=256, help="sequence length (default 256)")
+    v.add_argument("--limit", type=_count, help="score the first N examples of each task (default: all)")
+    v.add_argument("--tokens", type=_count, default=4096, help="tokens to score (default 4096)")
+    v.add_argument("--seq-len", type=_count, default=256, help="sequence length (default 256)")
     v.add_argument(
         "--lora",
         metavar="FILE",
@@ -367,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("ui", help="open the MLflow UI on a search's results")
     w.add_argument("--out", default="runs", help="the search's output folder")
     w.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
-    w.add_argument("--port", type=int, default=5000)
+    w.add_argument("--port", type=_port, default=5000, help="TCP port (default 5000)")
     w.set_defaults(fn=_ui)
     return p
 

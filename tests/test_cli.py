@@ -47,6 +47,25 @@ def test_bad_input_is_one_line(capsys, monkeypatch, argv, message):
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["search", "experiments/smoke.yaml", "--trials", "0"], "argument --trials: must be at least 1, got 0"),
+        (["search", "experiments/smoke.yaml", "--workers", "two"], "expected a whole number, got 'two'"),
+        (["ui", "--port", "70000"], "a TCP port is at most 65535"),
+        (["eval", "--model", "m", "--tokens", "-5"], "argument --tokens: must be at least 1"),
+        (["estimate", "--device", "iphone-16"], "the following arguments are required: --model"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_bad_arguments_are_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert message in err and err.count("\n") == 1 and "usage:" not in err
+
+
 def test_bad_experiment_field_is_named(capsys, tmp_path):
     (tmp_path / "e.yaml").write_text("name: x\nmodel: m\ndevice: iphone-16\nsearch_space: s.yaml\ntrials: -3\n")
     code, _, err = _run(capsys, "search", str(tmp_path / "e.yaml"))
