@@ -49,6 +49,7 @@ COLUMNS = [
     "energy_mj_per_token",
     "tokens_per_s",
     "bits_per_weight",
+    "block_bits_per_weight",
     "weights_mb",
     "fits",
     "trial_s",
@@ -436,7 +437,8 @@ def _record(study, trial, plan: Plan, metrics, error, exp: Experiment, tracker: 
         "constraint_mb",
     ):
         trial.set_user_attr(k, round(float(metrics[k]), 6))
-    trial.set_user_attr("bits_per_weight", round(float(metrics["bits_per_weight"]), 4))
+    for k in ("bits_per_weight", "block_bits_per_weight"):
+        trial.set_user_attr(k, round(float(metrics[k]), 4))
     trial.set_user_attr("fits", bool(metrics["fits"]))
     # Feasible when <= 0: a plan that does not fit the phone stays visible but off the front.
     trial.set_constraint("memory_over_limit_mb", float(metrics["constraint_mb"]))

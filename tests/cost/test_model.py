@@ -67,6 +67,9 @@ def test_q8_0_is_about_0_53_of_f16() -> None:
     # 8.5 / 16 = 0.531 bits ratio; ±0.01 for the F32 norms, which stay unquantized.
     assert q8.weights_bytes / f16_bytes == pytest.approx(8.5 / 16, abs=0.01)
     assert q8.bits_per_weight == 8.5  # every row of this model is a whole number of Q8_0 blocks: exact
+    # F16 embedding and output tables raise the whole model's average but not the blocks'.
+    mixed = estimate(a, deployed_tensors(a, Plan.uniform(a, "Q4_0", embed_quant="F16")), device)
+    assert mixed.block_bits_per_weight == 4.5 < mixed.bits_per_weight
 
 
 def test_kv_cache_llama_8b() -> None:
