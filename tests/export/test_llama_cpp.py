@@ -1,7 +1,7 @@
 """llama.cpp runs an exported GGUF (and its LoRA adapter) at the perplexity autosquash scored for it.
 
-Real SmolLM2-135M, a few plans, the same held-out token rows on both sides. Skipped where
-llama-cpp-python is not installed.
+Real SmolLM2-135M, a few plans, the same held-out token rows on both sides. scripts/setup.sh installs
+llama-cpp-python (the `dev` extra); skipped where a bare environment lacks it.
 """
 
 from __future__ import annotations
