@@ -260,6 +260,8 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
 
     if ray.is_initialized():
         ray.shutdown()
+    # Ray's token authentication stays on (safe by default); its notice saying so is not news to a user.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if opts.ray_address:
         ray.init(address=opts.ray_address, logging_level=logging.WARNING)
     else:

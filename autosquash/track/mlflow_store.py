@@ -6,6 +6,7 @@ resumed search finds its parent and the trials it already logged.
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -39,6 +40,8 @@ class SearchTracker:
     """The MLflow runs of one search."""
 
     def __init__(self, tracking_uri: str, experiment_name: str, artifact_dir: Path):
+        # MLflow announces each creation and migration of its SQLite tables at INFO: not news to a user.
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
         self.client = MlflowClient(tracking_uri=tracking_uri)
         exp = self.client.get_experiment_by_name(experiment_name)
         if exp is None:
