@@ -105,10 +105,21 @@ def metrics_row(result: dict[str, float]) -> dict[str, float]:
 
 
 class Progress:
-    """One line per finished trial, with the front so far and time per trial."""
+    """One line per finished trial, with the front's size and time per trial; the front itself (memory and
+    perplexity of each plan) after each quarter of the trials."""
 
     def __init__(self, total: int, already_done: int, stream: TextIO = sys.stdout):
         self.total, self.already_done, self.stream, self.start = total, already_done, stream, time.perf_counter()
+        self.marks = {self.total * k // 4 for k in (1, 2, 3)} - {0}
+
+    def front(self, done: int, rows: list[dict], shown: int = 8) -> None:
+        """At a quarter of the trials: the front so far, smallest plans first (the final table follows the end)."""
+        if done not in self.marks or not rows:
+            return
+        self.marks.discard(done)
+        points = [f"{float(r['memory_mb']):.1f} MB ppl {float(r['perplexity']):.2f}" for r in rows[:shown]]
+        more = f", +{len(rows) - shown} more" if len(rows) > shown else ""
+        print(f"  front after {done} trials: {'; '.join(points)}{more}", file=self.stream, flush=True)
 
     def trial(self, done: int, number: int, origin: str, metrics: dict | None, error: str | None, front: int):
         elapsed = time.perf_counter() - self.start
@@ -370,6 +381,7 @@ def _loop(
         _record(study, trial, plan, metrics, error, exp, tracker, opts.out_dir)
         _, front = write_tables(study, exp, opts.out_dir)
         progress.trial(_finished(study), trial.number, trial.user_attrs["origin"], metrics, error, len(front))
+        progress.front(_finished(study), front)
     return setup_s
 
 
