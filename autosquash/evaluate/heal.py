@@ -60,28 +60,18 @@ def heal(model: torch.nn.Module, teacher: Reference, cfg: HealConfig, seed: int 
         opt.step()
         losses.append(loss.item())
     peft_model.eval()
+    summary = {"heal_steps": cfg.steps, "heal_loss_first": losses[0], "heal_loss_last": losses[-1]}
     if merge:
         merged = peft_model.merge_and_unload()
         with torch.no_grad():
             for name in targets:
                 w = merged.get_submodule(name).weight
                 w.copy_(w.half().float())
-        return merged, {
-            "heal_steps": cfg.steps,
-            "heal_loss_first": losses[0],
-            "heal_loss_last": losses[-1],
-            "heal_s": time.perf_counter() - start,
-            "heal_merged": 1.0,
-        }
+        return merged, {**summary, "heal_s": time.perf_counter() - start, "heal_merged": 1.0}
     with torch.no_grad():
         for p in params:
             p.copy_(p.half().float())
-    return peft_model, {
-        "heal_steps": cfg.steps,
-        "heal_loss_first": losses[0],
-        "heal_loss_last": losses[-1],
-        "heal_s": time.perf_counter() - start,
-    }
+    return peft_model, {**summary, "heal_s": time.perf_counter() - start}
 
 
 def adapter_tensors(model: torch.nn.Module) -> list[TensorSpec]:
