@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from autosquash.errors import AutosquashError
@@ -401,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one-line errors and a non-zero exit for bad input, never a bare traceback."""
     args = build_parser().parse_args(argv)
+    # Libraries' deprecation notices about each other (peft asking transformers for a renamed property)
+    # say nothing to a user of this tool; trial workers silence them the same way.
+    warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         return args.fn(args)
     except AutosquashError as e:
