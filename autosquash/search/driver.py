@@ -83,14 +83,15 @@ def make_sampler(exp: Experiment, budget: int) -> optuna.samplers.BaseSampler:
     `sensitivity` needs the base model: the study starts with TPE and `sensitivity_sampler` replaces it
     once the inputs are loaded.
     """
-    quarter = budget // 4
+    quarter = max(4, budget // 4)
     if exp.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(population_size=min(50, max(4, quarter)), seed=exp.seed)
+        return optuna.samplers.NSGAIISampler(population_size=min(50, quarter), seed=exp.seed)
     if exp.sampler == "random":
         return optuna.samplers.RandomSampler(seed=exp.seed)
+    startup = min(10, quarter)
     if exp.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=exp.seed, n_startup_trials=min(10, max(4, quarter)))
-    return optuna.samplers.TPESampler(seed=exp.seed, multivariate=True, n_startup_trials=min(10, max(4, quarter)))
+        return optuna.samplers.GPSampler(seed=exp.seed, n_startup_trials=startup)
+    return optuna.samplers.TPESampler(seed=exp.seed, multivariate=True, n_startup_trials=startup)
 
 
 def metrics_row(result: dict[str, float]) -> dict[str, float]:
