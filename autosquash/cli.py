@@ -14,9 +14,9 @@ CACHE_DIR = Path.home() / ".cache" / "autosquash"
 
 
 def _search(args: argparse.Namespace) -> int:
-    from autosquash.search.driver import SearchOptions, run_search
     from autosquash.search.experiment import load_experiment
-    from autosquash.search.report import print_front
+    from autosquash.search.outputs import print_front
+    from autosquash.search.study import SearchOptions, run_search
 
     exp = load_experiment(args.experiment)
     if args.model:
@@ -39,9 +39,9 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _estimate(args: argparse.Namespace) -> int:
-    from autosquash.compress.gguf_types import tensor_type
     from autosquash.compress.plan import Plan, deployed_tensors, kv_heads_per_layer
     from autosquash.cost import estimate, format_report, load_device
+    from autosquash.formats.gguf_types import tensor_type
     from autosquash.models.load import load_arch
     from autosquash.yaml_io import load_yaml_model
 
@@ -82,7 +82,7 @@ def _devices(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from autosquash.models.load import load_model, load_tokenizer
+    from autosquash.models.load import load_model, load_tokenizer, resolve
 
     if not (args.tasks or args.text):
         raise AutosquashError(
@@ -96,7 +96,12 @@ def _eval(args: argparse.Namespace) -> int:
     if args.lora and not Path(args.lora).is_file():
         raise AutosquashError(f"LoRA adapter {args.lora} does not exist")
     tok = load_tokenizer(args.model)
-    model = load_model(args.model)
+    if resolve(args.model).kind == "torch":  # a compressed model: only the operators know its linears
+        from autosquash.export.torch_file import load
+
+        model = load(args.model)[0]
+    else:
+        model = load_model(args.model)
     if args.lora:
         model = _with_lora(model, args.model, args.lora)
     result: dict = {}
@@ -129,8 +134,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _with_lora(model, spec: str, lora: str):
     """`model` with the GGUF LoRA adapter `lora` applied, as llama.cpp's --lora applies it."""
-    from autosquash.export.gguf_read import gguf_architecture
     from autosquash.export.lora import apply_adapter, read_gguf_lora
+    from autosquash.formats.gguf import gguf_architecture
     from autosquash.models.load import resolve
 
     src = resolve(spec)
@@ -146,7 +151,8 @@ def _with_lora(model, spec: str, lora: str):
 
 def _export(args: argparse.Namespace) -> int:
     from autosquash.compress.plan import Plan
-    from autosquash.export.build import plan_model, rebuild_trial
+    from autosquash.export.build import plan_model
+    from autosquash.search.trial import rebuild_trial
     from autosquash.yaml_io import load_yaml_model
 
     if args.register and not args.run:

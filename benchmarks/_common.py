@@ -10,9 +10,9 @@ import torch
 
 from autosquash.compress.apply import VariantCache
 from autosquash.compress.plan import Plan
-from autosquash.search.driver import SearchInputs, load_inputs, metrics_row, prepare_context
 from autosquash.search.experiment import Experiment
-from autosquash.search.runner import TrialContext, evaluate_plan
+from autosquash.search.outputs import metrics_row
+from autosquash.search.trial import SearchInputs, TrialContext, evaluate_plan, load_inputs, prepare_context
 
 ROOT = Path(__file__).parents[1]
 DEFAULT_EXPERIMENT = ROOT / "experiments/smollm2-135m-iphone16.yaml"

@@ -15,9 +15,9 @@ import time
 import torch
 
 from autosquash.compress.calibrate import collect_inputs, collect_stats
-from autosquash.compress.gguf_types import legal_type, tensor_type
-from autosquash.compress.quant import fake_quantize
 from autosquash.evaluate.texts import load_texts, token_block
+from autosquash.formats.codecs import fake_quantize
+from autosquash.formats.gguf_types import legal_type, tensor_type
 from autosquash.models.load import load_model, load_tokenizer
 
 LINEARS = ("self_attn.q_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.down_proj")

@@ -33,10 +33,11 @@ from _common import DEFAULT_EXPERIMENT, OUT, SMOKE_EXPERIMENT, evaluate, hypervo
 from autosquash.compress.apply import VariantCache
 from autosquash.compress.plan import Plan
 from autosquash.models.arch import Arch
-from autosquash.search.driver import OBJECTIVE_METRIC, make_sampler, sensitivity_sampler
 from autosquash.search.experiment import Experiment, HealSpec, load_experiment
-from autosquash.search.runner import TrialContext, TrialFailed
+from autosquash.search.outputs import OBJECTIVE_METRIC
 from autosquash.search.space import SearchSpace
+from autosquash.search.study import make_sampler, sensitivity_sampler
+from autosquash.search.trial import TrialContext, TrialFailed
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)

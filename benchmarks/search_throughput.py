@@ -14,8 +14,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from autosquash.search.driver import SearchOptions, run_search
 from autosquash.search.experiment import BenchmarkSpec, load_experiment
+from autosquash.search.study import SearchOptions, run_search
 from autosquash.track.mlflow_store import default_tracking_uri
 
 PARTS = ("build_s", "heal_s", "eval_s", "trial_s")

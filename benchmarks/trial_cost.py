@@ -26,8 +26,8 @@ from autosquash.compress.calibrate import cached_stats
 from autosquash.compress.plan import LayerChoice, Plan
 from autosquash.models.arch import Arch
 from autosquash.models.load import load_model, load_tokenizer, resolve
-from autosquash.search.driver import SearchInputs, prepare_context, text_batch
 from autosquash.search.experiment import Experiment, load_experiment
+from autosquash.search.trial import SearchInputs, prepare_context, text_batch
 
 
 def plans(arch: Arch) -> dict[str, Plan]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from autosquash.models.layers import linear_with
+
 
 def svd_factors(
     weight: torch.Tensor, rank: int, input_sq: torch.Tensor | None = None
@@ -24,19 +26,12 @@ def svd_factors(
     return a.contiguous(), b.contiguous()
 
 
-def linear_with(weight: torch.Tensor) -> torch.nn.Linear:
-    """A bias-free linear layer holding `weight` (out, in), built without a random initialisation to discard."""
-    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-    layer.weight = torch.nn.Parameter(weight)
-    return layer
-
-
 class LowRankLinear(torch.nn.Module):
-    """y = B(A(x)): a linear layer stored as two factors."""
+    """y = B(A(x)): a linear layer stored as two factors, held as `lr_a` and `lr_b` (their tensors' names)."""
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor):
         super().__init__()
-        self.a, self.b = linear_with(a), linear_with(b)
+        self.lr_a, self.lr_b = linear_with(a), linear_with(b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(self.a(x))
+        return self.lr_b(self.lr_a(x))

@@ -1,73 +1,60 @@
-"""A plan is data: the per-layer-group compression choices of one trial, and the tensors it deploys."""
+"""A plan is data: the per-layer-group compression choices of one trial, and the tensors it deploys.
+
+A layer choice has one field per operator field (compress/operators), so a new operator's fields appear in
+plans, plan files and search spaces without touching this module.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+import copy
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
-from autosquash.compress.gguf_types import legal_type, legal_type_or_f16, tensor_type
-from autosquash.compress.kronecker import kron_macs, kron_shape
-from autosquash.models.arch import Arch
+from autosquash.compress.operators import DECOMPOSITIONS, FIELDS, PRUNING, deploy_linear
+from autosquash.compress.operators.base import ChoiceField, TensorSpec
+from autosquash.formats.gguf_types import legal_type, tensor_type
+from autosquash.models.arch import ATTN_LINEARS, FFN_LINEARS, Arch
 
 Target = Literal["gguf", "torch"]
+SUBLAYERS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (("attn", ATTN_LINEARS), ("ffn", FFN_LINEARS))
 
-# Linear weights of a block, by group, with their GGUF names and Hugging Face module paths.
-ATTN_LINEARS: tuple[tuple[str, str], ...] = (
-    ("attn_q", "self_attn.q_proj"),
-    ("attn_k", "self_attn.k_proj"),
-    ("attn_v", "self_attn.v_proj"),
-    ("attn_output", "self_attn.o_proj"),
-)
-FFN_LINEARS: tuple[tuple[str, str], ...] = (
-    ("ffn_gate", "mlp.gate_proj"),
-    ("ffn_up", "mlp.up_proj"),
-    ("ffn_down", "mlp.down_proj"),
-)
-# Low-rank factors are stored in whole quantization blocks, so ranks are rounded to this multiple.
-RANK_MULTIPLE = 32
+__all__ = ["LayerChoice", "Plan", "TensorSpec", "deployed_tensors", "kept_ffn_channels", "kept_kv_heads"]
 
 
-class LayerChoice(BaseModel):
-    """What one layer group (a block's attention or its FFN) gets."""
-
+class _Choice(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-
-    quant: str = "F16"
-    # Share of FFN channels kept (0 removes the block's FFN).
-    ffn_keep_ratio: float = Field(1.0, ge=0.0, le=1.0)
-    # Share of KV-head groups kept, each with its query heads (0 removes the block's attention).
-    attn_keep_ratio: float = Field(1.0, ge=0.0, le=1.0)
-    rank_ratio: float = Field(0.0, ge=0.0, lt=1.0)
-    # Terms of a permuted Kronecker decomposition (TQCompressor) of each linear; 0 = none.
-    kron_rank: int = Field(0, ge=0)
-    # Per-tensor exceptions to `quant`, by GGUF short name, e.g. {"attn_v": "Q6_K"} as in Q4_K_M.
-    tensor_quant: dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("quant")
-    @classmethod
-    def _known_type(cls, v: str) -> str:
-        return tensor_type(v).name
-
-    @field_validator("tensor_quant")
-    @classmethod
-    def _known_types(cls, v: dict[str, str]) -> dict[str, str]:
-        known = {n for n, _ in ATTN_LINEARS + FFN_LINEARS}
-        for name in v:
-            if name not in known:
-                raise ValueError(f"unknown tensor {name!r}; expected one of {', '.join(sorted(known))}")
-        return {k: tensor_type(t).name for k, t in v.items()}
-
-    @model_validator(mode="after")
-    def _one_decomposition(self) -> LayerChoice:
-        if self.rank_ratio > 0 and self.kron_rank > 0:
-            raise ValueError("choose rank_ratio (SVD) or kron_rank (Kronecker), not both")
-        return self
 
     def quant_for(self, tensor: str) -> str:
         """The GGUF type asked for tensor `tensor` (a short name such as 'attn_v')."""
         return self.tensor_quant.get(tensor, self.quant)
+
+    @model_validator(mode="after")
+    def _one_decomposition(self) -> Any:
+        on = [f.name for op in DECOMPOSITIONS if not op.is_neutral(self) for f in op.fields]
+        if len(on) > 1:
+            raise ValueError(f"choose one decomposition per group: {' or '.join(on)}, not both")
+        return self
+
+
+def _pydantic_field(f: ChoiceField) -> tuple[Any, Any]:
+    if isinstance(f.neutral, dict | list):
+        return f.annotation, Field(default_factory=lambda n=f.neutral: copy.deepcopy(n))
+    return f.annotation, Field(f.neutral, **f.bounds)
+
+
+def _validator(f: ChoiceField):
+    return field_validator(f.name)(lambda cls, v: f.validate(v))
+
+
+LayerChoice = create_model(
+    "LayerChoice",
+    __base__=_Choice,
+    __doc__="What one layer group (a block's attention or its FFN) gets: one field per operator field.",
+    __validators__={f"_check_{f.name}": _validator(f) for f in FIELDS if f.validate},
+    # Searched fields first (as search spaces list them), then the per-tensor exceptions and the like.
+    **{f.name: _pydantic_field(f) for f in sorted(FIELDS, key=lambda f: not f.searched)},
+)
 
 
 class Plan(BaseModel):
@@ -94,7 +81,7 @@ class Plan(BaseModel):
     def uniform(cls, arch: Arch, quant: str, target: Target = "gguf", embed_quant: str | None = None) -> Plan:
         """Every linear weight in `quant` (embeddings too, unless `embed_quant` is given)."""
         c = LayerChoice(quant=quant)
-        groups = {f"blk.{i}.{g}": c for i in range(arch.n_layers) for g in ("attn", "ffn")}
+        groups = {f"blk.{i}.{g}": c for i in range(arch.n_layers) for g, _ in SUBLAYERS}
         return cls(target=target, embed_quant=embed_quant or quant, groups=groups)
 
     def flat_params(self) -> dict[str, str]:
@@ -102,45 +89,21 @@ class Plan(BaseModel):
         out = {"target": self.target, "embed_quant": self.embed_quant, "output_quant": str(self.output_quant)}
         for g, c in self.groups.items():
             for k, v in c.model_dump().items():
-                if k == "tensor_quant":
-                    out.update({f"{g}.{t}.quant": q for t, q in v.items()})
+                if isinstance(v, dict):  # per-tensor exceptions: one key per tensor
+                    out.update({f"{g}.{t}.{k.removeprefix('tensor_')}": q for t, q in v.items()})
                 else:
                     out[f"{g}.{k}"] = str(v)
         return out
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """One tensor as deployed: its GGUF name, torch shape (out, in), GGUF type and work per token."""
-
-    name: str
-    shape: tuple[int, ...]
-    type: str
-    macs_per_token: int
-    lookup: bool = False  # an embedding table: decoding one token reads one row of it
-
-    @property
-    def nbytes(self) -> int:
-        return tensor_type(self.type).nbytes(self.shape)
-
-    @property
-    def bytes_read_per_token(self) -> float:
-        return self.nbytes / self.shape[0] if self.lookup else float(self.nbytes)
-
-
 def kept_ffn_channels(arch: Arch, choice: LayerChoice) -> int:
     """FFN width after pruning (0: removed), a multiple of 32 so every row stays block-aligned."""
-    if choice.ffn_keep_ratio == 0:
-        return 0
-    keep = round(arch.intermediate_size * choice.ffn_keep_ratio / 32) * 32
-    return max(32, min(arch.intermediate_size, keep))
+    return PRUNING["ffn"].kept(arch, choice)
 
 
 def kept_kv_heads(arch: Arch, choice: LayerChoice) -> int:
     """KV heads left after pruning whole KV groups (0: the attention sublayer is removed)."""
-    if choice.attn_keep_ratio == 0:
-        return 0
-    return max(1, min(arch.n_kv_heads, round(arch.n_kv_heads * choice.attn_keep_ratio)))
+    return PRUNING["attn"].kept(arch, choice)
 
 
 def kv_heads_per_layer(arch: Arch, plan: Plan) -> list[int]:
@@ -148,44 +111,19 @@ def kv_heads_per_layer(arch: Arch, plan: Plan) -> list[int]:
     return [kept_kv_heads(arch, plan.choice(f"blk.{i}.attn")) for i in range(arch.n_layers)]
 
 
-def factor_rank(out_features: int, in_features: int, rank_ratio: float) -> int:
-    """Rank of a low-rank factorisation, or 0 when none is asked for or it would not save storage."""
-    if rank_ratio <= 0:
-        return 0
-    r = max(RANK_MULTIPLE, round(rank_ratio * min(out_features, in_features) / RANK_MULTIPLE) * RANK_MULTIPLE)
-    return r if r * (out_features + in_features) < out_features * in_features else 0
-
-
-def kron_terms(out_features: int, in_features: int, kron_rank: int) -> int:
-    """Kronecker terms actually used: 0 when none is asked for or the factors would not save storage."""
-    if kron_rank <= 0:
-        return 0
-    m1, m2, n1, n2 = kron_shape(out_features, in_features)
-    r = min(kron_rank, m1 * n1, m2 * n2)
-    return r if r * (m1 * n1 + m2 * n2) < out_features * in_features else 0
-
-
-def _kron_linear(name: str, out_f: int, in_f: int, quant: str, r: int) -> list[TensorSpec]:
-    m1, m2, n1, n2 = kron_shape(out_f, in_f)
-    macs = kron_macs((m1, m2, n1, n2), r)
-    # Factors are stored flattened, one row per term, so their rows hold whole quantization blocks.
-    return [
-        TensorSpec(f"{name}.kron_a", (r, m1 * n1), legal_type_or_f16(quant, m1 * n1), macs),
-        TensorSpec(f"{name}.kron_b", (r, m2 * n2), legal_type_or_f16(quant, m2 * n2), 0),
-        TensorSpec(f"{name}.row_perm", (out_f,), "I16", 0),
-        TensorSpec(f"{name}.col_perm", (in_f,), "I16", 0),
-        TensorSpec(f"{name}.col_scale", (in_f,), "F32", in_f),
-    ]
-
-
-def _linear(name: str, out_f: int, in_f: int, quant: str, rank: int) -> list[TensorSpec]:
-    if rank == 0:
-        return [TensorSpec(f"{name}.weight", (out_f, in_f), legal_type_or_f16(quant, in_f), out_f * in_f)]
-    # W ≈ B @ A with A: (rank, in), B: (out, rank).
-    return [
-        TensorSpec(f"{name}.lr_a", (rank, in_f), legal_type_or_f16(quant, in_f), rank * in_f),
-        TensorSpec(f"{name}.lr_b", (out_f, rank), legal_type_or_f16(quant, rank), out_f * rank),
-    ]
+def sublayer_tensors(arch: Arch, i: int, kind: str, choice: LayerChoice) -> list[TensorSpec]:
+    """The tensors block `i`'s `kind` sublayer deploys under `choice`: its norm and its linears (none when
+    pruning removes it)."""
+    op = PRUNING[kind]
+    kept = op.kept(arch, choice)
+    if kept == 0:
+        return []  # a removed sublayer deploys nothing, not even its norm
+    shapes = op.shapes(arch, kept)
+    tensors = [TensorSpec(f"blk.{i}.{op.norm[0]}.weight", (arch.hidden_size,), "F32", 0)]
+    for gguf_name, _ in dict(SUBLAYERS)[kind]:
+        out_f, in_f = shapes[gguf_name]
+        tensors += deploy_linear(f"blk.{i}.{gguf_name}", out_f, in_f, choice).tensors
+    return tensors
 
 
 def deployed_tensors(arch: Arch, plan: Plan) -> list[TensorSpec]:
@@ -193,33 +131,9 @@ def deployed_tensors(arch: Arch, plan: Plan) -> list[TensorSpec]:
     h = arch.hidden_size
     embed_type = legal_type(plan.embed_quant, h)
     tensors = [TensorSpec("token_embd.weight", (arch.vocab_size, h), embed_type, 0, lookup=True)]
-    group_size = arch.n_heads // arch.n_kv_heads
     for i in range(arch.n_layers):
-        attn, ffn = plan.choice(f"blk.{i}.attn"), plan.choice(f"blk.{i}.ffn")
-        kv = kept_kv_heads(arch, attn) * arch.head_dim
-        q = kv * group_size
-        ff = kept_ffn_channels(arch, ffn)
-        for choice, width, norm, linears, shapes in (
-            (
-                attn,
-                kv,
-                "attn_norm",
-                ATTN_LINEARS,
-                {"attn_q": (q, h), "attn_k": (kv, h), "attn_v": (kv, h), "attn_output": (h, q)},
-            ),
-            (ffn, ff, "ffn_norm", FFN_LINEARS, {"ffn_gate": (ff, h), "ffn_up": (ff, h), "ffn_down": (h, ff)}),
-        ):
-            if width == 0:
-                continue  # a removed sublayer deploys nothing, not even its norm
-            tensors.append(TensorSpec(f"blk.{i}.{norm}.weight", (h,), "F32", 0))
-            for gguf_name, _ in linears:
-                o, n = shapes[gguf_name]
-                quant = choice.quant_for(gguf_name)
-                kron = kron_terms(o, n, choice.kron_rank)
-                if kron:
-                    tensors += _kron_linear(f"blk.{i}.{gguf_name}", o, n, quant, kron)
-                else:
-                    tensors += _linear(f"blk.{i}.{gguf_name}", o, n, quant, factor_rank(o, n, choice.rank_ratio))
+        for kind, _ in SUBLAYERS:
+            tensors += sublayer_tensors(arch, i, kind, plan.choice(f"blk.{i}.{kind}"))
     tensors.append(TensorSpec("output_norm.weight", (h,), "F32", 0))
     if arch.tied_embeddings:
         # The output head reuses token_embd: every token multiplies by the whole table.

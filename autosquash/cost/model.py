@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from autosquash.compress.gguf_types import tensor_type
 from autosquash.compress.plan import TensorSpec
 from autosquash.cost.device import DeviceProfile
 from autosquash.errors import AutosquashError
+from autosquash.formats.gguf_types import tensor_type
 from autosquash.models.arch import Arch
 
 GIB = 2**30

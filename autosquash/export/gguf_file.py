@@ -8,41 +8,21 @@ F16 weights are written as they were merged; an adapter kept apart goes to a GGU
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
-import numpy as np
 import torch
-from gguf import GGUFReader, GGUFType, GGUFValueType, GGUFWriter
-from gguf.constants import GGMLQuantizationType
+from gguf import GGUFWriter
 
 from autosquash.compress.apply import VariantCache, quantized_tensors
 from autosquash.compress.calibrate import Stats
-from autosquash.compress.plan import Plan, deployed_tensors, kept_ffn_channels, kv_heads_per_layer
-from autosquash.compress.quant import QuantizedTensor, quantize
+from autosquash.compress.plan import Plan, kept_ffn_channels, kv_heads_per_layer
 from autosquash.errors import AutosquashError
+from autosquash.export.build import deploys_factors
 from autosquash.export.lora import has_adapter
+from autosquash.formats.codecs import QuantizedTensor, quantize
+from autosquash.formats.gguf import add_tensor, copy_tokenizer, gguf_writer, rope_permute
 from autosquash.models.arch import Arch
 from autosquash.models.load import DEFAULT_MODEL, ModelSource, resolve
-
-
-def rope_permute(rows: np.ndarray, head_dim: int) -> np.ndarray:
-    """Reorder q/k rows (one head after another) from Hugging Face's rotate-half layout to GGUF's interleaved
-    rotary layout, as llama.cpp's convert_hf_to_gguf.py does; works on rows of quantized bytes too.
-    """
-    n_heads = rows.shape[0] // head_dim
-    return rows.reshape(n_heads, 2, head_dim // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
-
-
-def rope_unpermute(rows: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """The inverse of `rope_permute`: GGUF's interleaved q/k rows back in Hugging Face's order."""
-    n_heads = rows.shape[0] // head_dim
-    return rows.reshape(n_heads, head_dim // 2, 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape).contiguous()
-
-
-def deploys_factors(arch: Arch, plan: Plan) -> bool:
-    """Whether the plan deploys low-rank or Kronecker factors (no GGUF runtime holds them)."""
-    return any(not t.name.endswith(".weight") for t in deployed_tensors(arch, plan))
 
 
 def gguf_arch(arch: Arch, plan: Plan) -> str:
@@ -61,27 +41,6 @@ def _tokenizer_source(src: ModelSource) -> Path:
     raise AutosquashError(
         f"GGUF export copies the tokenizer from a GGUF file; {src.location} is a {src.kind} model (not supported yet)"
     )
-
-
-@functools.lru_cache(maxsize=4)
-def _tokenizer_fields(source: str, size: int, mtime_ns: int) -> tuple:
-    """(key, value, type, array item type) of every tokenizer.* field of a GGUF file, read once per file
-    version: parsing a 49k-token vocabulary takes seconds."""
-    reader = GGUFReader(source)
-    return tuple(
-        (key, field.contents(), field.types[0], field.types[-1])
-        for key, field in reader.fields.items()
-        if key.startswith("tokenizer.")
-    )
-
-
-def _copy_tokenizer(writer: GGUFWriter, source: Path) -> None:
-    st = source.stat()
-    for key, value, vtype, item_type in _tokenizer_fields(str(source.resolve()), st.st_size, st.st_mtime_ns):
-        if vtype == GGUFValueType.ARRAY:
-            writer.add_key_value(key, value, vtype, sub_type=item_type)
-        else:
-            writer.add_key_value(key, value, vtype)
 
 
 def _rope_theta(config) -> float:
@@ -121,60 +80,61 @@ def write_gguf(
         )
     arch_name = gguf_arch(arch, plan)
     merged = merged_weights(model)
-    writer = GGUFWriter(str(path), arch_name)
-    writer.add_type(GGUFType.MODEL)
+    counts: dict[str, int] = {}
+    with gguf_writer(path, arch_name) as writer:
+        _write_header(writer, spec, base, arch, arch_name, widths, heads, kv_heads)
+
+        def add(name: str, q) -> None:
+            kind = add_tensor(writer, name, q)
+            counts[kind] = counts.get(kind, 0) + 1
+
+        def add_norm(name: str, weight: torch.Tensor) -> None:
+            add(name, weight.detach().float().numpy())
+
+        layers = base.model.layers
+        for gguf_name, module, variant in quantized_tensors(base, arch, plan, stats, cache):
+            q = variant.parts["weight"]
+            if merged is not None and gguf_name.startswith("blk."):
+                q = merged(f"{module}.weight", q)
+            if gguf_name.endswith(("attn_q", "attn_k")):
+                q = QuantizedTensor(q.type, q.shape, rope_permute(q.data, arch.head_dim))
+            # Each present sublayer's norm goes before its first weight; a removed one has none.
+            if gguf_name.endswith("attn_q"):
+                i = int(gguf_name.split(".")[1])
+                add_norm(f"blk.{i}.attn_norm.weight", layers[i].input_layernorm.weight)
+            elif gguf_name.endswith("ffn_gate"):
+                i = int(gguf_name.split(".")[1])
+                add_norm(f"blk.{i}.ffn_norm.weight", layers[i].post_attention_layernorm.weight)
+            add(f"{gguf_name}.weight", q)
+        add_norm("output_norm.weight", base.model.norm.weight)
+    return counts
+
+
+def _write_header(
+    writer: GGUFWriter, spec: str, base, arch: Arch, arch_name: str, widths: list, heads: list, kv_heads: list
+) -> None:
+    """The model's hyperparameters (per layer for `deci`) and the tokenizer copied from the source GGUF."""
+    per_layer = arch_name != "llama"
     writer.add_name(f"{getattr(base.config, 'name_or_path', '') or spec} (autosquash)")
     writer.add_context_length(int(base.config.max_position_embeddings))
     writer.add_embedding_length(arch.hidden_size)
     writer.add_block_count(arch.n_layers)
-    writer.add_feed_forward_length(widths[0] if arch_name == "llama" else widths)
-    writer.add_head_count(heads[0] if arch_name == "llama" else heads)
-    writer.add_head_count_kv(kv_heads[0] if arch_name == "llama" else kv_heads)
+    writer.add_feed_forward_length(widths if per_layer else widths[0])
+    writer.add_head_count(heads if per_layer else heads[0])
+    writer.add_head_count_kv(kv_heads if per_layer else kv_heads[0])
     writer.add_rope_freq_base(_rope_theta(base.config))
     writer.add_rope_dimension_count(arch.head_dim)
     writer.add_layer_norm_rms_eps(float(base.config.rms_norm_eps))
     writer.add_vocab_size(arch.vocab_size)
     writer.add_quantization_version(2)
-    _copy_tokenizer(writer, _tokenizer_source(resolve(spec)))
-
-    counts: dict[str, int] = {}
-
-    def add(name: str, data: np.ndarray, qtype: str) -> None:
-        writer.add_tensor(name, data, raw_dtype=GGMLQuantizationType[qtype])
-        counts[qtype] = counts.get(qtype, 0) + 1
-
-    def add_norm(name: str, weight: torch.Tensor) -> None:
-        add(name, weight.detach().float().numpy(), "F32")
-
-    layers = base.model.layers
-    for gguf_name, path, variant in quantized_tensors(base, arch, plan, stats, cache):
-        (q,) = variant
-        if merged is not None and gguf_name.startswith("blk."):
-            q = merged(f"{path}.weight", q)
-        data = q.data
-        if gguf_name.endswith(("attn_q", "attn_k")):
-            data = rope_permute(data, arch.head_dim)
-        # Each present sublayer's norm goes before its first weight; a removed one has none.
-        if gguf_name.endswith("attn_q"):
-            i = int(gguf_name.split(".")[1])
-            add_norm(f"blk.{i}.attn_norm.weight", layers[i].input_layernorm.weight)
-        elif gguf_name.endswith("ffn_gate"):
-            i = int(gguf_name.split(".")[1])
-            add_norm(f"blk.{i}.ffn_norm.weight", layers[i].post_attention_layernorm.weight)
-        add(f"{gguf_name}.weight", data, q.type)
-    add_norm("output_norm.weight", base.model.norm.weight)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return counts
+    copy_tokenizer(writer, _tokenizer_source(resolve(spec)))
 
 
 def merged_weights(model: torch.nn.Module | None):
     """Where a healed model's merged weights replace the compressed ones: a function (parameter path,
     compressed tensor) -> the tensor to write, or None when there is no model or its adapter stays apart.
 
-    Healing merges only into F16/F32 weights (runner.merges_adapter), rounded to F16, so re-encoding them
+    Healing merges only into F16/F32 weights (search.trial.merges_adapter), rounded to F16, so re-encoding them
     in their own type is exact; an unhealed model gives back the compressed bytes themselves.
     """
     if model is None or has_adapter(model):

@@ -12,21 +12,20 @@ import re
 from pathlib import Path
 
 import torch
-from gguf import GGUFReader, GGUFType, GGUFWriter, Keys
-from gguf.constants import GGMLQuantizationType
+from gguf import GGUFReader, GGUFType, Keys
 
-from autosquash.compress.plan import ATTN_LINEARS, FFN_LINEARS
-from autosquash.compress.quant import quantize
 from autosquash.errors import AutosquashError
-from autosquash.models.arch import Arch
+from autosquash.formats.codecs import QuantizedTensor, quantize
+from autosquash.formats.gguf import add_tensor, gguf_writer, read_tensor, rope_permute, rope_unpermute
+from autosquash.models.arch import ATTN_LINEARS, FFN_LINEARS, Arch
 
 # Module path inside a block <-> GGUF short name, e.g. "self_attn.q_proj" <-> "attn_q".
 _SHORT = {path: name for name, path in ATTN_LINEARS + FFN_LINEARS}
 _PATH = {name: path for name, path in ATTN_LINEARS + FFN_LINEARS}
-# Low-rank factors (LowRankLinear's .a and .b) are tensors of their own: `.lr_a` and `.lr_b`.
-_SUFFIX = {"": "weight", ".a": "lr_a", ".b": "lr_b"}
-_MODULE = re.compile(r"^model\.layers\.(\d+)\.(\w+\.\w+)(\.a|\.b)?$")
-_TENSOR = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|lr_a|lr_b)$")
+# A linear's own weight is its `.weight` tensor; a factor held by a submodule (LowRankLinear's `lr_a`) is the
+# tensor named after that submodule (`.lr_a`), as every form names its parts.
+_MODULE = re.compile(r"^model\.layers\.(\d+)\.(\w+\.\w+)(?:\.(\w+))?$")
+_TENSOR = re.compile(r"^blk\.(\d+)\.(\w+)\.(\w+)$")
 
 Adapter = dict[str, tuple[torch.Tensor, torch.Tensor]]  # tensor name -> (A: rank x in, B: out x rank)
 
@@ -36,7 +35,7 @@ def tensor_name(module_path: str) -> str:
     m = _MODULE.match(module_path)
     if not m or m[2] not in _SHORT:
         raise AutosquashError(f"{module_path} is not a block linear of a Llama-style model")
-    return f"blk.{m[1]}.{_SHORT[m[2]]}.{_SUFFIX[m[3] or '']}"
+    return f"blk.{m[1]}.{_SHORT[m[2]]}.{m[3] or 'weight'}"
 
 
 def module_path(name: str) -> str:
@@ -44,8 +43,7 @@ def module_path(name: str) -> str:
     m = _TENSOR.match(name)
     if not m or m[2] not in _PATH:
         raise AutosquashError(f"{name!r} is not a block linear's tensor (blk.N.<attn_q|...|ffn_down>.weight)")
-    suffix = {v: k for k, v in _SUFFIX.items()}[m[3]]
-    return f"model.layers.{m[1]}.{_PATH[m[2]]}{suffix}"
+    return f"model.layers.{m[1]}.{_PATH[m[2]]}" + ("" if m[3] == "weight" else f".{m[3]}")
 
 
 def has_adapter(model: torch.nn.Module) -> bool:
@@ -105,26 +103,19 @@ def write_gguf_lora(path: str | Path, adapter: Adapter, alpha: float, arch: Arch
 
     A and B go in F16, the type healing rounded them to (and the cost model prices).
     """
-    from autosquash.export.gguf_file import rope_permute
-
-    writer = GGUFWriter(str(path), gguf_arch)
-    writer.add_type(GGUFType.ADAPTER)
-    writer.add_string(Keys.Adapter.TYPE, "lora")
-    writer.add_float32(Keys.Adapter.LORA_ALPHA, float(alpha))
-    writer.add_rope_dimension_count(arch.head_dim)  # lets a reader undo the q/k row permutation
-    for name, (a, b) in sorted(adapter.items(), key=lambda item: _order(item[0])):
+    for name in adapter:
         if not name.endswith(".weight"):
             raise AutosquashError(f"GGUF holds no low-rank factors; cannot write an adapter of {name}")
-        qa, qb = quantize(a, "F16"), quantize(b, "F16")
-        b_rows = qb.data
-        if name.split(".")[2] in ("attn_q", "attn_k"):
-            b_rows = rope_permute(b_rows, arch.head_dim)
-        writer.add_tensor(f"{name}.lora_a", qa.data, raw_dtype=GGMLQuantizationType.F16)
-        writer.add_tensor(f"{name}.lora_b", b_rows, raw_dtype=GGMLQuantizationType.F16)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    with gguf_writer(path, gguf_arch, GGUFType.ADAPTER) as writer:
+        writer.add_string(Keys.Adapter.TYPE, "lora")
+        writer.add_float32(Keys.Adapter.LORA_ALPHA, float(alpha))
+        writer.add_rope_dimension_count(arch.head_dim)  # lets a reader undo the q/k row permutation
+        for name, (a, b) in sorted(adapter.items(), key=lambda item: _order(item[0])):
+            qa, qb = quantize(a, "F16"), quantize(b, "F16")
+            if name.split(".")[2] in ("attn_q", "attn_k"):
+                qb = QuantizedTensor(qb.type, qb.shape, rope_permute(qb.data, arch.head_dim))
+            add_tensor(writer, f"{name}.lora_a", qa)
+            add_tensor(writer, f"{name}.lora_b", qb)
     return 2 * len(adapter)
 
 
@@ -143,9 +134,6 @@ def _field(reader: GGUFReader, key: str, path: Path):
 
 def read_gguf_lora(path: str | Path) -> tuple[Adapter, float, str]:
     """A GGUF LoRA file's adapter (q/k rows back in Hugging Face order), its alpha and its architecture."""
-    from autosquash.export.gguf_file import rope_unpermute
-    from autosquash.export.gguf_read import read_tensor
-
     p = Path(path)
     if not p.is_file():
         raise AutosquashError(f"LoRA adapter {p} does not exist")

@@ -12,6 +12,19 @@ from autosquash.errors import AutosquashError
 # Llama-style decoders: the same tensor set (q/k/v/o, gate/up/down, two RMS norms per block).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
+# Linear weights of a block, by group, with their GGUF names and Hugging Face module paths.
+ATTN_LINEARS: tuple[tuple[str, str], ...] = (
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+)
+FFN_LINEARS: tuple[tuple[str, str], ...] = (
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+)
+
 
 @dataclass(frozen=True)
 class Arch:

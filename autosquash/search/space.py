@@ -1,16 +1,26 @@
-"""Search spaces: which per-group choices a study may sample, for one deployment target (DESIGN.md §2)."""
+"""Search spaces: which per-group choices a study may sample, for one deployment target (DESIGN.md §2).
+
+A group space lists options for every searched field of the compression operators (compress/operators);
+each operator says which targets and sublayer kinds its fields may move off neutral on.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import optuna
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from autosquash.compress.gguf_types import SEARCHABLE_TYPES, tensor_type
-from autosquash.compress.plan import LayerChoice, Plan, Target
+from autosquash.compress.operators import DECOMPOSITIONS, FIELDS, REGISTRY, SEARCHED_FIELDS
+from autosquash.compress.operators.base import ChoiceField
+from autosquash.compress.plan import SUBLAYERS, LayerChoice, Plan, Target
+from autosquash.formats.gguf_types import SEARCHABLE_TYPES, tensor_type
 from autosquash.models.arch import Arch
 from autosquash.yaml_io import load_yaml_model
+
+_SEARCHED: tuple[ChoiceField, ...] = tuple(f for f in FIELDS if f.searched)
+_NEUTRAL = {f.name: f.neutral for f in _SEARCHED}
 
 
 def _types(v: list[str]) -> list[str]:
@@ -21,35 +31,37 @@ def _types(v: list[str]) -> list[str]:
     return names
 
 
-class GroupSpace(BaseModel):
-    """Choices for one kind of layer group (every block's attention, or every block's FFN)."""
+def _check_options(f: ChoiceField):
+    """A validator of a field's option list: each option as a layer choice would take it, normalised."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    def check(cls, values: list) -> list:
+        out = []
+        for v in values:
+            if f.validate_option is not None:
+                v = f.validate_option(v)
+            try:
+                LayerChoice(**{f.name: v})
+            except ValidationError as e:
+                raise ValueError(f"option {v!r}: {e.errors()[0]['msg']}") from None
+            out.append(v)
+        return out
 
-    quant: list[str] = Field(min_length=1)
-    ffn_keep_ratio: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
-    attn_keep_ratio: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
-    rank_ratio: list[float] = Field(default_factory=lambda: [0.0], min_length=1)
-    kron_rank: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    return field_validator(f.name)(check)
 
-    @field_validator("quant")
-    @classmethod
-    def _quant(cls, v: list[str]) -> list[str]:
-        return _types(v)
 
-    @field_validator("ffn_keep_ratio", "attn_keep_ratio")
-    @classmethod
-    def _ratios(cls, v: list[float]) -> list[float]:
-        if any(not 0 <= r <= 1 for r in v):
-            raise ValueError("every keep ratio must lie in [0, 1] (0 removes the sublayer)")
-        return v
+def _space_field(f: ChoiceField) -> tuple[Any, Any]:
+    if not f.space_default:
+        return list[f.annotation], Field(min_length=1)
+    return list[f.annotation], Field(default_factory=lambda n=f.neutral: [n], min_length=1)
 
-    @field_validator("rank_ratio")
-    @classmethod
-    def _ranks(cls, v: list[float]) -> list[float]:
-        if any(not 0 <= r < 1 for r in v):
-            raise ValueError("every rank_ratio must lie in [0, 1) (0 = no decomposition)")
-        return v
+
+GroupSpace = create_model(
+    "GroupSpace",
+    __config__=ConfigDict(frozen=True, extra="forbid"),
+    __doc__="Choices for one kind of layer group (every block's attention, or every block's FFN).",
+    __validators__={f"_check_{f.name}": _check_options(f) for f in _SEARCHED},
+    **{f.name: _space_field(f) for f in _SEARCHED},
+)
 
 
 class SearchSpace(BaseModel):
@@ -72,31 +84,25 @@ class SearchSpace(BaseModel):
 
     @model_validator(mode="after")
     def _deployable(self) -> SearchSpace:
-        if self.attn.ffn_keep_ratio != [1.0]:
-            raise ValueError("attn.ffn_keep_ratio: attention groups have no FFN channels to prune")
-        if self.ffn.attn_keep_ratio != [1.0]:
-            raise ValueError("ffn.attn_keep_ratio: FFN groups have no attention heads to prune")
-        if self.target == "gguf" and 0.0 in self.ffn.ffn_keep_ratio:
-            raise ValueError(
-                "ffn.ffn_keep_ratio: a gguf target cannot remove an FFN alone (llama.cpp's deci architecture "
-                "drops that block's attention too); use target: torch"
-            )
-        for g in (self.attn, self.ffn):
-            if self.target == "gguf" and (g.rank_ratio != [0.0] or g.kron_rank != [0]):
-                raise ValueError("rank_ratio/kron_rank: a gguf target cannot hold decompositions; use target: torch")
-            if any(k < 0 for k in g.kron_rank):
-                raise ValueError("kron_rank: every choice must be 0 (none) or a positive number of terms")
-            if max(g.rank_ratio) > 0 and max(g.kron_rank) > 0:
-                raise ValueError("a group searches SVD (rank_ratio) or Kronecker (kron_rank) ranks, not both")
+        for kind, _ in SUBLAYERS:
+            values = getattr(self, kind).model_dump()
+            for op in REGISTRY:
+                op.check_space(self.target, kind, values)
+            on = [f.name for op in DECOMPOSITIONS for f in op.fields if any(v != f.neutral for v in values[f.name])]
+            if len(on) > 1:
+                raise ValueError(f"{kind}: a group searches one decomposition, not {' and '.join(on)}")
         for b in self.baselines:
-            for g, space in (("attn", self.attn), ("ffn", self.ffn)):
-                if b not in space.quant:
-                    raise ValueError(f"baseline {b} is not among {g}.quant, so the study cannot sample it")
-        if (1.0 not in self.ffn.ffn_keep_ratio or 1.0 not in self.attn.attn_keep_ratio) and self.baselines:
-            raise ValueError("ffn_keep_ratio and attn_keep_ratio must include 1.0 for the uniform baselines")
-        for g in (self.attn, self.ffn):
-            if (0.0 not in g.rank_ratio or 0 not in g.kron_rank) and self.baselines:
-                raise ValueError("rank_ratio and kron_rank must include 0 for the uniform baselines")
+            for kind, _ in SUBLAYERS:
+                if b not in getattr(self, kind).quant:
+                    raise ValueError(f"baseline {b} is not among {kind}.quant, so the study cannot sample it")
+        if self.baselines:
+            for kind, _ in SUBLAYERS:
+                space = getattr(self, kind)
+                for f in _SEARCHED:
+                    if f.space_default and f.neutral not in getattr(space, f.name):
+                        raise ValueError(
+                            f"{kind}.{f.name} must include {f.neutral!r} (the operator off) for the uniform baselines"
+                        )
         return self
 
     @classmethod
@@ -107,9 +113,10 @@ class SearchSpace(BaseModel):
     def _dims(self, arch: Arch) -> list[tuple[str, str, list]]:
         dims = []
         for i in range(arch.n_layers):
-            for g, space in (("attn", self.attn), ("ffn", self.ffn)):
-                for field in ("quant", "ffn_keep_ratio", "attn_keep_ratio", "rank_ratio", "kron_rank"):
-                    dims.append((f"blk.{i}.{g}", field, getattr(space, field)))
+            for kind, _ in SUBLAYERS:
+                space = getattr(self, kind)
+                for field in SEARCHED_FIELDS:
+                    dims.append((f"blk.{i}.{kind}", field, getattr(space, field)))
         return dims
 
     def sample(self, trial: optuna.Trial, arch: Arch) -> Plan:
@@ -130,7 +137,7 @@ class SearchSpace(BaseModel):
         params: dict[str, object] = {}
         for group, field, choices in self._dims(arch):
             if len(choices) > 1:
-                params[f"{group}.{field}"] = {"quant": quant, "rank_ratio": 0.0, "kron_rank": 0}.get(field, 1.0)
+                params[f"{group}.{field}"] = quant if field == "quant" else _NEUTRAL[field]
         if len(self.embed_quant) > 1:
             params["embed_quant"] = self.embed_quant[0]
         return params

@@ -1,6 +1,7 @@
 import pytest
 
-from autosquash.compress.plan import LayerChoice, Plan, deployed_tensors, factor_rank, kept_ffn_channels
+from autosquash.compress.operators.svd import factor_rank
+from autosquash.compress.plan import LayerChoice, Plan, deployed_tensors, kept_ffn_channels
 from autosquash.errors import AutosquashError
 from autosquash.models.arch import Arch
 from autosquash.yaml_io import dump_yaml_model, load_yaml_model

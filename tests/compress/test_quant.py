@@ -10,9 +10,9 @@ import pytest
 import torch
 from gguf.constants import GGMLQuantizationType
 
-from autosquash.compress.gguf_types import tensor_type
-from autosquash.compress.quant import QUANTIZABLE_TYPES, QuantizedTensor, dequantize, fake_quantize, quantize
 from autosquash.errors import AutosquashError
+from autosquash.formats.codecs import QUANTIZABLE_TYPES, QuantizedTensor, dequantize, fake_quantize, quantize
+from autosquash.formats.gguf_types import tensor_type
 
 # Types gguf.quants.quantize writes too; without importance ours must reproduce its bytes exactly.
 GGUF_WRITES = ("F32", "F16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "TQ2_0", "TQ1_0")

@@ -44,7 +44,7 @@ def test_a_model_without_linears_is_left_unhealed(tiny_model, tiny_arch, tiny_ba
 
 
 def test_float_weights_get_the_adapter_merged_in_f16(tiny_model, tiny_arch, tiny_batch):
-    from autosquash.search.runner import merges_adapter
+    from autosquash.search.trial import merges_adapter
 
     ref = reference(tiny_model, tiny_batch, k=8)
     f16, q8 = Plan.uniform(tiny_arch, "F16"), Plan.uniform(tiny_arch, "Q8_0")

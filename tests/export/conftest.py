@@ -7,7 +7,7 @@ import pytest
 from autosquash.compress.apply import VariantCache, compress
 from autosquash.evaluate.heal import HealConfig, heal
 from autosquash.evaluate.proxy import reference
-from autosquash.search.runner import merges_adapter
+from autosquash.search.trial import merges_adapter
 
 
 @pytest.fixture

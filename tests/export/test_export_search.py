@@ -10,9 +10,10 @@ from gguf import GGUFReader
 
 from autosquash.cli import main
 from autosquash.compress.plan import Plan
-from autosquash.export.gguf_file import deploys_factors, gguf_arch
+from autosquash.export.build import deploys_factors
+from autosquash.export.gguf_file import gguf_arch
 from autosquash.models.load import load_arch
-from autosquash.search.runner import merges_adapter
+from autosquash.search.trial import merges_adapter
 from autosquash.track.mlflow_store import default_tracking_uri, find_trial_run
 from autosquash.yaml_io import load_yaml_model
 

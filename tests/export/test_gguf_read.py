@@ -4,14 +4,15 @@ import pytest
 import torch
 from gguf import GGUFReader
 
-from autosquash.compress.apply import RemovedAttention, RemovedMLP, compress
+from autosquash.compress.apply import compress
 from autosquash.compress.plan import LayerChoice, Plan
 from autosquash.errors import AutosquashError
 from autosquash.evaluate.proxy import score
-from autosquash.export.gguf_file import rope_permute, rope_unpermute, write_gguf
-from autosquash.export.gguf_read import gguf_architecture, read_gguf_config, read_gguf_model
+from autosquash.export.gguf_file import write_gguf
 from autosquash.export.lora import has_adapter
-from autosquash.models.load import load_arch, load_model
+from autosquash.formats.gguf import gguf_architecture, read_gguf_config, rope_permute, rope_unpermute
+from autosquash.models.layers import RemovedAttention, RemovedMLP
+from autosquash.models.load import load_arch, load_model, read_gguf_model
 
 PRUNED = Plan(
     groups={

@@ -9,8 +9,7 @@ from autosquash.compress.apply import compress
 from autosquash.compress.plan import LayerChoice, Plan
 from autosquash.errors import AutosquashError
 from autosquash.evaluate.proxy import score
-from autosquash.export.gguf_file import gguf_arch, rope_permute, write_gguf
-from autosquash.export.gguf_read import read_gguf_model
+from autosquash.export.gguf_file import gguf_arch, write_gguf
 from autosquash.export.lora import (
     adapter_weights,
     apply_adapter,
@@ -20,6 +19,8 @@ from autosquash.export.lora import (
     tensor_name,
     write_gguf_lora,
 )
+from autosquash.formats.gguf import rope_permute
+from autosquash.models.load import read_gguf_model
 
 PRUNED = Plan(
     groups={
@@ -86,10 +87,14 @@ def test_model_file_plus_adapter_gives_the_trials_quality(
 
 
 def test_tensor_names_map_both_ways():
-    for path in ("model.layers.3.self_attn.q_proj", "model.layers.0.mlp.down_proj.a", "model.layers.1.mlp.up_proj.b"):
+    for path in (
+        "model.layers.3.self_attn.q_proj",
+        "model.layers.0.mlp.down_proj.lr_a",
+        "model.layers.1.mlp.up_proj.lr_b",
+    ):
         assert module_path(tensor_name(path)) == path
     assert tensor_name("model.layers.3.self_attn.q_proj") == "blk.3.attn_q.weight"
-    assert tensor_name("model.layers.0.mlp.down_proj.a") == "blk.0.ffn_down.lr_a"
+    assert tensor_name("model.layers.0.mlp.down_proj.lr_a") == "blk.0.ffn_down.lr_a"
     with pytest.raises(AutosquashError, match="not a block linear"):
         tensor_name("lm_head")
 

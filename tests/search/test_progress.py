@@ -1,6 +1,6 @@
 import io
 
-from autosquash.search.driver import Progress
+from autosquash.search.outputs import Progress
 
 
 def _rows(n: int) -> list[dict]:

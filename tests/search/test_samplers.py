@@ -1,9 +1,9 @@
 import optuna
 import pytest
 
-from autosquash.search.driver import make_sampler
 from autosquash.search.experiment import Experiment
 from autosquash.search.space import SearchSpace
+from autosquash.search.study import make_sampler
 
 SPACE = SearchSpace.model_validate(
     {

@@ -7,7 +7,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from autosquash.cli import main
-from autosquash.search.driver import COLUMNS
+from autosquash.search.outputs import COLUMNS
 from autosquash.track.mlflow_store import default_tracking_uri
 
 ROOT = Path(__file__).parents[2]

@@ -11,6 +11,7 @@ from autosquash.compress.plan import Plan, deployed_tensors
 from autosquash.cost.model import kv_cache_bytes_per_token
 from autosquash.evaluate.proxy import reference, score
 from autosquash.search.sensitivity import (
+    TARGET,
     GroupProfile,
     Profile,
     SensitivitySampler,
@@ -133,11 +134,13 @@ def test_sampler_proposes_under_each_target_then_mutates(measured):
     for _ in range(len(targets) + 4):
         trial = study.ask()
         SPACE.sample(trial, arch)
-        frozen = study._storage.get_trial(trial._trial_id)
-        kinds.append(frozen.user_attrs.get("origin"))
+        attrs = {"origin": trial.user_attrs.get("origin"), **study.sampler.trial_attrs(trial.number)}
+        kinds.append(attrs["origin"])
         picks = profile.picks_of(trial.params)
         if kinds[-1] == "proposed":
-            assert profile.size(*picks) <= targets[frozen.system_attrs["sensitivity.target"]]
+            assert profile.size(*picks) <= targets[attrs[TARGET]]
+        for k, v in attrs.items():  # as the search stores them, for the sampler's next proposal
+            trial.set_user_attr(k, v)
         key = tuple(sorted(trial.params.items()))
         assert key not in seen  # never the same plan twice
         seen.add(key)

@@ -1,26 +1,25 @@
-"""Read the GGUF files autosquash writes back into a float model, `deci` ones included.
+"""GGUF files: reading tensors and hyperparameters, the q/k row layout, and writing a file in ggml's order.
 
-transformers refuses the `deci` architecture (per-layer FFN widths and head counts), so this builds
-the LlamaForCausalLM itself: each tensor decoded by autosquash's dequantizer (the arithmetic a trial
-evaluates), q/k rows put back in Hugging Face's order, narrower linears and removed sublayers as
-compress() builds them (DESIGN.md §2).
+Tensors are decoded by autosquash's own dequantizer (the arithmetic a trial evaluates). A `llama` or `deci`
+file's hyperparameters become a LlamaConfig holding every block's widest shape, with the per-block FFN
+widths and KV-head counts beside it (deci files hold per-layer shapes; DESIGN.md §2).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGUFReader, GGUFValueType
+from gguf import GGUFReader, GGUFType, GGUFValueType, GGUFWriter
+from gguf.constants import GGMLQuantizationType
 
-from autosquash.compress.apply import RemovedAttention, RemovedMLP
-from autosquash.compress.lowrank import linear_with
-from autosquash.compress.plan import ATTN_LINEARS, FFN_LINEARS
-from autosquash.compress.quant import QuantizedTensor, dequantize
 from autosquash.errors import AutosquashError
-from autosquash.export.gguf_file import rope_unpermute
+from autosquash.formats.codecs import QuantizedTensor, dequantize
 
 READABLE_ARCHS = ("llama", "deci")
 
@@ -121,44 +120,11 @@ def read_gguf_config(path: str | Path):
     return _config(GGUFReader(path))[0]
 
 
-def read_gguf_model(path: str | Path) -> torch.nn.Module:
-    """The float32 LlamaForCausalLM (eval mode) of a `llama` or `deci` GGUF file, per-layer shapes included."""
-    from transformers import LlamaForCausalLM
-
+def read_gguf_layout(path: str | Path):
+    """(LlamaConfig, per-block FFN widths, per-block KV-head counts, tensors by name) of a `llama`/`deci` file."""
     reader = GGUFReader(path)
-    tensors = {t.name: t for t in reader.tensors}
     config, widths, kv_heads = _config(reader)
-    model = LlamaForCausalLM(config).to(torch.float32)
-    with torch.no_grad():
-        for i, block in enumerate(model.model.layers):
-            _fill_block(block, i, tensors, config.head_dim, widths[i], kv_heads[i])
-        model.model.embed_tokens.weight.data = read_tensor(tensors["token_embd.weight"])
-        if not config.tie_word_embeddings:
-            model.lm_head.weight.data = read_tensor(tensors["output.weight"])
-        model.model.norm.weight.data = read_tensor(tensors["output_norm.weight"])
-    return model.eval()
-
-
-def _fill_block(block, i: int, tensors: dict, head_dim: int, ffn_width: int, kv_heads: int) -> None:
-    """Block `i`'s norms and linears from the file; a sublayer with width 0 is removed, as compress() does."""
-    if kv_heads == 0:
-        block.self_attn = RemovedAttention()
-    else:
-        block.input_layernorm.weight.data = read_tensor(tensors[f"blk.{i}.attn_norm.weight"])
-    if ffn_width == 0:
-        block.mlp = RemovedMLP()
-    else:
-        block.mlp.intermediate_size = ffn_width
-        block.post_attention_layernorm.weight.data = read_tensor(tensors[f"blk.{i}.ffn_norm.weight"])
-    for name, path in ATTN_LINEARS + FFN_LINEARS:
-        t = tensors.get(f"blk.{i}.{name}.weight")
-        if t is None:
-            continue
-        w = read_tensor(t)
-        if name in ("attn_q", "attn_k"):
-            w = rope_unpermute(w, head_dim)
-        parent, attr = path.rsplit(".", 1)
-        block.get_submodule(parent).register_module(attr, linear_with(w.contiguous()))
+    return config, widths, kv_heads, {t.name: t for t in reader.tensors}
 
 
 def gguf_tokens(path: str | Path) -> list[str]:
@@ -172,3 +138,64 @@ def gguf_tokens(path: str | Path) -> list[str]:
 def tokens_match(tokenizer, tokens: list[str]) -> bool:
     """Whether a transformers tokenizer has exactly `tokens` as its vocabulary, id for id."""
     return len(tokenizer) == len(tokens) and tokenizer.convert_ids_to_tokens(list(range(len(tokens)))) == tokens
+
+
+def rope_permute(rows: np.ndarray, head_dim: int) -> np.ndarray:
+    """Reorder q/k rows (one head after another) from Hugging Face's rotate-half layout to GGUF's interleaved
+    rotary layout, as llama.cpp's convert_hf_to_gguf.py does; works on rows of quantized bytes too.
+    """
+    n_heads = rows.shape[0] // head_dim
+    return rows.reshape(n_heads, 2, head_dim // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def rope_unpermute(rows: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The inverse of `rope_permute`: GGUF's interleaved q/k rows back in Hugging Face's order."""
+    n_heads = rows.shape[0] // head_dim
+    return rows.reshape(n_heads, head_dim // 2, 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape).contiguous()
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_fields(source: str, size: int, mtime_ns: int) -> tuple:
+    """(key, value, type, array item type) of every tokenizer.* field of a GGUF file, read once per file
+    version: parsing a 49k-token vocabulary takes seconds."""
+    reader = GGUFReader(source)
+    return tuple(
+        (key, field.contents(), field.types[0], field.types[-1])
+        for key, field in reader.fields.items()
+        if key.startswith("tokenizer.")
+    )
+
+
+def copy_tokenizer(writer: GGUFWriter, source: Path) -> None:
+    """Copy every tokenizer.* field of the GGUF file `source` into `writer`."""
+    st = source.stat()
+    for key, value, vtype, item_type in _tokenizer_fields(str(source.resolve()), st.st_size, st.st_mtime_ns):
+        if vtype == GGUFValueType.ARRAY:
+            writer.add_key_value(key, value, vtype, sub_type=item_type)
+        else:
+            writer.add_key_value(key, value, vtype)
+
+
+def add_tensor(writer: GGUFWriter, name: str, q: QuantizedTensor | np.ndarray, type_name: str | None = None) -> str:
+    """Add a tensor as stored: a QuantizedTensor's blocks in its type, or a float array in `type_name`
+    (F32 by default); returns the type written."""
+    if isinstance(q, QuantizedTensor):
+        data, type_name = q.data, q.type
+    else:
+        data, type_name = np.asarray(q, dtype=np.float32), type_name or "F32"
+    writer.add_tensor(name, data, raw_dtype=GGMLQuantizationType[type_name])
+    return type_name
+
+
+@contextlib.contextmanager
+def gguf_writer(path: str | Path, arch_name: str, kind: GGUFType = GGUFType.MODEL) -> Iterator[GGUFWriter]:
+    """A GGUFWriter for a model (or adapter) of `arch_name`; header, key/values and tensors are written on exit."""
+    writer = GGUFWriter(str(path), arch_name)
+    writer.add_type(kind)
+    try:
+        yield writer
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()

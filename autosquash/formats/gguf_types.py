@@ -55,11 +55,8 @@ class TensorType:
     block_bytes: int
 
     @property
-    def ggml_type(self) -> GGMLQuantizationType:
-        return GGMLQuantizationType[self.name]
-
-    @property
     def bits_per_weight(self) -> float:
+        """Bits a stored value takes on average, scales included."""
         return 8.0 * self.block_bytes / self.block_size
 
     def fits_row(self, row_length: int) -> bool:

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from autosquash.compress.gguf_types import tensor_type
 from autosquash.errors import AutosquashError
+from autosquash.formats.gguf_types import tensor_type
 
 QK_K = 256  # values per K-quant / ternary super-block
 # Values quantized per step: big enough to amortize the ~500 small torch calls per step, small enough that

@@ -1,63 +1,43 @@
-"""The search driver: ask/tell with K trials in flight on Ray, every result stored before the next ask.
+"""The study: Optuna storage, resume and the recovery of trials a stopped driver left running, and the
+ask/tell loop with K trials in flight on Ray, every result stored before the next ask.
 
 Optuna's storage is the source of truth: trials.csv, pareto.csv and the MLflow tags are rebuilt from
-it, so a driver killed at any point resumes with `--resume` and loses no finished trial.
+it (search/outputs.py), so a driver killed at any point resumes with `--resume` and loses no finished
+trial. What one trial does is search/trial.py.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
-import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
 
 import optuna
-import torch
 
-from autosquash.compress.calibrate import Stats, cached_stats
 from autosquash.compress.plan import Plan
-from autosquash.cost import load_device
 from autosquash.errors import AutosquashError
 from autosquash.evaluate.benchmark import mean_accuracy
-from autosquash.evaluate.heal import HealConfig
-from autosquash.evaluate.proxy import reference
-from autosquash.evaluate.texts import load_texts, token_block
-from autosquash.models.arch import Arch
-from autosquash.models.load import load_model, load_tokenizer, resolve
-from autosquash.search.experiment import Experiment, TextSpec
-from autosquash.search.front import pareto_indices
-from autosquash.search.runner import TrialContext, run_benchmark, run_trial
+from autosquash.models.load import resolve
+from autosquash.search.experiment import Experiment
+from autosquash.search.outputs import (
+    BENCH,
+    COLUMNS,
+    INTERRUPTED,
+    OBJECTIVE_METRIC,
+    Progress,
+    counted_trials,
+    metrics_row,
+    write_csv,
+    write_plots_and_artifacts,
+    write_tables,
+)
 from autosquash.search.sensitivity import SensitivitySampler, cached_profile, proposal_targets
 from autosquash.search.space import SearchSpace
+from autosquash.search.trial import TrialContext, load_inputs, prepare_context, run_benchmark, run_trial, trial_seed
 from autosquash.track.mlflow_store import ORIGIN, SearchTracker, default_tracking_uri
-from autosquash.track.plots import front_html, front_png
 from autosquash.yaml_io import dump_yaml_model, load_yaml_model
-
-# Columns of trials.csv and pareto.csv; `plan` is the trial's plan file, relative to the output folder.
-COLUMNS = [
-    "trial",
-    "origin",
-    "state",
-    "perplexity",
-    "kl",
-    "memory_mb",
-    "energy_mj_per_token",
-    "tokens_per_s",
-    "bits_per_weight",
-    "block_bits_per_weight",
-    "weights_mb",
-    "fits",
-    "trial_s",
-    "plan",
-    "error",
-]
-BENCH = "lm_eval_mean_acc"  # the front's lm-eval mean accuracy, a metric of its trial runs
-OBJECTIVE_METRIC = {"perplexity": "perplexity", "kl": "kl", "memory": "memory_mb", "energy": "energy_mj_per_token"}
 
 
 @dataclass(frozen=True)
@@ -92,135 +72,6 @@ def make_sampler(exp: Experiment, budget: int) -> optuna.samplers.BaseSampler:
     if exp.sampler == "gp":
         return optuna.samplers.GPSampler(seed=exp.seed, n_startup_trials=startup)
     return optuna.samplers.TPESampler(seed=exp.seed, multivariate=True, n_startup_trials=startup)
-
-
-def metrics_row(result: dict[str, float]) -> dict[str, float]:
-    """Derived metrics in the units trials.csv and the objectives use."""
-    return {
-        "memory_mb": result["peak_memory_bytes"] / 1e6,
-        "weights_mb": result["weights_bytes"] / 1e6,
-        "energy_mj_per_token": result["energy_j_per_token"] * 1e3,
-        "tokens_per_s": result["decode_tokens_per_s"],
-        "constraint_mb": (result["peak_memory_bytes"] - result["app_memory_limit_bytes"]) / 1e6,
-    }
-
-
-class Progress:
-    """One line per finished trial, with the front's size and time per trial; the front itself (memory and
-    perplexity of each plan) after each quarter of the trials."""
-
-    def __init__(self, total: int, already_done: int, stream: TextIO = sys.stdout):
-        self.total, self.already_done, self.stream, self.start = total, already_done, stream, time.perf_counter()
-        self.marks = {self.total * k // 4 for k in (1, 2, 3)} - {0}
-
-    def front(self, done: int, rows: list[dict], shown: int = 8) -> None:
-        """At a quarter of the trials: the front so far, smallest plans first (the final table follows the end)."""
-        if done not in self.marks or not rows:
-            return
-        self.marks.discard(done)
-        points = [f"{float(r['memory_mb']):.1f} MB ppl {float(r['perplexity']):.2f}" for r in rows[:shown]]
-        more = f", +{len(rows) - shown} more" if len(rows) > shown else ""
-        print(f"  front after {done} trials: {'; '.join(points)}{more}", file=self.stream, flush=True)
-
-    def trial(self, done: int, number: int, origin: str, metrics: dict | None, error: str | None, front: int):
-        elapsed = time.perf_counter() - self.start
-        # Time per trial of this run only: a resumed search's earlier trials cost it nothing.
-        eta = (self.total - done) * elapsed / max(done - self.already_done, 1)
-        if metrics is None:
-            what = f"FAILED: {error}"
-        else:
-            what = (
-                f"ppl {metrics['perplexity']:8.2f}  kl {metrics['kl']:.4f}  mem {metrics['memory_mb']:7.1f} MB  "
-                f"{metrics['energy_mj_per_token']:7.2f} mJ/tok  {metrics['trial_s']:5.1f} s"
-            )
-        print(
-            f"[{done:3d}/{self.total}] trial {number:3d} {origin:8s} {what}  | front {front}  "
-            f"| {elapsed / 60:.1f} min, ~{eta / 60:.1f} min left",
-            file=self.stream,
-            flush=True,
-        )
-
-
-def _read_rows(study: optuna.Study) -> list[dict]:
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        if t.state not in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL) or t.user_attrs.get(
-            "interrupted"
-        ):
-            continue
-        row = {c: t.user_attrs.get(c, "") for c in COLUMNS}
-        row.update(trial=t.number, state=t.state.name)
-        rows.append(row)
-    return rows
-
-
-def write_tables(study: optuna.Study, exp: Experiment, out_dir: Path) -> tuple[list[dict], list[dict]]:
-    """Rewrite trials.csv and pareto.csv from the study; returns (rows, front rows)."""
-    rows = _read_rows(study)
-    done = [r for r in rows if r["state"] == "COMPLETE"]
-    points = [[float(r[OBJECTIVE_METRIC[o]]) for o in exp.objectives] for r in done]
-    front = [done[i] for i in pareto_indices(points, [bool(r["fits"]) for r in done])]
-    front.sort(key=lambda r: float(r["memory_mb"]))
-    _write_csv(out_dir / "trials.csv", rows, COLUMNS)
-    _write_csv(out_dir / "pareto.csv", front, COLUMNS)
-    return rows, front
-
-
-def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
-    """Replace `path` atomically: a reader (or a crash) never sees half a table."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns)
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(path)
-
-
-@dataclass
-class SearchInputs:
-    """What a search computes once before its trials: base model, token sets, calibration statistics."""
-
-    spec: str
-    base: torch.nn.Module
-    tokenizer: Any
-    arch: Arch
-    calib: torch.Tensor
-    held_out: torch.Tensor
-    stats: Stats
-
-
-def load_inputs(exp: Experiment, out_dir: Path) -> SearchInputs:
-    """Load the base model and tokenizer, cut the token sets, and get the (disk-cached) statistics."""
-    print(f"loading {exp.model} ...", flush=True)
-    base = load_model(exp.model, seed=exp.seed)
-    tok = load_tokenizer(exp.model)
-    calib = text_batch(tok, exp.calibration)
-    held_out = text_batch(tok, exp.evaluation)
-    print(f"calibrating on {calib.numel()} tokens, held-out set {held_out.numel()} tokens ...", flush=True)
-    stats = cached_stats(base, calib, resolve(exp.model).key, out_dir / "cache")
-    return SearchInputs(exp.model, base, tok, Arch.from_config(base.config), calib, held_out, stats)
-
-
-def text_batch(tokenizer, spec: TextSpec) -> torch.Tensor:
-    """The token batch a text spec names."""
-    return token_block(tokenizer, load_texts(spec.source), spec.tokens, spec.seq_len)
-
-
-def prepare_context(exp: Experiment, inputs: SearchInputs, workers: int) -> TrialContext:
-    """What every trial of `exp` reads (base model, reference logits, device, healing); also what an
-    export or a benchmark needs to rebuild a trial exactly as the search ran it."""
-    return TrialContext(
-        base=inputs.base,
-        arch=inputs.arch,
-        stats=inputs.stats,
-        calib_ref=reference(inputs.base, inputs.calib, exp.topk),
-        eval_ref=reference(inputs.base, inputs.held_out, exp.topk),
-        device=load_device(exp.device),
-        heal=HealConfig(**exp.heal.model_dump()),
-        context_tokens=exp.context_tokens,
-        threads_per_worker=max(1, (os.cpu_count() or 1) // workers),
-        tokenizer=inputs.tokenizer,
-    )
 
 
 def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
@@ -281,26 +132,20 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
     try:
         ctx_box = [ray.put(ctx)]
         setup_s = _loop(study, space, exp, ctx, ctx_box, tracker, opts, started)
-        rows, front = write_tables(study, exp, out)
+        rows, front = write_tables(study, out)
         if exp.benchmark.tasks:
             _benchmark_front(front, exp, ctx_box, tracker, out)
             for r in front:  # the front's benchmark beside its proxies, in pareto.csv too
                 r[BENCH] = tracker.metric(int(r["trial"]), BENCH)
-            _write_csv(out / "pareto.csv", front, [*COLUMNS, BENCH])
+            write_csv(out / "pareto.csv", front, [*COLUMNS, BENCH])
     except KeyboardInterrupt:
         tracker.finish("KILLED")
         raise
     finally:
         ray.shutdown()
     tracker.mark_front({int(r["trial"]) for r in front})
-    title = f"{exp.name}: {exp.quality_objective} against memory on {exp.device}"
     limit_mb = ctx.device.app_memory_fraction * ctx.device.dram_bytes / 1e6
-    front_png(rows, front, exp.quality_objective, limit_mb, title, out / "pareto.png")
-    front_html(rows, front, exp.quality_objective, limit_mb, title, out / "pareto.html")
-    tracker.log_search_artifacts(
-        [out / f for f in ("trials.csv", "pareto.csv", "pareto.png", "pareto.html")],
-        {"trials_finished": len(rows), "front_size": len(front), "setup_s": setup_s},
-    )
+    write_plots_and_artifacts(rows, front, exp, limit_mb, tracker, out, setup_s)
     tracker.finish()
     return front
 
@@ -315,25 +160,24 @@ def sensitivity_sampler(exp: Experiment, space: SearchSpace, ctx: TrialContext, 
 
 
 def _finished(study: optuna.Study) -> int:
-    """Trials that count towards the budget: completed or failed, not interrupted by a driver stop."""
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
-    return sum(1 for t in study.get_trials(deepcopy=False, states=states) if not t.user_attrs.get("interrupted"))
+    return len(counted_trials(study))
 
 
 def _recover_stale(study: optuna.Study, exp: Experiment, tracker: SearchTracker) -> None:
     """Settle trials a killed driver left RUNNING.
 
     A trial whose result was already stored (it is in MLflow) is told with that result; one that was
-    still running is marked interrupted and its plan asked again.
+    still running is marked interrupted (it does not count) and its plan asked again.
     """
-    storage = study._storage
+    interrupted = list(study.user_attrs.get(INTERRUPTED, []))
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if t.number in tracker.trial_runs and "error" not in t.user_attrs:
             study.tell(t.number, [float(t.user_attrs[OBJECTIVE_METRIC[o]]) for o in exp.objectives])
         elif t.number in tracker.trial_runs:
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)
         else:
-            storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+            interrupted.append(t.number)
+            study.set_user_attr(INTERRUPTED, interrupted)
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)
             study.enqueue_trial(t.params, user_attrs={"origin": t.user_attrs.get("origin", "sampled")})
 
@@ -366,10 +210,14 @@ def _loop(
             plan_rel = f"plans/trial-{trial.number:04d}.yaml"
             dump_yaml_model(plan, opts.out_dir / plan_rel)
             trial.set_user_attr("plan", plan_rel)
-            # A sampler may name the origin as the trial starts (after `trial.user_attrs` was read).
-            origin = study._storage.get_trial(trial._trial_id).user_attrs.get("origin", "sampled")
-            trial.set_user_attr("origin", origin)
-            pending[task.remote(ctx_box, plan.model_dump(mode="json"), exp.seed + trial.number)] = (trial, plan)
+            # The sensitivity sampler names each trial's origin (proposed, mutated) and proposal target.
+            attrs = {"origin": trial.user_attrs.get("origin", "sampled")}
+            if isinstance(study.sampler, SensitivitySampler):
+                attrs.update(study.sampler.trial_attrs(trial.number))
+            for k, v in attrs.items():
+                trial.set_user_attr(k, v)
+            seed = trial_seed(exp.seed, trial.number)
+            pending[task.remote(ctx_box, plan.model_dump(mode="json"), seed)] = (trial, plan)
         (ref,), _ = ray.wait(list(pending), num_returns=1)
         trial, plan = pending.pop(ref)
         try:
@@ -380,7 +228,7 @@ def _loop(
         except Exception as e:  # a raising trial is a failed trial, recorded with its reason
             metrics, error = None, _reason(e)
         _record(study, trial, plan, metrics, error, exp, tracker, opts.out_dir)
-        _, front = write_tables(study, exp, opts.out_dir)
+        _, front = write_tables(study, opts.out_dir)
         progress.trial(_finished(study), trial.number, trial.user_attrs["origin"], metrics, error, len(front))
         progress.front(_finished(study), front)
     return setup_s
@@ -401,7 +249,8 @@ def _benchmark_front(front: list[dict], exp: Experiment, ctx_box: list, tracker:
     refs = {}
     for r in todo:
         plan = load_yaml_model(Plan, out / r["plan"])
-        refs[task.remote(ctx_box, plan.model_dump(mode="json"), exp.seed + int(r["trial"]), spec.tasks, spec.limit)] = r
+        seed = trial_seed(exp.seed, int(r["trial"]))
+        refs[task.remote(ctx_box, plan.model_dump(mode="json"), seed, spec.tasks, spec.limit)] = r
     while refs:
         (ref,), _ = ray.wait(list(refs), num_returns=1)
         row = refs.pop(ref)

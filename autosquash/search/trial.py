@@ -1,0 +1,252 @@
+"""One trial: build the compressed model, heal it, score it, price it on the phone.
+
+The one builder of a trial's model: the Ray task bodies (`run_trial`, `run_benchmark`), the export of a
+finished trial (`rebuild_trial`) and the benchmarks all call `build_plan` / `evaluate_plan` on a context
+from `prepare_context`. The context (base model, references, calibration statistics) travels through the
+Ray object store once; each worker process deserialises it once and keeps a variant cache across trials.
+
+A trial is rebuilt from its search's output folder with the search's own inputs, the same healing seed
+(the experiment's seed plus the trial number) and the torch thread count its worker ran with (the trial's
+`torch_threads` metric): SVD and Kronecker factors depend on it in their last bits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autosquash.compress.apply import VariantCache, compress
+from autosquash.compress.calibrate import Stats, cached_stats
+from autosquash.compress.plan import Plan, deployed_tensors, kv_heads_per_layer
+from autosquash.cost import DeviceProfile, estimate, load_device
+from autosquash.errors import AutosquashError
+from autosquash.evaluate.heal import HealConfig, adapter_tensors, heal
+from autosquash.evaluate.proxy import Reference, reference, score
+from autosquash.evaluate.texts import load_texts, token_block
+from autosquash.export.build import KEEP_ALL, BuiltModel, deploys_factors
+from autosquash.models.arch import Arch
+from autosquash.models.load import load_model, load_tokenizer, resolve
+from autosquash.search.experiment import Experiment, TextSpec
+from autosquash.yaml_io import load_yaml_model
+
+
+@dataclass
+class SearchInputs:
+    """What a search computes once before its trials: base model, token sets, calibration statistics."""
+
+    spec: str
+    base: torch.nn.Module
+    tokenizer: Any
+    arch: Arch
+    calib: torch.Tensor
+    held_out: torch.Tensor
+    stats: Stats
+
+
+def text_batch(tokenizer, spec: TextSpec) -> torch.Tensor:
+    """The token batch a text spec names."""
+    return token_block(tokenizer, load_texts(spec.source), spec.tokens, spec.seq_len)
+
+
+def load_inputs(exp: Experiment, out_dir: Path) -> SearchInputs:
+    """Load the base model and tokenizer, cut the token sets, and get the (disk-cached) statistics."""
+    print(f"loading {exp.model} ...", flush=True)
+    base = load_model(exp.model, seed=exp.seed)
+    tok = load_tokenizer(exp.model)
+    calib = text_batch(tok, exp.calibration)
+    held_out = text_batch(tok, exp.evaluation)
+    print(f"calibrating on {calib.numel()} tokens, held-out set {held_out.numel()} tokens ...", flush=True)
+    stats = cached_stats(base, calib, resolve(exp.model).key, out_dir / "cache")
+    return SearchInputs(exp.model, base, tok, Arch.from_config(base.config), calib, held_out, stats)
+
+
+class TrialFailed(Exception):
+    """A trial that ran but produced no usable result (NaN quality, say); recorded as failed."""
+
+
+@dataclass
+class TrialContext:
+    """Everything a trial reads, shared by all trials of a search."""
+
+    base: torch.nn.Module
+    arch: Arch
+    stats: Stats
+    calib_ref: Reference
+    eval_ref: Reference
+    device: DeviceProfile
+    heal: HealConfig
+    context_tokens: int
+    threads_per_worker: int
+    tokenizer: Any = None  # for lm-eval on the front
+
+
+def prepare_context(exp: Experiment, inputs: SearchInputs, workers: int) -> TrialContext:
+    """What every trial of `exp` reads (base model, reference logits, device, healing); also what an
+    export or a benchmark needs to rebuild a trial exactly as the search ran it."""
+    return TrialContext(
+        base=inputs.base,
+        arch=inputs.arch,
+        stats=inputs.stats,
+        calib_ref=reference(inputs.base, inputs.calib, exp.topk),
+        eval_ref=reference(inputs.base, inputs.held_out, exp.topk),
+        device=load_device(exp.device),
+        heal=HealConfig(**exp.heal.model_dump()),
+        context_tokens=exp.context_tokens,
+        threads_per_worker=max(1, (os.cpu_count() or 1) // workers),
+        tokenizer=inputs.tokenizer,
+    )
+
+
+def trial_seed(seed: int, number: int) -> int:
+    """The healing seed of trial `number` of a search seeded `seed`: what the search passes to run_trial."""
+    return seed + number
+
+
+# Per worker process: the context it deserialised last, and its variant cache.
+_WORKER: dict[str, Any] = {}
+
+
+def merges_adapter(arch: Arch, plan: Plan) -> bool:
+    """Whether healing merges into the weights: only when every block weight stays F16/F32 (float)."""
+    return all(t.type in ("F16", "F32") for t in deployed_tensors(arch, plan) if t.name.startswith("blk."))
+
+
+def build_plan(ctx: TrialContext, plan: Plan, seed: int, cache: VariantCache | None = None):
+    """The trial's model: compressed, then healed (deterministic for a plan and seed); and its build
+    and heal statistics."""
+    start = time.perf_counter()
+    model = compress(ctx.base, ctx.arch, plan, ctx.stats, cache)
+    build_s = time.perf_counter() - start
+    model, info = heal(model, ctx.calib_ref, ctx.heal, seed=seed, merge=merges_adapter(ctx.arch, plan))
+    return model, {**info, "build_s": build_s, "heal_s": time.perf_counter() - start - build_s}
+
+
+def evaluate_plan(ctx: TrialContext, plan: Plan, seed: int, cache: VariantCache | None = None) -> dict[str, float]:
+    """Build, heal, score and price one plan; the result's keys are metric names."""
+    t0 = time.perf_counter()
+    model, build_info = build_plan(ctx, plan, seed, cache)
+    t2 = time.perf_counter()
+    quality = score(model, ctx.eval_ref)
+    t3 = time.perf_counter()
+    if not all(math.isfinite(v) for v in quality.values()):
+        raise TrialFailed(f"quality is not finite: {quality}")
+    tensors = deployed_tensors(ctx.arch, plan) + adapter_tensors(model)
+    cost = estimate(
+        ctx.arch,
+        tensors,
+        ctx.device,
+        context_tokens=ctx.context_tokens,
+        kv_heads_per_layer=kv_heads_per_layer(ctx.arch, plan),
+    )
+    out = {**quality, **{k: float(v) for k, v in cost.to_dict().items()}, **build_info}
+    out.update(eval_s=t3 - t2, trial_s=t3 - t0)
+    if cache is not None:
+        out.update(cache_hits=cache.hits, cache_misses=cache.misses)
+    return out
+
+
+def _worker_context(ctx_ref_box: list) -> tuple[TrialContext, VariantCache]:
+    """This worker process's copy of the context (fetched once per search) and its variant cache.
+
+    `ctx_ref_box` wraps the context's ObjectRef so that Ray does not resolve it for every task.
+    """
+    import warnings
+
+    import ray
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter, per trial
+    ctx_ref = ctx_ref_box[0]
+    if _WORKER.get("ref_hex") != ctx_ref.hex():
+        _WORKER.clear()
+        ctx: TrialContext = ray.get(ctx_ref)
+        torch.set_num_threads(ctx.threads_per_worker)
+        _WORKER.update(ref_hex=ctx_ref.hex(), ctx=ctx, cache=VariantCache())
+    return _WORKER["ctx"], _WORKER["cache"]
+
+
+def _worker_name() -> str:
+    import ray
+
+    return f"{ray.get_runtime_context().get_node_id()[:12]}/{os.getpid()}"
+
+
+def run_trial(ctx_ref_box: list, plan_data: dict, seed: int) -> tuple[dict[str, float], str]:
+    """Ray task body: the trial's metrics and the worker (node/pid) that ran it."""
+    ctx, cache = _worker_context(ctx_ref_box)
+    return evaluate_plan(ctx, Plan.model_validate(plan_data), seed, cache), _worker_name()
+
+
+def run_benchmark(ctx_ref_box: list, plan_data: dict, seed: int, tasks: list[str], limit: int | None) -> dict:
+    """Ray task body: lm-eval scores {task: {metric: value}} of a front plan, rebuilt as its trial built it."""
+    from autosquash.evaluate.benchmark import run_tasks
+
+    ctx, cache = _worker_context(ctx_ref_box)
+    model, _ = build_plan(ctx, Plan.model_validate(plan_data), seed, cache)
+    # lm-eval's progress bars (stderr; they ignore TQDM_DISABLE) would flood the driver's log from every
+    # worker; the driver prints one line per plan instead. Errors still come back as exceptions.
+    with contextlib.redirect_stderr(io.StringIO()):
+        return run_tasks(model, ctx.tokenizer, tasks, limit)
+
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    """Run with `n` torch threads (None: as is), then restore the count."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _trial_threads(run: Path, experiment: str, number: int) -> int | None:
+    """The torch thread count trial `number` ran with, from its MLflow run (None if not recorded)."""
+    from mlflow.exceptions import MlflowException
+
+    from autosquash.track.mlflow_store import find_trial_run
+
+    uri_file = run / "tracking_uri.txt"
+    if not uri_file.exists():
+        return None
+    try:
+        trial_run = find_trial_run(uri_file.read_text().strip(), experiment, number)
+    except MlflowException:  # a tracking server out of reach: rebuild with this process's threads
+        return None
+    threads = None if trial_run is None else trial_run.data.metrics.get("torch_threads")
+    return int(threads) if threads else None
+
+
+def rebuild_trial(run: Path, number: int) -> tuple[BuiltModel, Experiment, Path]:
+    """Trial `number` of the search in `run`, exactly as it was evaluated: (its BuiltModel, the experiment,
+    its plan file)."""
+    from autosquash.search.experiment import load_experiment
+
+    if not (run / "experiment.yaml").is_file():
+        raise AutosquashError(f"{run} is not a search's output folder (it has no experiment.yaml)")
+    plan_file = run / "plans" / f"trial-{number:04d}.yaml"
+    if not plan_file.exists():
+        raise AutosquashError(f"{run} holds no trial {number} ({plan_file} is missing)")
+    exp = load_experiment(run / "experiment.yaml")
+    plan = load_yaml_model(Plan, plan_file)
+    inputs = load_inputs(exp, run)
+    ctx = prepare_context(exp, inputs, workers=1)  # the trial's context: healing batch and config
+    cache = VariantCache(max_bytes=KEEP_ALL)
+    threads = _trial_threads(run, exp.name, number)
+    if threads is None and deploys_factors(inputs.arch, plan):
+        print(
+            f"note: trial {number} has no torch thread count recorded; "
+            "its SVD/Kronecker factors may differ from the trial's in their last bits"
+        )
+    with _threads(threads):
+        model, info = build_plan(ctx, plan, trial_seed(exp.seed, number), cache)
+    built = BuiltModel(exp.model, inputs.base, inputs.arch, plan, inputs.stats, model, cache, info)
+    return built, exp, plan_file
