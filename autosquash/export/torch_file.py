@@ -107,9 +107,12 @@ def _fill_block(block, i: int, arch: Arch, plan: Plan, stored: container.Stored)
         block.get_submodule(op.norm[1]).weight.data = stored[f"blk.{i}.{op.norm[0]}.weight"]
         for short, path in linears:
             name = f"blk.{i}.{short}"
-            form = next((f for f in FORMS if f"{name}.{f.suffixes[0]}" in stored), None)
-            if form is None:
-                raise AutosquashError(f"{stored.path}: no stored form of {name}")
+            present = {x for f in FORMS for x in f.suffixes if f"{name}.{x}" in stored}
+            # The form holding exactly these parts (some are optional: a Kronecker fit without column scale).
+            fits = [f for f in FORMS if f.suffixes[0] in present and present <= set(f.suffixes)]
+            if not fits:
+                raise AutosquashError(f"{stored.path}: {name} is stored as {sorted(present)}, which no form holds")
+            form = min(fits, key=lambda f: len(f.suffixes))
             parts = {s: stored[f"{name}.{s}"] for s in form.suffixes if f"{name}.{s}" in stored}
             parent, attr = path.rsplit(".", 1)
             block.get_submodule(parent).register_module(attr, form.module(parts))

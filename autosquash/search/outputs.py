@@ -66,7 +66,8 @@ class Progress:
         more = f", +{len(rows) - shown} more" if len(rows) > shown else ""
         print(f"  front after {done} trials: {'; '.join(points)}{more}", file=self.stream, flush=True)
 
-    def trial(self, done: int, number: int, origin: str, metrics: dict | None, error: str | None, front: int):
+    def trial(self, done: int, number: int, origin: str, metrics: dict | None, error: str | None, front: int) -> None:
+        """One line for a finished trial: its metrics (or failure), the front's size, elapsed time and ETA."""
         elapsed = time.perf_counter() - self.start
         # Time per trial of this run only: a resumed search's earlier trials cost it nothing.
         eta = (self.total - done) * elapsed / max(done - self.already_done, 1)

@@ -72,6 +72,7 @@ class Profile:
     fixed_bytes: int  # norms, and the KV cache at the experiment's context
 
     def size(self, picks: list[int], embed_pick: int) -> int:
+        """Bytes a choice of options deploys (KV cache at the context included)."""
         return (
             self.fixed_bytes
             + self.embed.nbytes[embed_pick]
@@ -79,6 +80,7 @@ class Profile:
         )
 
     def damage(self, picks: list[int], embed_pick: int) -> float:
+        """Predicted KL of a choice of options: the sum of each part's damage alone."""
         return self.embed.damage[embed_pick] + sum(g.damage[k] for g, k in zip(self.groups, picks, strict=True))
 
     def params(self, picks: list[int], embed_pick: int) -> dict[str, object]:
@@ -101,10 +103,12 @@ class Profile:
         return [find(g, f"{g.name}.") for g in self.groups], find(self.embed, "")
 
     def to_json(self) -> str:
+        """The profile as JSON, with the model version that made it."""
         return json.dumps({"version": VERSION, **asdict(self)})
 
     @classmethod
     def from_json(cls, text: str) -> Profile | None:
+        """A profile read back, or None when an older damage model wrote it."""
         data = json.loads(text)
         if data.pop("version", None) != VERSION:
             return None

@@ -125,4 +125,5 @@ class SearchTracker:
         self.client.log_batch(self.parent_id, metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()])
 
     def finish(self, status: str = "FINISHED") -> None:
+        """Close the parent run with `status` (FINISHED, KILLED or FAILED)."""
         self.client.set_terminated(self.parent_id, status=status)
