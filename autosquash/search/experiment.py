@@ -67,6 +67,7 @@ class Experiment(BaseModel):
 
     @property
     def quality_objective(self) -> str:
+        """The objective that measures quality: perplexity or kl."""
         quality = [o for o in self.objectives if o in ("perplexity", "kl")]
         return quality[0]
 
@@ -99,6 +100,9 @@ def load_experiment(path: str | Path) -> Experiment:
         raise AutosquashError(
             f"{path}: field 'objectives': expected one of perplexity/kl, then memory, optionally energy"
         )
+    exp = exp.resolved(Path(path).parent)
+    # Only the plain case, named by its field before anything loads; trial.load_inputs compares the
+    # tokens themselves, which also catches the same text under two different names.
     if exp.calibration.source == exp.evaluation.source:
         raise AutosquashError(f"{path}: field 'evaluation.source': must differ from calibration.source")
-    return exp.resolved(Path(path).parent)
+    return exp

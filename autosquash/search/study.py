@@ -234,17 +234,25 @@ def _loop(
     return setup_s
 
 
-def _benchmark_front(front: list[dict], exp: Experiment, ctx_box: list, tracker: SearchTracker, out: Path) -> None:
-    """lm-eval on every front plan, in parallel on the workers, logged beside each trial's proxies.
+def _benchmark_front(
+    front: list[dict], exp: Experiment, ctx_box: list, tracker: SearchTracker, out: Path
+) -> dict[str, str]:
+    """lm-eval on every front plan, in parallel on the workers, logged beside each trial's proxies;
+    returns the tasks built from the search's own texts ({task: source}), whose scores are not held-out.
 
     A plan is rebuilt exactly as its trial built it (same plan, same healing seed). Front plans that
     already carry scores (a resumed search) are not run again.
     """
     import ray
 
+    from autosquash.evaluate.benchmark import contaminated, contamination_notes
+
     spec = exp.benchmark
     todo = [r for r in front if tracker.metric(int(r["trial"]), BENCH) is None]
     print(f"benchmarking the front: {len(todo)} plans on {', '.join(spec.tasks)} (limit {spec.limit}) ...", flush=True)
+    texts = {"calibration": exp.calibration.source, "perplexity": exp.evaluation.source}
+    for note in contamination_notes(spec.tasks, texts):
+        print(f"  {note}", flush=True)
     task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=False)(run_benchmark)
     refs = {}
     for r in todo:
@@ -267,6 +275,7 @@ def _benchmark_front(front: list[dict], exp: Experiment, ctx_box: list, tracker:
             f"({', '.join(f'{t} {mean_accuracy({t: ms}):.3f}' for t, ms in scores.items())})",
             flush=True,
         )
+    return contaminated(spec.tasks, texts.values())
 
 
 def _reason(e: Exception) -> str:

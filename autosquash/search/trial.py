@@ -30,7 +30,7 @@ from autosquash.cost import DeviceProfile, estimate, load_device
 from autosquash.errors import AutosquashError
 from autosquash.evaluate.heal import HealConfig, adapter_tensors, heal
 from autosquash.evaluate.proxy import Reference, reference, score
-from autosquash.evaluate.texts import load_texts, token_block
+from autosquash.evaluate.texts import check_disjoint, load_texts, token_block
 from autosquash.export.build import KEEP_ALL, BuiltModel, deploys_factors
 from autosquash.models.arch import Arch
 from autosquash.models.load import load_model, load_tokenizer, resolve
@@ -58,11 +58,12 @@ def text_batch(tokenizer, spec: TextSpec) -> torch.Tensor:
 
 def load_inputs(exp: Experiment, out_dir: Path) -> SearchInputs:
     """Load the base model and tokenizer, cut the token sets, and get the (disk-cached) statistics."""
-    print(f"loading {exp.model} ...", flush=True)
-    base = load_model(exp.model, seed=exp.seed)
     tok = load_tokenizer(exp.model)
     calib = text_batch(tok, exp.calibration)
     held_out = text_batch(tok, exp.evaluation)
+    check_disjoint(calib, held_out)  # before the model loads: a refused search should cost seconds
+    print(f"loading {exp.model} ...", flush=True)
+    base = load_model(exp.model, seed=exp.seed)
     print(f"calibrating on {calib.numel()} tokens, held-out set {held_out.numel()} tokens ...", flush=True)
     stats = cached_stats(base, calib, resolve(exp.model).key, out_dir / "cache")
     return SearchInputs(exp.model, base, tok, Arch.from_config(base.config), calib, held_out, stats)

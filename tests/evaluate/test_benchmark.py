@@ -13,8 +13,17 @@ from lm_eval.tasks._yaml_loader import load_yaml
 
 from autosquash.cli import main
 from autosquash.errors import AutosquashError
-from autosquash.evaluate.benchmark import SHIPPED_TASKS, TASKS_DIR, mean_accuracy, run_tasks
+from autosquash.evaluate.benchmark import (
+    SHIPPED_TASKS,
+    TASK_TEXTS,
+    TASKS_DIR,
+    contaminated,
+    contamination_notes,
+    mean_accuracy,
+    run_tasks,
+)
 from autosquash.evaluate.lm_tasks import data
+from autosquash.evaluate.texts import SOURCES, load_texts
 from autosquash.models.load import load_model, load_tokenizer
 
 TINY = str(Path(__file__).parents[2] / "experiments/tiny-llama.json")
@@ -110,6 +119,27 @@ def test_mean_accuracy_prefers_acc_norm():
     assert mean_accuracy(results) == pytest.approx(0.5)
     with pytest.raises(AutosquashError):
         mean_accuracy({"c": {"perplexity": 9.0}})
+
+
+def test_tasks_built_from_the_search_texts_are_flagged():
+    tasks = ["boolq", "lambada_openai", "hellaswag", "arc_easy", "piqa"]
+    assert contaminated(tasks, ["wikipedia"]) == {"boolq": "wikipedia"}
+    assert contaminated(tasks, ["lambada"]) == {"lambada_openai": "lambada"}
+    assert contaminated(tasks, SOURCES) == {"boolq": "wikipedia", "lambada_openai": "lambada"}
+    assert contaminated(["hellaswag", "arc_easy", "piqa", "winogrande", "arc_challenge"], SOURCES) == {}
+    assert contaminated(tasks, ["/data/my-text.txt"]) == {}
+    assert contamination_notes(tasks, {"calibration": "wikipedia", "perplexity": "lambada"}) == [
+        "note: boolq shares its passages with the calibration text (wikipedia); its scores are not held-out",
+        "note: lambada_openai shares its passages with the perplexity text (lambada); its scores are not held-out",
+    ]
+
+
+def test_the_flagged_tasks_hold_their_sources_text():
+    """TASK_TEXTS is what the data say: each flagged task's documents are its source's texts."""
+    assert set(TASK_TEXTS) <= set(SHIPPED_TASKS) and set(TASK_TEXTS.values()) <= set(SOURCES)
+    boolq = data.arrow_splits({"validation": "hf_datasets/boolq/none/validation"})["validation"]
+    assert set(boolq["passage"]) == set(load_texts("wikipedia"))
+    assert data.lambada_openai()["test"]["text"] == list(load_texts("lambada"))
 
 
 # Chance: one in four for HellaSwag's endings and ARC-Easy's options (99 of the first 100 have four, one has
