@@ -18,7 +18,7 @@ import optuna
 
 from autosquash.compress.plan import Plan
 from autosquash.errors import AutosquashError
-from autosquash.evaluate.benchmark import mean_accuracy
+from autosquash.evaluate.benchmark import contamination_notes, mean_accuracy
 from autosquash.models.load import resolve
 from autosquash.search.experiment import Experiment
 from autosquash.search.outputs import (
@@ -234,18 +234,14 @@ def _loop(
     return setup_s
 
 
-def _benchmark_front(
-    front: list[dict], exp: Experiment, ctx_box: list, tracker: SearchTracker, out: Path
-) -> dict[str, str]:
-    """lm-eval on every front plan, in parallel on the workers, logged beside each trial's proxies;
-    returns the tasks built from the search's own texts ({task: source}), whose scores are not held-out.
+def _benchmark_front(front: list[dict], exp: Experiment, ctx_box: list, tracker: SearchTracker, out: Path) -> None:
+    """lm-eval on every front plan, in parallel on the workers, logged beside each trial's proxies; a task
+    built from the search's own texts is flagged, since its scores are not held-out.
 
     A plan is rebuilt exactly as its trial built it (same plan, same healing seed). Front plans that
     already carry scores (a resumed search) are not run again.
     """
     import ray
-
-    from autosquash.evaluate.benchmark import contaminated, contamination_notes
 
     spec = exp.benchmark
     todo = [r for r in front if tracker.metric(int(r["trial"]), BENCH) is None]
@@ -275,7 +271,6 @@ def _benchmark_front(
             f"({', '.join(f'{t} {mean_accuracy({t: ms}):.3f}' for t, ms in scores.items())})",
             flush=True,
         )
-    return contaminated(spec.tasks, texts.values())
 
 
 def _reason(e: Exception) -> str:
