@@ -35,6 +35,18 @@ def _plan(kind: str, quant: str) -> Plan:
     return Plan(target="torch", groups={"blk.0.ffn": LayerChoice(quant=quant, **CHOICES[kind])})
 
 
+def test_on_smollm2_576_wide_rows_factors_take_q2_k_where_the_weight_cannot():
+    """SmolLM2's shapes (no compute): the case the cache once got wrong."""
+    q2 = LayerChoice(quant="Q2_K")
+    assert deploy_linear("blk.0.ffn_up", 1536, 576, q2).type_of("weight") == "Q4_0"  # llama.cpp's fallback
+    kron = deploy_linear("blk.0.ffn_up", 1536, 576, LayerChoice(quant="Q2_K", kron_rank=4))
+    assert kron.type_of("kron_a") == "Q2_K"  # 32 x 24 = 768-value rows
+    svd = deploy_linear("blk.0.attn_q", 576, 576, LayerChoice(quant="Q2_K", rank_ratio=0.45))
+    assert svd.size == 256 and svd.type_of("lr_b") == "Q2_K" and svd.type_of("lr_a") == "Q4_0"
+    q4 = deploy_linear("blk.0.ffn_up", 1536, 576, LayerChoice(quant="Q4_0", kron_rank=4))
+    assert q4.key != kron.key
+
+
 def test_factor_rows_take_types_that_the_weights_rows_cannot():
     kron = deploy_linear("blk.0.ffn_up", 1536, 576, LayerChoice(quant="Q2_K", kron_rank=4))
     assert (
