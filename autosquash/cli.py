@@ -247,7 +247,7 @@ def _register(args: argparse.Namespace, exp, plan_file: Path, files: list[Path],
 def _pull(args: argparse.Namespace) -> int:
     from autosquash.track.registry import pull
 
-    files = pull(args.model_uri, Path(args.out), args.tracking_uri)
+    files = pull(args.model_uri, Path(args.out), args.tracking_uri, Path(args.runs))
     print(f"pulled {args.model_uri} into {args.out}: {', '.join(f.name for f in files)}")
     return 0
 
@@ -394,7 +394,17 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("pull", help="fetch a registered model (GGUF and its plan) for deployment")
     u.add_argument("model_uri", help="models:/NAME/VERSION or models:/NAME@ALIAS")
     u.add_argument("--out", required=True, help="folder to download into")
-    u.add_argument("--tracking-uri", help="MLflow store holding the registry (default: where it was registered)")
+    u.add_argument(
+        "--tracking-uri",
+        help="MLflow store holding the registry (default: the registry among the searches under --runs that "
+        "holds NAME)",
+    )
+    u.add_argument(
+        "--runs",
+        metavar="DIR",
+        default="runs",
+        help="folder of search outputs whose registries are searched when no --tracking-uri is given",
+    )
     u.set_defaults(fn=_pull)
 
     w = sub.add_parser("ui", help="open the MLflow UI on a search's results")

@@ -1,12 +1,13 @@
 """The MLflow model registry: register an exported file as a model version, pull one for deployment.
 
-A version lives in the tracking store of the search it came from, linked to its trial's run; a small
-index (`~/.autosquash/registries.json`, a plain name -> tracking URI map) lets `pull` find it later.
+A version lives in the tracking store of the search it came from, linked to its trial's run. `pull`
+asks the registries themselves where a name lives: the one it is told (`--tracking-uri`,
+MLFLOW_TRACKING_URI), else the stores of the searches under a runs folder (each search folder's
+`tracking_uri.txt`), so no state is kept outside the searches' own stores.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -20,15 +21,6 @@ from autosquash.errors import AutosquashError
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
 
 
-def _index_path() -> Path:
-    return Path(os.environ.get("AUTOSQUASH_HOME", Path.home() / ".autosquash")) / "registries.json"
-
-
-def _index() -> dict[str, str]:
-    p = _index_path()
-    return json.loads(p.read_text()) if p.exists() else {}
-
-
 def register(tracking_uri: str, name: str, files: list[Path], run_id: str, tags: dict[str, str]) -> str:
     """Log `files` under the trial run's `export/` artifacts and register them as a new version of `name`."""
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
@@ -40,25 +32,57 @@ def register(tracking_uri: str, name: str, files: list[Path], run_id: str, tags:
         client.create_registered_model(name, description="Compressed by autosquash; pull with `autosquash pull`.")
     source = f"{client.get_run(run_id).info.artifact_uri}/export"
     version = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
-    index = _index()
-    index[name] = tracking_uri
-    _index_path().parent.mkdir(parents=True, exist_ok=True)
-    _index_path().write_text(json.dumps(index, indent=2))
     return str(version.version)
 
 
-def pull(model_uri: str, out_dir: Path, tracking_uri: str | None = None) -> list[Path]:
-    """Download a registered version (`models:/NAME/VERSION` or `models:/NAME@ALIAS`) into `out_dir`."""
+def _search_stores(runs_dir: Path) -> list[str]:
+    """Tracking URIs of the searches under `runs_dir`, each once (searches may share a store)."""
+    uris: list[str] = []
+    for f in sorted(runs_dir.glob("*/tracking_uri.txt")):
+        uri = f.read_text().strip()
+        if uri and uri not in uris:
+            uris.append(uri)
+    return uris
+
+
+def _holds(uri: str, name: str) -> bool:
+    """Whether the registry of the store at `uri` has a model named `name`."""
+    # Opening a missing SQLite file would create an empty store: a moved or deleted search is just not a match.
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return False
+    try:
+        MlflowClient(tracking_uri=uri, registry_uri=uri).get_registered_model(name)
+    except MlflowException:
+        return False
+    return True
+
+
+def _find_registry(name: str, runs_dir: Path) -> str:
+    """The one store among the searches under `runs_dir` whose registry holds model `name`."""
+    matches = [u for u in _search_stores(runs_dir) if _holds(u, name)]
+    if not matches:
+        raise AutosquashError(
+            f"no registry under {runs_dir} knows {name!r}: pass --tracking-uri or set MLFLOW_TRACKING_URI"
+        )
+    if len(matches) > 1:
+        raise AutosquashError(
+            f"{name!r} is registered in {len(matches)} stores under {runs_dir}: {', '.join(matches)}; "
+            "pass --tracking-uri to choose one"
+        )
+    return matches[0]
+
+
+def pull(model_uri: str, out_dir: Path, tracking_uri: str | None = None, runs_dir: Path = Path("runs")) -> list[Path]:
+    """Download a registered version (`models:/NAME/VERSION` or `models:/NAME@ALIAS`) into `out_dir`.
+
+    The store is `tracking_uri`, else MLFLOW_TRACKING_URI, else the one search under `runs_dir` that holds NAME.
+    """
     import mlflow.artifacts
 
     m = MODEL_URI.match(model_uri)
     if not m:
         raise AutosquashError(f"{model_uri!r} is not a model URI; expected models:/NAME/VERSION or models:/NAME@ALIAS")
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or _index().get(m["name"])
-    if uri is None:
-        raise AutosquashError(
-            f"no registry knows {m['name']!r}: pass --tracking-uri, set MLFLOW_TRACKING_URI, or register it first"
-        )
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or _find_registry(m["name"], runs_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     try:

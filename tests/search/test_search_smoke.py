@@ -66,12 +66,12 @@ def test_mlflow_has_a_parent_and_six_nested_trials(smoke_run):
 
 
 def test_export_register_and_pull_a_trial(smoke_run, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("AUTOSQUASH_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    runs = ["--runs", str(smoke_run.parent)]  # pull finds the registry among the searches there
     gguf = tmp_path / "m.gguf"
     code = main(["export", "--run", str(smoke_run), "--trial", "0", "--out", str(gguf), "--register", "tiny-phone"])
     assert code == 0 and gguf.stat().st_size > 0
-    assert main(["pull", "models:/tiny-phone/1", "--out", str(tmp_path / "pulled")]) == 0
+    assert main(["pull", "models:/tiny-phone/1", "--out", str(tmp_path / "pulled"), *runs]) == 0
     pulled = tmp_path / "pulled"
     assert (pulled / "m.gguf").read_bytes() == gguf.read_bytes()
     assert (pulled / "trial-0000.yaml").exists()
@@ -81,7 +81,7 @@ def test_export_register_and_pull_a_trial(smoke_run, tmp_path, monkeypatch, caps
     assert "LoRA healing" in version.tags["lora_adapter"]  # the smoke trials are healed, the file has no adapter
     assert float(version.tags["perplexity"]) > 1 and "blk.0.attn" in version.tags["plan"]
     client.set_registered_model_alias("tiny-phone", "champion", "1")  # as a user would in the MLflow UI
-    assert main(["pull", "models:/tiny-phone@champion", "--out", str(tmp_path / "by-alias")]) == 0
+    assert main(["pull", "models:/tiny-phone@champion", "--out", str(tmp_path / "by-alias"), *runs]) == 0
     assert (tmp_path / "by-alias" / "m.gguf").read_bytes() == gguf.read_bytes()
-    assert main(["pull", "models:/no-such-model/1", "--out", str(tmp_path / "x")]) == 2
-    assert "no registry knows" in capsys.readouterr().err
+    assert main(["pull", "models:/no-such-model/1", "--out", str(tmp_path / "x"), *runs]) == 2
+    assert f"no registry under {smoke_run.parent} knows 'no-such-model'" in capsys.readouterr().err

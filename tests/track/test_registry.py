@@ -1,0 +1,96 @@
+"""Register a file as a model version and pull it back, the store found through the registries under a runs folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from autosquash.errors import AutosquashError
+from autosquash.track.mlflow_store import default_tracking_uri
+from autosquash.track.registry import pull, register
+
+
+def _search_store(folder: Path) -> tuple[str, str]:
+    """A search folder as a search leaves it: an MLflow SQLite store with one run, and tracking_uri.txt."""
+    folder.mkdir(parents=True)
+    uri = default_tracking_uri(folder)
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("s", artifact_location=(folder / "mlartifacts").resolve().as_uri())
+    run_id = client.create_run(exp).info.run_id
+    (folder / "tracking_uri.txt").write_text(uri + "\n")
+    return uri, run_id
+
+
+def _file(path: Path, content: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """runs/s1 registers 'solo' and 'shared'; runs/s2 registers another file as 'shared'; runs/gone names a
+    store that was deleted."""
+    root = tmp_path_factory.mktemp("registry")
+    home = root / "home"
+    home.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(home))  # anything register wrote under the home directory would land here
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        u1, r1 = _search_store(root / "runs/s1")
+        u2, r2 = _search_store(root / "runs/s2")
+        register(u1, "solo", [_file(root / "f1/m.gguf", b"GGUF from s1")], r1, {"trial": "0"})
+        register(u1, "shared", [root / "f1/m.gguf"], r1, {"trial": "0"})
+        register(u2, "shared", [_file(root / "f2/m.gguf", b"GGUF from s2")], r2, {"trial": "1"})
+    gone = root / "runs/gone"
+    gone.mkdir()
+    (gone / "tracking_uri.txt").write_text(f"sqlite:///{(gone / 'mlflow.db').resolve()}\n")
+    return {"runs": root / "runs", "home": home, "s1": u1, "s2": u2}
+
+
+@pytest.fixture
+def no_env_store(monkeypatch, tmp_path):
+    """No MLFLOW_TRACKING_URI from the caller's shell, and a home directory the test can inspect."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    return tmp_path / "home"
+
+
+def test_pull_finds_the_one_search_store_holding_the_name(runs, tmp_path, no_env_store):
+    files = pull("models:/solo/1", tmp_path / "out", runs_dir=runs["runs"])
+    assert [f.name for f in files] == ["m.gguf"] and files[0].read_bytes() == b"GGUF from s1"
+    assert list(runs["home"].iterdir()) == [] and list(no_env_store.iterdir()) == []  # no index beside the stores
+    assert not (runs["runs"] / "gone/mlflow.db").exists()  # asking a deleted store must not recreate it
+
+
+def test_a_name_in_two_search_stores_is_refused_naming_both(runs, tmp_path, no_env_store):
+    with pytest.raises(AutosquashError) as e:
+        pull("models:/shared/1", tmp_path / "out", runs_dir=runs["runs"])
+    msg = str(e.value)
+    assert "\n" not in msg and runs["s1"] in msg and runs["s2"] in msg and "--tracking-uri" in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_name_no_search_store_holds_is_refused(runs, tmp_path, no_env_store):
+    with pytest.raises(
+        AutosquashError, match=r"no registry under .* knows 'ghost'.*--tracking-uri.*MLFLOW_TRACKING_URI"
+    ):
+        pull("models:/ghost/1", tmp_path / "out", runs_dir=runs["runs"])
+
+
+def test_a_missing_runs_folder_is_refused_like_an_empty_one(tmp_path, no_env_store):
+    with pytest.raises(AutosquashError, match="no registry under"):
+        pull("models:/solo/1", tmp_path / "out", runs_dir=tmp_path / "no-runs")
+
+
+def test_an_explicit_store_or_mlflow_tracking_uri_settles_an_ambiguous_name(runs, tmp_path, no_env_store, monkeypatch):
+    got = pull("models:/shared/1", tmp_path / "a", tracking_uri=runs["s2"], runs_dir=runs["runs"])
+    assert got[0].read_bytes() == b"GGUF from s2"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", runs["s1"])
+    got = pull("models:/shared/1", tmp_path / "b", runs_dir=runs["runs"])
+    assert got[0].read_bytes() == b"GGUF from s1"
+    got = pull("models:/shared/1", tmp_path / "c", tracking_uri=runs["s2"], runs_dir=runs["runs"])
+    assert got[0].read_bytes() == b"GGUF from s2"  # the explicit URI before the environment's
