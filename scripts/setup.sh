@@ -19,6 +19,11 @@ want=$(cat pyproject.toml constraints.txt requirements-assets.txt | sha256sum | 
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing autosquash into .venv (first time: a few minutes)" >&2
   .venv/bin/python -m pip install -q --upgrade pip
+  # llama.cpp (for the tests' llama.cpp checks) built for any x86-64 with AVX2, not for this CPU: a native
+  # build on a machine that reports AMX died with "Illegal instruction" (the kernel had not granted AMX),
+  # and pip's wheel cache would hand a native wheel built elsewhere to another machine. Hence no cache here.
+  CMAKE_ARGS="-DGGML_NATIVE=OFF" .venv/bin/python -m pip install -q --no-cache-dir --no-deps -c constraints.txt \
+    "llama-cpp-python==$(sed -n 's/^llama-cpp-python==//p' constraints.txt)"
   .venv/bin/python -m pip install -q -c constraints.txt -e '.[dev]'
   .venv/bin/python -m pip install -q --no-deps -r requirements-assets.txt
   echo "$want" > "$stamp"

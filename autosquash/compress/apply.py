@@ -18,11 +18,12 @@ import torch
 
 from autosquash.compress.calibrate import Stats
 from autosquash.compress.operators import PRUNING, deploy_linear, form
-from autosquash.compress.operators.base import Variant
+from autosquash.compress.operators.base import Variant, weight_of
 from autosquash.compress.plan import SUBLAYERS, Plan
 from autosquash.formats.codecs import QuantizedTensor, dequantize, quantize
 from autosquash.formats.gguf_types import legal_type
 from autosquash.models.arch import Arch
+from autosquash.models.device import to_compute
 
 __all__ = ["Variant", "VariantCache", "compress", "dense", "quantized_tensors"]
 
@@ -113,7 +114,7 @@ def quantized_tensors(
                 if gguf_name not in kept:
                     continue
                 rows, cols = kept[gguf_name]
-                w = block.get_submodule(path).weight.data
+                w = weight_of(block, path)
                 input_sq = stats.get(f"model.layers.{i}.{path}")
                 if rows is not None:
                     w = w[rows]
@@ -127,17 +128,16 @@ def quantized_tensors(
     yield (
         "token_embd",
         "model.embed_tokens",
-        _table(cache, "token_embd", base.model.embed_tokens.weight.data, plan.embed_quant, arch),
+        _table(cache, "token_embd", base.model.embed_tokens, plan.embed_quant, arch),
     )
     if not arch.tied_embeddings:
-        head = base.lm_head.weight.data
-        yield "output", "lm_head", _table(cache, "output", head, plan.output_quant or plan.embed_quant, arch)
+        yield "output", "lm_head", _table(cache, "output", base.lm_head, plan.output_quant or plan.embed_quant, arch)
 
 
-def _table(cache: VariantCache, name: str, weight: torch.Tensor, quant: str, arch: Arch) -> Variant:
+def _table(cache: VariantCache, name: str, module: torch.nn.Module, quant: str, arch: Arch) -> Variant:
     """An embedding or output table in the legal type for `quant`, one matrix."""
     qtype = legal_type(quant, arch.hidden_size)
-    return cache.get((name, qtype), lambda: Variant("quant", {"weight": quantize(weight, qtype, None)}))
+    return cache.get((name, qtype), lambda: Variant("quant", {"weight": quantize(module.weight.data, qtype, None)}))
 
 
 def compress(
@@ -150,10 +150,11 @@ def compress(
     for gguf_name, path, variant in quantized_tensors(base, arch, plan, stats, cache):
         if gguf_name in ("token_embd", "output"):
             # Assigning .data keeps a tied output head pointing at the same (compressed) table.
-            model.get_submodule(path).weight.data = dequantize(variant.parts["weight"])
+            model.get_submodule(path).weight.data = to_compute(dequantize(variant.parts["weight"]), model)
             continue
         parent, attr = path.rsplit(".", 1)
-        model.get_submodule(parent).register_module(attr, form(variant.form).module(variant.decoded()))
+        parts = {k: to_compute(v, model) for k, v in variant.decoded().items()}
+        model.get_submodule(parent).register_module(attr, form(variant.form).module(parts))
     for i, block in enumerate(model.model.layers):
         shape_sublayers(block, i, arch, plan)
     return model.eval()

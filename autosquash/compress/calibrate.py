@@ -25,8 +25,9 @@ def _feed_inputs(model: torch.nn.Module, batch: torch.Tensor, paths: list[str], 
         for p in paths
     ]
     try:
+        device = next(model.parameters()).device
         for row in batch:
-            model(row.unsqueeze(0))
+            model(row.unsqueeze(0).to(device))
     finally:
         for h in hooks:
             h.remove()
@@ -43,14 +44,15 @@ def collect_stats(model: torch.nn.Module, batch: torch.Tensor) -> Stats:
 
     paths = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
     _feed_inputs(model, batch, paths, add)
-    return {k: (sums[k] / counts[k]).contiguous() for k in sums}
+    # On the CPU, where the operators read them, whatever device the model ran on.
+    return {k: (sums[k] / counts[k]).to("cpu", torch.float32).contiguous() for k in sums}
 
 
 def collect_inputs(model: torch.nn.Module, batch: torch.Tensor, paths: list[str]) -> dict[str, torch.Tensor]:
     """The (tokens, in_features) activations entering each module in `paths` over `batch` (for benchmarks)."""
     seen: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
     _feed_inputs(model, batch, paths, lambda p, x: seen[p].append(x))
-    return {p: torch.cat(xs) for p, xs in seen.items()}
+    return {p: torch.cat(xs).cpu() for p, xs in seen.items()}
 
 
 def cached_stats(model: torch.nn.Module, batch: torch.Tensor, model_key: str, cache_dir: Path) -> Stats:

@@ -48,13 +48,14 @@ def heal(model: torch.nn.Module, teacher: Reference, cfg: HealConfig, seed: int 
     )
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    n_seq = teacher.batch.shape[0]
+    n_seq, device = teacher.batch.shape[0], next(model.parameters()).device
     losses = []
     peft_model.train()
     for step in range(cfg.steps):
         rows = torch.arange(step * cfg.batch_seqs, (step + 1) * cfg.batch_seqs) % n_seq
-        logits = peft_model(teacher.batch[rows]).logits[:, :-1].float()
-        loss = topk_kl(teacher.topk_logp[rows], teacher.topk_idx[rows], torch.log_softmax(logits, -1)).mean()
+        logits = peft_model(teacher.batch[rows].to(device)).logits[:, :-1].float()
+        logp, idx = teacher.topk_logp[rows].to(device), teacher.topk_idx[rows].to(device)
+        loss = topk_kl(logp, idx, torch.log_softmax(logits, -1)).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -66,11 +67,11 @@ def heal(model: torch.nn.Module, teacher: Reference, cfg: HealConfig, seed: int 
         with torch.no_grad():
             for name in targets:
                 w = merged.get_submodule(name).weight
-                w.copy_(w.half().float())
+                w.copy_(w.half().to(w.dtype))
         return merged, {**summary, "heal_s": time.perf_counter() - start, "heal_merged": 1.0}
     with torch.no_grad():
         for p in params:
-            p.copy_(p.half().float())
+            p.copy_(p.half().to(p.dtype))
     return peft_model, {**summary, "heal_s": time.perf_counter() - start}
 
 

@@ -26,8 +26,9 @@ class Reference:
 
 
 def _logp_chunks(model: torch.nn.Module, batch: torch.Tensor):
+    device = next(model.parameters()).device
     for start in range(0, batch.shape[0], CHUNK_SEQS):
-        ids = batch[start : start + CHUNK_SEQS]
+        ids = batch[start : start + CHUNK_SEQS].to(device)
         logits = model(ids).logits[:, :-1].float()
         yield ids, torch.log_softmax(logits, dim=-1)
 
@@ -46,7 +47,8 @@ def reference(model: torch.nn.Module, batch: torch.Tensor, k: int = 32) -> Refer
         idxs.append(i.to(torch.int32))
         nll.append(_nll(logp, ids))
     mean_nll = torch.cat(nll).mean().item()
-    return Reference(batch, torch.cat(vals), torch.cat(idxs), math.exp(mean_nll))
+    # Kept on the CPU: a search ships the reference to its workers, whatever device each one runs on.
+    return Reference(batch.cpu(), torch.cat(vals).cpu(), torch.cat(idxs).cpu(), math.exp(mean_nll))
 
 
 def topk_kl(ref_logp: torch.Tensor, ref_idx: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
@@ -66,7 +68,8 @@ def score(model: torch.nn.Module, ref: Reference) -> dict[str, float]:
     for ids, logp in _logp_chunks(model, ref.batch):
         n = ids.shape[0]
         nll.append(_nll(logp, ids))
-        kl.append(topk_kl(ref.topk_logp[start : start + n], ref.topk_idx[start : start + n], logp))
+        ref_logp, ref_idx = ref.topk_logp[start : start + n], ref.topk_idx[start : start + n]
+        kl.append(topk_kl(ref_logp.to(logp.device), ref_idx.to(logp.device), logp))
         start += n
     mean_nll = torch.cat(nll).mean().item()
     return {

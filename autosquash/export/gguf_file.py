@@ -89,7 +89,7 @@ def write_gguf(
             counts[kind] = counts.get(kind, 0) + 1
 
         def add_norm(name: str, weight: torch.Tensor) -> None:
-            add(name, weight.detach().float().numpy())
+            add(name, weight.detach().to("cpu", torch.float32).numpy())
 
         layers = base.model.layers
         for gguf_name, module, variant in quantized_tensors(base, arch, plan, stats, cache):

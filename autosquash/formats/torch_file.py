@@ -30,7 +30,7 @@ def write(path: str | Path, tensors: dict[str, QuantizedTensor | torch.Tensor], 
             raw[name] = torch.from_numpy(t.data.copy())
             types[name] = [t.type, *t.shape]
         else:
-            raw[name] = t.detach().contiguous().clone()
+            raw[name] = t.detach().to("cpu").contiguous().clone()
     meta = {**metadata, "format": FORMAT, "format_version": VERSION, "types": json.dumps(types)}
     save_file(raw, str(path), metadata=meta)
     counts: dict[str, int] = {}

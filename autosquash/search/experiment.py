@@ -44,6 +44,19 @@ class BenchmarkSpec(BaseModel):
     limit: int | None = Field(None, gt=0)
 
 
+class HardwareSpec(BaseModel):
+    """Where trials compute. `device: auto` takes CUDA when torch sees it, else the CPU (the embedded default);
+    Ray places each worker with `gpus_per_worker` GPUs (a fraction lets several share one)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # of the forward passes; codecs use float32
+    gpus_per_worker: float = Field(1.0, gt=0)
+    # Bytes of compressed layers a worker keeps across trials (None: a quarter of host memory per worker).
+    variant_cache_bytes: int | None = Field(None, gt=0)
+
+
 class Experiment(BaseModel):
     """One search: which model, on which phone, over which space, scored how."""
 
@@ -64,6 +77,7 @@ class Experiment(BaseModel):
     topk: int = Field(32, gt=0)
     heal: HealSpec = HealSpec()
     benchmark: BenchmarkSpec = BenchmarkSpec()
+    hardware: HardwareSpec = HardwareSpec()
 
     @property
     def quality_objective(self) -> str:

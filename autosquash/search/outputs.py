@@ -155,6 +155,7 @@ def write_plots_and_artifacts(
     tracker: SearchTracker,
     out: Path,
     setup_s: float,
+    driver_metrics: dict[str, float],
 ) -> None:
     """The front's plots, and the tables and plots on the MLflow parent run with the search's totals."""
     title = f"{exp.name}: {exp.quality_objective} against memory on {exp.device}"
@@ -162,5 +163,5 @@ def write_plots_and_artifacts(
     front_html(rows, front, exp.quality_objective, limit_mb, title, out / "pareto.html")
     tracker.log_search_artifacts(
         [out / f for f in ("trials.csv", "pareto.csv", "pareto.png", "pareto.html")],
-        {"trials_finished": len(rows), "front_size": len(front), "setup_s": setup_s},
+        {"trials_finished": len(rows), "front_size": len(front), "setup_s": setup_s, **driver_metrics},
     )

@@ -38,13 +38,14 @@ import torch
 from autosquash.compress.apply import dense
 from autosquash.compress.calibrate import Stats
 from autosquash.compress.operators import PRUNING, REGISTRY, SEARCHED_FIELDS, deploy_linear
-from autosquash.compress.operators.base import LinearDeploy, Pruning
+from autosquash.compress.operators.base import LinearDeploy, Pruning, weight_of
 from autosquash.compress.plan import SUBLAYERS, LayerChoice, Plan, deployed_tensors, kept_kv_heads
 from autosquash.cost.model import kv_cache_bytes_per_token
 from autosquash.evaluate.proxy import Reference, score
 from autosquash.formats.codecs import dequantize, quantize
 from autosquash.formats.gguf_types import legal_type
 from autosquash.models.arch import Arch
+from autosquash.models.device import to_compute
 from autosquash.search.space import GroupSpace, SearchSpace
 
 SAMPLE_ROWS = 64  # rows per weight on which a quantization error is measured
@@ -160,7 +161,7 @@ class _Errors:
 
     def linear(self, gguf_name: str, path: str, choice: LayerChoice) -> float:
         """The error of one linear under `choice`, measured on the unpruned weight (pruning scales it)."""
-        w = self.block.get_submodule(path).weight.data
+        w = weight_of(self.block, path)
         deploy = deploy_linear(f"blk.{self.i}.{gguf_name}", w.shape[0], w.shape[1], choice)
         if deploy.key not in self.memo:
             seed = zlib.crc32(f"{self.i}.{gguf_name}".encode()) & 0xFFFF  # the same rows in every process
@@ -214,7 +215,7 @@ def _block_inputs(model: torch.nn.Module, batch: torch.Tensor) -> list[torch.Ten
     seen: list[torch.Tensor] = []
     hooks = [b.register_forward_pre_hook(lambda _m, args: seen.append(args[0])) for b in model.model.layers]
     try:
-        model(batch)
+        model(batch.to(next(model.parameters()).device))
     finally:
         for h in hooks:
             h.remove()
@@ -234,7 +235,7 @@ def _probe(
     layers = model.model.layers
     try:
         for p, w in swaps.items():
-            model.get_submodule(p).weight.data = w
+            model.get_submodule(p).weight.data = to_compute(w, model)
         if start > 0:
             model.model.layers = torch.nn.ModuleList([_Replay(hidden), *layers[start:]])
         return max(score(model, ref)["kl"], 0.0)
@@ -330,7 +331,7 @@ def _gain(base, ref, block, i, kind, arch, choices, errors, linears, stats, hidd
 def _dense_swaps(block, i: int, linears, choice: LayerChoice, stats: Stats) -> dict[str, torch.Tensor]:
     out = {}
     for name, path in linears:
-        w = block.get_submodule(path).weight.data
+        w = weight_of(block, path)
         deploy = deploy_linear(f"blk.{i}.{name}", w.shape[0], w.shape[1], choice)
         out[f"model.layers.{i}.{path}"] = dense(deploy.compress(w, stats.get(f"model.layers.{i}.{path}")))
     return out

@@ -8,6 +8,7 @@ trial. What one trial does is search/trial.py.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -19,6 +20,7 @@ import optuna
 from autosquash.compress.plan import Plan
 from autosquash.errors import AutosquashError
 from autosquash.evaluate.benchmark import contamination_notes, mean_accuracy
+from autosquash.models.device import peak_rss_bytes, resolve_device
 from autosquash.models.load import resolve
 from autosquash.search.experiment import Experiment
 from autosquash.search.outputs import (
@@ -79,6 +81,7 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
     import ray
 
     started = time.perf_counter()
+    resolve_device(exp.hardware.device)  # a device this machine lacks fails before anything is written
     out = opts.out_dir
     if out.exists() and (out / "optuna.db").exists() and not opts.resume:
         raise AutosquashError(f"{out} already holds a search; pass --resume to continue it or choose another --out")
@@ -113,13 +116,19 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
     )
     study.set_user_attr("mlflow_parent_run_id", parent)
     _recover_stale(study, exp, tracker)
-    ctx = prepare_context(exp, load_inputs(exp, out), opts.workers)
+    inputs = load_inputs(exp, out)
+    t0 = time.perf_counter()
+    ctx = prepare_context(exp, inputs, opts.workers)
+    once = {"load_s": inputs.load_s, "calibration_s": inputs.calibration_s, "reference_s": time.perf_counter() - t0}
+    del inputs  # the context holds what the trials need
     if not study.user_attrs.get("baselines_enqueued"):
         for quant in space.baselines:
             study.enqueue_trial(space.baseline_params(ctx.arch, quant), user_attrs={"origin": "baseline"})
         study.set_user_attr("baselines_enqueued", True)
     if exp.sampler == "sensitivity":
+        t0 = time.perf_counter()
         study.sampler = sensitivity_sampler(exp, space, ctx, out)
+        once["profile_s"] = time.perf_counter() - t0
 
     if ray.is_initialized():
         ray.shutdown()
@@ -130,7 +139,10 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
     else:
         ray.init(num_cpus=opts.workers, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
     try:
+        ctx.base.to("cpu")  # shipped on the CPU: each worker moves it to its own device once
         ctx_box = [ray.put(ctx)]
+        # From here the object store holds the base model for the workers; the driver needs no copy of it.
+        ctx = dataclasses.replace(ctx, base=None)
         setup_s = _loop(study, space, exp, ctx, ctx_box, tracker, opts, started)
         rows, front = write_tables(study, out)
         if exp.benchmark.tasks:
@@ -145,7 +157,8 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
         ray.shutdown()
     tracker.mark_front({int(r["trial"]) for r in front})
     limit_mb = ctx.device.app_memory_fraction * ctx.device.dram_bytes / 1e6
-    write_plots_and_artifacts(rows, front, exp, limit_mb, tracker, out, setup_s)
+    driver = {**once, "peak_driver_rss_bytes": peak_rss_bytes()}
+    write_plots_and_artifacts(rows, front, exp, limit_mb, tracker, out, setup_s, driver)
     tracker.finish()
     return front
 
@@ -195,7 +208,7 @@ def _loop(
     """Keep `opts.workers` trials in flight until the budget is spent; returns the set-up time (s)."""
     import ray
 
-    task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=False)(run_trial)
+    task = ray.remote(**_resources(exp), max_retries=2, retry_exceptions=False)(run_trial)
     setup_s = time.perf_counter() - started
     print(
         f"ready after {setup_s:.0f} s; {opts.trials - _finished(study)} trials to run on {opts.workers} workers",
@@ -249,7 +262,7 @@ def _benchmark_front(front: list[dict], exp: Experiment, ctx_box: list, tracker:
     texts = {"calibration": exp.calibration.source, "perplexity": exp.evaluation.source}
     for note in contamination_notes(spec.tasks, texts):
         print(f"  {note}", flush=True)
-    task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=False)(run_benchmark)
+    task = ray.remote(**_resources(exp), max_retries=2, retry_exceptions=False)(run_benchmark)
     refs = {}
     for r in todo:
         plan = load_yaml_model(Plan, out / r["plan"])
@@ -271,6 +284,13 @@ def _benchmark_front(front: list[dict], exp: Experiment, ctx_box: list, tracker:
             f"({', '.join(f'{t} {mean_accuracy({t: ms}):.3f}' for t, ms in scores.items())})",
             flush=True,
         )
+
+
+def _resources(exp: Experiment) -> dict[str, float]:
+    """What a trial's Ray task asks for: one CPU, and its share of a GPU when trials run on CUDA (so a cluster
+    places them on GPU nodes)."""
+    gpus = exp.hardware.gpus_per_worker if resolve_device(exp.hardware.device).type == "cuda" else 0
+    return {"num_cpus": 1, "num_gpus": gpus}
 
 
 def _reason(e: Exception) -> str:

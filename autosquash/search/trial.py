@@ -33,6 +33,7 @@ from autosquash.evaluate.proxy import Reference, reference, score
 from autosquash.evaluate.texts import check_disjoint, load_texts, token_block
 from autosquash.export.build import KEEP_ALL, BuiltModel, deploys_factors
 from autosquash.models.arch import Arch
+from autosquash.models.device import DTYPES, host_memory_bytes, model_device, peak_rss_bytes, resolve_device
 from autosquash.models.load import load_model, load_tokenizer, resolve
 from autosquash.search.experiment import Experiment, TextSpec
 from autosquash.yaml_io import load_yaml_model
@@ -49,6 +50,8 @@ class SearchInputs:
     calib: torch.Tensor
     held_out: torch.Tensor
     stats: Stats
+    load_s: float = 0.0  # reading the model
+    calibration_s: float = 0.0  # its activation statistics (0 when the disk cache held them)
 
 
 def text_batch(tokenizer, spec: TextSpec) -> torch.Tensor:
@@ -62,11 +65,15 @@ def load_inputs(exp: Experiment, out_dir: Path) -> SearchInputs:
     calib = text_batch(tok, exp.calibration)
     held_out = text_batch(tok, exp.evaluation)
     check_disjoint(calib, held_out)  # before the model loads: a refused search should cost seconds
-    print(f"loading {exp.model} ...", flush=True)
-    base = load_model(exp.model, seed=exp.seed)
+    device = resolve_device(exp.hardware.device)
+    print(f"loading {exp.model} onto {device} ...", flush=True)
+    t0 = time.perf_counter()
+    base = load_model(exp.model, seed=exp.seed).to(device, DTYPES[exp.hardware.dtype])
+    t1 = time.perf_counter()
     print(f"calibrating on {calib.numel()} tokens, held-out set {held_out.numel()} tokens ...", flush=True)
     stats = cached_stats(base, calib, resolve(exp.model).key, out_dir / "cache")
-    return SearchInputs(exp.model, base, tok, Arch.from_config(base.config), calib, held_out, stats)
+    arch = Arch.from_config(base.config)
+    return SearchInputs(exp.model, base, tok, arch, calib, held_out, stats, t1 - t0, time.perf_counter() - t1)
 
 
 class TrialFailed(Exception):
@@ -87,6 +94,9 @@ class TrialContext:
     context_tokens: int
     threads_per_worker: int
     tokenizer: Any = None  # for lm-eval on the front
+    compute_device: str = "cpu"  # where each worker puts the base model (the experiment's hardware.device, resolved)
+    compute_dtype: str = "float32"
+    variant_cache_bytes: int = 2 << 30
 
 
 def prepare_context(exp: Experiment, inputs: SearchInputs, workers: int) -> TrialContext:
@@ -103,6 +113,9 @@ def prepare_context(exp: Experiment, inputs: SearchInputs, workers: int) -> Tria
         context_tokens=exp.context_tokens,
         threads_per_worker=max(1, (os.cpu_count() or 1) // workers),
         tokenizer=inputs.tokenizer,
+        compute_device=str(resolve_device(exp.hardware.device)),
+        compute_dtype=exp.hardware.dtype,
+        variant_cache_bytes=exp.hardware.variant_cache_bytes or host_memory_bytes() // (4 * workers),
     )
 
 
@@ -148,9 +161,11 @@ def evaluate_plan(ctx: TrialContext, plan: Plan, seed: int, cache: VariantCache 
         kv_heads_per_layer=kv_heads_per_layer(ctx.arch, plan),
     )
     out = {**quality, **{k: float(v) for k, v in cost.to_dict().items()}, **build_info}
-    out.update(eval_s=t3 - t2, trial_s=t3 - t0)
+    out.update(eval_s=t3 - t2, trial_s=t3 - t0, peak_worker_rss_bytes=peak_rss_bytes())
+    if torch.cuda.is_available() and model_device(ctx.base).type == "cuda":
+        out.update(peak_worker_gpu_bytes=torch.cuda.max_memory_allocated(model_device(ctx.base)))
     if cache is not None:
-        out.update(cache_hits=cache.hits, cache_misses=cache.misses)
+        out.update(cache_hits=cache.hits, cache_misses=cache.misses, variant_cache_bytes=cache.nbytes)
     return out
 
 
@@ -169,7 +184,9 @@ def _worker_context(ctx_ref_box: list) -> tuple[TrialContext, VariantCache]:
         _WORKER.clear()
         ctx: TrialContext = ray.get(ctx_ref)
         torch.set_num_threads(ctx.threads_per_worker)
-        _WORKER.update(ref_hex=ctx_ref.hex(), ctx=ctx, cache=VariantCache())
+        # The driver ships the base model on the CPU; each worker holds it once, on its own device.
+        ctx.base.to(ctx.compute_device, DTYPES[ctx.compute_dtype])
+        _WORKER.update(ref_hex=ctx_ref.hex(), ctx=ctx, cache=VariantCache(max_bytes=ctx.variant_cache_bytes))
     return _WORKER["ctx"], _WORKER["cache"]
 
 

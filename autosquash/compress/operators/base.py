@@ -194,6 +194,12 @@ class LinearDeploy:
         return Variant(self.form.name, self.form.compress(weight, self, input_sq))
 
 
+def weight_of(block: torch.nn.Module, path: str) -> torch.Tensor:
+    """A block linear's weight as the operators compute on it: float32 on the CPU, wherever the model runs
+    (their results are GGUF bytes and index tensors; a trial's model decodes them onto its own device)."""
+    return block.get_submodule(path).weight.data.detach().to("cpu", torch.float32)
+
+
 def matrix_spec(name: str, rows: int, cols: int, quant: str, macs: int) -> TensorSpec:
     """A stored matrix in the legal type for `quant` on rows of `cols` values (F16 where none fits)."""
     return TensorSpec(name, (rows, cols), legal_type_or_f16(quant, cols), macs)

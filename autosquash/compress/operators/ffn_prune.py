@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from autosquash.compress.operators.base import ChoiceField, Pruning
+from autosquash.compress.operators.base import ChoiceField, Pruning, weight_of
 from autosquash.compress.prune import input_channel_importance, keep_channels
 from autosquash.models.arch import Arch
 from autosquash.models.layers import RemovedMLP
@@ -48,7 +48,7 @@ class FFNPruning(Pruning):
         return {"ffn_gate": (kept, h), "ffn_up": (kept, h), "ffn_down": (h, kept)}
 
     def importance(self, block, i: int, arch: Arch, stats: dict) -> torch.Tensor:
-        return input_channel_importance(block.get_submodule(_DOWN).weight.data, stats.get(f"model.layers.{i}.{_DOWN}"))
+        return input_channel_importance(weight_of(block, _DOWN), stats.get(f"model.layers.{i}.{_DOWN}"))
 
     def select(self, block, i: int, arch: Arch, kept: int, stats: dict) -> dict[str, tuple]:
         idx = keep_channels(self.importance(block, i, arch, stats), kept)
@@ -59,7 +59,7 @@ class FFNPruning(Pruning):
 
     def probe_swaps(self, block, i: int, arch: Arch, kept: int, stats: dict) -> dict:
         """down_proj with the pruned channels' columns zeroed: the same function as pruning them."""
-        w = block.get_submodule(_DOWN).weight.data.clone()
+        w = weight_of(block, _DOWN)
         mask = torch.ones(w.shape[1], dtype=torch.bool)
         if kept > 0:
             mask[self.importance(block, i, arch, stats).topk(kept).indices] = False

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from autosquash.compress.operators.base import ChoiceField, Pruning
+from autosquash.compress.operators.base import ChoiceField, Pruning, weight_of
 from autosquash.compress.prune import keep_channels, kv_group_importance
 from autosquash.models.arch import Arch
 from autosquash.models.layers import RemovedAttention
@@ -40,7 +40,7 @@ class KVPruning(Pruning):
         return {"attn_q": (q, h), "attn_k": (kv, h), "attn_v": (kv, h), "attn_output": (h, q)}
 
     def importance(self, block, i: int, arch: Arch, stats: dict) -> torch.Tensor:
-        o = block.get_submodule(_O).weight.data
+        o = weight_of(block, _O)
         return kv_group_importance(o, stats.get(f"model.layers.{i}.{_O}"), arch.n_kv_heads)
 
     def select(self, block, i: int, arch: Arch, kept: int, stats: dict) -> dict[str, tuple]:
@@ -57,7 +57,7 @@ class KVPruning(Pruning):
 
     def probe_swaps(self, block, i: int, arch: Arch, kept: int, stats: dict) -> dict:
         """o_proj with the pruned groups' input columns zeroed: the same function as pruning them."""
-        w = block.get_submodule(_O).weight.data.clone()
+        w = weight_of(block, _O)
         width = w.shape[1] // arch.n_kv_heads  # o's input channels per KV group
         imp = self.importance(block, i, arch, stats).repeat_interleave(width)
         mask = torch.ones(w.shape[1], dtype=torch.bool)

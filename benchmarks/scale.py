@@ -1,0 +1,219 @@
+"""How a search scales with the model: random-weight Llama configs of SmolLM2-135M's shape, about 360M and
+about 1.1B (Llama-3.2-1B's shape with SmolLM2's tokenizer and vocabulary), each searched with the default
+experiment's space and sampler for a few trials on one worker.
+
+Per size, side by side: model load, calibration statistics, reference logits, the sensitivity profile, a
+trial split into build / heal / score, one plain forward pass over the evaluation tokens (the floor), the
+peak memory of driver and worker and the variant cache's bytes; then the ratios to the 135M row and to the
+floor. Each size runs in a fresh process (its own driver peak); the forward floor is timed there after the
+search, with the trials' torch thread count.
+
+    .venv/bin/python benchmarks/scale.py                       # all three sizes, CPU unless CUDA is seen
+    .venv/bin/python benchmarks/scale.py --sizes 135m --trials 2 --device cpu
+Writes benchmarks/results/scale.txt and scale.json (one object per size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._common import DEFAULT_EXPERIMENT, table  # noqa: E402
+
+VOCAB = 49152  # SmolLM2's tokenizer, which every size uses (offline)
+SIZES = {
+    "135m": dict(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3
+    ),
+    "360m": dict(
+        hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5
+    ),
+    "1.1b": dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8
+    ),
+}
+
+
+def _config(size: str) -> dict:
+    return {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": VOCAB,
+        "head_dim": 64,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 100000.0,
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        **SIZES[size],
+    }
+
+
+def run_one(size: str, trials: int, device: str, folder: Path) -> dict:
+    """One size's search (in this process) and its forward floor; the measurements as one object."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from autosquash.evaluate.proxy import reference
+    from autosquash.models.load import load_model, load_tokenizer
+    from autosquash.search.experiment import load_experiment
+    from autosquash.search.study import SearchOptions, run_search
+    from autosquash.search.trial import text_batch
+
+    (folder / "config.json").write_text(json.dumps(_config(size)))
+    exp = load_experiment(DEFAULT_EXPERIMENT).model_copy(
+        update={"model": str(folder / "config.json"), "name": f"scale-{size}", "benchmark": {"tasks": []}}
+    )
+    exp = exp.model_validate({**exp.model_dump(), "hardware": {"device": device}})
+    out = folder / "run"
+    run_search(exp, SearchOptions(out_dir=out, trials=trials, workers=1))
+    client = MlflowClient(tracking_uri=(out / "tracking_uri.txt").read_text().strip())
+    (experiment,) = [e for e in client.search_experiments() if e.name == exp.name]
+    runs = client.search_runs([experiment.experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("autosquash.role") == "search").data.metrics
+    trial_runs = [r.data.metrics for r in runs if r.data.tags.get("autosquash.role") == "trial"]
+    # The floor: one plain forward of the base model over the evaluation tokens, with a trial's threads.
+    torch.set_num_threads(int(trial_runs[0]["torch_threads"]))
+    base = load_model(exp.model, seed=exp.seed).to(device if device != "auto" else "cpu")
+    held_out = text_batch(load_tokenizer(exp.model), exp.evaluation)
+    reference(base, held_out[:1], 1)  # warm-up
+    t0 = time.perf_counter()
+    reference(base, held_out, exp.topk)
+    forward_s = time.perf_counter() - t0
+    med = {k: statistics.median(m[k] for m in trial_runs) for k in ("build_s", "heal_s", "eval_s", "trial_s")}
+    return {
+        "size": size,
+        "params": sum(p.numel() for p in base.parameters()),
+        "device": str(next(base.parameters()).device),
+        "trials": len(trial_runs),
+        "load_s": parent["load_s"],
+        "calibration_s": parent["calibration_s"],
+        "reference_s": parent["reference_s"],
+        "profile_s": parent.get("profile_s", 0.0),
+        "forward_s": forward_s,
+        "build_s": med["build_s"],
+        "heal_s": med["heal_s"],
+        "score_s": med["eval_s"],
+        "trial_s": med["trial_s"],
+        "peak_worker_rss_bytes": max(m["peak_worker_rss_bytes"] for m in trial_runs),
+        "peak_driver_rss_bytes": parent["peak_driver_rss_bytes"],
+        "variant_cache_bytes": max(m["variant_cache_bytes"] for m in trial_runs),
+    }
+
+
+def report(rows: list[dict]) -> str:
+    """The table of measurements, then the ratios to the first row and to each row's forward floor."""
+    gb = 1e9
+    head = [
+        "size",
+        "params",
+        "device",
+        "load s",
+        "calib s",
+        "profile s",
+        "forward s",
+        "build s",
+        "heal s",
+        "score s",
+        "trial s",
+        "worker GB",
+        "driver GB",
+        "cache GB",
+    ]
+    body = [
+        [
+            r["size"],
+            f"{r['params'] / 1e6:.0f}M",
+            r["device"],
+            f"{r['load_s']:.1f}",
+            f"{r['calibration_s']:.1f}",
+            f"{r['profile_s']:.1f}",
+            f"{r['forward_s']:.1f}",
+            f"{r['build_s']:.1f}",
+            f"{r['heal_s']:.1f}",
+            f"{r['score_s']:.1f}",
+            f"{r['trial_s']:.1f}",
+            f"{r['peak_worker_rss_bytes'] / gb:.2f}",
+            f"{r['peak_driver_rss_bytes'] / gb:.2f}",
+            f"{r['variant_cache_bytes'] / gb:.2f}",
+        ]
+        for r in rows
+    ]
+    first = rows[0]
+    ratio_head = [
+        "size",
+        "params x",
+        "forward x",
+        "profile x",
+        "trial x",
+        "worker mem x",
+        "profile/fwd",
+        "build/fwd",
+        "heal/fwd",
+        "score/fwd",
+        "(build+score)/fwd",
+    ]
+    ratios = [
+        [
+            r["size"],
+            f"{r['params'] / first['params']:.1f}",
+            f"{r['forward_s'] / first['forward_s']:.1f}",
+            f"{r['profile_s'] / max(first['profile_s'], 1e-9):.1f}",
+            f"{r['trial_s'] / first['trial_s']:.1f}",
+            f"{r['peak_worker_rss_bytes'] / first['peak_worker_rss_bytes']:.1f}",
+            f"{r['profile_s'] / r['forward_s']:.1f}",
+            f"{r['build_s'] / r['forward_s']:.2f}",
+            f"{r['heal_s'] / r['forward_s']:.2f}",
+            f"{r['score_s'] / r['forward_s']:.2f}",
+            f"{(r['trial_s'] - r['heal_s']) / r['forward_s']:.2f}",
+        ]
+        for r in rows
+    ]
+    return (
+        table(head, body)
+        + f"\n\nRatios to the {first['size']} row and to each size's forward floor (trial times: medians)\n"
+        + table(ratio_head, ratios)
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated, of {', '.join(SIZES)}")
+    p.add_argument("--trials", type=int, default=3, help="trials per size (default 3)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one size in this process, print JSON
+    p.add_argument("--results", default=str(ROOT / "benchmarks/results"), help="folder for scale.txt/json")
+    args = p.parse_args()
+    if args.one:
+        with tempfile.TemporaryDirectory() as d:
+            print("SCALE " + json.dumps(run_one(args.one, args.trials, args.device, Path(d))), flush=True)
+        return
+    rows = []
+    for size in args.sizes.split(","):
+        print(f"--- {size}", flush=True)
+        cmd = [sys.executable, __file__, "--one", size, "--trials", str(args.trials), "--device", args.device]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((x for x in run.stdout.splitlines() if x.startswith("SCALE ")), None)
+        if run.returncode != 0 or line is None:
+            sys.exit(f"scale: the {size} run failed:\n{run.stdout[-2000:]}\n{run.stderr[-3000:]}")
+        rows.append(json.loads(line.removeprefix("SCALE ")))
+        print(report(rows), flush=True)
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "scale.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (results / "scale.txt").write_text(report(rows) + "\n")
+    print(f"wrote {results / 'scale.txt'} and {results / 'scale.json'}")
+
+
+if __name__ == "__main__":
+    main()
