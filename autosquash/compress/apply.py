@@ -20,6 +20,7 @@ from autosquash.compress.calibrate import Stats
 from autosquash.compress.operators import PRUNING, deploy_linear, form
 from autosquash.compress.operators.base import Variant, weight_of
 from autosquash.compress.plan import SUBLAYERS, Plan
+from autosquash.errors import AutosquashError
 from autosquash.formats.codecs import QuantizedTensor, dequantize, quantize
 from autosquash.formats.gguf_types import legal_type
 from autosquash.models.arch import Arch
@@ -114,6 +115,11 @@ def quantized_tensors(
                 if gguf_name not in kept:
                     continue
                 rows, cols = kept[gguf_name]
+                if block.get_submodule(path).bias is not None:
+                    # Qwen2's q/k/v carry biases; a plan would drop them silently (not priced, not written).
+                    raise AutosquashError(
+                        f"model.layers.{i}.{path} has a bias, which autosquash cannot compress yet (Qwen2's q/k/v)"
+                    )
                 w = weight_of(block, path)
                 input_sq = stats.get(f"model.layers.{i}.{path}")
                 if rows is not None:

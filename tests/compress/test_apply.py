@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from autosquash.compress.apply import VariantCache, compress
@@ -5,6 +6,7 @@ from autosquash.compress.calibrate import collect_stats
 from autosquash.compress.lowrank import LowRankLinear
 from autosquash.compress.plan import LayerChoice, Plan, deployed_tensors
 from autosquash.formats.codecs import fake_quantize
+from autosquash.models.arch import Arch
 
 
 def _deployed_shapes(model) -> list[tuple[int, ...]]:
@@ -139,3 +141,23 @@ def test_kronecker_layers_compose_with_pruning_and_quantization(tiny_model, tiny
     torch.testing.assert_close(fake_quantize(flat, "Q4_0"), flat, rtol=0, atol=1e-6)
     assert specs["blk.0.ffn_up.row_perm"].type == "I16"
     assert torch.isfinite(model(tiny_batch).logits).all()
+
+
+def test_a_biased_linear_is_refused_not_silently_dropped():
+    """Qwen2's q/k/v biases: until plans price and write them, compressing such a model is an error."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from autosquash.errors import AutosquashError
+
+    cfg = Qwen2Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=128,
+    )
+    model = Qwen2ForCausalLM(cfg).eval()
+    arch = Arch.from_config(model.config)
+    with pytest.raises(AutosquashError, match="has a bias"):
+        compress(model, arch, Plan.uniform(arch, "Q8_0"), {})
