@@ -86,6 +86,14 @@ def tensor_type(name: str) -> TensorType:
     return TensorType(key, block_size, block_bytes)
 
 
+def searchable_type(name: str) -> str:
+    """The canonical name of a type a plan may choose (SEARCHABLE_TYPES); a ValueError for any other."""
+    canonical = tensor_type(name).name
+    if canonical not in SEARCHABLE_TYPES:
+        raise ValueError(f"{canonical} is not a searchable type; expected one of {', '.join(SEARCHABLE_TYPES)}")
+    return canonical
+
+
 def legal_type(name: str, row_length: int) -> str:
     """The type a row of `row_length` values is stored in when `name` is asked for.
 

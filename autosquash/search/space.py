@@ -15,20 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from autosquash.compress.operators import DECOMPOSITIONS, FIELDS, REGISTRY, SEARCHED_FIELDS
 from autosquash.compress.operators.base import ChoiceField
 from autosquash.compress.plan import SUBLAYERS, LayerChoice, Plan, Target
-from autosquash.formats.gguf_types import SEARCHABLE_TYPES, tensor_type
+from autosquash.formats.gguf_types import searchable_type
 from autosquash.models.arch import Arch
 from autosquash.yaml_io import load_yaml_model
 
 _SEARCHED: tuple[ChoiceField, ...] = tuple(f for f in FIELDS if f.searched)
 _NEUTRAL = {f.name: f.neutral for f in _SEARCHED}
-
-
-def _types(v: list[str]) -> list[str]:
-    names = [tensor_type(t).name for t in v]
-    for n in names:
-        if n not in SEARCHABLE_TYPES:
-            raise ValueError(f"{n} is not a searchable type; expected one of {', '.join(SEARCHABLE_TYPES)}")
-    return names
 
 
 def _check_options(f: ChoiceField):
@@ -80,7 +72,7 @@ class SearchSpace(BaseModel):
     @field_validator("baselines", "embed_quant")
     @classmethod
     def _baselines(cls, v: list[str]) -> list[str]:
-        return _types(v)
+        return [searchable_type(t) for t in v]
 
     @model_validator(mode="after")
     def _deployable(self) -> SearchSpace:

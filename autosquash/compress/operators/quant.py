@@ -8,20 +8,13 @@ import torch
 
 from autosquash.compress.operators.base import ChoiceField, Form, LinearDeploy, TensorSpec, matrix_spec
 from autosquash.formats.codecs import quantize
-from autosquash.formats.gguf_types import SEARCHABLE_TYPES, tensor_type
+from autosquash.formats.gguf_types import searchable_type, tensor_type
 from autosquash.models.arch import ATTN_LINEARS, FFN_LINEARS
 from autosquash.models.layers import linear_with
 
 
 def _known_type(v: str) -> str:
     return tensor_type(v).name
-
-
-def _searchable_type(v: str) -> str:
-    name = tensor_type(v).name
-    if name not in SEARCHABLE_TYPES:
-        raise ValueError(f"{name} is not a searchable type; expected one of {', '.join(SEARCHABLE_TYPES)}")
-    return name
 
 
 def _known_tensors(v: dict[str, str]) -> dict[str, str]:
@@ -39,7 +32,7 @@ class Quantization(Form):
     name = "quant"
     what = "quantized matrices"
     fields = (
-        ChoiceField("quant", str, "F16", space_default=False, validate=_known_type, validate_option=_searchable_type),
+        ChoiceField("quant", str, "F16", space_default=False, validate=_known_type, validate_option=searchable_type),
         # Per-tensor exceptions to `quant`, by GGUF short name, e.g. {"attn_v": "Q6_K"} as in Q4_K_M.
         ChoiceField("tensor_quant", dict[str, str], {}, searched=False, validate=_known_tensors),
     )
