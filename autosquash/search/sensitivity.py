@@ -305,7 +305,7 @@ def _gain(base, ref, block, i, kind, arch, choices, errors, linears, stats, hidd
     the same sublayer output as a pruned channel's would); with nothing but pruning to probe, the
     most damaging pruning, unquantized.
     """
-    unpruned = [k for k, c in enumerate(choices) if _unpruned(c)]
+    unpruned = [k for k, c in enumerate(choices) if _unpruned(c) and errors[k] > 0]
     k = max(unpruned or range(len(choices)), key=lambda k: errors[k])
     # Any option with a large error measures the gain; legacy block types quantize far faster than
     # K-quants (whose scale search is costly), so take one when its error is within 4x of the largest.

@@ -160,3 +160,33 @@ def test_proposals_beat_the_uniform_plan_of_their_size(measured):
             plan = SPACE.sample(optuna.trial.FixedTrial(params), arch)
             kl[name] = score(compress(model, arch, plan, stats), ref)["kl"]
         assert kl["proposal"] <= kl["baseline"] * 1.05, (quant, kl)
+
+
+def test_pruning_probes_leave_the_base_model_as_it_was():
+    """With nothing but pruning to probe (F16 everywhere), the probes zero the pruned channels of a copy:
+    the base model a search then ships to its trials is untouched."""
+    from transformers import LlamaForCausalLM
+
+    from autosquash.models.arch import Arch
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config()).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    arch = Arch.from_config(model.config)
+    space = SearchSpace.model_validate(
+        {
+            "name": "prune-only",
+            "target": "gguf",
+            "embed_quant": ["F16"],
+            "attn": {"quant": ["F16"], "attn_keep_ratio": [1.0, 0.5]},
+            "ffn": {"quant": ["F16"], "ffn_keep_ratio": [1.0, 0.5]},
+            "baselines": ["F16"],
+        }
+    )
+    batch = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(1))
+    stats = collect_stats(model, batch)
+    profile = measure_profile(model, arch, space, stats, reference(model, batch, 16), CONTEXT, log=lambda *a, **k: None)
+    assert any(max(g.damage) > 0 for g in profile.groups)  # the probes ran
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

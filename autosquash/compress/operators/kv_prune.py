@@ -57,7 +57,7 @@ class KVPruning(Pruning):
 
     def probe_swaps(self, block, i: int, arch: Arch, kept: int, stats: dict) -> dict:
         """o_proj with the pruned groups' input columns zeroed: the same function as pruning them."""
-        w = weight_of(block, _O)
+        w = weight_of(block, _O).clone()  # weight_of may be the base's own tensor
         width = w.shape[1] // arch.n_kv_heads  # o's input channels per KV group
         imp = self.importance(block, i, arch, stats).repeat_interleave(width)
         mask = torch.ones(w.shape[1], dtype=torch.bool)
