@@ -26,23 +26,51 @@ class HealConfig:
     batch_seqs: int = 2
 
 
+# Healing's activation memory above which it recomputes each block in the backward pass instead of keeping
+# its activations (gradient checkpointing: one more forward per step, about a third more time).
+ACTIVATION_BUDGET = 3 << 30
+
+
+def activation_bytes(config, tokens: int) -> int:
+    """Peak extra memory of one healing step on `tokens` tokens of a decoder with this config: per block,
+    the saved inputs of norms, linears, attention and the gated MLP (about 10 hidden + 5 intermediate
+    values per token), and per token four vocabulary-wide float tensors (logits, log-probabilities and
+    their gradients); twice that, as measured (the backward's transient gradients and the allocator's
+    slack: SmolLM2-135M and a 1.1B Llama took 1.6-2.2x this count above the model's own memory)."""
+    per_token = config.num_hidden_layers * (10 * config.hidden_size + 5 * config.intermediate_size)
+    return 2 * 4 * tokens * (per_token + 4 * config.vocab_size)
+
+
 def _targets(model: torch.nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
 
 
-def heal(model: torch.nn.Module, teacher: Reference, cfg: HealConfig, seed: int = 0, merge: bool = False):
+def heal(
+    model: torch.nn.Module,
+    teacher: Reference,
+    cfg: HealConfig,
+    seed: int = 0,
+    merge: bool = False,
+    activation_budget: int = ACTIVATION_BUDGET,
+):
     """Train a LoRA adapter on `teacher.batch` to match the base model's top-k next-token distribution.
 
     Returns the healed model and a summary of the run. The adapter stays attached (deployed beside
     quantized weights as a GGUF LoRA file), its A and B rounded to F16 as that file stores them, unless
     `merge`: for weights stored in F16, where merging keeps them in their format; the merged weights
     are rounded to F16, as the file stores them. Either way the model scores what its export holds.
+
+    When a step's activations would exceed `activation_budget` bytes, the blocks are checkpointed (same
+    gradients up to float rounding, activation memory of about one block).
     """
     targets = _targets(model)
     if cfg.steps == 0 or not targets:  # nothing to heal: every linear was pruned away or decomposed
         return model, {"heal_steps": 0}
     torch.manual_seed(seed)
     start = time.perf_counter()
+    checkpoint = activation_bytes(model.config, cfg.batch_seqs * teacher.batch.shape[1]) > activation_budget
+    if checkpoint:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     peft_model = get_peft_model(
         model, LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, lora_dropout=0.0, target_modules=targets)
     )
@@ -61,7 +89,14 @@ def heal(model: torch.nn.Module, teacher: Reference, cfg: HealConfig, seed: int 
         opt.step()
         losses.append(loss.item())
     peft_model.eval()
-    summary = {"heal_steps": cfg.steps, "heal_loss_first": losses[0], "heal_loss_last": losses[-1]}
+    if checkpoint:
+        model.activation_checkpointing_disable()
+    summary = {
+        "heal_steps": cfg.steps,
+        "heal_loss_first": losses[0],
+        "heal_loss_last": losses[-1],
+        "heal_checkpointed": float(checkpoint),
+    }
     if merge:
         merged = peft_model.merge_and_unload()
         with torch.no_grad():

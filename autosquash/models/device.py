@@ -3,6 +3,9 @@ peak memory a process used (host RSS, and the accelerator's own when there is on
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import os
 import resource
 import sys
@@ -45,3 +48,14 @@ def peak_rss_bytes() -> int:
 def host_memory_bytes() -> int:
     """Physical memory of this machine."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the last trial back to the system: glibc keeps freed heap pages (a trial's
+    activations, its model) mapped otherwise, and a worker's resident size would creep up trial by trial."""
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    if sys.platform.startswith("linux") and libc:
+        trim = getattr(ctypes.CDLL(libc), "malloc_trim", None)
+        if trim is not None:
+            trim(0)

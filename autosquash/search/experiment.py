@@ -55,6 +55,9 @@ class HardwareSpec(BaseModel):
     gpus_per_worker: float = Field(1.0, gt=0)
     # Bytes of compressed layers a worker keeps across trials (None: a quarter of host memory per worker).
     variant_cache_bytes: int | None = Field(None, gt=0)
+    # Healing activations above this many bytes turn on gradient checkpointing (None: 3 GiB, or on CUDA an
+    # eighth of the worker's share of its GPU when that is more).
+    heal_activation_bytes: int | None = Field(None, gt=0)
 
 
 class Experiment(BaseModel):

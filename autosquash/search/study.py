@@ -22,6 +22,7 @@ from autosquash.errors import AutosquashError
 from autosquash.evaluate.benchmark import contamination_notes, mean_accuracy
 from autosquash.models.device import peak_rss_bytes, resolve_device
 from autosquash.models.load import resolve
+from autosquash.models.ship import Shipped
 from autosquash.search.experiment import Experiment
 from autosquash.search.outputs import (
     BENCH,
@@ -140,7 +141,8 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
         ray.init(num_cpus=opts.workers, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
     try:
         ctx.base.to("cpu")  # shipped on the CPU: each worker moves it to its own device once
-        ctx_box = [ray.put(ctx)]
+        # As numpy arrays: the object store keeps one copy per node, which its CPU workers share.
+        ctx_box = [ray.put(dataclasses.replace(ctx, base=Shipped(ctx.base)))]
         # From here the object store holds the base model for the workers; the driver needs no copy of it.
         ctx = dataclasses.replace(ctx, base=None)
         setup_s = _loop(study, space, exp, ctx, ctx_box, tracker, opts, started)

@@ -28,12 +28,19 @@ from autosquash.compress.calibrate import Stats, cached_stats
 from autosquash.compress.plan import Plan, deployed_tensors, kv_heads_per_layer
 from autosquash.cost import DeviceProfile, estimate, load_device
 from autosquash.errors import AutosquashError
-from autosquash.evaluate.heal import HealConfig, adapter_tensors, heal
+from autosquash.evaluate.heal import ACTIVATION_BUDGET, HealConfig, adapter_tensors, heal
 from autosquash.evaluate.proxy import Reference, reference, score
 from autosquash.evaluate.texts import check_disjoint, load_texts, token_block
 from autosquash.export.build import KEEP_ALL, BuiltModel, deploys_factors
 from autosquash.models.arch import Arch
-from autosquash.models.device import DTYPES, host_memory_bytes, model_device, peak_rss_bytes, resolve_device
+from autosquash.models.device import (
+    DTYPES,
+    host_memory_bytes,
+    model_device,
+    peak_rss_bytes,
+    release_freed_memory,
+    resolve_device,
+)
 from autosquash.models.load import load_model, load_tokenizer, resolve
 from autosquash.search.experiment import Experiment, TextSpec
 from autosquash.yaml_io import load_yaml_model
@@ -97,6 +104,7 @@ class TrialContext:
     compute_device: str = "cpu"  # where each worker puts the base model (the experiment's hardware.device, resolved)
     compute_dtype: str = "float32"
     variant_cache_bytes: int = 2 << 30
+    heal_activation_bytes: int = ACTIVATION_BUDGET  # above it, healing checkpoints its blocks
 
 
 def prepare_context(exp: Experiment, inputs: SearchInputs, workers: int) -> TrialContext:
@@ -116,7 +124,16 @@ def prepare_context(exp: Experiment, inputs: SearchInputs, workers: int) -> Tria
         compute_device=str(resolve_device(exp.hardware.device)),
         compute_dtype=exp.hardware.dtype,
         variant_cache_bytes=exp.hardware.variant_cache_bytes or host_memory_bytes() // (4 * workers),
+        heal_activation_bytes=exp.hardware.heal_activation_bytes or _heal_budget(exp),
     )
+
+
+def _heal_budget(exp: Experiment) -> int:
+    """Healing's default activation budget: 3 GiB, or on CUDA an eighth of a worker's share of its GPU."""
+    if resolve_device(exp.hardware.device).type != "cuda":
+        return ACTIVATION_BUDGET
+    share = torch.cuda.get_device_properties(0).total_memory * min(exp.hardware.gpus_per_worker, 1.0)
+    return max(ACTIVATION_BUDGET, int(share / 8))
 
 
 def trial_seed(seed: int, number: int) -> int:
@@ -139,12 +156,14 @@ def build_plan(ctx: TrialContext, plan: Plan, seed: int, cache: VariantCache | N
     start = time.perf_counter()
     model = compress(ctx.base, ctx.arch, plan, ctx.stats, cache)
     build_s = time.perf_counter() - start
-    model, info = heal(model, ctx.calib_ref, ctx.heal, seed=seed, merge=merges_adapter(ctx.arch, plan))
+    merge = merges_adapter(ctx.arch, plan)
+    model, info = heal(model, ctx.calib_ref, ctx.heal, seed, merge, activation_budget=ctx.heal_activation_bytes)
     return model, {**info, "build_s": build_s, "heal_s": time.perf_counter() - start - build_s}
 
 
 def evaluate_plan(ctx: TrialContext, plan: Plan, seed: int, cache: VariantCache | None = None) -> dict[str, float]:
     """Build, heal, score and price one plan; the result's keys are metric names."""
+    release_freed_memory()  # what the previous trial left
     t0 = time.perf_counter()
     model, build_info = build_plan(ctx, plan, seed, cache)
     t2 = time.perf_counter()

@@ -58,3 +58,25 @@ def test_float_weights_get_the_adapter_merged_in_f16(tiny_model, tiny_arch, tiny
     with torch.no_grad():
         diff = (merged(tiny_batch).logits - kept(tiny_batch).logits).abs().max().item()
     assert diff < 1e-2  # merging only adds F16 rounding of the merged weights
+
+
+def test_checkpointed_healing_trains_the_same_adapter(tiny_model, tiny_arch, tiny_batch):
+    """Over its activation budget, healing recomputes blocks in the backward pass: the same adapter up to
+    float rounding (1e-5 relative: the recomputed forward sums in the same order; only the gradient
+    accumulation of the backward may round differently), and the summary says it did."""
+    from autosquash.evaluate.heal import ACTIVATION_BUDGET, activation_bytes
+
+    assert activation_bytes(tiny_model.config, 2 * tiny_batch.shape[1]) < ACTIVATION_BUDGET
+    ref = reference(tiny_model, tiny_batch, k=16)
+    cfg = HealConfig(steps=3, rank=4, lr=3e-3, batch_seqs=2)
+    runs = []
+    for budget in (ACTIVATION_BUDGET, 1):
+        damaged = compress(tiny_model, tiny_arch, Plan.uniform(tiny_arch, "Q2_K"), {})
+        healed, info = heal(damaged, ref, cfg, seed=0, activation_budget=budget)
+        runs.append((info, {n: p.detach().clone() for n, p in healed.named_parameters() if "lora_" in n}))
+        assert not healed.base_model.model.is_activation_checkpointing  # switched off again for scoring
+    (plain, a), (checkpointed, b) = runs
+    assert plain["heal_checkpointed"] == 0.0 and checkpointed["heal_checkpointed"] == 1.0
+    assert a.keys() == b.keys() and a
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-6, msg=n)
