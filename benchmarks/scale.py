@@ -5,8 +5,11 @@ experiment's space and sampler for a few trials on one worker.
 Per size, side by side: model load, calibration statistics, reference logits, the sensitivity profile, a
 trial split into build / heal / score, one plain forward pass over the evaluation tokens (the floor), the
 peak memory of driver and worker and the variant cache's bytes; then the ratios to the 135M row and to the
-floor. Each size runs in a fresh process (its own driver peak); the forward floor is timed there after the
-search, with the trials' torch thread count.
+floor. A trial's build is the quantization of the variants its worker's cache lacked (`quant s`: once per
+layer and type in a search; the uniform baselines that open a search are all new) plus assembling the model
+from them; `(assemble+score)/fwd` is what a trial costs once its variants exist. Each size runs in a fresh
+process (its own driver peak); the forward floor is timed there after the search, with the trials' torch
+thread count.
 
     .venv/bin/python benchmarks/scale.py                       # all three sizes, CPU unless CUDA is seen
     .venv/bin/python benchmarks/scale.py --sizes 135m --trials 2 --device cpu
@@ -90,7 +93,8 @@ def run_one(size: str, trials: int, device: str, folder: Path) -> dict:
     t0 = time.perf_counter()
     reference(base, held_out, exp.topk)
     forward_s = time.perf_counter() - t0
-    med = {k: statistics.median(m[k] for m in trial_runs) for k in ("build_s", "heal_s", "eval_s", "trial_s")}
+    keys = ("build_s", "quantize_s", "assemble_s", "heal_s", "eval_s", "trial_s")
+    med = {k: statistics.median(m.get(k, 0.0) for m in trial_runs) for k in keys}
     return {
         "size": size,
         "params": sum(p.numel() for p in base.parameters()),
@@ -102,6 +106,8 @@ def run_one(size: str, trials: int, device: str, folder: Path) -> dict:
         "profile_s": parent.get("profile_s", 0.0),
         "forward_s": forward_s,
         "build_s": med["build_s"],
+        "quantize_s": med["quantize_s"],
+        "assemble_s": med["assemble_s"],
         "heal_s": med["heal_s"],
         "score_s": med["eval_s"],
         "trial_s": med["trial_s"],
@@ -123,6 +129,7 @@ def report(rows: list[dict]) -> str:
         "profile s",
         "forward s",
         "build s",
+        "quant s",
         "heal s",
         "score s",
         "trial s",
@@ -140,6 +147,7 @@ def report(rows: list[dict]) -> str:
             f"{r['profile_s']:.1f}",
             f"{r['forward_s']:.1f}",
             f"{r['build_s']:.1f}",
+            f"{r['quantize_s']:.1f}",
             f"{r['heal_s']:.1f}",
             f"{r['score_s']:.1f}",
             f"{r['trial_s']:.1f}",
@@ -162,6 +170,7 @@ def report(rows: list[dict]) -> str:
         "heal/fwd",
         "score/fwd",
         "(build+score)/fwd",
+        "(assemble+score)/fwd",
     ]
     ratios = [
         [
@@ -176,6 +185,7 @@ def report(rows: list[dict]) -> str:
             f"{r['heal_s'] / r['forward_s']:.2f}",
             f"{r['score_s'] / r['forward_s']:.2f}",
             f"{(r['trial_s'] - r['heal_s']) / r['forward_s']:.2f}",
+            f"{(r['trial_s'] - r['heal_s'] - r['quantize_s']) / r['forward_s']:.2f}",
         ]
         for r in rows
     ]

@@ -9,6 +9,7 @@ which keeps the GGUF bytes (a quarter to a twelfth of the float32 weights) and d
 from __future__ import annotations
 
 import copy
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ class VariantCache:
     max_bytes: int = 2 << 30
     hits: int = 0
     misses: int = 0
+    make_s: float = 0.0  # seconds spent making values on misses (quantizing, decomposing, selecting)
 
     def __post_init__(self) -> None:
         self._items: OrderedDict[tuple, object] = OrderedDict()
@@ -77,7 +79,9 @@ class VariantCache:
             self._items.move_to_end(key)
             return self._items[key]
         self.misses += 1
+        start = time.perf_counter()
         value = make()
+        self.make_s += time.perf_counter() - start
         self._items[key] = value
         self._bytes += _nbytes(value)
         while self._bytes > self.max_bytes and len(self._items) > 1:

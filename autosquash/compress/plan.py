@@ -119,7 +119,7 @@ def sublayer_tensors(arch: Arch, i: int, kind: str, choice: LayerChoice) -> list
     if kept == 0:
         return []  # a removed sublayer deploys nothing, not even its norm
     shapes = op.shapes(arch, kept)
-    tensors = [TensorSpec(f"blk.{i}.{op.norm[0]}.weight", (arch.hidden_size,), "F32", 0)]
+    tensors = [TensorSpec(f"blk.{i}.{name}.weight", (size,), "F32", 0) for name, _, size in arch.norms(kind)]
     for gguf_name, _ in dict(SUBLAYERS)[kind]:
         out_f, in_f = shapes[gguf_name]
         tensors += deploy_linear(f"blk.{i}.{gguf_name}", out_f, in_f, choice).tensors

@@ -21,8 +21,18 @@ from autosquash.export.build import deploys_factors
 from autosquash.export.lora import has_adapter
 from autosquash.formats.codecs import QuantizedTensor, quantize
 from autosquash.formats.gguf import add_tensor, copy_tokenizer, gguf_writer, rope_permute
-from autosquash.models.arch import Arch
+from autosquash.models.arch import LLAMA_GRAPH_TYPES, Arch
 from autosquash.models.load import DEFAULT_MODEL, ModelSource, resolve
+
+
+def check_writable(arch: Arch) -> None:
+    """Refuse model families whose blocks llama.cpp's `llama`/`deci` graphs would not compute as the trial did
+    (Qwen3's and Gemma 3's q/k norms, Gemma's post-norms and scaled embeddings): the file would load and be wrong."""
+    if arch.model_type not in LLAMA_GRAPH_TYPES:
+        raise AutosquashError(
+            f"GGUF export writes llama.cpp's llama/deci architectures, which do not run {arch.model_type} blocks "
+            "as they are; search and export it with a torch-target space (--format torch)"
+        )
 
 
 def gguf_arch(arch: Arch, plan: Plan) -> str:
@@ -63,6 +73,7 @@ def write_gguf(
     `model` is the plan's model as its trial evaluated it: when healing merged its adapter (a model
     without peft layers), its F16/F32 block weights are written instead of the compressed ones.
     """
+    check_writable(arch)
     if deploys_factors(arch, plan):
         raise AutosquashError(
             "this plan uses low-rank or Kronecker factors, which no GGUF runtime holds; export it with --format torch"

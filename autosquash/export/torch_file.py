@@ -56,7 +56,8 @@ def save(
         for kind, _ in SUBLAYERS:
             op = PRUNING[kind]
             if op.kept(arch, plan.choice(f"blk.{i}.{kind}")):
-                tensors[f"blk.{i}.{op.norm[0]}.weight"] = layers[i].get_submodule(op.norm[1]).weight
+                for norm, module_path, _ in arch.norms(kind):
+                    tensors[f"blk.{i}.{norm}.weight"] = layers[i].get_submodule(module_path).weight
     tensors["output_norm.weight"] = base.model.norm.weight
     adapter, alpha = adapter_weights(model) if model is not None else ({}, 0.0)
     for name, (a, b) in adapter.items():
@@ -104,7 +105,8 @@ def _fill_block(block, i: int, arch: Arch, plan: Plan, stored: container.Stored)
         op = PRUNING[kind]
         if not op.kept(arch, plan.choice(f"blk.{i}.{kind}")):
             continue  # a removed sublayer: no norm, no linears
-        block.get_submodule(op.norm[1]).weight.data = stored[f"blk.{i}.{op.norm[0]}.weight"]
+        for norm, module_path, _ in arch.norms(kind):
+            block.get_submodule(module_path).weight.data = stored[f"blk.{i}.{norm}.weight"]
         for short, path in linears:
             name = f"blk.{i}.{short}"
             present = {x for f in FORMS for x in f.suffixes if f"{name}.{x}" in stored}

@@ -9,8 +9,33 @@ from typing import Any
 
 from autosquash.errors import AutosquashError
 
-# Llama-style decoders: the same tensor set (q/k/v/o, gate/up/down, two RMS norms per block).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Llama-style decoders: the same linears (q/k/v/o, gate/up/down); their blocks differ in their RMS norms.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+# Families whose blocks llama.cpp's `llama` (and `deci`) architecture runs as written: two norms, no biases.
+LLAMA_GRAPH_TYPES = ("llama", "mistral")
+
+# Every norm weight of a block, by the sublayer it belongs to (a removed sublayer deploys none of them):
+# (GGUF short name as llama.cpp names it, module path inside the block, "hidden" or "head" sized).
+_LLAMA_NORMS = {
+    "attn": (("attn_norm", "input_layernorm", "hidden"),),
+    "ffn": (("ffn_norm", "post_attention_layernorm", "hidden"),),
+}
+_QK_NORMS = (("attn_q_norm", "self_attn.q_norm", "head"), ("attn_k_norm", "self_attn.k_norm", "head"))
+_GEMMA_NORMS = {
+    "attn": (("attn_norm", "input_layernorm", "hidden"), ("post_attention_norm", "post_attention_layernorm", "hidden")),
+    "ffn": (
+        ("ffn_norm", "pre_feedforward_layernorm", "hidden"),
+        ("post_ffw_norm", "post_feedforward_layernorm", "hidden"),
+    ),
+}
+BLOCK_NORMS: dict[str, dict[str, tuple[tuple[str, str, str], ...]]] = {
+    "llama": _LLAMA_NORMS,
+    "mistral": _LLAMA_NORMS,
+    "qwen2": _LLAMA_NORMS,
+    "qwen3": {**_LLAMA_NORMS, "attn": _LLAMA_NORMS["attn"] + _QK_NORMS},
+    "gemma2": _GEMMA_NORMS,
+    "gemma3_text": {**_GEMMA_NORMS, "attn": _GEMMA_NORMS["attn"] + _QK_NORMS},
+}
 
 # Linear weights of a block, by group, with their GGUF names and Hugging Face module paths.
 ATTN_LINEARS: tuple[tuple[str, str], ...] = (
@@ -39,6 +64,12 @@ class Arch:
     head_dim: int
     vocab_size: int
     tied_embeddings: bool
+
+    def norms(self, kind: str) -> list[tuple[str, str, int]]:
+        """The norm weights of a block's `kind` ("attn" or "ffn") sublayer: (GGUF short name, module path
+        inside the block, length)."""
+        size = {"hidden": self.hidden_size, "head": self.head_dim}
+        return [(name, path, size[dim]) for name, path, dim in BLOCK_NORMS[self.model_type][kind]]
 
     @classmethod
     def from_config(cls, config: Any) -> Arch:

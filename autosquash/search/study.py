@@ -20,6 +20,7 @@ import optuna
 from autosquash.compress.plan import Plan
 from autosquash.errors import AutosquashError
 from autosquash.evaluate.benchmark import contamination_notes, mean_accuracy
+from autosquash.export.gguf_file import check_writable
 from autosquash.models.device import peak_rss_bytes, resolve_device
 from autosquash.models.load import resolve
 from autosquash.models.ship import Shipped
@@ -118,6 +119,8 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
     study.set_user_attr("mlflow_parent_run_id", parent)
     _recover_stale(study, exp, tracker)
     inputs = load_inputs(exp, out)
+    if space.target == "gguf":
+        check_writable(inputs.arch)  # a front no GGUF could hold: refused before any trial runs
     t0 = time.perf_counter()
     ctx = prepare_context(exp, inputs, opts.workers)
     once = {"load_s": inputs.load_s, "calibration_s": inputs.calibration_s, "reference_s": time.perf_counter() - t0}

@@ -152,13 +152,22 @@ def merges_adapter(arch: Arch, plan: Plan) -> bool:
 
 def build_plan(ctx: TrialContext, plan: Plan, seed: int, cache: VariantCache | None = None):
     """The trial's model: compressed, then healed (deterministic for a plan and seed); and its build
-    and heal statistics."""
-    start = time.perf_counter()
+    and heal statistics (build_s = quantize_s, making the variants the cache lacked, + assemble_s)."""
+    cache = cache if cache is not None else VariantCache(max_bytes=0)
+    start, made_before = time.perf_counter(), cache.make_s
     model = compress(ctx.base, ctx.arch, plan, ctx.stats, cache)
     build_s = time.perf_counter() - start
+    quantize_s = cache.make_s - made_before
     merge = merges_adapter(ctx.arch, plan)
     model, info = heal(model, ctx.calib_ref, ctx.heal, seed, merge, activation_budget=ctx.heal_activation_bytes)
-    return model, {**info, "build_s": build_s, "heal_s": time.perf_counter() - start - build_s}
+    heal_s = time.perf_counter() - start - build_s
+    return model, {
+        **info,
+        "build_s": build_s,
+        "quantize_s": quantize_s,
+        "assemble_s": build_s - quantize_s,
+        "heal_s": heal_s,
+    }
 
 
 def evaluate_plan(ctx: TrialContext, plan: Plan, seed: int, cache: VariantCache | None = None) -> dict[str, float]:

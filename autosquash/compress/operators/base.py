@@ -87,7 +87,6 @@ class Pruning(Operator):
 
     kind: str = ""
     module: str = ""  # the sublayer's module inside a block ("mlp", "self_attn")
-    norm: tuple[str, str] = ("", "")  # the sublayer's norm: GGUF short name, module path inside a block
     removed: type[torch.nn.Module] = torch.nn.Identity  # what stands for the sublayer when no unit stays
 
     def full(self, arch: Arch) -> int:

@@ -22,7 +22,6 @@ class FFNPruning(Pruning):
     kind = "ffn"
     kinds = ("ffn",)
     module = "mlp"
-    norm = ("ffn_norm", "post_attention_layernorm")
     removed = RemovedMLP
     fields = (ChoiceField("ffn_keep_ratio", float, 1.0, {"ge": 0.0, "le": 1.0}),)
 

@@ -22,7 +22,6 @@ class KVPruning(Pruning):
     kind = "attn"
     kinds = ("attn",)
     module = "self_attn"
-    norm = ("attn_norm", "input_layernorm")
     removed = RemovedAttention
     fields = (ChoiceField("attn_keep_ratio", float, 1.0, {"ge": 0.0, "le": 1.0}),)
 

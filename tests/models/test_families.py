@@ -1,0 +1,116 @@
+"""The families people put on phones, from tiny random configs: load, price exactly, compress, heal, score,
+and round-trip through the torch format; GGUF export where llama.cpp's llama graph runs them, a one-line
+refusal where it does not."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from autosquash.compress.apply import VariantCache, compress
+from autosquash.compress.plan import LayerChoice, Plan, deployed_tensors
+from autosquash.cost import estimate, load_device
+from autosquash.errors import AutosquashError
+from autosquash.evaluate.heal import HealConfig, heal
+from autosquash.evaluate.proxy import reference, score
+from autosquash.export.gguf_file import check_writable
+from autosquash.export.torch_file import load, save
+from autosquash.models.arch import LLAMA_GRAPH_TYPES, SUPPORTED_MODEL_TYPES, Arch
+from autosquash.models.load import load_model
+
+CONFIGS = Path(__file__).parents[1] / "cost/configs"
+TINY = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    vocab_size=512,
+    max_position_embeddings=256,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+FAMILIES = ["llama", "mistral", "qwen3", "gemma2", "gemma3_text"]
+PLAN = Plan(
+    target="torch",
+    embed_quant="Q8_0",
+    groups={
+        "blk.0.attn": LayerChoice(quant="Q4_K", attn_keep_ratio=0.5),
+        "blk.0.ffn": LayerChoice(quant="Q4_0", ffn_keep_ratio=0.5),
+        "blk.1.attn": LayerChoice(quant="Q8_0", rank_ratio=0.25),
+        "blk.1.ffn": LayerChoice(quant="Q2_K"),
+    },
+)
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request, tmp_path):
+    """(config.json path, the seeded random model it loads as, its Arch)."""
+    spec = tmp_path / "config.json"
+    spec.write_text(json.dumps({"model_type": request.param, **TINY}))
+    model = load_model(str(spec), seed=0)
+    with torch.no_grad():  # norms unlike their initial values: a norm a file forgot would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(len(name)))
+    return str(spec), model, Arch.from_config(model.config)
+
+
+def test_every_family_in_the_list_is_tested():
+    assert set(FAMILIES) == set(SUPPORTED_MODEL_TYPES) - {"qwen2"}  # qwen2: its q/k/v biases are refused
+
+
+def test_priced_tensors_are_every_weight_of_the_model(family):
+    """The unpruned plan prices exactly the model's parameters, norms of every family included."""
+    _, model, arch = family
+    priced = deployed_tensors(arch, Plan.uniform(arch, "F16"))
+    assert sum(math.prod(t.shape) for t in priced) == sum(p.numel() for p in model.parameters())
+    norms = [t for t in priced if "norm" in t.name and t.name.startswith("blk.0.")]
+    assert len(norms) == sum(1 for n, _ in model.model.layers[0].named_parameters() if "norm" in n)
+
+
+def test_a_mixed_plan_compresses_heals_scores_and_reloads(family, tmp_path):
+    spec, model, arch = family
+    batch = torch.randint(3, 512, (4, 32), generator=torch.Generator().manual_seed(0))
+    ref = reference(model, batch, k=8)
+    cache = VariantCache(max_bytes=1 << 62)
+    compressed = compress(model, arch, PLAN, {}, cache)
+    healed, info = heal(compressed, ref, HealConfig(steps=2, rank=4, lr=1e-3, batch_seqs=2), seed=0)
+    assert info["heal_steps"] == 2
+    quality = score(healed, ref)
+    assert 0 < quality["kl"] < 5 and quality["perplexity"] > 1
+    path = tmp_path / "m.safetensors"
+    save(path, spec, model, arch, PLAN, {}, cache, model=healed)
+    loaded, _ = load(path)
+    with torch.no_grad():  # every norm stored and put back: the reloaded model computes the trial's logits
+        assert torch.equal(loaded(batch).logits, healed(batch).logits)
+
+
+def test_gguf_export_is_refused_where_llamas_graph_would_compute_something_else(family):
+    _, _, arch = family
+    if arch.model_type in LLAMA_GRAPH_TYPES:
+        check_writable(arch)
+    else:
+        with pytest.raises(AutosquashError, match=f"do not run {arch.model_type} blocks"):
+            check_writable(arch)
+
+
+@pytest.mark.parametrize("name", ["Qwen3-1.7B", "Gemma-2-2B", "Gemma-3-1B"])
+def test_estimate_from_a_real_config(name):
+    """Published configs price to the parameter count transformers builds from them (on the meta device)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    arch = Arch.from_json(CONFIGS / name)
+    cfg = json.loads((CONFIGS / name / "config.json").read_text())
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
+    tensors = deployed_tensors(arch, Plan.uniform(arch, "Q4_K"))
+    assert sum(math.prod(t.shape) for t in tensors) == sum(p.numel() for p in model.parameters())
+    report = estimate(arch, tensors, load_device("pixel-9-pro"), context_tokens=2048)
+    assert report.weights_bytes < sum(p.numel() for p in model.parameters())  # Q4_K: under a byte a weight
+    assert report.decode_tokens_per_s > 0
