@@ -10,7 +10,8 @@ from typing import Any
 from autosquash.errors import AutosquashError
 
 # Llama-style decoders: the same linears (q/k/v/o, gate/up/down); their blocks differ in their RMS norms.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+# phi3 loads as the Llama it is (models/phi3.py); its config.json prices as that Llama.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 # Families whose blocks llama.cpp's `llama` (and `deci`) architecture runs as written: two norms, no biases.
 LLAMA_GRAPH_TYPES = ("llama", "mistral")
 
@@ -31,6 +32,7 @@ _GEMMA_NORMS = {
 BLOCK_NORMS: dict[str, dict[str, tuple[tuple[str, str, str], ...]]] = {
     "llama": _LLAMA_NORMS,
     "mistral": _LLAMA_NORMS,
+    "phi3": _LLAMA_NORMS,
     "qwen2": _LLAMA_NORMS,
     "qwen3": {**_LLAMA_NORMS, "attn": _LLAMA_NORMS["attn"] + _QK_NORMS},
     "gemma2": _GEMMA_NORMS,

@@ -25,6 +25,7 @@ from huggingface_hub.errors import StrictDataclassError
 from autosquash.errors import AutosquashError
 from autosquash.formats import gguf
 from autosquash.formats import torch_file as torch_format
+from autosquash.models import phi3
 from autosquash.models.arch import ATTN_LINEARS, FFN_LINEARS, Arch
 from autosquash.models.layers import RemovedAttention, RemovedMLP, linear_with
 
@@ -219,6 +220,8 @@ def load_model(spec: str, seed: int = 0) -> torch.nn.Module:
         if src.kind == "hub":
             raise _hub_error(src.location, e) from None
         raise AutosquashError(f"cannot load model {spec}: {str(e).splitlines()[0]}") from None
+    if model.config.model_type == "phi3":
+        model = phi3.as_llama(model)  # its fused projections split: a Llama to everything downstream
     Arch.from_config(model.config)  # fail early on unsupported architectures
     # The GGUF loader leaves a quantization_config behind although the weights are dequantized floats.
     if hasattr(model.config, "quantization_config"):

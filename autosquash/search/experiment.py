@@ -53,10 +53,11 @@ class HardwareSpec(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # of the forward passes; codecs use float32
     gpus_per_worker: float = Field(1.0, gt=0)
-    # Bytes of compressed layers a worker keeps across trials (None: a quarter of host memory per worker).
+    # Bytes of compressed layers a worker keeps across trials (None: from host memory and the model's size,
+    # search.trial.default_cache_bytes).
     variant_cache_bytes: int | None = Field(None, gt=0)
-    # Healing activations above this many bytes turn on gradient checkpointing (None: 3 GiB, or on CUDA an
-    # eighth of the worker's share of its GPU when that is more).
+    # Healing activations above this many bytes turn on gradient checkpointing (None: what half the worker's
+    # memory share leaves beside two copies of the model and its variant cache; search.trial.heal_budget).
     heal_activation_bytes: int | None = Field(None, gt=0)
 
 

@@ -28,7 +28,7 @@ from autosquash.compress.calibrate import Stats, cached_stats
 from autosquash.compress.plan import Plan, deployed_tensors, kv_heads_per_layer
 from autosquash.cost import DeviceProfile, estimate, load_device
 from autosquash.errors import AutosquashError
-from autosquash.evaluate.heal import ACTIVATION_BUDGET, HealConfig, adapter_tensors, heal
+from autosquash.evaluate.heal import HealConfig, adapter_tensors, heal
 from autosquash.evaluate.proxy import Reference, reference, score
 from autosquash.evaluate.texts import check_disjoint, load_texts, token_block
 from autosquash.export.build import KEEP_ALL, BuiltModel, deploys_factors
@@ -104,7 +104,8 @@ class TrialContext:
     compute_device: str = "cpu"  # where each worker puts the base model (the experiment's hardware.device, resolved)
     compute_dtype: str = "float32"
     variant_cache_bytes: int = 2 << 30
-    heal_activation_bytes: int = ACTIVATION_BUDGET  # above it, healing checkpoints its blocks
+    heal_activation_bytes: int | None = None  # above it, healing checkpoints its blocks (None: heal_budget)
+    memory_share_bytes: int = 8 << 30  # a worker's share of the memory its model computes in
 
 
 def prepare_context(exp: Experiment, inputs: SearchInputs, workers: int) -> TrialContext:
@@ -123,17 +124,38 @@ def prepare_context(exp: Experiment, inputs: SearchInputs, workers: int) -> Tria
         tokenizer=inputs.tokenizer,
         compute_device=str(resolve_device(exp.hardware.device)),
         compute_dtype=exp.hardware.dtype,
-        variant_cache_bytes=exp.hardware.variant_cache_bytes or host_memory_bytes() // (4 * workers),
-        heal_activation_bytes=exp.hardware.heal_activation_bytes or _heal_budget(exp),
+        variant_cache_bytes=exp.hardware.variant_cache_bytes or default_cache_bytes(inputs.base, workers),
+        heal_activation_bytes=exp.hardware.heal_activation_bytes,
+        memory_share_bytes=_memory_share(exp, workers),
     )
 
 
-def _heal_budget(exp: Experiment) -> int:
-    """Healing's default activation budget: 3 GiB, or on CUDA an eighth of a worker's share of its GPU."""
+def default_cache_bytes(base: torch.nn.Module, workers: int) -> int:
+    """A worker's variant cache by default: what is left of half its share of host memory once it holds the base
+    model, a trial's float model and healing's activations (about 2.5 float32 copies of the weights), at most a
+    quarter of the share and at least 256 MiB. The variants live in host memory whatever device trials use."""
+    share = host_memory_bytes() // workers
+    weights = sum(p.numel() for p in base.parameters()) * 4
+    return int(min(share // 4, max(256 << 20, share // 2 - 2.5 * weights)))
+
+
+def _memory_share(exp: Experiment, workers: int) -> int:
+    """A worker's share of the memory its model computes in: host memory over the workers, or on CUDA its
+    fraction of one GPU."""
     if resolve_device(exp.hardware.device).type != "cuda":
-        return ACTIVATION_BUDGET
-    share = torch.cuda.get_device_properties(0).total_memory * min(exp.hardware.gpus_per_worker, 1.0)
-    return max(ACTIVATION_BUDGET, int(share / 8))
+        return host_memory_bytes() // workers
+    return int(torch.cuda.get_device_properties(0).total_memory * min(exp.hardware.gpus_per_worker, 1.0))
+
+
+def heal_budget(ctx: TrialContext, cache: VariantCache) -> int:
+    """The activation bytes healing may take before it checkpoints (the experiment's figure, if it gives one):
+    what half the worker's memory share leaves beside the base model, the trial's float model and, on the
+    CPU, the variant cache as it stands."""
+    if ctx.heal_activation_bytes:
+        return ctx.heal_activation_bytes
+    weights = sum(p.numel() * p.element_size() for p in ctx.base.parameters())
+    held = 2 * weights + (cache.nbytes if ctx.compute_device == "cpu" else 0)
+    return max(0, ctx.memory_share_bytes // 2 - held)
 
 
 def trial_seed(seed: int, number: int) -> int:
@@ -159,7 +181,7 @@ def build_plan(ctx: TrialContext, plan: Plan, seed: int, cache: VariantCache | N
     build_s = time.perf_counter() - start
     quantize_s = cache.make_s - made_before
     merge = merges_adapter(ctx.arch, plan)
-    model, info = heal(model, ctx.calib_ref, ctx.heal, seed, merge, activation_budget=ctx.heal_activation_bytes)
+    model, info = heal(model, ctx.calib_ref, ctx.heal, seed, merge, activation_budget=heal_budget(ctx, cache))
     heal_s = time.perf_counter() - start - build_s
     return model, {
         **info,

@@ -35,7 +35,7 @@ TINY = dict(
     eos_token_id=2,
     pad_token_id=0,
 )
-FAMILIES = ["llama", "mistral", "qwen3", "gemma2", "gemma3_text"]
+FAMILIES = ["llama", "mistral", "qwen3", "gemma2", "gemma3_text", "phi3"]  # phi3 loads as a Llama
 PLAN = Plan(
     target="torch",
     embed_quant="Q8_0",
@@ -100,7 +100,7 @@ def test_gguf_export_is_refused_where_llamas_graph_would_compute_something_else(
             check_writable(arch)
 
 
-@pytest.mark.parametrize("name", ["Qwen3-1.7B", "Gemma-2-2B", "Gemma-3-1B"])
+@pytest.mark.parametrize("name", ["Qwen3-1.7B", "Gemma-2-2B", "Gemma-3-1B", "Phi-3-mini-4k"])
 def test_estimate_from_a_real_config(name):
     """Published configs price to the parameter count transformers builds from them (on the meta device)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -114,3 +114,37 @@ def test_estimate_from_a_real_config(name):
     report = estimate(arch, tensors, load_device("pixel-9-pro"), context_tokens=2048)
     assert report.weights_bytes < sum(p.numel() for p in model.parameters())  # Q4_K: under a byte a weight
     assert report.decode_tokens_per_s > 0
+
+
+def test_phi3_loads_as_the_llama_it_is(tmp_path):
+    """Split q/k/v and gate/up compute Phi-3's logits (to float rounding: three matmuls instead of one)."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    phi3 = Phi3ForCausalLM(Phi3Config(**TINY)).eval()
+    from autosquash.models.phi3 import as_llama
+
+    llama = as_llama(phi3)
+    assert type(llama).__name__ == "LlamaForCausalLM" and Arch.from_config(llama.config).model_type == "llama"
+    ids = torch.randint(3, 512, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(llama(ids).logits, phi3(ids).logits, rtol=1e-5, atol=1e-5)
+    assert sum(p.numel() for p in llama.parameters()) == sum(p.numel() for p in phi3.parameters())
+
+
+@pytest.mark.parametrize(
+    "rope, message",
+    [
+        ({"rope_theta": 10000.0, "partial_rotary_factor": 0.75, "rope_type": "default"}, "partial rotary"),
+        (
+            {"rope_theta": 10000.0, "rope_type": "longrope", "short_factor": [1.0] * 32, "long_factor": [1.0] * 32},
+            "longrope",
+        ),
+    ],
+)
+def test_phi3_variants_llama_would_compute_differently_are_refused(tmp_path, rope, message):
+    spec = tmp_path / "config.json"
+    cfg = {"model_type": "phi3", **TINY, "rope_parameters": rope, "original_max_position_embeddings": 128}
+    spec.write_text(json.dumps(cfg))
+    with pytest.raises(AutosquashError, match=message):
+        load_model(str(spec))

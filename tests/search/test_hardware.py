@@ -52,3 +52,16 @@ def test_cuda_without_a_gpu_fails_before_the_search_writes_anything(tmp_path, mo
     with pytest.raises(AutosquashError, match="no CUDA GPU"):
         run_search(exp, SearchOptions(out_dir=out, trials=1, workers=1))
     assert not out.exists()
+
+
+def test_default_variant_cache_leaves_room_for_the_model(monkeypatch, tiny_model):
+    """The default cache shrinks as the model grows: 1B-class weights on a 24 GB machine leave it little."""
+    import torch
+
+    from autosquash.search import trial
+
+    monkeypatch.setattr(trial, "host_memory_bytes", lambda: 24 << 30)
+    assert trial.default_cache_bytes(tiny_model, workers=2) == (24 << 30) // 2 // 4  # a small model: a quarter
+    one_b = torch.nn.Linear(1000, 1_000_000, bias=False, device="meta")  # 1e9 weights, 4 GB in float32
+    assert trial.default_cache_bytes(one_b, workers=1) == int((12 << 30) - 2.5 * 4e9)  # what half leaves
+    assert trial.default_cache_bytes(one_b, workers=2) == 256 << 20  # nothing left: the floor
