@@ -8,22 +8,23 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from autosquash.models.arch import Arch
 
+# A 2-block decoder whose rows (256, 512) are whole K-quant super-blocks: the shape of every tiny test model.
+TINY_SHAPE = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    vocab_size=512,
+    max_position_embeddings=256,
+    tie_word_embeddings=True,
+)
+
 
 def tiny_config(**overrides) -> LlamaConfig:
-    """A 2-block Llama whose rows (256, 512) are whole K-quant super-blocks."""
-    cfg = dict(
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        vocab_size=512,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    cfg.update(overrides)
-    return LlamaConfig(**cfg)
+    """A tiny Llama of TINY_SHAPE."""
+    return LlamaConfig(**{**TINY_SHAPE, **overrides})
 
 
 @pytest.fixture

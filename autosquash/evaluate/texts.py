@@ -67,14 +67,17 @@ def load_texts(source: str) -> tuple[str, ...]:
 
 
 def token_block(tokenizer, texts: tuple[str, ...], n_tokens: int, seq_len: int) -> torch.Tensor:
-    """The first `n_tokens` tokens of the texts, joined by EOS, as a (n_tokens // seq_len, seq_len) batch."""
+    """The first `n_tokens` tokens of the texts, joined by EOS (BOS where there is none), as a
+    (n_tokens // seq_len, seq_len) batch."""
     if n_tokens < seq_len:
         raise AutosquashError(f"a token budget of {n_tokens} is smaller than one sequence of {seq_len}")
     ids: list[int] = []
-    eos = tokenizer.eos_token_id
+    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+    if sep is None:
+        raise AutosquashError("the tokenizer has neither an EOS nor a BOS token to join the texts with")
     for t in texts:
         ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
-        ids.append(eos)
+        ids.append(sep)
         if len(ids) >= n_tokens:
             break
     n_seq = min(n_tokens, len(ids)) // seq_len

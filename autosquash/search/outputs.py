@@ -135,6 +135,7 @@ def print_front(front: list[dict], exp: Experiment, out: Path) -> None:
     )
     for r in front:
         acc = r.get("lm_eval_mean_acc")
+        acc = None if acc in (None, "") else float(acc)  # rows read back from pareto.csv hold strings
         print(
             f"{r['trial']:>5} {r['origin']:8s} {float(r['perplexity']):9.3f} {float(r['kl']):8.4f} "
             f"{float(r['memory_mb']):10.1f} {float(r['energy_mj_per_token']):9.3f} "

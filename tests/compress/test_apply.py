@@ -148,16 +148,9 @@ def test_a_biased_linear_is_refused_not_silently_dropped():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from autosquash.errors import AutosquashError
+    from tests.conftest import TINY_SHAPE
 
-    cfg = Qwen2Config(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=128,
-    )
-    model = Qwen2ForCausalLM(cfg).eval()
+    model = Qwen2ForCausalLM(Qwen2Config(**TINY_SHAPE)).eval()
     arch = Arch.from_config(model.config)
     with pytest.raises(AutosquashError, match="has a bias"):
         compress(model, arch, Plan.uniform(arch, "Q8_0"), {})

@@ -73,3 +73,21 @@ def test_text_shorter_than_the_budget_gives_fewer_rows(tokenizer):
     n_ids = len(tokenizer(texts[0], add_special_tokens=False)["input_ids"]) + 1  # and its EOS
     assert n_ids < 1024
     assert token_block(tokenizer, texts, 1024, 128).shape == (n_ids // 128, 128)
+
+
+class _NoSpecialTokens:
+    """A tokenizer without EOS or BOS (some base models ship one): word ids, nothing to join texts with."""
+
+    eos_token_id = None
+    bos_token_id = None
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [len(w) for w in text.split()]}
+
+
+def test_texts_join_with_bos_where_there_is_no_eos_and_a_tokenizer_with_neither_is_refused():
+    tok = _NoSpecialTokens()
+    with pytest.raises(AutosquashError, match="neither an EOS nor a BOS token"):
+        token_block(tok, ("a b c d",) * 4, 8, 4)
+    tok.bos_token_id = 99
+    assert token_block(tok, ("a bb ccc",) * 4, 8, 4).flatten().tolist() == [1, 2, 3, 99, 1, 2, 3, 99]

@@ -19,22 +19,10 @@ from autosquash.export.gguf_file import check_writable
 from autosquash.export.torch_file import load, save
 from autosquash.models.arch import LLAMA_GRAPH_TYPES, SUPPORTED_MODEL_TYPES, Arch
 from autosquash.models.load import load_model
+from tests.conftest import TINY_SHAPE
 
 CONFIGS = Path(__file__).parents[1] / "cost/configs"
-TINY = dict(
-    hidden_size=256,
-    intermediate_size=512,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=64,
-    vocab_size=512,
-    max_position_embeddings=256,
-    tie_word_embeddings=True,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
+TINY = dict(TINY_SHAPE, bos_token_id=1, eos_token_id=2, pad_token_id=0)  # ids inside the tiny vocabulary
 FAMILIES = ["llama", "mistral", "qwen3", "gemma2", "gemma3_text", "phi3"]  # phi3 loads as a Llama
 PLAN = Plan(
     target="torch",

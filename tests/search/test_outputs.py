@@ -116,3 +116,15 @@ def test_print_front_without_a_benchmark_shows_dashes(study, tmp_path, capsys):
     rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["0"], ["1"])]
     assert len(rows) == 2 and all(r[-2] == "-" for r in rows)
     assert "lm-eval: mean accuracy" not in out and f"autosquash ui --out {tmp_path}" in out
+
+
+def test_print_front_reads_rows_back_from_pareto_csv(study, tmp_path, capsys):
+    """Rows read from pareto.csv hold strings: an empty lm-eval cell prints as a dash, a number as one."""
+    import csv
+
+    _, front = write_tables(study, tmp_path)
+    rows = list(csv.DictReader((tmp_path / "pareto.csv").open()))
+    rows[0]["lm_eval_mean_acc"], rows[1]["lm_eval_mean_acc"] = "0.5", ""
+    print_front(rows, _experiment(["piqa"]), tmp_path)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[2].split()[-2] == "0.500" and lines[3].split()[-2] == "-"
