@@ -46,7 +46,7 @@ from autosquash.formats.codecs import dequantize, quantize
 from autosquash.formats.gguf_types import legal_type
 from autosquash.models.arch import Arch
 from autosquash.models.device import to_compute
-from autosquash.search.space import GroupSpace, SearchSpace
+from autosquash.search.space import GroupSpace, SearchSpace, params_key
 
 SAMPLE_ROWS = 64  # rows per weight on which a quantization error is measured
 PROBE_SEQS, PROBE_LEN = 4, 128  # calibration tokens of a probe pass: sequences, positions
@@ -438,12 +438,12 @@ class SensitivitySampler(optuna.samplers.BaseSampler):
         if "fixed_params" in trial.system_attrs:  # an enqueued trial (a baseline, a retried plan)
             return
         trials = study.get_trials(deepcopy=False)
-        seen = {_key(t.params) for t in trials if t.params}
+        seen = {params_key(t.params) for t in trials if t.params}
         used = [t.user_attrs[TARGET] for t in trials if TARGET in t.user_attrs]
         n, params = (max(used) + 1 if used else 0), None
         while n < len(self.targets) and params is None:
             found = best_under(self.profile, self.targets[n])
-            if found is not None and _key(self.profile.params(*found)) not in seen:
+            if found is not None and params_key(self.profile.params(*found)) not in seen:
                 params = self.profile.params(*found)
             else:
                 n += 1
@@ -452,7 +452,7 @@ class SensitivitySampler(optuna.samplers.BaseSampler):
             attrs = {"origin": "mutated"}
             for _ in range(50):  # a plan not tried yet, if one is found
                 params = self._mutate(study)
-                if _key(params) not in seen:
+                if params_key(params) not in seen:
                     break
         self._attrs[trial.number] = attrs
         self._plans[trial.number] = params
@@ -499,10 +499,6 @@ def _best_move(parts: list[GroupProfile], picks: list[int], score) -> tuple[int,
             if value is not None and (best is None or value > best[0]):
                 best = (value, j, k)
     return None if best is None else best[1:]
-
-
-def _key(params: dict) -> tuple:
-    return tuple(sorted((k, str(v)) for k, v in params.items()))
 
 
 def _repair(profile: Profile, picks: list[int], embed: int, budget: int) -> tuple[list[int], int]:

@@ -133,3 +133,8 @@ class SearchSpace(BaseModel):
         if len(self.embed_quant) > 1:
             params["embed_quant"] = self.embed_quant[0]
         return params
+
+
+def params_key(params: dict) -> tuple:
+    """A trial's parameters as one hashable value: two trials with equal keys evaluate the same plan."""
+    return tuple(sorted((k, str(v)) for k, v in params.items()))

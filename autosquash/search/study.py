@@ -38,7 +38,7 @@ from autosquash.search.outputs import (
     write_tables,
 )
 from autosquash.search.sensitivity import SensitivitySampler, cached_profile, proposal_targets
-from autosquash.search.space import SearchSpace
+from autosquash.search.space import SearchSpace, params_key
 from autosquash.search.trial import TrialContext, load_inputs, prepare_context, run_benchmark, run_trial, trial_seed
 from autosquash.track.mlflow_store import ORIGIN, SearchTracker, default_tracking_uri
 from autosquash.yaml_io import dump_yaml_model, load_yaml_model
@@ -57,7 +57,7 @@ class SearchOptions:
     storage: str | None = None
 
 
-def make_sampler(exp: Experiment, budget: int) -> optuna.samplers.BaseSampler:
+def make_sampler(exp: Experiment, budget: int, offset: int = 0) -> optuna.samplers.BaseSampler:
     """The experiment's sampler, sized for a search of `budget` trials; each honours the device-fit
     constraint set on its trials.
 
@@ -65,17 +65,19 @@ def make_sampler(exp: Experiment, budget: int) -> optuna.samplers.BaseSampler:
     trials: at a phone search's few dozen, NSGA-II would never leave its random first generation. So the
     start-up and the generation are a quarter of the budget (TPE 4..10 trials, NSGA-II 4..50 plans).
     `sensitivity` needs the base model: the study starts with TPE and `sensitivity_sampler` replaces it
-    once the inputs are loaded.
+    once the inputs are loaded. `offset` (the trials a resumed study already holds) shifts the seed: a
+    sampler re-created with the experiment's own seed would draw its first plans again.
     """
+    seed = exp.seed + offset
     quarter = max(4, budget // 4)
     if exp.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(population_size=min(50, quarter), seed=exp.seed)
+        return optuna.samplers.NSGAIISampler(population_size=min(50, quarter), seed=seed)
     if exp.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=exp.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     startup = min(10, quarter)
     if exp.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=exp.seed, n_startup_trials=startup)
-    return optuna.samplers.TPESampler(seed=exp.seed, multivariate=True, n_startup_trials=startup)
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=startup)
 
 
 def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
@@ -87,6 +89,8 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
     out = opts.out_dir
     if out.exists() and (out / "optuna.db").exists() and not opts.resume:
         raise AutosquashError(f"{out} already holds a search; pass --resume to continue it or choose another --out")
+    if opts.resume and not opts.storage and not (out / "optuna.db").exists():
+        raise AutosquashError(f"--resume: {out} holds no search to continue (no optuna.db); drop --resume to start one")
     (out / "plans").mkdir(parents=True, exist_ok=True)
     space = SearchSpace.load(exp.search_space)
     dump_yaml_model(exp, out / "experiment.yaml")
@@ -117,6 +121,9 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
         },
     )
     study.set_user_attr("mlflow_parent_run_id", parent)
+    resumed = len(study.trials)  # 0 for a new search: its samplers keep the experiment's seed
+    if resumed:
+        study.sampler = make_sampler(exp, opts.trials, offset=resumed)
     _recover_stale(study, exp, tracker)
     inputs = load_inputs(exp, out)
     if space.target == "gguf":
@@ -131,7 +138,7 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
         study.set_user_attr("baselines_enqueued", True)
     if exp.sampler == "sensitivity":
         t0 = time.perf_counter()
-        study.sampler = sensitivity_sampler(exp, space, ctx, out)
+        study.sampler = sensitivity_sampler(exp, space, ctx, out, offset=resumed)
         once["profile_s"] = time.perf_counter() - t0
 
     if ray.is_initialized():
@@ -168,13 +175,15 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
     return front
 
 
-def sensitivity_sampler(exp: Experiment, space: SearchSpace, ctx: TrialContext, out: Path) -> SensitivitySampler:
+def sensitivity_sampler(
+    exp: Experiment, space: SearchSpace, ctx: TrialContext, out: Path, offset: int = 0
+) -> SensitivitySampler:
     """The per-group damage model (measured once, cached on disk) and a sampler proposing from it."""
     profile = cached_profile(
         ctx.base, ctx.arch, space, ctx.stats, ctx.calib_ref, exp.context_tokens, resolve(exp.model).key, out / "cache"
     )
     sizes = [profile.size(*profile.picks_of(space.baseline_params(ctx.arch, b))) for b in space.baselines]
-    return SensitivitySampler(profile, proposal_targets(profile, sizes), seed=exp.seed)
+    return SensitivitySampler(profile, proposal_targets(profile, sizes), seed=exp.seed + offset)
 
 
 def _finished(study: optuna.Study) -> int:
@@ -223,8 +232,7 @@ def _loop(
     pending: dict = {}
     while _finished(study) + len(pending) < opts.trials or pending:
         while len(pending) < opts.workers and _finished(study) + len(pending) < opts.trials:
-            trial = study.ask()
-            plan = space.sample(trial, ctx.arch)
+            trial, plan = ask_new(study, space, ctx.arch, [t for t, _ in pending.values()])
             plan_rel = f"plans/trial-{trial.number:04d}.yaml"
             dump_yaml_model(plan, opts.out_dir / plan_rel)
             trial.set_user_attr("plan", plan_rel)
@@ -250,6 +258,27 @@ def _loop(
         progress.trial(_finished(study), trial.number, trial.user_attrs["origin"], metrics, error, len(front))
         progress.front(_finished(study), front)
     return setup_s
+
+
+MAX_REDRAWS = 50  # repeats in a row after which the space is taken as exhausted
+
+
+def ask_new(study: optuna.Study, space: SearchSpace, arch, running: list) -> tuple:
+    """A trial and its plan that no completed or running trial holds.
+
+    Samplers repeat themselves (TPE re-proposes a plan it likes; a sampler re-created on resume replays its
+    draws): a repeat is told PRUNED, which neither the budget nor the tables count, and the sampler asked
+    again. After MAX_REDRAWS repeats in a row the last one is evaluated: the space has nothing new left.
+    """
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    held = {params_key(t.params) for t in [*done, *running]}
+    for _ in range(MAX_REDRAWS):
+        trial = study.ask()
+        plan = space.sample(trial, arch)
+        if params_key(trial.params) not in held:
+            return trial, plan
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    return trial, plan
 
 
 def _benchmark_front(front: list[dict], exp: Experiment, ctx_box: list, tracker: SearchTracker, out: Path) -> None:

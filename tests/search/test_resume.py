@@ -42,6 +42,15 @@ def test_resume_continues_to_the_total(tmp_path):
     rows = _trials(out)
     assert len(rows) == 5 and {r["trial"]: r["perplexity"] for r in rows[:3]} == first
     assert _trial_runs(out) == [0, 1, 2, 3, 4]
+    # The resumed sampler draws new plans: a re-created TPE with the experiment's seed would replay trial 2's.
+    plans = [(out / r["plan"]).read_text() for r in rows]
+    assert len(set(plans)) == 5
+
+
+def test_resume_of_a_folder_without_a_search_is_refused(tmp_path, capsys):
+    assert main(["search", SMOKE, "--trials", "3", "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "holds no search to continue" in capsys.readouterr().err
+    assert not (tmp_path / "none" / "optuna.db").exists()
 
 
 def test_driver_killed_mid_search_resumes_without_loss(tmp_path):
