@@ -7,9 +7,12 @@ trial split into build / heal / score, one plain forward pass over the evaluatio
 peak memory of driver and worker and the variant cache's bytes; then the ratios to the 135M row and to the
 floor. A trial's build is the quantization of the variants its worker's cache lacked (`quant s`: once per
 layer and type in a search; the uniform baselines that open a search are all new) plus assembling the model
-from them; `(assemble+score)/fwd` is what a trial costs once its variants exist. Each size runs in a fresh
-process (its own driver peak); the forward floor is timed there after the search, with the trials' torch
-thread count.
+from them; `(assemble+score)/fwd` is what a trial costs once its variants exist. `warm`: the search's first
+plan evaluated again after the search, without healing, in a fresh cache whose layers come from the search's
+variant store on disk (what a worker finds that another worker, or an earlier trial, made): a trial's whole
+cost outside healing once its layers exist (`warm trial/fwd`). Each size runs in a fresh process (its own
+driver peak); the forward floor and the warm trial are timed there after the search, with the trials'
+torch thread count.
 
     .venv/bin/python benchmarks/scale.py                       # all three sizes, CPU unless CUDA is seen
     .venv/bin/python benchmarks/scale.py --sizes 135m --trials 2 --device cpu
@@ -64,14 +67,19 @@ def _config(size: str) -> dict:
 
 def run_one(size: str, trials: int, device: str, folder: Path) -> dict:
     """One size's search (in this process) and its forward floor; the measurements as one object."""
+    import dataclasses
+
     import torch
     from mlflow.tracking import MlflowClient
 
+    from autosquash.compress.apply import VariantCache
+    from autosquash.compress.plan import Plan
+    from autosquash.evaluate.heal import HealConfig
     from autosquash.evaluate.proxy import reference
-    from autosquash.models.load import load_model, load_tokenizer
     from autosquash.search.experiment import load_experiment
     from autosquash.search.study import SearchOptions, run_search
-    from autosquash.search.trial import text_batch
+    from autosquash.search.trial import evaluate_plan, load_inputs, open_store, prepare_context
+    from autosquash.yaml_io import load_yaml_model
 
     (folder / "config.json").write_text(json.dumps(_config(size)))
     exp = load_experiment(DEFAULT_EXPERIMENT).model_copy(
@@ -87,12 +95,19 @@ def run_one(size: str, trials: int, device: str, folder: Path) -> dict:
     trial_runs = [r.data.metrics for r in runs if r.data.tags.get("autosquash.role") == "trial"]
     # The floor: one plain forward of the base model over the evaluation tokens, with a trial's threads.
     torch.set_num_threads(int(trial_runs[0]["torch_threads"]))
-    base = load_model(exp.model, seed=exp.seed).to(device if device != "auto" else "cpu")
-    held_out = text_batch(load_tokenizer(exp.model), exp.evaluation)
+    inputs = load_inputs(exp, out)  # the search's base model, statistics and variant store
+    base, held_out = inputs.base, inputs.held_out
     reference(base, held_out[:1], 1)  # warm-up
     t0 = time.perf_counter()
     reference(base, held_out, exp.topk)
     forward_s = time.perf_counter() - t0
+    # A trial whose variants exist: the search's first plan again in a fresh process-level cache, its
+    # layers read from the search's variant store (what another worker, or a later trial, finds there).
+    # Without healing: the figure is what a trial costs outside it.
+    ctx = dataclasses.replace(prepare_context(exp, inputs, workers=1), heal=HealConfig(steps=0))
+    warm_cache = VariantCache(max_bytes=ctx.variant_cache_bytes, store=open_store(ctx))
+    plan = load_yaml_model(Plan, out / "plans" / "trial-0000.yaml")
+    warm = evaluate_plan(ctx, plan, exp.seed, warm_cache)
     keys = ("build_s", "quantize_s", "assemble_s", "heal_s", "eval_s", "trial_s")
     med = {k: statistics.median(m.get(k, 0.0) for m in trial_runs) for k in keys}
     return {
@@ -114,6 +129,12 @@ def run_one(size: str, trials: int, device: str, folder: Path) -> dict:
         "peak_worker_rss_bytes": max(m["peak_worker_rss_bytes"] for m in trial_runs),
         "peak_driver_rss_bytes": parent["peak_driver_rss_bytes"],
         "variant_cache_bytes": max(m["variant_cache_bytes"] for m in trial_runs),
+        "variant_store_bytes": max(m.get("variant_store_bytes", 0.0) for m in trial_runs),
+        "warm_build_s": warm["build_s"],
+        "warm_quantize_s": warm["quantize_s"],
+        "warm_score_s": warm["eval_s"],
+        "warm_trial_s": warm["trial_s"],  # no healing
+        "warm_stored_hits": warm.get("cache_stored_hits", 0),
     }
 
 
@@ -136,6 +157,8 @@ def report(rows: list[dict]) -> str:
         "worker GB",
         "driver GB",
         "cache GB",
+        "store GB",
+        "warm build s",
     ]
     body = [
         [
@@ -154,6 +177,8 @@ def report(rows: list[dict]) -> str:
             f"{r['peak_worker_rss_bytes'] / gb:.2f}",
             f"{r['peak_driver_rss_bytes'] / gb:.2f}",
             f"{r['variant_cache_bytes'] / gb:.2f}",
+            f"{r.get('variant_store_bytes', 0) / gb:.2f}",
+            f"{r.get('warm_build_s', float('nan')):.1f}",
         ]
         for r in rows
     ]
@@ -171,6 +196,7 @@ def report(rows: list[dict]) -> str:
         "score/fwd",
         "(build+score)/fwd",
         "(assemble+score)/fwd",
+        "warm trial/fwd",
     ]
     ratios = [
         [
@@ -186,6 +212,7 @@ def report(rows: list[dict]) -> str:
             f"{r['score_s'] / r['forward_s']:.2f}",
             f"{(r['trial_s'] - r['heal_s']) / r['forward_s']:.2f}",
             f"{(r['trial_s'] - r['heal_s'] - r['quantize_s']) / r['forward_s']:.2f}",
+            f"{r.get('warm_trial_s', float('nan')) / r['forward_s']:.2f}",
         ]
         for r in rows
     ]

@@ -22,6 +22,22 @@ TINY_SHAPE = dict(
 )
 
 
+def every_form_plan():
+    """A tiny-model plan with each form (quantized, low-rank, Kronecker) and both prunings, mixed types."""
+    from autosquash.compress.plan import LayerChoice, Plan
+
+    return Plan(
+        target="torch",
+        embed_quant="Q4_0",
+        groups={
+            "blk.0.attn": LayerChoice(quant="Q4_K", attn_keep_ratio=0.5),
+            "blk.0.ffn": LayerChoice(quant="Q6_K", ffn_keep_ratio=0.5, kron_rank=4),
+            "blk.1.attn": LayerChoice(quant="Q2_K", rank_ratio=0.25),
+            "blk.1.ffn": LayerChoice(quant="Q8_0", ffn_keep_ratio=0.75),
+        },
+    )
+
+
 def tiny_config(**overrides) -> LlamaConfig:
     """A tiny Llama of TINY_SHAPE."""
     return LlamaConfig(**{**TINY_SHAPE, **overrides})

@@ -21,18 +21,20 @@ from autosquash.compress.calibrate import Stats
 from autosquash.compress.operators import PRUNING, deploy_linear, form
 from autosquash.compress.operators.base import Variant, weight_of
 from autosquash.compress.plan import SUBLAYERS, Plan
-from autosquash.errors import AutosquashError
+from autosquash.compress.store import VariantStore
 from autosquash.formats.codecs import QuantizedTensor, dequantize, quantize
 from autosquash.formats.gguf_types import legal_type
 from autosquash.models.arch import Arch
-from autosquash.models.device import to_compute
+from autosquash.models.device import model_device, to_compute
+from autosquash.models.layers import with_bias
 
 __all__ = ["Variant", "VariantCache", "compress", "dense", "quantized_tensors"]
 
 
-def dense(variant: Variant) -> torch.Tensor:
-    """The float32 matrix a compressed weight stands for (W, B·A for SVD factors, the Kronecker sum, ...)."""
-    return form(variant.form).dense(variant.decoded())
+def dense(variant: Variant, device: torch.device | str | None = None) -> torch.Tensor:
+    """The float32 matrix a compressed weight stands for (W, B·A for SVD factors, the Kronecker sum, ...),
+    on `device` (the CPU by default)."""
+    return form(variant.form).dense(variant.decoded(device))
 
 
 def _nbytes(value, decoded: bool = False) -> int:
@@ -52,10 +54,13 @@ def _nbytes(value, decoded: bool = False) -> int:
 
 @dataclass
 class VariantCache:
-    """Least-recently-used store of compressed tensors (and pruning selections), bounded in bytes."""
+    """Least-recently-used store of compressed tensors (and pruning selections), bounded in bytes; with a
+    `store`, what it lacks is read from disk before it is made, and what it makes is written there."""
 
     max_bytes: int = 2 << 30
+    store: VariantStore | None = None
     hits: int = 0
+    stored_hits: int = 0  # misses the store answered
     misses: int = 0
     make_s: float = 0.0  # seconds spent making values on misses (quantizing, decomposing, selecting)
 
@@ -78,10 +83,16 @@ class VariantCache:
             self.hits += 1
             self._items.move_to_end(key)
             return self._items[key]
-        self.misses += 1
-        start = time.perf_counter()
-        value = make()
-        self.make_s += time.perf_counter() - start
+        value = self.store.load(key) if self.store is not None else None
+        if value is not None:
+            self.stored_hits += 1
+        else:
+            self.misses += 1
+            start = time.perf_counter()
+            value = make()
+            self.make_s += time.perf_counter() - start
+            if self.store is not None:
+                self.store.save(key, value)
         self._items[key] = value
         self._bytes += _nbytes(value)
         while self._bytes > self.max_bytes and len(self._items) > 1:
@@ -119,12 +130,8 @@ def quantized_tensors(
                 if gguf_name not in kept:
                     continue
                 rows, cols = kept[gguf_name]
-                if block.get_submodule(path).bias is not None:
-                    # Qwen2's q/k/v carry biases; a plan would drop them silently (not priced, not written).
-                    raise AutosquashError(
-                        f"model.layers.{i}.{path} has a bias, which autosquash cannot compress yet (Qwen2's q/k/v)"
-                    )
                 w = weight_of(block, path)
+                bias = bias_of(block, path, rows)
                 input_sq = stats.get(f"model.layers.{i}.{path}")
                 if rows is not None:
                     w = w[rows]
@@ -133,7 +140,7 @@ def quantized_tensors(
                     input_sq = input_sq[cols] if input_sq is not None else None
                 deploy = deploy_linear(f"blk.{i}.{gguf_name}", w.shape[0], w.shape[1], choice)
                 # Keyed by what the linear deploys: a factor whose rows take another type than W's is its own entry.
-                variant = cache.get(deploy.key, partial(deploy.compress, w, input_sq))
+                variant = cache.get(deploy.key, partial(_with_bias, deploy, w, input_sq, bias))
                 yield f"blk.{i}.{gguf_name}", f"model.layers.{i}.{path}", variant
     yield (
         "token_embd",
@@ -142,6 +149,21 @@ def quantized_tensors(
     )
     if not arch.tied_embeddings:
         yield "output", "lm_head", _table(cache, "output", base.lm_head, plan.output_quant or plan.embed_quant, arch)
+
+
+def bias_of(block: torch.nn.Module, path: str, rows: torch.Tensor | None) -> torch.Tensor | None:
+    """A block linear's bias (float32, host memory) on the rows pruning keeps; None when it has none."""
+    bias = block.get_submodule(path).bias
+    if bias is None:
+        return None
+    bias = bias.detach().to("cpu", torch.float32)
+    return bias[rows] if rows is not None else bias.clone()  # never the base model's own tensor
+
+
+def _with_bias(deploy, w: torch.Tensor, input_sq, bias: torch.Tensor | None) -> Variant:
+    """The linear as deployed, its bias (kept whole, F32) as the part `bias`."""
+    variant = deploy.compress(w, input_sq)
+    return variant if bias is None else Variant(variant.form, {**variant.parts, "bias": bias})
 
 
 def _table(cache: VariantCache, name: str, module: torch.nn.Module, quant: str, arch: Arch) -> Variant:
@@ -157,14 +179,16 @@ def compress(
     # Share the block linears' weights instead of copying them: every one of them is replaced below.
     memo = {id(m.weight): m.weight for m in base.model.layers.modules() if isinstance(m, torch.nn.Linear)}
     model = copy.deepcopy(base, memo)
+    device = model_device(base)
     for gguf_name, path, variant in quantized_tensors(base, arch, plan, stats, cache):
         if gguf_name in ("token_embd", "output"):
             # Assigning .data keeps a tied output head pointing at the same (compressed) table.
-            model.get_submodule(path).weight.data = to_compute(dequantize(variant.parts["weight"]), model)
+            model.get_submodule(path).weight.data = to_compute(dequantize(variant.parts["weight"], device), model)
             continue
         parent, attr = path.rsplit(".", 1)
-        parts = {k: to_compute(v, model) for k, v in variant.decoded().items()}
-        model.get_submodule(parent).register_module(attr, form(variant.form).module(parts))
+        parts = {k: to_compute(v, model) for k, v in variant.decoded(device).items()}
+        bias = parts.pop("bias", None)
+        model.get_submodule(parent).register_module(attr, with_bias(form(variant.form).module(parts), bias))
     for i, block in enumerate(model.model.layers):
         shape_sublayers(block, i, arch, plan)
     return model.eval()

@@ -135,7 +135,7 @@ def _assign_rows(w: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The permutation p minimising ||w[p] - target||² (a linear assignment on squared row distances)."""
     cost = w.square().sum(1)[:, None] + target.square().sum(1)[None, :] - 2 * w @ target.T
     rows, cols = linear_sum_assignment(cost.double().cpu().numpy())
-    p = torch.empty(w.shape[0], dtype=torch.long)
+    p = torch.empty(w.shape[0], dtype=torch.long, device="cpu")  # scipy answered on the CPU
     p[torch.from_numpy(cols)] = torch.from_numpy(rows)
     return p.to(w.device)
 
@@ -190,7 +190,7 @@ def kron_factors(
     if not 1 <= rank <= min(m1 * n1, m2 * n2):
         raise ValueError(f"rank {rank} is outside 1..{min(m1 * n1, m2 * n2)} for Kronecker shape {shape}")
     w = weight.float()
-    scale = input_sq.float().sqrt().clamp_min(1e-6) if input_sq is not None else None
+    scale = input_sq.to(w.device, torch.float32).sqrt().clamp_min(1e-6) if input_sq is not None else None
     if scale is not None:
         w = w * scale
     row_perm, col_perm = torch.arange(m, device=w.device), torch.arange(n, device=w.device)
@@ -223,6 +223,7 @@ class KronLinear(torch.nn.Module):
         # Contracting B first keeps an (r, n1, m2) intermediate per token, A first an (r, m1, n2) one: take the
         # order with fewer multiply-adds.
         self.b_first = n1 * m2 * (n2 + m1) <= m1 * n2 * (n1 + m2)
+        self.register_parameter("bias", None)  # the original linear's, where it has one (layers.with_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, m1, n1 = self.a.shape
@@ -236,4 +237,5 @@ class KronLinear(torch.nn.Module):
             y = torch.einsum("...kcb,kac->...ab", torch.einsum("...cd,kbd->...kcb", z, self.b), self.a)
         else:
             y = torch.einsum("...kad,kbd->...ab", torch.einsum("...cd,kac->...kad", z, self.a), self.b)
-        return y.reshape(*lead, m1 * m2)[..., self.row_unperm]
+        y = y.reshape(*lead, m1 * m2)[..., self.row_unperm]
+        return y if self.bias is None else y + self.bias

@@ -16,7 +16,7 @@ def svd_factors(
     activations rather than the weight error (ASVD, Yuan et al., 2023: scale columns, factor, unscale).
     """
     w = weight.float()
-    scale = input_sq.float().sqrt().clamp_min(1e-6) if input_sq is not None else None
+    scale = input_sq.to(w.device, torch.float32).sqrt().clamp_min(1e-6) if input_sq is not None else None
     u, s, vh = torch.linalg.svd(w * scale if scale is not None else w, full_matrices=False)
     root = s[:rank].sqrt()
     b = u[:, :rank] * root
@@ -32,6 +32,8 @@ class LowRankLinear(torch.nn.Module):
     def __init__(self, a: torch.Tensor, b: torch.Tensor):
         super().__init__()
         self.lr_a, self.lr_b = linear_with(a), linear_with(b)
+        self.register_parameter("bias", None)  # the original linear's, where it has one (layers.with_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lr_b(self.lr_a(x))
+        y = self.lr_b(self.lr_a(x))
+        return y if self.bias is None else y + self.bias

@@ -123,6 +123,8 @@ def sublayer_tensors(arch: Arch, i: int, kind: str, choice: LayerChoice) -> list
     for gguf_name, _ in dict(SUBLAYERS)[kind]:
         out_f, in_f = shapes[gguf_name]
         tensors += deploy_linear(f"blk.{i}.{gguf_name}", out_f, in_f, choice).tensors
+        if gguf_name in arch.biased:  # kept whole in F32, its pruned rows dropped with the weight's
+            tensors.append(TensorSpec(f"blk.{i}.{gguf_name}.bias", (out_f,), "F32", 0))
     return tensors
 
 

@@ -14,7 +14,7 @@ def input_channel_importance(down_weight: torch.Tensor, down_input_sq: torch.Ten
     """
     score = down_weight.float().norm(dim=0)
     if down_input_sq is not None:
-        score = score * down_input_sq.float().sqrt()
+        score = score * down_input_sq.to(score.device, torch.float32).sqrt()
     return score
 
 
@@ -25,5 +25,6 @@ def kv_group_importance(o_weight: torch.Tensor, o_input_sq: torch.Tensor | None,
 
 
 def keep_channels(importance: torch.Tensor, keep: int) -> torch.Tensor:
-    """Indices of the `keep` most important channels, in their original order."""
-    return torch.topk(importance, keep).indices.sort().values
+    """Indices of the `keep` most important channels, in their original order, in host memory (where the
+    variant cache keeps selections; they index a weight on any device)."""
+    return torch.topk(importance, keep).indices.sort().values.cpu()

@@ -61,4 +61,4 @@ def plan_model(spec: str, plan: Plan | str, cache_dir: Path) -> BuiltModel:
 
 def deploys_factors(arch: Arch, plan: Plan) -> bool:
     """Whether the plan deploys low-rank or Kronecker factors (no GGUF runtime holds them)."""
-    return any(not t.name.endswith(".weight") for t in deployed_tensors(arch, plan))
+    return any(not t.name.endswith((".weight", ".bias")) for t in deployed_tensors(arch, plan))

@@ -2,7 +2,8 @@
 
 A plan without pruning is written with the `llama` architecture; per-layer FFN widths and head
 counts need the `deci` architecture, whose loader in llama.cpp reads them per layer, 0 for a removed
-sublayer (DESIGN.md §2). The tokenizer is copied from the source GGUF file. A healed trial's merged
+sublayer (DESIGN.md §2). The tokenizer is copied from the source GGUF file, or written from a Hugging
+Face model's tokenizer.json (formats/hf_vocab.py). A healed trial's merged
 F16 weights are written as they were merged; an adapter kept apart goes to a GGUF LoRA file (lora.py).
 """
 
@@ -21,8 +22,9 @@ from autosquash.export.build import deploys_factors
 from autosquash.export.lora import has_adapter
 from autosquash.formats.codecs import QuantizedTensor, quantize
 from autosquash.formats.gguf import add_tensor, copy_tokenizer, gguf_writer, rope_permute
+from autosquash.formats.hf_vocab import add_hf_tokenizer
 from autosquash.models.arch import LLAMA_GRAPH_TYPES, Arch
-from autosquash.models.load import DEFAULT_MODEL, ModelSource, resolve
+from autosquash.models.load import DEFAULT_MODEL, ModelSource, load_tokenizer, resolve
 
 
 def check_writable(arch: Arch) -> None:
@@ -43,14 +45,14 @@ def gguf_arch(arch: Arch, plan: Plan) -> str:
     return "llama" if uniform else "deci"
 
 
-def _tokenizer_source(src: ModelSource) -> Path:
+def _tokenizer_gguf(src: ModelSource) -> Path | None:
+    """The GGUF file whose tokenizer a model's export copies; None for a Hugging Face model (its tokenizer.json
+    is written instead)."""
     if src.kind == "gguf":
         return Path(src.location, src.gguf_file)
     if src.kind == "config":
-        return _tokenizer_source(resolve(DEFAULT_MODEL))
-    raise AutosquashError(
-        f"GGUF export copies the tokenizer from a GGUF file; {src.location} is a {src.kind} model (not supported yet)"
-    )
+        return _tokenizer_gguf(resolve(DEFAULT_MODEL))
+    return None
 
 
 def _rope_theta(config) -> float:
@@ -117,6 +119,13 @@ def write_gguf(
                 i = int(gguf_name.split(".")[1])
                 add_norm(f"blk.{i}.ffn_norm.weight", layers[i].post_attention_layernorm.weight)
             add(f"{gguf_name}.weight", q)
+            bias = variant.parts.get("bias")  # Qwen2's q/k/v: F32, q/k's in the rows' interleaved order
+            if bias is not None:
+                bias = bias.numpy()
+                add(
+                    f"{gguf_name}.bias",
+                    rope_permute(bias, arch.head_dim) if gguf_name.endswith(("attn_q", "attn_k")) else bias,
+                )
         add_norm("output_norm.weight", base.model.norm.weight)
     return counts
 
@@ -135,10 +144,17 @@ def _write_header(
     writer.add_head_count_kv(kv_heads if per_layer else kv_heads[0])
     writer.add_rope_freq_base(_rope_theta(base.config))
     writer.add_rope_dimension_count(arch.head_dim)
+    # Stated, not left to llama.cpp's n_embd / n_head of block 0, which is wrong when block 0's heads are pruned.
+    writer.add_key_length(arch.head_dim)
+    writer.add_value_length(arch.head_dim)
     writer.add_layer_norm_rms_eps(float(base.config.rms_norm_eps))
     writer.add_vocab_size(arch.vocab_size)
     writer.add_quantization_version(2)
-    copy_tokenizer(writer, _tokenizer_source(resolve(spec)))
+    source = _tokenizer_gguf(resolve(spec))
+    if source is not None:
+        copy_tokenizer(writer, source)
+    else:
+        add_hf_tokenizer(writer, load_tokenizer(spec))
 
 
 def merged_weights(model: torch.nn.Module | None):

@@ -24,6 +24,7 @@ from autosquash.export.lora import adapter_weights, apply_adapter
 from autosquash.formats import torch_file as container
 from autosquash.formats.codecs import QuantizedTensor, quantize
 from autosquash.models.arch import Arch
+from autosquash.models.layers import with_bias
 
 
 def save(
@@ -116,5 +117,6 @@ def _fill_block(block, i: int, arch: Arch, plan: Plan, stored: container.Stored)
                 raise AutosquashError(f"{stored.path}: {name} is stored as {sorted(present)}, which no form holds")
             form = min(fits, key=lambda f: len(f.suffixes))
             parts = {s: stored[f"{name}.{s}"] for s in form.suffixes if f"{name}.{s}" in stored}
+            bias = stored[f"{name}.bias"] if f"{name}.bias" in stored else None
             parent, attr = path.rsplit(".", 1)
-            block.get_submodule(parent).register_module(attr, form.module(parts))
+            block.get_submodule(parent).register_module(attr, with_bias(form.module(parts), bias))

@@ -25,7 +25,9 @@ from autosquash.formats.gguf_types import tensor_type
 QK_K = 256  # values per K-quant / ternary super-block
 # Values quantized per step: big enough to amortize the ~500 small torch calls per step, small enough that
 # the search's temporaries stay in cache (measured on 2 cores: 2^17 is 2-3x faster than 2^13 or 2^20).
+# On a GPU each call is a kernel launch and there is no cache to stay in: steps as big as memory allows.
 _CHUNK_VALUES = 1 << 17
+_CHUNK_VALUES_GPU = 1 << 22  # ~0.2 GB per candidate-sized temporary
 # Candidate 1/scale offsets around the max-magnitude mapping: llama.cpp's make_qx_quants range (+-0.9) at
 # step 0.3 instead of 0.1; with the refit rounds below the errors on Gaussian rows agree to 1e-4.
 _SCALE_OFFSETS = 0.3 * torch.arange(-3, 4, dtype=torch.float32)
@@ -73,7 +75,7 @@ def _read_f16(b: Tensor) -> Tensor:
 
 def _pack(q: Tensor, bits: int) -> Tensor:
     """OR q[..., i, :] << (i * bits) over axis -2: how ggml stacks strided sub-rows of a block into bytes."""
-    out = torch.zeros(q.shape[:-2] + q.shape[-1:], dtype=torch.uint8)
+    out = torch.zeros(q.shape[:-2] + q.shape[-1:], dtype=torch.uint8, device=q.device)
     for i in range(q.shape[-2]):
         out |= q[..., i, :].to(torch.uint8) << (i * bits)
     return out
@@ -81,7 +83,7 @@ def _pack(q: Tensor, bits: int) -> Tensor:
 
 def _unpack(b: Tensor, bits: int, count: int) -> Tensor:
     """Inverse of _pack: (..., L) bytes -> (..., count, L) codes of `bits` bits each."""
-    shifts = torch.arange(0, count * bits, bits, dtype=torch.uint8).reshape(count, 1)
+    shifts = torch.arange(0, count * bits, bits, dtype=torch.uint8, device=b.device).reshape(count, 1)
     return (b.unsqueeze(-2) >> shifts) & ((1 << bits) - 1)
 
 
@@ -109,7 +111,7 @@ def _candidates(ref: Tensor, numerators: Tensor) -> Tensor:
     """Candidate 1/scale values numerators / ref, shape (C, *ref.shape); 0 where ref is 0 (an all-zero row)."""
     nonzero = ref != 0
     inv = torch.where(nonzero, 1.0 / torch.where(nonzero, ref, 1.0), 0.0)
-    return numerators.reshape(-1, *[1] * ref.ndim) * inv
+    return numerators.to(ref.device).reshape(-1, *[1] * ref.ndim) * inv
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -487,7 +489,7 @@ _POW3 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32)
 def _encode_tq1_0(x: Tensor, w: Tensor | None) -> Tensor:
     d, q = _ternary(x, w)
     q = q.to(torch.int32)
-    place = _POW3.flip(0).reshape(5, 1)
+    place = _POW3.to(q.device).flip(0).reshape(5, 1)
     qs0 = (q[:, :160].view(-1, 5, 32) * place).sum(1)
     qs1 = (q[:, 160:240].view(-1, 5, 16) * place).sum(1)
     qh = (q[:, 240:].view(-1, 4, 4) * place[:4]).sum(1)
@@ -497,7 +499,7 @@ def _encode_tq1_0(x: Tensor, w: Tensor | None) -> Tensor:
 
 def _decode_tq1_0(b: Tensor) -> Tensor:
     def trits(bytes_: Tensor, count: int) -> Tensor:
-        top = (bytes_.to(torch.int32).unsqueeze(-2) * _POW3[:count].reshape(count, 1)) & 255
+        top = (bytes_.to(torch.int32).unsqueeze(-2) * _POW3[:count].to(b.device).reshape(count, 1)) & 255
         return ((top * 3) >> 8).reshape(bytes_.shape[0], -1)
 
     q = torch.cat([trits(b[:, :32], 5), trits(b[:, 32:48], 5), trits(b[:, 48:52], 4)], dim=-1) - 1
@@ -550,9 +552,9 @@ def _codec(type_name: str) -> tuple[str, Encoder, Decoder]:
     return (name, *_CODECS[name])
 
 
-def _importance_floor(importance: Tensor, cols: int) -> Tensor:
+def _importance_floor(importance: Tensor, cols: int, device: torch.device) -> Tensor:
     """Validated per-input-channel importance, floored so no block is left with all-zero weights."""
-    imp = importance.detach().to("cpu", torch.float32).reshape(-1)
+    imp = importance.detach().to(device, torch.float32).reshape(-1)
     if imp.numel() != cols:
         raise AutosquashError(f"importance has {imp.numel()} values; expected one per input channel ({cols})")
     if not bool(torch.isfinite(imp).all()) or bool((imp < 0).any()):
@@ -565,6 +567,8 @@ def quantize(weight: Tensor, type_name: str, importance: Tensor | None = None) -
     """Quantize a 2-D weight (rows along the last dim) to GGUF type `type_name` (ggml-common.h layouts).
 
     `importance` (shape (in,)) weights the scale search per input channel as llama.cpp's imatrix does.
+    The search runs on the weight's device (a GPU's blocks search in a few large steps); the bytes come
+    back to host memory.
     """
     name, encode, _ = _codec(type_name)
     if weight.ndim != 2:
@@ -575,11 +579,11 @@ def quantize(weight: Tensor, type_name: str, importance: Tensor | None = None) -
     t = tensor_type(name)
     if not t.fits_row(cols):
         raise AutosquashError(f"{name} needs rows that are a multiple of {t.block_size} values; got a row of {cols}")
-    x = weight.detach().to("cpu", torch.float32)
+    x = weight.detach().to(torch.float32)
     if not bool(torch.isfinite(x).all()):
         raise AutosquashError(f"cannot quantize a weight with NaN or infinite values to {name}")
-    imp = None if importance is None else _importance_floor(importance, cols)
-    step = max(1, _CHUNK_VALUES // cols)
+    imp = None if importance is None else _importance_floor(importance, cols, x.device)
+    step = max(1, (_CHUNK_VALUES if x.device.type == "cpu" else _CHUNK_VALUES_GPU) // cols)
     chunks = []
     for start in range(0, rows, step):
         xr = x[start : start + step].contiguous()
@@ -589,12 +593,13 @@ def quantize(weight: Tensor, type_name: str, importance: Tensor | None = None) -
             sq = xr.square()
             w = (imp * (sq.mean(-1, keepdim=True) + sq).sqrt()).reshape(-1, t.block_size)
         chunks.append(encode(xr.reshape(-1, t.block_size), w).reshape(xr.shape[0], -1))
-    data = torch.cat(chunks).numpy()
+    data = torch.cat(chunks).cpu().numpy()
     return QuantizedTensor(type=name, shape=(rows, cols), data=data)
 
 
-def dequantize(q: QuantizedTensor) -> Tensor:
-    """Decode `q` to float32 (shape q.shape) with the arithmetic of gguf.quants.dequantize (ggml layouts)."""
+def dequantize(q: QuantizedTensor, device: torch.device | str | None = None) -> Tensor:
+    """Decode `q` to float32 (shape q.shape) with the arithmetic of gguf.quants.dequantize (ggml layouts),
+    on `device` (the CPU by default): the bytes travel there, not the four-times-larger floats."""
     name, _, decode = _codec(q.type)
     t = tensor_type(name)
     rows, cols = q.shape
@@ -604,7 +609,7 @@ def dequantize(q: QuantizedTensor) -> Tensor:
             f"{name} data for shape {q.shape} must be uint8 of shape {expected}; got {q.data.dtype} {q.data.shape}"
         )
     b = torch.from_numpy(np.array(q.data, copy=True)).reshape(-1, t.block_bytes)
-    return decode(b).reshape(rows, cols)
+    return decode(b.to(device) if device is not None else b).reshape(rows, cols)
 
 
 def fake_quantize(weight: Tensor, type_name: str, importance: Tensor | None = None) -> Tensor:

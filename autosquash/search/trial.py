@@ -16,6 +16,7 @@ import contextlib
 import io
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 from autosquash.compress.apply import VariantCache, compress
 from autosquash.compress.calibrate import Stats, cached_stats
 from autosquash.compress.plan import Plan, deployed_tensors, kv_heads_per_layer
+from autosquash.compress.store import VariantStore, scope_digest
 from autosquash.cost import DeviceProfile, estimate, load_device
 from autosquash.errors import AutosquashError
 from autosquash.evaluate.heal import HealConfig, adapter_tensors, heal
@@ -59,6 +61,7 @@ class SearchInputs:
     stats: Stats
     load_s: float = 0.0  # reading the model
     calibration_s: float = 0.0  # its activation statistics (0 when the disk cache held them)
+    store_dir: Path | None = None  # the search's variant store (compressed layers on disk)
 
 
 def text_batch(tokenizer, spec: TextSpec) -> torch.Tensor:
@@ -80,7 +83,9 @@ def load_inputs(exp: Experiment, out_dir: Path) -> SearchInputs:
     print(f"calibrating on {calib.numel()} tokens, held-out set {held_out.numel()} tokens ...", flush=True)
     stats = cached_stats(base, calib, resolve(exp.model).key, out_dir / "cache")
     arch = Arch.from_config(base.config)
-    return SearchInputs(exp.model, base, tok, arch, calib, held_out, stats, t1 - t0, time.perf_counter() - t1)
+    scope = scope_digest(resolve(exp.model).key, exp.seed, exp.hardware.dtype, stats)
+    store = out_dir / "cache" / "variants" / scope
+    return SearchInputs(exp.model, base, tok, arch, calib, held_out, stats, t1 - t0, time.perf_counter() - t1, store)
 
 
 class TrialFailed(Exception):
@@ -104,6 +109,8 @@ class TrialContext:
     compute_device: str = "cpu"  # where each worker puts the base model (the experiment's hardware.device, resolved)
     compute_dtype: str = "float32"
     variant_cache_bytes: int = 2 << 30
+    variant_store: str | None = None  # folder of the variant store the workers share (None: none)
+    variant_store_bytes: int = 0
     heal_activation_bytes: int | None = None  # above it, healing checkpoints its blocks (None: heal_budget)
     memory_share_bytes: int = 8 << 30  # a worker's share of the memory its model computes in
 
@@ -125,6 +132,8 @@ def prepare_context(exp: Experiment, inputs: SearchInputs, workers: int) -> Tria
         compute_device=str(resolve_device(exp.hardware.device)),
         compute_dtype=exp.hardware.dtype,
         variant_cache_bytes=exp.hardware.variant_cache_bytes or default_cache_bytes(inputs.base, workers),
+        variant_store=None if inputs.store_dir is None else str(inputs.store_dir),
+        variant_store_bytes=_store_bytes(exp, inputs),
         heal_activation_bytes=exp.hardware.heal_activation_bytes,
         memory_share_bytes=_memory_share(exp, workers),
     )
@@ -137,6 +146,27 @@ def default_cache_bytes(base: torch.nn.Module, workers: int) -> int:
     share = host_memory_bytes() // workers
     weights = sum(p.numel() for p in base.parameters()) * 4
     return int(min(share // 4, max(256 << 20, share // 2 - 2.5 * weights)))
+
+
+def _store_bytes(exp: Experiment, inputs: SearchInputs) -> int:
+    """The variant store's cap: the experiment's, else four float32 copies of the weights (every layer in
+    several types), at most a quarter of the disk's free space."""
+    if exp.hardware.variant_store_bytes is not None or inputs.store_dir is None:
+        return exp.hardware.variant_store_bytes or 0
+    weights = sum(p.numel() for p in inputs.base.parameters()) * 4
+    folder = next(p for p in (inputs.store_dir, *inputs.store_dir.parents) if p.exists())
+    return int(min(4 * weights, shutil.disk_usage(folder).free // 4))
+
+
+def open_store(ctx: TrialContext) -> VariantStore | None:
+    """The context's variant store, or None (none asked for, or its folder cannot be made on this node)."""
+    if not ctx.variant_store or ctx.variant_store_bytes <= 0:
+        return None
+    try:
+        return VariantStore(ctx.variant_store, ctx.variant_store_bytes)
+    except OSError as e:
+        print(f"note: no variant store on this node ({e}); its workers keep variants in memory only", flush=True)
+        return None
 
 
 def _memory_share(exp: Experiment, workers: int) -> int:
@@ -216,6 +246,8 @@ def evaluate_plan(ctx: TrialContext, plan: Plan, seed: int, cache: VariantCache 
         out.update(peak_worker_gpu_bytes=torch.cuda.max_memory_allocated(model_device(ctx.base)))
     if cache is not None:
         out.update(cache_hits=cache.hits, cache_misses=cache.misses, variant_cache_bytes=cache.nbytes)
+        if cache.store is not None:
+            out.update(cache_stored_hits=cache.stored_hits, variant_store_bytes=cache.store.nbytes)
     return out
 
 
@@ -236,7 +268,8 @@ def _worker_context(ctx_ref_box: list) -> tuple[TrialContext, VariantCache]:
         torch.set_num_threads(ctx.threads_per_worker)
         # The driver ships the base model on the CPU; each worker holds it once, on its own device.
         ctx.base.to(ctx.compute_device, DTYPES[ctx.compute_dtype])
-        _WORKER.update(ref_hex=ctx_ref.hex(), ctx=ctx, cache=VariantCache(max_bytes=ctx.variant_cache_bytes))
+        cache = VariantCache(max_bytes=ctx.variant_cache_bytes, store=open_store(ctx))
+        _WORKER.update(ref_hex=ctx_ref.hex(), ctx=ctx, cache=cache)
     return _WORKER["ctx"], _WORKER["cache"]
 
 
@@ -307,7 +340,8 @@ def rebuild_trial(run: Path, number: int) -> tuple[BuiltModel, Experiment, Path]
     plan = load_yaml_model(Plan, plan_file)
     inputs = load_inputs(exp, run)
     ctx = prepare_context(exp, inputs, workers=1)  # the trial's context: healing batch and config
-    cache = VariantCache(max_bytes=KEEP_ALL)
+    # The search's store holds the very bytes the trial was scored with, whichever worker made them.
+    cache = VariantCache(max_bytes=KEEP_ALL, store=open_store(ctx))
     threads = _trial_threads(run, exp.name, number)
     if threads is None and deploys_factors(inputs.arch, plan):
         print(

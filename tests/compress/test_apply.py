@@ -143,14 +143,43 @@ def test_kronecker_layers_compose_with_pruning_and_quantization(tiny_model, tiny
     assert torch.isfinite(model(tiny_batch).logits).all()
 
 
-def test_a_biased_linear_is_refused_not_silently_dropped():
-    """Qwen2's q/k/v biases: until plans price and write them, compressing such a model is an error."""
+@pytest.mark.parametrize(
+    "choice",
+    [
+        LayerChoice(quant="F32"),
+        LayerChoice(quant="F32", attn_keep_ratio=0.5),
+        LayerChoice(quant="F32", rank_ratio=0.5),
+        LayerChoice(quant="F32", kron_rank=64),
+    ],
+    ids=["plain", "pruned", "svd", "kron"],
+)
+def test_biases_are_kept_in_every_form_on_the_rows_pruning_keeps(choice, tiny_batch):
+    """Qwen2's q/k/v biases: each compressed linear adds its own bias (pruned with its rows), whatever its form."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from autosquash.errors import AutosquashError
     from tests.conftest import TINY_SHAPE
 
+    torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(**TINY_SHAPE)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1 and p is not model.model.norm.weight:
+                p.normal_()
     arch = Arch.from_config(model.config)
-    with pytest.raises(AutosquashError, match="has a bias"):
-        compress(model, arch, Plan.uniform(arch, "Q8_0"), {})
+    plan = Plan(target="torch", embed_quant="F32", groups={"blk.0.attn": choice})
+    compressed = compress(model, arch, plan, {})
+    q = compressed.model.layers[0].self_attn.q_proj
+    rows = q.bias.shape[0]
+    base_q = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, arch.hidden_size)
+    if rows == base_q.out_features:  # unpruned: the compressed linear's bias is the base's, added once
+        assert torch.equal(q.bias, base_q.bias)
+        with torch.no_grad():
+            torch.testing.assert_close(q(torch.zeros(1, arch.hidden_size))[0], base_q.bias)
+            if choice.rank_ratio == 0 and choice.kron_rank == 0:
+                torch.testing.assert_close(q(x), base_q(x))
+    else:  # the kept KV group's query rows, bias and all
+        kept = [r for r in range(base_q.out_features) if any(torch.equal(base_q.weight[r], w) for w in q.weight)]
+        assert len(kept) == rows and torch.equal(q.bias, base_q.bias[kept])
+    with torch.no_grad():
+        assert torch.isfinite(compressed(tiny_batch).logits).all()

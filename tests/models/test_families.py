@@ -23,7 +23,7 @@ from tests.conftest import TINY_SHAPE
 
 CONFIGS = Path(__file__).parents[1] / "cost/configs"
 TINY = dict(TINY_SHAPE, bos_token_id=1, eos_token_id=2, pad_token_id=0)  # ids inside the tiny vocabulary
-FAMILIES = ["llama", "mistral", "qwen3", "gemma2", "gemma3_text", "phi3"]  # phi3 loads as a Llama
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"]  # phi3 loads as a Llama
 PLAN = Plan(
     target="torch",
     embed_quant="Q8_0",
@@ -42,15 +42,17 @@ def family(request, tmp_path):
     spec = tmp_path / "config.json"
     spec.write_text(json.dumps({"model_type": request.param, **TINY}))
     model = load_model(str(spec), seed=0)
-    with torch.no_grad():  # norms unlike their initial values: a norm a file forgot would show
+    with torch.no_grad():  # norms and biases unlike their initial values: one a file forgot would show
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(len(name)))
+            elif name.endswith("bias"):
+                p.uniform_(-1.0, 1.0, generator=torch.Generator().manual_seed(len(name)))
     return str(spec), model, Arch.from_config(model.config)
 
 
 def test_every_family_in_the_list_is_tested():
-    assert set(FAMILIES) == set(SUPPORTED_MODEL_TYPES) - {"qwen2"}  # qwen2: its q/k/v biases are refused
+    assert set(FAMILIES) == set(SUPPORTED_MODEL_TYPES)
 
 
 def test_priced_tensors_are_every_weight_of_the_model(family):
@@ -88,7 +90,7 @@ def test_gguf_export_is_refused_where_llamas_graph_would_compute_something_else(
             check_writable(arch)
 
 
-@pytest.mark.parametrize("name", ["Qwen3-1.7B", "Gemma-2-2B", "Gemma-3-1B", "Phi-3-mini-4k"])
+@pytest.mark.parametrize("name", ["Qwen2.5-1.5B", "Qwen3-1.7B", "Gemma-2-2B", "Gemma-3-1B", "Phi-3-mini-4k"])
 def test_estimate_from_a_real_config(name):
     """Published configs price to the parameter count transformers builds from them (on the meta device)."""
     from transformers import AutoConfig, AutoModelForCausalLM

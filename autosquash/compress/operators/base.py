@@ -130,9 +130,13 @@ class Variant:
     form: str
     parts: dict[str, QuantizedTensor | torch.Tensor]
 
-    def decoded(self) -> dict[str, torch.Tensor]:
-        """Every part as a float32 (or index) tensor, quantized ones through the dequantizer trials use."""
-        return {k: dequantize(v) if isinstance(v, QuantizedTensor) else v for k, v in self.parts.items()}
+    def decoded(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """Every part as a float32 (or index) tensor, quantized ones through the dequantizer trials use,
+        on `device` (the CPU by default)."""
+        return {
+            k: dequantize(v, device) if isinstance(v, QuantizedTensor) else v.to(device or "cpu")
+            for k, v in self.parts.items()
+        }
 
 
 class Form(Operator):
@@ -189,14 +193,15 @@ class LinearDeploy:
         return (self.form.name, self.size, tuple((t.name, t.shape, t.type) for t in self.tensors))
 
     def compress(self, weight: torch.Tensor, input_sq: torch.Tensor | None) -> Variant:
-        """`weight` compressed as deployed."""
-        return Variant(self.form.name, self.form.compress(weight, self, input_sq))
+        """`weight` compressed as deployed, its parts in host memory."""
+        parts = self.form.compress(weight, self, input_sq)
+        return Variant(self.form.name, {k: v if isinstance(v, QuantizedTensor) else v.cpu() for k, v in parts.items()})
 
 
 def weight_of(block: torch.nn.Module, path: str) -> torch.Tensor:
-    """A block linear's weight as the operators compute on it: float32 on the CPU, wherever the model runs
-    (their results are GGUF bytes and index tensors; a trial's model decodes them onto its own device)."""
-    return block.get_submodule(path).weight.data.detach().to("cpu", torch.float32)
+    """A block linear's weight as the operators compute on it: float32, on the device the model sits on (the
+    codecs and decompositions run there; what they keep, GGUF bytes and index tensors, is in host memory)."""
+    return block.get_submodule(path).weight.data.detach().to(torch.float32)
 
 
 def matrix_spec(name: str, rows: int, cols: int, quant: str, macs: int) -> TensorSpec:

@@ -59,7 +59,7 @@ class FFNPruning(Pruning):
     def probe_swaps(self, block, i: int, arch: Arch, kept: int, stats: dict) -> dict:
         """down_proj with the pruned channels' columns zeroed: the same function as pruning them."""
         w = weight_of(block, _DOWN).clone()  # weight_of may be the base's own tensor
-        mask = torch.ones(w.shape[1], dtype=torch.bool)
+        mask = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
         if kept > 0:
             mask[self.importance(block, i, arch, stats).topk(kept).indices] = False
         w[:, mask] = 0

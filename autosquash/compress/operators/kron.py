@@ -57,7 +57,7 @@ class Kronecker(Form):
         ]
 
     def compress(self, weight: torch.Tensor, deploy: LinearDeploy, input_sq: torch.Tensor | None) -> dict:
-        sq = input_sq if input_sq is not None else torch.ones(weight.shape[1])
+        sq = input_sq.to(weight.device) if input_sq is not None else torch.ones(weight.shape[1], device=weight.device)
         f = kron_factors(weight, deploy.size, input_sq=sq)
         parts = {
             "kron_a": quantize(f.a.reshape(deploy.size, -1), deploy.type_of("kron_a")),

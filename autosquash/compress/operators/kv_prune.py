@@ -45,8 +45,9 @@ class KVPruning(Pruning):
     def select(self, block, i: int, arch: Arch, kept: int, stats: dict) -> dict[str, tuple]:
         groups = keep_channels(self.importance(block, i, arch, stats), kept)
         d, per_group = arch.head_dim, arch.n_heads // arch.n_kv_heads
-        kv_rows = (groups[:, None] * d + torch.arange(d)).flatten()
-        q_rows = (groups[:, None] * per_group * d + torch.arange(per_group * d)).flatten()
+        # In host memory, as keep_channels gives the groups.
+        kv_rows = (groups[:, None] * d + torch.arange(d, device="cpu")).flatten()
+        q_rows = (groups[:, None] * per_group * d + torch.arange(per_group * d, device="cpu")).flatten()
         return {
             "attn_q": (q_rows, None),
             "attn_k": (kv_rows, None),
@@ -59,7 +60,7 @@ class KVPruning(Pruning):
         w = weight_of(block, _O).clone()  # weight_of may be the base's own tensor
         width = w.shape[1] // arch.n_kv_heads  # o's input channels per KV group
         imp = self.importance(block, i, arch, stats).repeat_interleave(width)
-        mask = torch.ones(w.shape[1], dtype=torch.bool)
+        mask = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
         if kept > 0:
             mask[imp.topk(kept * width).indices] = False
         w[:, mask] = 0
