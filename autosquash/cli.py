@@ -4,13 +4,40 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import signal
 import sys
 import warnings
 from pathlib import Path
 
-from autosquash.errors import AutosquashError
+from autosquash.errors import AutosquashError, Terminated, on_sigterm
 
 CACHE_DIR = Path.home() / ".cache" / "autosquash"
+
+
+def _finite(obj):
+    """`obj` with each NaN or infinite float as None (JSON has neither), and the paths of those replaced."""
+    bad: list[str] = []
+
+    def walk(x, path: str):
+        if isinstance(x, float) and not math.isfinite(x):
+            bad.append(path or "value")
+            return None
+        if isinstance(x, dict):
+            return {k: walk(v, f"{path}.{k}" if path else str(k)) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [walk(v, f"{path}[{i}]") for i, v in enumerate(x)]
+        return x
+
+    return walk(obj, ""), bad
+
+
+def _print_json(obj, indent: int | None = None) -> None:
+    """Print `obj` as valid JSON (non-finite numbers as null); then, if there were any, fail naming them."""
+    clean, bad = _finite(obj)
+    print(json.dumps(clean, indent=indent, allow_nan=False))
+    if bad:
+        raise AutosquashError(f"not a finite number: {', '.join(bad)} (NaN or infinite weights?)")
 
 
 def _search(args: argparse.Namespace) -> int:
@@ -59,10 +86,18 @@ def _estimate(args: argparse.Namespace) -> int:
         kv_heads_per_layer=kv_heads_per_layer(arch, plan),
     )
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        _print_json(report.to_dict(), indent=2)
     else:
+        _check_finite(report.to_dict())
         print(format_report(report, device))
     return 0
+
+
+def _check_finite(obj) -> None:
+    """Fail with the names of any non-finite numbers in `obj`."""
+    _, bad = _finite(obj)
+    if bad:
+        raise AutosquashError(f"not a finite number: {', '.join(bad)} (NaN or infinite weights?)")
 
 
 def _devices(args: argparse.Namespace) -> int:
@@ -119,8 +154,9 @@ def _eval(args: argparse.Namespace) -> int:
     if args.lora:
         result["lora"] = args.lora
     if args.json:
-        print(json.dumps(result))
+        _print_json(result)
         return 0
+    _check_finite(result)
     name = f"{args.model} + {args.lora}" if args.lora else args.model
     if tasks:
         from autosquash.evaluate.benchmark import format_table
@@ -260,6 +296,7 @@ def _ui(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if not (out / "mlflow.db").exists():
         raise AutosquashError(f"{out} holds no search (no mlflow.db); pass the search's --out folder")
+    _check_port_free(args.host, args.port)
     cmd = [
         sys.executable,
         "-m",
@@ -277,6 +314,17 @@ def _ui(args: argparse.Namespace) -> int:
         return subprocess.call(cmd)
     except KeyboardInterrupt:
         return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail before starting a server when `port` on `host` is taken (or the host is not this machine's)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise AutosquashError(f"cannot serve on {host}:{port} ({e.strerror}); pass another --port") from None
 
 
 def _count(text: str) -> int:
@@ -421,14 +469,19 @@ def main(argv: list[str] | None = None) -> int:
     # Libraries' deprecation notices about each other (peft asking transformers for a renamed property)
     # say nothing to a user of this tool; trial workers silence them the same way.
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # SIGTERM (a scheduler's stop, `kill`) ends a command as Ctrl-C does: finished trials kept, exit 143.
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         return args.fn(args)
     except AutosquashError as e:
         print(f"autosquash: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("autosquash: interrupted; finished trials are stored (continue with --resume)", file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
 
 
 if __name__ == "__main__":

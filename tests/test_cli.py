@@ -93,3 +93,53 @@ def test_every_subcommand_has_help():
     for sub in ("search", "estimate", "devices", "eval", "export", "pull", "ui"):
         r = subprocess.run([sys.executable, "-m", "autosquash", sub, "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "usage: autosquash" in r.stdout, sub
+
+
+def test_a_model_that_scores_nan_is_an_error_with_valid_json(capsys, monkeypatch):
+    """NaN weights give NaN perplexity: --json prints null (valid JSON, never NaN) and the exit is non-zero."""
+    import autosquash.evaluate.proxy as proxy
+
+    real = proxy.reference
+
+    def nan_reference(model, batch, k=32):
+        ref = real(model, batch, k)
+        return proxy.Reference(ref.batch, ref.topk_logp, ref.topk_idx, float("nan"))
+
+    monkeypatch.setattr(proxy, "reference", nan_reference)
+    model = str(ROOT / "experiments/tiny-llama.json")
+    code, out, err = _run(
+        capsys, "eval", "--model", model, "--text", "lambada", "--tokens", "128", "--seq-len", "64", "--json"
+    )
+    assert code == 2 and json.loads(out)["perplexity"] is None
+    assert "not a finite number: perplexity" in err and "Traceback" not in err
+    code, out, err = _run(capsys, "eval", "--model", model, "--text", "lambada", "--tokens", "128", "--seq-len", "64")
+    assert code == 2 and "not a finite number: perplexity" in err
+
+
+def test_ui_refuses_a_port_that_is_taken(capsys, tmp_path):
+    import socket
+
+    (tmp_path / "mlflow.db").touch()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        code, _, err = _run(capsys, "ui", "--out", str(tmp_path), "--port", str(port))
+    assert code == 2 and f"cannot serve on 127.0.0.1:{port}" in err
+
+
+def test_sigterm_ends_a_command_as_ctrl_c_does_with_exit_143(capsys, monkeypatch):
+    import os
+    import signal
+
+    import autosquash.cli as cli
+
+    def stopped(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the command")
+
+    monkeypatch.setattr(cli, "_devices", stopped)
+    before = signal.getsignal(signal.SIGTERM)
+    code, _, err = _run(capsys, "devices")
+    assert code == 143 and "interrupted; finished trials are stored" in err
+    assert signal.getsignal(signal.SIGTERM) is before  # put back for whoever called main

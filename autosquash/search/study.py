@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ from pathlib import Path
 import optuna
 
 from autosquash.compress.plan import Plan
-from autosquash.errors import AutosquashError
+from autosquash.errors import AutosquashError, on_sigterm
 from autosquash.evaluate.benchmark import contamination_notes, mean_accuracy
 from autosquash.export.gguf_file import check_writable
 from autosquash.models.device import peak_rss_bytes, resolve_device
@@ -149,6 +151,10 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
         ray.init(address=opts.ray_address, logging_level=logging.WARNING)
     else:
         ray.init(num_cpus=opts.workers, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+    if threading.current_thread() is threading.main_thread():
+        # Ray's driver put in its own SIGTERM handling (exit at once, stacks dumped): a stop ends the search as
+        # Ctrl-C does instead, finished trials stored and the Ray processes shut down below.
+        signal.signal(signal.SIGTERM, on_sigterm)
     try:
         ctx.base.to("cpu")  # shipped on the CPU: each worker moves it to its own device once
         # As numpy arrays: the object store keeps one copy per node, which its CPU workers share.

@@ -76,3 +76,35 @@ def test_driver_killed_mid_search_resumes_without_loss(tmp_path):
     numbers = _trial_runs(out)
     assert len(numbers) == len(set(numbers))  # no trial logged twice
     assert set(after) <= {str(n) for n in numbers}
+
+
+def test_sigterm_stops_a_search_as_ctrl_c_does_and_resume_finishes_it(tmp_path):
+    """A scheduler's stop (SIGTERM to the driver): exit 143 with the resume hint, no Ray stack dump or
+    traceback, no Ray process left behind; --resume then finishes the asked trials, none lost or repeated."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "autosquash", "search", SMOKE, "--trials", "5", "--workers", "1", "--out", str(out)]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "trials.csv").exists() and len(_trials(out)) >= 1:
+            break
+        time.sleep(0.5)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the search finished no trial in time")
+    proc.send_signal(signal.SIGTERM)  # the driver alone, as `kill PID` sends it
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the search did not stop within 2 minutes of SIGTERM")
+    assert proc.returncode == 143, err[-2000:]
+    assert "finished trials are stored (continue with --resume)" in err
+    assert "Traceback" not in err and "SIGTERM received" not in err, err[-2000:]
+    left = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert not left, f"processes left in the search's session: {left}"
+    done_before = {r["trial"]: r["perplexity"] for r in _trials(out) if r["state"] == "COMPLETE"}
+    assert main(["search", SMOKE, "--trials", "5", "--workers", "1", "--out", str(out), "--resume"]) == 0
+    rows = [r for r in _trials(out) if r["state"] == "COMPLETE"]
+    assert len(rows) == 5 and all({r["trial"]: r["perplexity"] for r in rows}[t] == p for t, p in done_before.items())
+    assert len({(out / r["plan"]).read_text() for r in rows}) == 5
