@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 import zipfile
 from pathlib import Path
 
@@ -72,7 +71,6 @@ class VariantStore:
         self.folder, self.max_bytes = Path(folder), max_bytes
         self.folder.mkdir(parents=True, exist_ok=True)
         self._bytes = self._scan()
-        self.load_s = 0.0  # seconds spent reading variants back
 
     def _scan(self) -> int:
         return sum(e.stat().st_size for e in os.scandir(self.folder) if e.name.endswith(".npz"))
@@ -90,7 +88,6 @@ class VariantStore:
         path = self._path(key)
         if not path.exists():
             return None
-        start = time.perf_counter()
         try:
             with np.load(path, allow_pickle=False) as f:
                 arrays = {k: f[k] for k in f.files}
@@ -101,8 +98,6 @@ class VariantStore:
         except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
             path.unlink(missing_ok=True)  # unreadable (a disk that filled, a hand edit): made again
             return None
-        finally:
-            self.load_s += time.perf_counter() - start
 
     def save(self, key: tuple, value) -> bool:
         """Keep `value` under `key` unless the folder is full; whether it was kept."""
