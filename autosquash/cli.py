@@ -34,10 +34,8 @@ def _finite(obj):
 
 def _print_json(obj, indent: int | None = None) -> None:
     """Print `obj` as valid JSON (non-finite numbers as null); then, if there were any, fail naming them."""
-    clean, bad = _finite(obj)
-    print(json.dumps(clean, indent=indent, allow_nan=False))
-    if bad:
-        raise AutosquashError(f"not a finite number: {', '.join(bad)} (NaN or infinite weights?)")
+    print(json.dumps(_finite(obj)[0], indent=indent, allow_nan=False))
+    _check_finite(obj)
 
 
 def _search(args: argparse.Namespace) -> int:
