@@ -10,7 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from autosquash.errors import AutosquashError, Terminated, on_sigterm
+from autosquash.errors import AutosquashError, forget_sigterm, on_sigterm, was_terminated
 
 CACHE_DIR = Path.home() / ".cache" / "autosquash"
 
@@ -476,9 +476,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as e:
         print("autosquash: interrupted; finished trials are stored (continue with --resume)", file=sys.stderr)
-        return 143 if isinstance(e, Terminated) else 130
+        return 143 if was_terminated(e) else 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+        forget_sigterm()
 
 
 if __name__ == "__main__":

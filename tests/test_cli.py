@@ -143,3 +143,28 @@ def test_sigterm_ends_a_command_as_ctrl_c_does_with_exit_143(capsys, monkeypatch
     code, _, err = _run(capsys, "devices")
     assert code == 143 and "interrupted; finished trials are stored" in err
     assert signal.getsignal(signal.SIGTERM) is before  # put back for whoever called main
+
+
+def test_sigterm_reraised_as_a_plain_keyboard_interrupt_still_exits_143(capsys, monkeypatch):
+    """Ray's waits turn an exception raised in them by a signal handler into a plain KeyboardInterrupt (CI
+    saw exit 130 for a SIGTERM that landed in ray.wait); the exit code still says SIGTERM, and the next
+    command's Ctrl-C is a Ctrl-C again."""
+    import os
+    import signal
+
+    import autosquash.cli as cli
+
+    def waits(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt() from None  # as Ray's check_signals does
+        raise AssertionError("SIGTERM did not stop the command")
+
+    def ctrl_c(args):
+        raise KeyboardInterrupt()
+
+    monkeypatch.setattr(cli, "_devices", waits)
+    assert _run(capsys, "devices")[0] == 143
+    monkeypatch.setattr(cli, "_devices", ctrl_c)
+    assert _run(capsys, "devices")[0] == 130
