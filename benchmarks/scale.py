@@ -1,6 +1,7 @@
 """How a search scales with the model: random-weight Llama configs of SmolLM2-135M's shape, about 360M and
 about 1.1B (Llama-3.2-1B's shape with SmolLM2's tokenizer and vocabulary), each searched with the default
-experiment's space and sampler for a few trials on one worker.
+experiment's space and sampler for as many trials as it runs (24: its uniform baselines, then the sampler's
+plans) on one worker.
 
 Per size, side by side: model load, calibration statistics, reference logits, the sensitivity profile, a
 trial split into build / heal / score, one plain forward pass over the evaluation tokens (the floor), the
@@ -10,12 +11,14 @@ layer and type in a search; the uniform baselines that open a search are all new
 from them; `(assemble+score)/fwd` is what a trial costs once its variants exist. `warm`: the search's first
 plan evaluated again after the search, without healing, in a fresh cache whose layers come from the search's
 variant store on disk (what a worker finds that another worker, or an earlier trial, made): a trial's whole
-cost outside healing once its layers exist (`warm trial/fwd`). Each size runs in a fresh process (its own
-driver peak); the forward floor and the warm trial are timed there after the search, with the trials'
-torch thread count.
+cost outside healing once its layers exist (`warm trial/fwd`). A trial outside its healing is reported for
+the search's first trial (all of its layers quantized anew), as the median and as the mean over the search
+(which spreads each layer's first quantization to a type over the trials that share it). Each size runs in
+a fresh process (its own driver peak); the forward floor and the warm trial are timed there after the
+search, with the trials' torch thread count.
 
     .venv/bin/python benchmarks/scale.py                       # all three sizes, CPU unless CUDA is seen
-    .venv/bin/python benchmarks/scale.py --sizes 135m --trials 2 --device cpu
+    .venv/bin/python benchmarks/scale.py --sizes 135m --trials 3 --device cpu   # a quick look
 Writes benchmarks/results/scale.txt and scale.json (one object per size).
 """
 
@@ -92,7 +95,9 @@ def run_one(size: str, trials: int, device: str, folder: Path) -> dict:
     (experiment,) = [e for e in client.search_experiments() if e.name == exp.name]
     runs = client.search_runs([experiment.experiment_id])
     parent = next(r for r in runs if r.data.tags.get("autosquash.role") == "search").data.metrics
-    trial_runs = [r.data.metrics for r in runs if r.data.tags.get("autosquash.role") == "trial"]
+    trial_runs = [r for r in runs if r.data.tags.get("autosquash.role") == "trial"]
+    # In the order the search ran them.
+    trial_runs = [r.data.metrics for r in sorted(trial_runs, key=lambda r: int(r.data.tags["autosquash.trial"]))]
     # The floor: one plain forward of the base model over the evaluation tokens, with a trial's threads.
     torch.set_num_threads(int(trial_runs[0]["torch_threads"]))
     inputs = load_inputs(exp, out)  # the search's base model, statistics and variant store
@@ -110,6 +115,10 @@ def run_one(size: str, trials: int, device: str, folder: Path) -> dict:
     warm = evaluate_plan(ctx, plan, exp.seed, warm_cache)
     keys = ("build_s", "quantize_s", "assemble_s", "heal_s", "eval_s", "trial_s")
     med = {k: statistics.median(m.get(k, 0.0) for m in trial_runs) for k in keys}
+    # A trial outside its healing: build (quantizing what the store lacks, then assembling) + score + the
+    # bookkeeping around them; per trial, in the order the search ran them.
+    outside = [m["trial_s"] - m.get("heal_s", 0.0) for m in trial_runs]
+    quantized = [m.get("quantize_s", 0.0) for m in trial_runs]
     return {
         "size": size,
         "params": sum(p.numel() for p in base.parameters()),
@@ -135,6 +144,11 @@ def run_one(size: str, trials: int, device: str, folder: Path) -> dict:
         "warm_score_s": warm["eval_s"],
         "warm_trial_s": warm["trial_s"],  # no healing
         "warm_stored_hits": warm.get("cache_stored_hits", 0),
+        "outside_heal_s": outside,  # per trial, in trial order
+        "quantize_s_per_trial": quantized,
+        "outside_heal_median_s": statistics.median(outside),
+        "outside_heal_mean_s": statistics.fmean(outside),
+        "quantize_total_s": sum(quantized),
     }
 
 
@@ -159,6 +173,7 @@ def report(rows: list[dict]) -> str:
         "cache GB",
         "store GB",
         "warm build s",
+        "quant total s",
     ]
     body = [
         [
@@ -179,6 +194,7 @@ def report(rows: list[dict]) -> str:
             f"{r['variant_cache_bytes'] / gb:.2f}",
             f"{r.get('variant_store_bytes', 0) / gb:.2f}",
             f"{r.get('warm_build_s', float('nan')):.1f}",
+            f"{r.get('quantize_total_s', float('nan')):.0f}",
         ]
         for r in rows
     ]
@@ -191,34 +207,39 @@ def report(rows: list[dict]) -> str:
         "trial x",
         "worker mem x",
         "profile/fwd",
-        "build/fwd",
         "heal/fwd",
         "score/fwd",
-        "(build+score)/fwd",
-        "(assemble+score)/fwd",
+        "first trial/fwd",
+        "median trial/fwd",
+        "mean trial/fwd",
         "warm trial/fwd",
     ]
-    ratios = [
-        [
-            r["size"],
-            f"{r['params'] / first['params']:.1f}",
-            f"{r['forward_s'] / first['forward_s']:.1f}",
-            f"{r['profile_s'] / max(first['profile_s'], 1e-9):.1f}",
-            f"{r['trial_s'] / first['trial_s']:.1f}",
-            f"{r['peak_worker_rss_bytes'] / first['peak_worker_rss_bytes']:.1f}",
-            f"{r['profile_s'] / r['forward_s']:.1f}",
-            f"{r['build_s'] / r['forward_s']:.2f}",
-            f"{r['heal_s'] / r['forward_s']:.2f}",
-            f"{r['score_s'] / r['forward_s']:.2f}",
-            f"{(r['trial_s'] - r['heal_s']) / r['forward_s']:.2f}",
-            f"{(r['trial_s'] - r['heal_s'] - r['quantize_s']) / r['forward_s']:.2f}",
-            f"{r.get('warm_trial_s', float('nan')) / r['forward_s']:.2f}",
-        ]
-        for r in rows
-    ]
+    ratios = []
+    for r in rows:
+        fwd = r["forward_s"]
+        outside = r.get("outside_heal_s") or [r["trial_s"] - r["heal_s"]]  # rows written before 8f876b0
+        ratios.append(
+            [
+                r["size"],
+                f"{r['params'] / first['params']:.1f}",
+                f"{fwd / first['forward_s']:.1f}",
+                f"{r['profile_s'] / max(first['profile_s'], 1e-9):.1f}",
+                f"{r['trial_s'] / first['trial_s']:.1f}",
+                f"{r['peak_worker_rss_bytes'] / first['peak_worker_rss_bytes']:.1f}",
+                f"{r['profile_s'] / fwd:.1f}",
+                f"{r['heal_s'] / fwd:.2f}",
+                f"{r['score_s'] / fwd:.2f}",
+                f"{outside[0] / fwd:.2f}",
+                f"{statistics.median(outside) / fwd:.2f}",
+                f"{statistics.fmean(outside) / fwd:.2f}",
+                f"{r.get('warm_trial_s', float('nan')) / fwd:.2f}",
+            ]
+        )
     return (
         table(head, body)
-        + f"\n\nRatios to the {first['size']} row and to each size's forward floor (trial times: medians)\n"
+        + f"\n\nRatios to the {first['size']} row and to each size's forward floor. Trial columns: medians over"
+        + " the search's trials; `trial/fwd`: a trial outside its healing (build + score + bookkeeping), for the"
+        + " search's first trial (every layer quantized anew), its median and mean trial, and the warm re-run\n"
         + table(ratio_head, ratios)
     )
 
@@ -226,7 +247,7 @@ def report(rows: list[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated, of {', '.join(SIZES)}")
-    p.add_argument("--trials", type=int, default=3, help="trials per size (default 3)")
+    p.add_argument("--trials", type=int, default=24, help="trials per size (default 24, as the default experiment)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one size in this process, print JSON
     p.add_argument("--results", default=str(ROOT / "benchmarks/results"), help="folder for scale.txt/json")
