@@ -8,7 +8,7 @@ trial split into build / heal / score, one plain forward pass over the evaluatio
 peak memory of driver and worker and the variant cache's bytes; then the ratios to the 135M row and to the
 floor. A trial's build is the quantization of the variants its worker's cache lacked (`quant s`: once per
 layer and type in a search; the uniform baselines that open a search are all new) plus assembling the model
-from them; `(assemble+score)/fwd` is what a trial costs once its variants exist. `warm`: the search's first
+from them. `warm`: the search's first
 plan evaluated again after the search, without healing, in a fresh cache whose layers come from the search's
 variant store on disk (what a worker finds that another worker, or an earlier trial, made): a trial's whole
 cost outside healing once its layers exist (`warm trial/fwd`). A trial outside its healing is reported for
