@@ -255,9 +255,11 @@ def _register(args: argparse.Namespace, exp, plan_file: Path, files: list[Path],
             "energy_j_per_token",
             "decode_tokens_per_s",
             "bits_per_weight",
+            "hours_continuous_generation",
         )
         if k in metrics
     }
+    tags["size_mb"] = f"{sum(f.stat().st_size for f in files) / 1e6:.1f}"
     if healing:
         tags["lora_adapter"] = healing
     tags.update(
@@ -286,28 +288,51 @@ def _pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from autosquash.search.report import write_report
+
+    run = Path(args.run)
+    out = write_report(run, Path(args.out) if args.out else run / "report.html")
+    print(f"wrote {out}: {out.stat().st_size / 1e6:.1f} MB; open it in a browser (it needs no network)")
+    return 0
+
+
 def _ui(args: argparse.Namespace) -> int:
     import subprocess
 
-    from autosquash.track.mlflow_store import default_tracking_uri
+    from autosquash.track.mlflow_store import default_tracking_uri, runs_page
 
     out = Path(args.out)
-    if not (out / "mlflow.db").exists():
-        raise AutosquashError(f"{out} holds no search (no mlflow.db); pass the search's --out folder")
-    _check_port_free(args.host, args.port)
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "ui",
-        "--backend-store-uri",
-        default_tracking_uri(out),
-        "--host",
-        args.host,
-        "--port",
-        str(args.port),
-    ]
-    print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+    if args.optuna:
+        study = out / "optuna.db"
+        if not study.is_file():
+            raise AutosquashError(f"{out} holds no Optuna study (no optuna.db); pass the search's --out folder")
+        port = args.port or 8080
+        _check_port_free(args.host, port)
+        serve = "import sys, optuna_dashboard as d; d.run_server(sys.argv[1], host=sys.argv[2], port=int(sys.argv[3]))"
+        cmd = [sys.executable, "-c", serve, f"sqlite:///{study.resolve()}", args.host, str(port)]
+        page = f"http://{args.host}:{port}"
+        print(f"optuna-dashboard on {page} (Ctrl-C stops it)", flush=True)
+    else:
+        if not (out / "mlflow.db").exists():
+            raise AutosquashError(f"{out} holds no search (no mlflow.db); pass the search's --out folder")
+        port = args.port or 5000
+        _check_port_free(args.host, port)
+        uri = default_tracking_uri(out)
+        cmd = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            uri,
+            "--host",
+            args.host,
+            "--port",
+            str(port),
+        ]
+        # The runs table in autosquash's view: metric columns, sorted by KL (the trials nested under the search).
+        print(f"MLflow UI on {runs_page(uri, f'http://{args.host}:{port}')} (Ctrl-C stops it)", flush=True)
     try:
         return subprocess.call(cmd)
     except KeyboardInterrupt:
@@ -453,10 +478,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     u.set_defaults(fn=_pull)
 
+    r = sub.add_parser("report", help="write one self-contained HTML page on a finished search")
+    r.add_argument("run", help="the search's output folder")
+    r.add_argument("--out", help="the page to write (default: RUN/report.html)")
+    r.set_defaults(fn=_report)
+
     w = sub.add_parser("ui", help="open the MLflow UI on a search's results")
     w.add_argument("--out", default="runs", help="the search's output folder")
     w.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
-    w.add_argument("--port", type=_port, default=5000, help="TCP port (default 5000)")
+    w.add_argument("--port", type=_port, help="TCP port (default 5000; 8080 with --optuna)")
+    w.add_argument(
+        "--optuna", action="store_true", help="serve optuna-dashboard on the search's study instead of MLflow"
+    )
     w.set_defaults(fn=_ui)
     return p
 

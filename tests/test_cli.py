@@ -90,7 +90,7 @@ def test_devices_lists_the_shipped_phones(capsys):
 
 
 def test_every_subcommand_has_help():
-    for sub in ("search", "estimate", "devices", "eval", "export", "pull", "ui"):
+    for sub in ("search", "estimate", "devices", "eval", "export", "pull", "report", "ui"):
         r = subprocess.run([sys.executable, "-m", "autosquash", sub, "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "usage: autosquash" in r.stdout, sub
 
@@ -168,3 +168,8 @@ def test_sigterm_reraised_as_a_plain_keyboard_interrupt_still_exits_143(capsys, 
     assert _run(capsys, "devices")[0] == 143
     monkeypatch.setattr(cli, "_devices", ctrl_c)
     assert _run(capsys, "devices")[0] == 130
+
+
+def test_report_of_a_folder_without_a_finished_search_is_one_line(capsys, tmp_path):
+    code, _, err = _run(capsys, "report", str(tmp_path))
+    assert code == 2 and "holds no finished search" in err and err.count("\n") == 1

@@ -12,9 +12,13 @@ from typing import TextIO
 
 import optuna
 
+from autosquash.compress.plan import Plan
+from autosquash.models.arch import Arch
 from autosquash.search.experiment import Experiment
+from autosquash.track.layer_map import layer_map_html, layer_map_png
 from autosquash.track.mlflow_store import SearchTracker
 from autosquash.track.plots import front_html, front_png
+from autosquash.yaml_io import load_yaml_model
 
 # Columns of trials.csv and pareto.csv; `plan` is the trial's plan file, relative to the output folder.
 COLUMNS = [
@@ -49,13 +53,88 @@ def metrics_row(result: dict[str, float]) -> dict[str, float]:
     }
 
 
+def plan_kind(plan: Plan) -> str:
+    """A plan in a word: its one GGUF type when every linear has it, unpruned and whole (the embeddings may
+    differ, as in llama.cpp's recipes), else 'mixed'."""
+    types = {c.quant for c in plan.groups.values()} or {"F16"}  # groups a plan leaves out stay F16
+    plain = all(c == type(c)(quant=c.quant) for c in plan.groups.values())
+    return types.pop() if plain and len(types) == 1 else "mixed"
+
+
+def trial_run_name(number: int, plan: Plan, metrics: dict | None) -> str:
+    """What a trial's MLflow run is called: `t12 mixed 93.0 MB kl 0.046` (`t12 mixed failed`)."""
+    if metrics is None:
+        return f"t{number} {plan_kind(plan)} failed"
+    return f"t{number} {plan_kind(plan)} {float(metrics['weights_mb']):.1f} MB kl {float(metrics['kl']):.3g}"
+
+
 class Progress:
     """One line per finished trial, with the front's size and time per trial; the front itself (memory and
-    perplexity of each plan) after each quarter of the trials."""
+    perplexity of each plan) after each quarter of the trials. On a terminal (or with `live=True`), a live
+    panel under the lines as well (rich): trials done, failures, time per trial, time left and the best plan
+    so far in each size band. A log file gets the plain lines only."""
 
-    def __init__(self, total: int, already_done: int, stream: TextIO = sys.stdout):
+    BANDS = 5  # size bands of the live panel, equal widths of weights MB between the smallest and largest plan
+
+    def __init__(self, total: int, already_done: int, stream: TextIO = sys.stdout, live: bool | None = None):
         self.total, self.already_done, self.stream, self.start = total, already_done, stream, time.perf_counter()
         self.marks = {self.total * k // 4 for k in (1, 2, 3)} - {0}
+        self.failures, self.done, self.rows = 0, already_done, []
+        self.live = None
+        if stream.isatty() if live is None else live:
+            from rich.console import Console
+            from rich.live import Live
+
+            self.live = Live(self._panel(), console=Console(file=stream), refresh_per_second=2, transient=True)
+            self.live.start()
+
+    def _print(self, line: str) -> None:
+        if self.live is None:
+            print(line, file=self.stream, flush=True)
+        else:  # above the live panel, which stays at the bottom
+            self.live.console.print(line, markup=False, highlight=False)
+
+    def _eta(self) -> tuple[float, float]:
+        elapsed = time.perf_counter() - self.start
+        # Time per trial of this run only: a resumed search's earlier trials cost it nothing.
+        per = elapsed / max(self.done - self.already_done, 1)
+        return elapsed, (self.total - self.done) * per
+
+    def _panel(self):
+        from rich.table import Table
+
+        elapsed, left = self._eta()
+        per = elapsed / max(self.done - self.already_done, 1)
+        t = Table(
+            title=f"{self.done}/{self.total} trials, {self.failures} failed, {per:.0f} s per trial, "
+            f"~{left / 60:.1f} min left",
+            title_justify="left",
+        )
+        for head in ("weights MB", "best trial", "perplexity", "kl", "peak MB"):
+            t.add_column(head, justify="right")
+        for band, r in self.bands():
+            if r is None:
+                t.add_row(band, "-", "-", "-", "-")
+            else:
+                t.add_row(band, str(r["trial"]), f"{r['perplexity']:.2f}", f"{r['kl']:.4f}", f"{r['memory_mb']:.1f}")
+        return t
+
+    def bands(self) -> list[tuple[str, dict | None]]:
+        """(band, the lowest-KL finished plan in it) for BANDS equal bands of weights MB over the plans so far."""
+        if not self.rows:
+            return []
+        lo, hi = min(r["weights_mb"] for r in self.rows), max(r["weights_mb"] for r in self.rows)
+        width = (hi - lo) / self.BANDS or 1.0
+        out = []
+        for b in range(self.BANDS if hi > lo else 1):
+            a, z = lo + b * width, lo + (b + 1) * width
+            inside = [
+                r for r in self.rows if a <= r["weights_mb"] < z or (b == self.BANDS - 1 and r["weights_mb"] == z)
+            ]
+            out.append(
+                (f"{a:.0f}-{z:.0f}" if hi > lo else f"{lo:.0f}", min(inside, key=lambda r: r["kl"], default=None))
+            )
+        return out
 
     def front(self, done: int, rows: list[dict], shown: int = 8) -> None:
         """At a quarter of the trials: the front so far, smallest plans first (the final table follows the end)."""
@@ -64,26 +143,35 @@ class Progress:
         self.marks.discard(done)
         points = [f"{float(r['memory_mb']):.1f} MB ppl {float(r['perplexity']):.2f}" for r in rows[:shown]]
         more = f", +{len(rows) - shown} more" if len(rows) > shown else ""
-        print(f"  front after {done} trials: {'; '.join(points)}{more}", file=self.stream, flush=True)
+        self._print(f"  front after {done} trials: {'; '.join(points)}{more}")
 
     def trial(self, done: int, number: int, origin: str, metrics: dict | None, error: str | None, front: int) -> None:
         """One line for a finished trial: its metrics (or failure), the front's size, elapsed time and ETA."""
-        elapsed = time.perf_counter() - self.start
-        # Time per trial of this run only: a resumed search's earlier trials cost it nothing.
-        eta = (self.total - done) * elapsed / max(done - self.already_done, 1)
+        self.done = done
+        elapsed, eta = self._eta()
         if metrics is None:
+            self.failures += 1
             what = f"FAILED: {error}"
         else:
             what = (
                 f"ppl {metrics['perplexity']:8.2f}  kl {metrics['kl']:.4f}  mem {metrics['memory_mb']:7.1f} MB  "
                 f"{metrics['energy_mj_per_token']:7.2f} mJ/tok  {metrics['trial_s']:5.1f} s"
             )
-        print(
+            if "weights_mb" in metrics:
+                keys = ("perplexity", "kl", "memory_mb", "weights_mb")
+                self.rows.append({"trial": number, **{k: float(metrics[k]) for k in keys}})
+        self._print(
             f"[{done:3d}/{self.total}] trial {number:3d} {origin:8s} {what}  | front {front}  "
-            f"| {elapsed / 60:.1f} min, ~{eta / 60:.1f} min left",
-            file=self.stream,
-            flush=True,
+            f"| {elapsed / 60:.1f} min, ~{eta / 60:.1f} min left"
         )
+        if self.live is not None:
+            self.live.update(self._panel())
+
+    def close(self) -> None:
+        """Take the live panel down (the plain lines stay)."""
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
 
 
 INTERRUPTED = "interrupted_trials"  # study user attribute: trials a stopped driver left running, asked again
@@ -145,7 +233,7 @@ def print_front(front: list[dict], exp: Experiment, out: Path) -> None:
     if exp.benchmark.tasks:
         print(f"lm-eval: mean accuracy on {', '.join(exp.benchmark.tasks)} (limit {exp.benchmark.limit})")
     print(f"\nAll trials: {out / 'trials.csv'}   front: {out / 'pareto.csv'}")
-    print(f"Browse in MLflow: autosquash ui --out {out}   (then open http://127.0.0.1:5000)")
+    print(f"Browse in MLflow: autosquash ui --out {out}   (it prints the page to open)")
 
 
 def write_plots_and_artifacts(
@@ -157,12 +245,56 @@ def write_plots_and_artifacts(
     out: Path,
     setup_s: float,
     driver_metrics: dict[str, float],
+    arch: Arch,
 ) -> None:
-    """The front's plots, and the tables and plots on the MLflow parent run with the search's totals."""
-    title = f"{exp.name}: {exp.quality_objective} against memory on {exp.device}"
+    """The front's plots, each front plan's layer map (on its trial's run), and on the MLflow parent run the
+    tables, plots, the search's totals and a description of the front."""
+    title = f"{exp.name}: {exp.quality_objective} against size on {exp.device}"
     front_png(rows, front, exp.quality_objective, limit_mb, title, out / "pareto.png")
     front_html(rows, front, exp.quality_objective, limit_mb, title, out / "pareto.html")
+    for r in front:
+        for f in write_layer_maps(arch, int(r["trial"]), out):
+            tracker.log_trial_artifact(int(r["trial"]), f)
     tracker.log_search_artifacts(
         [out / f for f in ("trials.csv", "pareto.csv", "pareto.png", "pareto.html")],
         {"trials_finished": len(rows), "front_size": len(front), "setup_s": setup_s, **driver_metrics},
     )
+    tracker.describe_search(front_markdown(front, exp, out), front)
+
+
+def write_layer_maps(arch: Arch, trial: int, out: Path) -> list[Path]:
+    """layers/trial-NNNN.png and .html: where trial `trial`'s plan put its bits."""
+    plan = load_yaml_model(Plan, out / "plans" / f"trial-{trial:04d}.yaml")
+    (out / "layers").mkdir(exist_ok=True)
+    png, page = out / "layers" / f"trial-{trial:04d}.png", out / "layers" / f"trial-{trial:04d}.html"
+    title = f"trial {trial}: bits per weight by block and linear"
+    layer_map_png(arch, plan, title, png)
+    layer_map_html(arch, plan, title, page)
+    return [png, page]
+
+
+def front_markdown(front: list[dict], exp: Experiment, out: Path) -> str:
+    """The parent run's description: the front as a table, the phone, and how to take a plan out."""
+    lines = [
+        f"**{exp.name}**: {exp.model} on **{exp.device}**, {len(front)} plans on the Pareto front "
+        f"({', '.join(exp.objectives)} minimised).",
+        "",
+        "| trial | origin | perplexity | KL | weights MB | peak MB | mJ/token | tok/s | bits/w |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in front:
+        lines.append(
+            f"| {r['trial']} | {r['origin']} | {float(r['perplexity']):.3f} | {float(r['kl']):.4f} | "
+            f"{float(r['weights_mb']):.1f} | {float(r['memory_mb']):.1f} | {float(r['energy_mj_per_token']):.2f} | "
+            f"{float(r['tokens_per_s']):.1f} | {float(r['bits_per_weight']):.2f} |"
+        )
+    lines += [
+        "",
+        "Export a plan as GGUF (rebuilt and healed as its trial was), then run it in llama.cpp:",
+        "",
+        f"    autosquash export --run {out} --trial N --out model.gguf",
+        "    llama-cli -m model.gguf -p 'Hello'    # add --lora model.lora.gguf where export wrote an adapter",
+        "",
+        f"Per-plan layer maps: the `layers/` artifacts of each front trial; a full report: `autosquash report {out}`.",
+    ]
+    return "\n".join(lines)

@@ -9,6 +9,7 @@ trial. What one trial does is search/trial.py.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import signal
@@ -35,6 +36,7 @@ from autosquash.search.outputs import (
     Progress,
     counted_trials,
     metrics_row,
+    trial_run_name,
     write_csv,
     write_plots_and_artifacts,
     write_tables,
@@ -42,7 +44,7 @@ from autosquash.search.outputs import (
 from autosquash.search.sensitivity import SensitivitySampler, cached_profile, proposal_targets
 from autosquash.search.space import SearchSpace, params_key
 from autosquash.search.trial import TrialContext, load_inputs, prepare_context, run_benchmark, run_trial, trial_seed
-from autosquash.track.mlflow_store import ORIGIN, SearchTracker, default_tracking_uri
+from autosquash.track.mlflow_store import ORIGIN, SearchTracker, TokenSet, default_tracking_uri
 from autosquash.yaml_io import dump_yaml_model, load_yaml_model
 
 
@@ -93,6 +95,8 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
         raise AutosquashError(f"{out} already holds a search; pass --resume to continue it or choose another --out")
     if opts.resume and not opts.storage and not (out / "optuna.db").exists():
         raise AutosquashError(f"--resume: {out} holds no search to continue (no optuna.db); drop --resume to start one")
+    if opts.resume:
+        _check_same_experiment(exp, out)
     (out / "plans").mkdir(parents=True, exist_ok=True)
     space = SearchSpace.load(exp.search_space)
     dump_yaml_model(exp, out / "experiment.yaml")
@@ -105,6 +109,13 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
         directions=["minimize"] * len(exp.objectives),
         sampler=make_sampler(exp, opts.trials),
     )
+    space_digest = hashlib.sha256(Path(exp.search_space).read_bytes()).hexdigest()
+    if study.user_attrs.get("search_space_sha256", space_digest) != space_digest:
+        raise AutosquashError(
+            f"--resume: {exp.search_space} changed since {out} was searched with it; a search's trials come from "
+            "one space: restore the file or start a new --out"
+        )
+    study.set_user_attr("search_space_sha256", space_digest)
     tracking_uri = opts.tracking_uri or default_tracking_uri(out)
     (out / "tracking_uri.txt").write_text(tracking_uri + "\n")  # where export/register find this search's runs
     tracker = SearchTracker(tracking_uri, exp.name, out / "mlartifacts")
@@ -128,6 +139,12 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
         study.sampler = make_sampler(exp, opts.trials, offset=resumed)
     _recover_stale(study, exp, tracker)
     inputs = load_inputs(exp, out)
+    tracker.token_sets(
+        [
+            TokenSet(exp.calibration.source, "calibration", inputs.calib.tolist()),
+            TokenSet(exp.evaluation.source, "evaluation", inputs.held_out.tolist()),
+        ]
+    )
     if space.target == "gguf":
         check_writable(inputs.arch)  # a front no GGUF could hold: refused before any trial runs
     t0 = time.perf_counter()
@@ -176,9 +193,36 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
     tracker.mark_front({int(r["trial"]) for r in front})
     limit_mb = ctx.device.app_memory_fraction * ctx.device.dram_bytes / 1e6
     driver = {**once, "peak_driver_rss_bytes": peak_rss_bytes()}
-    write_plots_and_artifacts(rows, front, exp, limit_mb, tracker, out, setup_s, driver)
+    write_plots_and_artifacts(rows, front, exp, limit_mb, tracker, out, setup_s, driver, ctx.arch)
     tracker.finish()
     return front
+
+
+# What a resumed search may change: its budget and workers, and the resources a worker may use. Anything
+# else would mix trials of two experiments in one study (and `export --run` rebuilds with the stored one).
+RESUMABLE = {"trials", "workers"}
+RESUMABLE_HARDWARE = {"gpus_per_worker", "variant_cache_bytes", "variant_store_bytes", "heal_activation_bytes"}
+
+
+def _check_same_experiment(exp: Experiment, out: Path) -> None:
+    """Refuse to resume the search in `out` with an experiment other than the one it ran."""
+    stored = out / "experiment.yaml"
+    if not stored.is_file():
+        return
+    from autosquash.search.experiment import load_experiment
+
+    was, now = load_experiment(stored).model_dump(mode="json"), exp.model_dump(mode="json")
+    diffs = [k for k in now if k not in RESUMABLE | {"hardware"} and was.get(k) != now[k]]
+    diffs += [
+        f"hardware.{k}"
+        for k in now["hardware"]
+        if k not in RESUMABLE_HARDWARE and was["hardware"].get(k) != now["hardware"][k]
+    ]
+    if diffs:
+        raise AutosquashError(
+            f"--resume: {out} was searched with another experiment ({', '.join(diffs)} differ); resume with the "
+            f"same settings ({stored} holds them) or start a new --out"
+        )
 
 
 def sensitivity_sampler(
@@ -235,6 +279,17 @@ def _loop(
         flush=True,
     )
     progress = Progress(opts.trials, _finished(study))
+    try:
+        _run_trials(study, space, exp, ctx, ctx_box, tracker, opts, task, progress)
+    finally:
+        progress.close()
+    return setup_s
+
+
+def _run_trials(study, space, exp, ctx, ctx_box, tracker, opts, task, progress: Progress) -> None:
+    """Ask, run and record trials, `opts.workers` at a time, until the budget is spent."""
+    import ray
+
     pending: dict = {}
     while _finished(study) + len(pending) < opts.trials or pending:
         while len(pending) < opts.workers and _finished(study) + len(pending) < opts.trials:
@@ -263,7 +318,6 @@ def _loop(
         _, front = write_tables(study, opts.out_dir)
         progress.trial(_finished(study), trial.number, trial.user_attrs["origin"], metrics, error, len(front))
         progress.front(_finished(study), front)
-    return setup_s
 
 
 MAX_REDRAWS = 50  # repeats in a row after which the space is taken as exhausted
@@ -351,6 +405,7 @@ def _record(study, trial, plan: Plan, metrics, error, exp: Experiment, tracker: 
             {ORIGIN: origin, "autosquash.error": error},
             out / trial.user_attrs["plan"],
             failed=True,
+            run_name=trial_run_name(trial.number, plan, None),
         )
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         return
@@ -371,7 +426,10 @@ def _record(study, trial, plan: Plan, metrics, error, exp: Experiment, tracker: 
     # Feasible when <= 0: a plan that does not fit the phone stays visible but off the front.
     trial.set_constraint("memory_over_limit_mb", float(metrics["constraint_mb"]))
     tags = {ORIGIN: origin, "autosquash.worker": trial.user_attrs["worker"]}
-    tracker.log_trial(trial.number, plan.flat_params(), metrics, tags, out / trial.user_attrs["plan"], failed=False)
+    name = trial_run_name(trial.number, plan, metrics)
+    tracker.log_trial(
+        trial.number, plan.flat_params(), metrics, tags, out / trial.user_attrs["plan"], failed=False, run_name=name
+    )
     values = [float(metrics[OBJECTIVE_METRIC[o]]) for o in exp.objectives]
     if not all(math.isfinite(v) for v in values):
         study.tell(trial, state=optuna.trial.TrialState.FAIL)

@@ -6,15 +6,56 @@ resumed search finds its parent and the trials it already logged.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 ROLE, TRIAL, PARETO, ORIGIN = "autosquash.role", "autosquash.trial", "autosquash.pareto", "autosquash.origin"
 MAX_BATCH = 100  # MLflow's limit of params per log_batch call
+# The experiment's kind, which MLflow 3's UI reads to choose between its GenAI and its model-training pages
+# (where its global workflow switch is off; where it is on, the link `runs_page` makes says so).
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+# The metrics a user sorts trials by: the columns of the runs table in the view `autosquash ui` opens.
+COLUMNS = ("kl", "perplexity", "weights_mb", "memory_mb", "energy_mj_per_token", "tokens_per_s", "bits_per_weight")
+COLUMNS += ("pareto",)
+# A view of the runs table stored in the experiment, as the UI's own "share view" stores one (an experiment tag
+# mlflow.sharedViewState.<key> holding its JSON, opened by ?viewStateShareKey=<key>).
+VIEW_KEY = "autosquash-front"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+VIEW_STATE = {
+    "orderByKey": "metrics.`kl`",
+    "orderByAsc": True,
+    "selectedColumns": [
+        "attributes.`Dataset`",
+        *(f"metrics.`{k}`" for k in COLUMNS),
+        f"tags.`{ORIGIN}`",
+    ],
+}
+
+
+@dataclass(frozen=True)
+class TokenSet:
+    """A token set trials were measured on, logged as an MLflow dataset input of every trial run."""
+
+    name: str  # e.g. "lambada"
+    context: str  # calibration | evaluation
+    tokens: list[list[int]]
+
+    def entity(self) -> DatasetInput:
+        flat = [t for row in self.tokens for t in row]
+        digest = hashlib.sha256(json.dumps(self.tokens).encode()).hexdigest()[:8]
+        profile = json.dumps({"sequences": len(self.tokens), "tokens": len(flat)})
+        source = json.dumps({"uri": f"autosquash texts: {self.name}"})
+        dataset = Dataset(
+            name=f"{self.name} ({self.context})", digest=digest, source_type="local", source=source, profile=profile
+        )
+        return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", self.context)])
 
 
 def default_tracking_uri(out_dir: Path) -> str:
@@ -50,8 +91,15 @@ class SearchTracker:
             )
         else:
             self.experiment_id = exp.experiment_id
+        self.client.set_experiment_tag(self.experiment_id, KIND_TAG, KIND)
+        self.client.set_experiment_tag(self.experiment_id, VIEW_TAG, json.dumps(VIEW_STATE))
         self.parent_id: str | None = None
         self.trial_runs: dict[int, str] = {}
+        self.datasets: list[DatasetInput] = []
+
+    def token_sets(self, sets: list[TokenSet]) -> None:
+        """The token sets every trial run logs as its datasets (the runs table's Dataset column)."""
+        self.datasets = [s.entity() for s in sets]
 
     def start(self, parent_id: str | None, run_name: str, params: dict[str, str]) -> str:
         """Open (or, on resume, reopen) the parent run and learn which trials it already holds."""
@@ -83,17 +131,20 @@ class SearchTracker:
         tags: dict[str, str],
         plan_file: Path,
         failed: bool,
+        run_name: str | None = None,
     ) -> str:
         """One nested run for a finished trial; a trial already logged is not logged again."""
         if number in self.trial_runs:
             return self.trial_runs[number]
         run = self.client.create_run(
             self.experiment_id,
-            run_name=f"trial-{number:04d}",
+            run_name=run_name or f"trial-{number:04d}",
             tags={"mlflow.parentRunId": self.parent_id, ROLE: "trial", TRIAL: str(number), **tags},
         )
         rid = run.info.run_id
         self._log_params(rid, params)
+        if self.datasets:
+            self.client.log_inputs(rid, datasets=self.datasets)
         finite = [Metric(k, float(v), 0, 0) for k, v in metrics.items() if math.isfinite(float(v))]
         for i in range(0, len(finite), 1000):
             self.client.log_batch(rid, metrics=finite[i : i + 1000])
@@ -114,9 +165,24 @@ class SearchTracker:
             self.client.log_batch(self.trial_runs[number], metrics=items[i : i + 1000])
 
     def mark_front(self, front: set[int]) -> None:
-        """Tag every trial run `autosquash.pareto=true|false` as the front now stands."""
+        """Tag every trial run `autosquash.pareto=true|false` and log its metric `pareto` (1 or 0, a column to
+        sort by) as the front now stands."""
         for number, rid in self.trial_runs.items():
-            self.client.log_batch(rid, tags=[RunTag(PARETO, "true" if number in front else "false")])
+            on = number in front
+            self.client.log_batch(
+                rid, metrics=[Metric("pareto", float(on), 0, 0)], tags=[RunTag(PARETO, "true" if on else "false")]
+            )
+
+    def describe_search(self, markdown: str, front: list[dict]) -> None:
+        """The parent run's description (markdown, shown on its page) and the front as a table artifact."""
+        self.client.set_tag(self.parent_id, "mlflow.note.content", markdown)
+        if front:
+            columns = {k: [r.get(k) for r in front] for k in front[0]}
+            self.client.log_table(self.parent_id, data=columns, artifact_file="front_table.json")
+
+    def log_trial_artifact(self, number: int, path: Path, folder: str = "layers") -> None:
+        """Attach a file to a logged trial's run, under `folder`."""
+        self.client.log_artifact(self.trial_runs[number], str(path), artifact_path=folder)
 
     def log_search_artifacts(self, files: list[Path], metrics: dict[str, float]) -> None:
         """Attach the search's tables to the parent run."""
@@ -127,3 +193,16 @@ class SearchTracker:
     def finish(self, status: str = "FINISHED") -> None:
         """Close the parent run with `status` (FINISHED, KILLED or FAILED)."""
         self.client.set_terminated(self.parent_id, status=status)
+
+
+def runs_page(tracking_uri: str, base_url: str) -> str:
+    """The UI address of the runs table in autosquash's view (metric columns, sorted by KL) of the store's
+    search, or the UI's front page when the store holds no autosquash search."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    for exp in client.search_experiments():
+        if VIEW_TAG in exp.tags:
+            # workflowType: MLflow 3.x's UI opens every experiment in its GenAI view unless told (its global
+            # switch outranks the experiment's kind tag); the link keeps it as the user moves on.
+            query = f"workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
+            return f"{base_url}/#/experiments/{exp.experiment_id}/runs?{query}"
+    return base_url

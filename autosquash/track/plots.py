@@ -1,124 +1,161 @@
-"""Plots of a search: quality against memory, energy as colour, baselines marked, the front joined."""
+"""Plots of a search: quality against weights MB and against peak memory, energy as colour.
+
+Each view draws as its line the plans no other plan beats in that view (smaller and no worse, or no larger
+and better), among the plans that fit the phone; every other plan is a point. The uniform baselines are
+squares, the search's Pareto front (all its objectives at once) is ringed in red, and the phone's memory
+limit is drawn in the peak-memory view when it is in range.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 BASELINE, SEARCHED = "baseline", "searched"  # searched: every origin but the seeded uniform baselines
+# (column, axis title) of each 2-D view
+VIEWS = (("weights_mb", "weights (MB)"), ("memory_mb", "peak memory on the phone (MB)"))
 
 
-def _of(pts: list, kind: str) -> list:
-    return [p for p in pts if (p[3]["origin"] == BASELINE) == (kind == BASELINE)]
+def _fits(row: dict) -> bool:
+    v = row.get("fits", True)
+    return v if isinstance(v, bool) else str(v).lower() in ("true", "1", "")  # csv rows hold strings
 
 
-def _points(rows: list[dict], quality: str) -> list[tuple[float, float, float, dict]]:
-    out = []
-    for r in rows:
-        if r.get("state", "COMPLETE") != "COMPLETE":
-            continue
-        out.append((float(r["memory_mb"]), float(r[quality]), float(r["energy_mj_per_token"]), r))
+def _completed(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r.get("state", "COMPLETE") == "COMPLETE"]
+
+
+def pareto_2d(rows: list[dict], x: str, y: str) -> list[dict]:
+    """The rows that fit and that no other fitting row beats on (x, y) both minimised, by x ascending."""
+    pts = sorted((r for r in _completed(rows) if _fits(r)), key=lambda r: (float(r[x]), float(r[y])))
+    out, best = [], float("inf")
+    for r in pts:
+        if float(r[y]) < best:
+            out.append(r)
+            best = float(r[y])
     return out
 
 
 def front_png(rows: list[dict], front: list[dict], quality: str, limit_mb: float, title: str, path: Path) -> None:
-    """Static plot (PNG) for the MLflow run page."""
+    """Static plot (PNG) for the MLflow run page: the two views side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = _points(rows, quality)
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    for origin, marker, size in ((SEARCHED, "o", 30), (BASELINE, "s", 60)):
-        sel = _of(pts, origin)
-        if sel:
-            sc = ax.scatter(
-                [p[0] for p in sel],
-                [p[1] for p in sel],
-                c=[p[2] for p in sel],
-                marker=marker,
-                s=size,
-                cmap="viridis",
-                edgecolors="k",
-                linewidths=0.4,
-                label=f"{origin} plans",
-                vmin=min(p[2] for p in pts),
-                vmax=max(p[2] for p in pts),
-            )
-    front_pts = sorted(_points(front, quality))
-    if front_pts:
-        ax.plot([p[0] for p in front_pts], [p[1] for p in front_pts], "r-", lw=1.2, label="Pareto front")
-    if pts:
-        fig.colorbar(sc, ax=ax, label="energy (mJ/token)")
-        top = max(p[0] for p in pts)
-        if limit_mb <= 1.5 * top:
-            ax.axvline(limit_mb, color="crimson", ls="--", label=f"app memory limit ({limit_mb:.0f} MB)")
-        else:
-            ax.text(
-                0.99,
-                0.01,
-                f"app memory limit {limit_mb:.0f} MB: off the right edge",
-                transform=ax.transAxes,
-                ha="right",
-                va="bottom",
-                fontsize=8,
-                color="crimson",
-            )
-    ax.set_xlabel("peak memory on the phone (MB)")
-    ax.set_ylabel(quality)
-    ax.set_title(title)
-    ax.legend(loc="upper right", fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
+    done = _completed(rows)
+    front_ids = {str(r["trial"]) for r in front}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), dpi=110, sharey=True)
+    if done:
+        energy = [float(r["energy_mj_per_token"]) for r in done]
+        lo, hi = min(energy), max(energy)
+    for ax, (x, xlabel) in zip(axes, VIEWS, strict=True):
+        sc = None
+        for origin, marker, size in ((SEARCHED, "o", 30), (BASELINE, "s", 60)):
+            sel = [r for r in done if (r["origin"] == BASELINE) == (origin == BASELINE)]
+            if sel:
+                sc = ax.scatter(
+                    [float(r[x]) for r in sel],
+                    [float(r[quality]) for r in sel],
+                    c=[float(r["energy_mj_per_token"]) for r in sel],
+                    marker=marker,
+                    s=size,
+                    cmap="viridis",
+                    vmin=lo,
+                    vmax=hi,
+                    edgecolors=["red" if str(r["trial"]) in front_ids else "k" for r in sel],
+                    linewidths=[1.6 if str(r["trial"]) in front_ids else 0.4 for r in sel],
+                    label=f"{origin} plans",
+                )
+        line = pareto_2d(done, x, quality)
+        if line:
+            ax.plot([float(r[x]) for r in line], [float(r[quality]) for r in line], "r-", lw=1.2, label="best here")
+        if x == "memory_mb" and done:
+            _limit(ax, limit_mb, max(float(r[x]) for r in done))
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper right", fontsize=8)
+    axes[0].set_ylabel(quality)
+    if done and sc is not None:
+        fig.colorbar(sc, ax=axes, label="energy (mJ/token)")
+    fig.suptitle(f"{title}  (red rings: the search's Pareto front)", fontsize=10)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 
-def front_html(rows: list[dict], front: list[dict], quality: str, limit_mb: float, title: str, path: Path) -> None:
-    """Interactive plot (self-contained HTML): hover shows each trial's numbers and plan file."""
-    import plotly.graph_objects as go
+def _limit(ax, limit_mb: float, top: float) -> None:
+    if limit_mb <= 1.5 * top:
+        ax.axvline(limit_mb, color="crimson", ls="--", label=f"app memory limit ({limit_mb:.0f} MB)")
+    else:
+        ax.text(
+            0.99,
+            0.01,
+            f"app memory limit {limit_mb:.0f} MB: off the right edge",
+            transform=ax.transAxes,
+            ha="right",
+            va="bottom",
+            fontsize=8,
+            color="crimson",
+        )
 
-    pts = _points(rows, quality)
-    front_ids = {r["trial"] for r in front}
-    fig = go.Figure()
-    for origin, symbol in ((SEARCHED, "circle"), (BASELINE, "square")):
-        sel = _of(pts, origin)
+
+def front_html(rows: list[dict], front: list[dict], quality: str, limit_mb: float, title: str, path: Path) -> None:
+    """Interactive plot (self-contained HTML): both views; hover shows each trial's numbers and plan file."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    done = _completed(rows)
+    front_ids = {str(r["trial"]) for r in front}
+    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, subplot_titles=[t for _, t in VIEWS])
+    for col, (x, _) in enumerate(VIEWS, start=1):
+        for origin, symbol in ((SEARCHED, "circle"), (BASELINE, "square")):
+            sel = [r for r in done if (r["origin"] == BASELINE) == (origin == BASELINE)]
+            fig.add_trace(
+                go.Scatter(
+                    x=[float(r[x]) for r in sel],
+                    y=[float(r[quality]) for r in sel],
+                    mode="markers",
+                    name=f"{origin} plans",
+                    legendgroup=origin,
+                    showlegend=col == 1,
+                    marker={
+                        "symbol": symbol,
+                        "size": 10,
+                        "color": [float(r["energy_mj_per_token"]) for r in sel],
+                        "coloraxis": "coloraxis",  # one energy scale and colour bar for every trace
+                        "line": {"width": [2 if str(r["trial"]) in front_ids else 0 for r in sel], "color": "red"},
+                    },
+                    text=[
+                        f"trial {r['trial']} ({r['origin']})<br>{quality} {float(r[quality]):.3f}<br>"
+                        f"weights {float(r['weights_mb']):.1f} MB, peak {float(r['memory_mb']):.1f} MB<br>"
+                        f"energy {float(r['energy_mj_per_token']):.2f} mJ/token<br>"
+                        f"{float(r['bits_per_weight']):.2f} bits/weight<br>{r['plan']}"
+                        for r in sel
+                    ],
+                    hoverinfo="text",
+                ),
+                row=1,
+                col=col,
+            )
+        line = pareto_2d(done, x, quality)
         fig.add_trace(
             go.Scatter(
-                x=[p[0] for p in sel],
-                y=[p[1] for p in sel],
-                mode="markers",
-                name=f"{origin} plans",
-                marker={
-                    "symbol": symbol,
-                    "size": 10,
-                    "color": [p[2] for p in sel],
-                    "coloraxis": "coloraxis",  # one energy scale and colour bar for both traces
-                    "line": {"width": [2 if p[3]["trial"] in front_ids else 0 for p in sel], "color": "red"},
-                },
-                text=[
-                    f"trial {p[3]['trial']} ({p[3]['origin']})<br>{quality} {p[1]:.3f}<br>memory {p[0]:.1f} MB<br>"
-                    f"energy {p[2]:.2f} mJ/token<br>{float(p[3]['bits_per_weight']):.2f} bits/weight<br>{p[3]['plan']}"
-                    for p in sel
-                ],
-                hoverinfo="text",
+                x=[float(r[x]) for r in line],
+                y=[float(r[quality]) for r in line],
+                mode="lines",
+                name="best in this view",
+                legendgroup="line",
+                showlegend=col == 1,
+                line={"color": "red"},
+            ),
+            row=1,
+            col=col,
+        )
+        if x == "memory_mb" and done and limit_mb <= 1.5 * max(float(r[x]) for r in done):
+            fig.add_vline(
+                x=limit_mb, line_dash="dash", line_color="crimson", annotation_text="app memory limit", row=1, col=col
             )
-        )
-    front_pts = sorted(_points(front, quality))
-    fig.add_trace(
-        go.Scatter(
-            x=[p[0] for p in front_pts],
-            y=[p[1] for p in front_pts],
-            mode="lines",
-            name="Pareto front",
-            line={"color": "red"},
-        )
-    )
-    if pts and limit_mb <= 1.5 * max(p[0] for p in pts):
-        fig.add_vline(x=limit_mb, line_dash="dash", line_color="crimson", annotation_text="app memory limit")
     fig.update_layout(
-        title=title,
-        xaxis_title="peak memory on the phone (MB)",
+        title=f"{title} (red rings: the search's Pareto front)",
         yaxis_title=quality,
         template="plotly_white",
         coloraxis={"colorscale": "Viridis", "colorbar": {"title": "mJ/token", "x": 1.02}},

@@ -98,4 +98,60 @@ def pull(model_uri: str, out_dir: Path, tracking_uri: str | None = None, runs_di
         for f in got_path.iterdir():
             shutil.move(str(f), out_dir / f.name)
         got_path.rmdir()
+    write_readme(out_dir, f"{m['name']} version {version.version}", dict(version.tags))
     return sorted(out_dir.iterdir())
+
+
+def _num(tags: dict[str, str], key: str) -> float | None:
+    try:
+        return float(tags[key])
+    except (KeyError, ValueError):
+        return None
+
+
+def run_commands(out_dir: Path) -> list[str]:
+    """The llama.cpp command lines that run the model in `out_dir` (with its LoRA adapter where there is one),
+    or autosquash's own for a torch-format file."""
+    ggufs = sorted(f.name for f in out_dir.glob("*.gguf"))
+    models = [f for f in ggufs if not f.endswith(".lora.gguf")]
+    if not models:
+        return [f"autosquash eval --model {f.name} --text wikipedia" for f in sorted(out_dir.glob("*.safetensors"))]
+    model = models[0]
+    adapter = model.removesuffix(".gguf") + ".lora.gguf"
+    lora = f" --lora {adapter}" if adapter in ggufs else ""
+    return [
+        f"llama-cli -m {model}{lora} -p 'The capital of France is' -n 32",
+        f"llama-server -m {model}{lora} --host 127.0.0.1 --port 8080",
+    ]
+
+
+def write_readme(out_dir: Path, title: str, tags: dict[str, str]) -> Path:
+    """README.md beside a pulled model: how to run it, what the phone should give, where the plan is."""
+    lines = [f"# {title}", ""]
+    what = [f"{k} {tags[k]}" for k in ("model", "search", "trial") if k in tags]
+    if what:
+        lines += [f"Compressed by autosquash: {', '.join(what)}.", ""]
+    lines += ["## Run it", "", *[f"    {c}" for c in run_commands(out_dir)], ""]
+    if "lora_adapter" in tags:
+        lines += [f"Healing: {tags['lora_adapter']}.", ""]
+    mem, tps, jpt = (_num(tags, k) for k in ("peak_memory_bytes", "decode_tokens_per_s", "energy_j_per_token"))
+    hours = _num(tags, "hours_continuous_generation")
+    if any(v is not None for v in (mem, tps, jpt, hours)):
+        lines += [f"## On {tags.get('device', 'the phone')} (autosquash's cost model)", ""]
+        lines += ["| peak memory | decode | energy | battery, generating without pause |", "|---|---|---|---|"]
+        cells = [
+            "-" if mem is None else f"{mem / 1e6:.0f} MB",
+            "-" if tps is None else f"{tps:.1f} tokens/s",
+            "-" if jpt is None else f"{jpt:.3f} J/token",
+            "-" if hours is None else f"{hours:.1f} h",
+        ]
+        lines += ["| " + " | ".join(cells) + " |", ""]
+    quality = [f"{k} {tags[k]}" for k in ("perplexity", "kl", "bits_per_weight") if k in tags]
+    if quality:
+        lines += ["## Quality (held-out text, against the uncompressed model)", "", ", ".join(quality) + ".", ""]
+    plans = sorted(f.name for f in out_dir.glob("trial-*.yaml"))
+    if plans:
+        lines += ["## Plan", "", f"Per-layer choices: `{plans[0]}`.", ""]
+    path = out_dir / "README.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -128,3 +128,15 @@ def test_print_front_reads_rows_back_from_pareto_csv(study, tmp_path, capsys):
     print_front(rows, _experiment(["piqa"]), tmp_path)
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[2].split()[-2] == "0.500" and lines[3].split()[-2] == "-"
+
+
+def test_trial_run_names_say_what_the_plan_is():
+    from autosquash.compress.plan import LayerChoice, Plan
+    from autosquash.search.outputs import trial_run_name
+
+    uniform = Plan(embed_quant="Q8_0", groups={"blk.0.attn": LayerChoice(quant="Q4_0")})
+    metrics = {"weights_mb": 93.04, "kl": 0.04612}
+    assert trial_run_name(12, uniform, metrics) == "t12 Q4_0 93.0 MB kl 0.0461"
+    pruned = Plan(groups={"blk.0.attn": LayerChoice(quant="Q4_0", attn_keep_ratio=0.5)})
+    assert trial_run_name(3, pruned, metrics) == "t3 mixed 93.0 MB kl 0.0461"
+    assert trial_run_name(4, Plan(), None) == "t4 F16 failed"

@@ -63,6 +63,53 @@ def test_mlflow_has_a_parent_and_six_nested_trials(smoke_run):
     assert all("lm_eval.piqa.acc" in r.data.metrics for r in front)
     assert not any("lm_eval_mean_acc" in r.data.metrics for r in trials if r not in front)
     assert {a.path for a in client.list_artifacts(parent)} >= {"trials.csv", "pareto.csv", "pareto.png", "pareto.html"}
+    assert "front_table.json" in {a.path for a in client.list_artifacts(parent)}
+    assert "Export a plan as GGUF" in parents[0].data.tags["mlflow.note.content"]
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs
+    for r in trials:
+        n = r.data.tags["autosquash.trial"]
+        assert r.info.run_name.startswith(f"t{n} ") and f"kl {r.data.metrics['kl']:.3g}" in r.info.run_name
+        assert r.data.metrics["pareto"] == (1.0 if r.data.tags["autosquash.pareto"] == "true" else 0.0)
+        contexts = {t.value for d in r.inputs.dataset_inputs for t in d.tags if t.key == "mlflow.data.context"}
+        assert contexts == {"calibration", "evaluation"}
+    for r in front:
+        layers = {a.path for a in client.list_artifacts(r.info.run_id, "layers")}
+        n = int(r.data.tags["autosquash.trial"])
+        assert layers == {f"layers/trial-{n:04d}.png", f"layers/trial-{n:04d}.html"}
+    baseline = next(r for r in trials if r.data.tags["autosquash.trial"] == "0")
+    assert baseline.info.run_name.startswith("t0 Q8_0 ")  # a uniform baseline is named by its type
+
+
+def _run_readme_command(folder: Path) -> None:
+    """The pulled README's llama-cli line, run in llama.cpp (llama-cpp-python): its model (and adapter) load and
+    generate."""
+    import shlex
+
+    from llama_cpp import Llama
+
+    text = (folder / "README.md").read_text()
+    (line,) = [x.strip() for x in text.splitlines() if x.strip().startswith("llama-cli ")]
+    args = shlex.split(line)
+    model = folder / args[args.index("-m") + 1]
+    lora = folder / args[args.index("--lora") + 1] if "--lora" in args else None
+    prompt, n = args[args.index("-p") + 1], int(args[args.index("-n") + 1])
+    llm = Llama(str(model), lora_path=None if lora is None else str(lora), n_ctx=128, verbose=False)
+    out = llm(prompt, max_tokens=n, temperature=0.0)
+    assert out["usage"]["completion_tokens"] >= 1
+    assert "iphone-16" in text and "tokens/s" in text
+
+
+def test_report_is_one_page_with_every_section(smoke_run, tmp_path):
+    page = tmp_path / "report.html"
+    assert main(["report", str(smoke_run), "--out", str(page)]) == 0
+    text = page.read_text()
+    assert "<h2>Pareto front</h2>" in text and "<h2>Quality against size</h2>" in text
+    front = _rows(smoke_run / "pareto.csv")
+    for r in front:
+        assert f"<h2>Trial {r['trial']} (" in text and f"--trial {r['trial']} --out" in text
+    assert text.count("<h3>Where the bits went</h3>") == len(front) and "<h3>Cost on iphone-16</h3>" in text
+    assert "http://" not in text and "https://" not in text  # nothing to fetch: it opens offline
+    assert text.count('src="data:image/png;base64,') == 1 + len(front)
 
 
 def test_export_register_and_pull_a_trial(smoke_run, tmp_path, monkeypatch, capsys):
@@ -75,6 +122,7 @@ def test_export_register_and_pull_a_trial(smoke_run, tmp_path, monkeypatch, caps
     pulled = tmp_path / "pulled"
     assert (pulled / "m.gguf").read_bytes() == gguf.read_bytes()
     assert (pulled / "trial-0000.yaml").exists()
+    _run_readme_command(pulled)
     client = MlflowClient(default_tracking_uri(smoke_run))
     version = client.get_model_version("tiny-phone", "1")
     assert version.tags["device"] == "iphone-16" and version.tags["trial"] == "0"

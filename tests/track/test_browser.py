@@ -31,7 +31,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 from autosquash.cli import main
-from autosquash.track.mlflow_store import ROLE, TRIAL, default_tracking_uri
+from autosquash.track.mlflow_store import ROLE, TRIAL, default_tracking_uri, runs_page
 
 ROOT = Path(__file__).parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -99,6 +99,7 @@ def runs(search_out) -> dict:
         "experiment_id": exp.experiment_id,
         "parent": (parents[0].info.run_id, parents[0].info.run_name),
         "trials": [(r.info.run_id, r.info.run_name) for r in trials],
+        "front": [r.info.run_id for r in trials if r.data.tags.get("autosquash.pareto") == "true"],
     }
 
 
@@ -253,10 +254,72 @@ def test_parent_run_artifacts_show_the_front_plot(browser, ui_url, runs, search_
         "the plotly front, drawn",
         "pareto-html",
     )
-    assert legend == ["searched plans", "baseline plans", "Pareto front"]
-    assert browser.find_element(By.CSS_SELECTOR, ".gtitle").text.startswith("smoke: perplexity against memory")
+    assert legend == ["searched plans", "baseline plans", "best in this view"]
+    assert browser.find_element(By.CSS_SELECTOR, ".gtitle").text.startswith("smoke: perplexity against size")
     markers = browser.find_elements(By.CSS_SELECTOR, ".scatterlayer .point")
-    assert len(markers) == TRIALS  # one marker per finished trial
+    assert len(markers) == 2 * TRIALS  # one marker per finished trial in each view (weights, peak memory)
     browser.switch_to.default_content()
     _close_assistant(browser)
     _keep_screenshot(browser, "pareto-html", capsys)
+
+
+def _texts(driver: WebDriver, css: str) -> list[str]:
+    return [
+        " ".join((e.get_attribute("textContent") or "").split()) for e in driver.find_elements(By.CSS_SELECTOR, css)
+    ]
+
+
+def test_the_page_ui_prints_shows_the_runs_with_their_metric_columns(browser, ui_url, runs, search_out, capsys):
+    """The address `autosquash ui` prints opens the experiment on its runs (not MLflow 3's GenAI overview), with
+    the metrics a user sorts by as columns; trial runs are named for what they are."""
+    parent_id, _ = runs["parent"]
+    page = runs_page(default_tracking_uri(search_out), ui_url)
+    assert "viewStateShareKey=" in page
+    browser.set_window_size(2600, 1000)  # the grid draws only the columns in view: room for all of them
+    browser.get(page)
+    _wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, _row(parent_id)), "the runs table", "columns")
+    assert "/runs" in browser.current_url and "genai" not in browser.current_url
+    _close_assistant(browser)
+    wanted = {"kl", "perplexity", "weights_mb", "memory_mb", "energy_mj_per_token", "tokens_per_s", "pareto"}
+    headers = _wait(
+        browser,
+        lambda d: (h := set(_texts(d, "[role='columnheader']"))) >= wanted and h,
+        f"metric columns {sorted(wanted)}",
+        "columns",
+    )
+    assert wanted <= headers
+    for run_id, name in runs["trials"]:  # sorted by KL, the trials are listed each on its own row
+        assert name.startswith("t") and " MB kl " in name  # e.g. "t2 mixed 1.9 MB kl 0.0123"
+        _wait(browser, lambda d, r=run_id: d.find_element(By.CSS_SELECTOR, _row(r)), f"trial run {name}", "columns")
+    _keep_screenshot(browser, "runs-columns", capsys)
+    browser.set_window_size(1600, 1000)
+
+
+def test_the_search_run_describes_its_front_and_each_front_trial_has_its_layer_map(browser, ui_url, runs, capsys):
+    parent_id, _ = runs["parent"]
+    browser.get(f"{ui_url}/#/experiments/{runs['experiment_id']}/runs/{parent_id}?{ML}")
+    _wait(
+        browser,
+        lambda d: "Export a plan as GGUF" in (d.find_element(By.TAG_NAME, "body").get_attribute("textContent") or ""),
+        "the search run's description (the front and how to export)",
+        "description",
+    )
+    cells = _texts(browser, "td")
+    assert "weights MB" in " ".join(_texts(browser, "th")) and cells  # the front, as a markdown table
+    _close_assistant(browser)
+    _keep_screenshot(browser, "description", capsys)
+    trial_id = runs["front"][0]
+    number = next(int(n.split()[0][1:]) for r, n in runs["trials"] if r == trial_id)
+    name = f"trial-{number:04d}.png"
+    browser.get(f"{ui_url}/#/experiments/{runs['experiment_id']}/runs/{trial_id}/artifacts/layers/{name}?{ML}")
+    _wait(
+        browser,
+        lambda d: next(
+            (i for i in d.find_elements(By.CSS_SELECTOR, f"img[alt$='{name}']") if i.get_property("naturalWidth")),
+            None,
+        ),
+        "the front trial's layer map, loaded",
+        "layer-map",
+    )
+    _close_assistant(browser)
+    _keep_screenshot(browser, "layer-map", capsys)

@@ -61,7 +61,7 @@ def no_env_store(monkeypatch, tmp_path):
 
 def test_pull_finds_the_one_search_store_holding_the_name(runs, tmp_path, no_env_store):
     files = pull("models:/solo/1", tmp_path / "out", runs_dir=runs["runs"])
-    assert [f.name for f in files] == ["m.gguf"] and files[0].read_bytes() == b"GGUF from s1"
+    assert [f.name for f in files] == ["README.md", "m.gguf"] and files[1].read_bytes() == b"GGUF from s1"
     assert list(runs["home"].iterdir()) == [] and list(no_env_store.iterdir()) == []  # no index beside the stores
     assert not (runs["runs"] / "gone/mlflow.db").exists()  # asking a deleted store must not recreate it
 
@@ -88,9 +88,25 @@ def test_a_missing_runs_folder_is_refused_like_an_empty_one(tmp_path, no_env_sto
 
 def test_an_explicit_store_or_mlflow_tracking_uri_settles_an_ambiguous_name(runs, tmp_path, no_env_store, monkeypatch):
     got = pull("models:/shared/1", tmp_path / "a", tracking_uri=runs["s2"], runs_dir=runs["runs"])
-    assert got[0].read_bytes() == b"GGUF from s2"
+    assert (tmp_path / "a/m.gguf").read_bytes() == b"GGUF from s2"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", runs["s1"])
     got = pull("models:/shared/1", tmp_path / "b", runs_dir=runs["runs"])
-    assert got[0].read_bytes() == b"GGUF from s1"
+    assert (tmp_path / "b/m.gguf").read_bytes() == b"GGUF from s1"
     got = pull("models:/shared/1", tmp_path / "c", tracking_uri=runs["s2"], runs_dir=runs["runs"])
-    assert got[0].read_bytes() == b"GGUF from s2"  # the explicit URI before the environment's
+    assert (tmp_path / "c/m.gguf").read_bytes() == b"GGUF from s2"  # the explicit URI before the environment's
+    assert [f.name for f in got] == ["README.md", "m.gguf"]
+
+
+def test_the_readme_runs_the_model_with_its_adapter_and_states_the_phone_estimate(tmp_path):
+    from autosquash.track.registry import run_commands, write_readme
+
+    _file(tmp_path / "m.gguf", b"x")
+    _file(tmp_path / "trial-0003.yaml", b"groups: {}")
+    tags = {"device": "pixel-9", "peak_memory_bytes": "5.2e8", "decode_tokens_per_s": "41.5", "kl": "0.05"}
+    text = write_readme(tmp_path, "tiny version 2", tags).read_text()
+    assert "    llama-cli -m m.gguf -p" in text and "--lora" not in text
+    assert "## On pixel-9" in text and "520 MB" in text and "41.5 tokens/s" in text and "| - |" in text
+    assert "kl 0.05" in text and "`trial-0003.yaml`" in text
+    _file(tmp_path / "m.lora.gguf", b"y")
+    assert run_commands(tmp_path)[0].startswith("llama-cli -m m.gguf --lora m.lora.gguf ")
+    assert all("--lora m.lora.gguf" in c for c in run_commands(tmp_path))

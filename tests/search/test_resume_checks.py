@@ -1,0 +1,40 @@
+"""--resume refuses a search folder that another experiment, or another search space, filled."""
+
+from pathlib import Path
+
+import optuna
+
+from autosquash.cli import main
+from autosquash.search.experiment import load_experiment
+from autosquash.yaml_io import dump_yaml_model
+
+ROOT = Path(__file__).parents[2]
+SMOKE = ROOT / "experiments/smoke.yaml"
+
+
+def _stored_search(out: Path, space_digest: str | None = None, **changes) -> None:
+    """A search folder as a stopped search leaves it, before any trial: its study and its experiment file."""
+    out.mkdir()
+    exp = load_experiment(SMOKE)
+    dump_yaml_model(exp.model_copy(update=changes), out / "experiment.yaml")
+    study = optuna.create_study(study_name=exp.name, storage=f"sqlite:///{out / 'optuna.db'}")
+    if space_digest:
+        study.set_user_attr("search_space_sha256", space_digest)
+
+
+def test_resume_with_another_experiment_is_refused_naming_what_differs(tmp_path, capsys):
+    out = tmp_path / "run"
+    _stored_search(out, sampler="random", seed=7)
+    assert main(["search", str(SMOKE), "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "was searched with another experiment (sampler, seed differ)" in err and err.count("\n") == 1
+    assert not (out / "mlflow.db").exists()  # refused before any work
+
+
+def test_resume_with_more_trials_or_workers_is_allowed_past_the_check(tmp_path, capsys):
+    out = tmp_path / "run"
+    _stored_search(out, space_digest="0" * 64, trials=3, workers=1)
+    # Trials and workers may change; the (changed) search space is what stops this one.
+    assert main(["search", str(SMOKE), "--out", str(out), "--resume", "--trials", "9", "--workers", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "changed since" in err and "another experiment" not in err
