@@ -8,6 +8,7 @@ Screenshots are kept in test-artifacts/. URLs follow MLflow 3.x's hash routes
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import socket
@@ -323,3 +324,17 @@ def test_the_search_run_describes_its_front_and_each_front_trial_has_its_layer_m
     )
     _close_assistant(browser)
     _keep_screenshot(browser, "layer-map", capsys)
+
+
+def test_the_report_opens_offline_with_every_section(browser, search_out, tmp_path, capsys):
+    """`autosquash report` as a user opens it: a file in the browser, with the network closed."""
+    page = tmp_path / "report.html"
+    assert main(["report", str(search_out), "--out", str(page)]) == 0
+    browser.get(page.as_uri())
+    headings = _wait(browser, lambda d: _texts(d, "h2") or None, "the report's sections", "report")
+    front = list(csv.DictReader((search_out / "pareto.csv").open()))
+    assert headings[:2] == ["Pareto front", "Quality against size"]
+    assert [h.split(" (")[0] for h in headings[2:]] == [f"Trial {r['trial']}" for r in front]
+    images = browser.find_elements(By.TAG_NAME, "img")
+    assert len(images) == 1 + len(front) and all(i.get_property("naturalWidth") > 0 for i in images)  # all decoded
+    _keep_screenshot(browser, "report", capsys)
