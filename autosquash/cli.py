@@ -32,6 +32,34 @@ def _finite(obj):
     return walk(obj, ""), bad
 
 
+def _writable_folder(folder: Path, what: str, create: bool = True) -> Path:
+    """`folder`, created if missing (or, with create=False, creatable: its nearest existing parent writable);
+    refused in one line when it, or a parent, is a file or cannot be written to."""
+    import os
+
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise AutosquashError(f"{what} {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise AutosquashError(f"{what} {folder}: {existing} is not writable")
+    if create:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise AutosquashError(f"{what} {folder}: cannot create it ({e.strerror or e})") from None
+    return folder
+
+
+def _writable_file(path: Path, what: str) -> Path:
+    """`path` as a file to write: its folder made writable (see _writable_folder), the path not a folder."""
+    if path.is_dir():
+        raise AutosquashError(f"{what} {path}: is a folder; name the file to write")
+    _writable_folder(path.parent, what.split()[0] + " folder of")
+    return path
+
+
 def _print_json(obj, indent: int | None = None) -> None:
     """Print `obj` as valid JSON (non-finite numbers as null); then, if there were any, fail naming them."""
     print(json.dumps(_finite(obj)[0], indent=indent, allow_nan=False))
@@ -48,7 +76,7 @@ def _search(args: argparse.Namespace) -> int:
         exp = exp.model_copy(update={"model": args.model})
     if args.sampler:
         exp = exp.model_copy(update={"sampler": args.sampler})
-    out = Path(args.out or Path("runs") / exp.name)
+    out = _writable_folder(Path(args.out or Path("runs") / exp.name), "--out", create=False)
     opts = SearchOptions(
         out_dir=out,
         trials=args.trials or exp.trials,
@@ -196,6 +224,9 @@ def _export(args: argparse.Namespace) -> int:
         raise AutosquashError(f"--out {out}: a GGUF file's name ends in .gguf")
     if args.format == "torch" and out.suffix in (".gguf", ".json"):
         raise AutosquashError(f"--out {out}: --format torch writes safetensors; name it e.g. model.safetensors")
+    _writable_file(out, "--out")  # before minutes of building, not after
+    if args.register:
+        _registered_trial_run(Path(args.run), args.trial)  # the version's run must exist before the file is built
     exp = plan_file = None
     if args.run:
         if args.trial is None:
@@ -236,15 +267,27 @@ def _write_export(out: Path, fmt: str, built) -> tuple[list[Path], dict[str, int
     return [out, lora], counts, f"the trial's LoRA healing, in {lora.name} (llama.cpp: --lora {lora.name})"
 
 
-def _register(args: argparse.Namespace, exp, plan_file: Path, files: list[Path], healing: str | None) -> None:
+def _registered_trial_run(run: Path, trial: int | None):
+    """(tracking URI, MLflow run) of trial `trial` of the search in `run`, which a registered version links to."""
+    from autosquash.search.experiment import load_experiment
     from autosquash.track.mlflow_store import find_trial_run
+
+    if trial is None:
+        raise AutosquashError("--run needs --trial N")
+    uri_file = run / "tracking_uri.txt"
+    if not uri_file.is_file() or not (run / "experiment.yaml").is_file():
+        raise AutosquashError(f"{run} is not a search's output folder (no tracking_uri.txt or experiment.yaml)")
+    tracking_uri = uri_file.read_text().strip()
+    trial_run = find_trial_run(tracking_uri, load_experiment(run / "experiment.yaml").name, trial)
+    if trial_run is None:
+        raise AutosquashError(f"the MLflow store of {run} holds no run of trial {trial}")
+    return tracking_uri, trial_run
+
+
+def _register(args: argparse.Namespace, exp, plan_file: Path, files: list[Path], healing: str | None) -> None:
     from autosquash.track.registry import register
 
-    run = Path(args.run)
-    tracking_uri = (run / "tracking_uri.txt").read_text().strip()
-    trial_run = find_trial_run(tracking_uri, exp.name, args.trial)
-    if trial_run is None:
-        raise AutosquashError(f"the MLflow store of {run} holds no run of trial {args.trial}")
+    tracking_uri, trial_run = _registered_trial_run(Path(args.run), args.trial)
     metrics = trial_run.data.metrics
     tags = {
         k: f"{metrics[k]:.6g}"
@@ -283,7 +326,7 @@ def _register(args: argparse.Namespace, exp, plan_file: Path, files: list[Path],
 def _pull(args: argparse.Namespace) -> int:
     from autosquash.track.registry import pull
 
-    files = pull(args.model_uri, Path(args.out), args.tracking_uri, Path(args.runs))
+    files = pull(args.model_uri, _writable_folder(Path(args.out), "--out"), args.tracking_uri, Path(args.runs))
     print(f"pulled {args.model_uri} into {args.out}: {', '.join(f.name for f in files)}")
     return 0
 

@@ -173,3 +173,40 @@ def test_sigterm_reraised_as_a_plain_keyboard_interrupt_still_exits_143(capsys, 
 def test_report_of_a_folder_without_a_finished_search_is_one_line(capsys, tmp_path):
     code, _, err = _run(capsys, "report", str(tmp_path))
     assert code == 2 and "holds no finished search" in err and err.count("\n") == 1
+
+
+def test_output_paths_are_checked_before_any_work(capsys, tmp_path):
+    """export --out, pull --out and search --out: a file where a folder must be, or a folder where the file
+    goes, is refused in one line before anything is built; a missing export folder is made."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    code, _, err = _run(capsys, "export", "--model", "m", "--uniform", "Q4_0", "--out", str(blocker / "m.gguf"))
+    assert code == 2 and "is a file, not a folder" in err and err.count("\n") == 1
+    (tmp_path / "dir.gguf").mkdir()
+    code, _, err = _run(capsys, "export", "--model", "m", "--uniform", "Q4_0", "--out", str(tmp_path / "dir.gguf"))
+    assert code == 2 and "is a folder; name the file to write" in err
+    code, _, err = _run(
+        capsys, "export", "--model", "no-such-model", "--uniform", "Q4_0", "--out", str(tmp_path / "new/m.gguf")
+    )
+    assert code == 2 and (tmp_path / "new").is_dir()  # made before the (here failing) build
+    code, _, err = _run(capsys, "pull", "models:/x/1", "--out", str(blocker))
+    assert code == 2 and "is a file, not a folder" in err
+    code, _, err = _run(capsys, "search", "experiments/smoke.yaml", "--out", str(blocker / "run"))
+    assert code == 2 and "is a file, not a folder" in err and not (blocker.parent / "run").exists()
+
+
+def test_register_is_checked_before_the_file_is_built(capsys, tmp_path):
+    code, _, err = _run(
+        capsys,
+        "export",
+        "--run",
+        str(tmp_path),
+        "--trial",
+        "0",
+        "--out",
+        str(tmp_path / "m.gguf"),
+        "--register",
+        "phone",
+    )
+    assert code == 2 and "is not a search's output folder" in err
+    assert not (tmp_path / "m.gguf").exists()
