@@ -92,7 +92,7 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _estimate(args: argparse.Namespace) -> int:
-    from autosquash.compress.plan import Plan, deployed_tensors, kv_heads_per_layer
+    from autosquash.compress.plan import Plan, check_plan, deployed_tensors, kv_heads_per_layer
     from autosquash.cost import estimate, format_report, load_device
     from autosquash.formats.gguf_types import tensor_type
     from autosquash.models.load import load_arch
@@ -101,7 +101,7 @@ def _estimate(args: argparse.Namespace) -> int:
     arch = load_arch(args.model)
     device = load_device(args.device)
     if args.plan:
-        plan = load_yaml_model(Plan, args.plan)
+        plan = check_plan(load_yaml_model(Plan, args.plan), arch, args.plan)
     else:
         plan = Plan.uniform(arch, tensor_type(args.uniform or "F16").name)
     report = estimate(
@@ -235,7 +235,12 @@ def _export(args: argparse.Namespace) -> int:
     else:
         if not args.model or not (args.plan or args.uniform):
             raise AutosquashError("export needs --run DIR --trial N, or --model M with --plan FILE or --uniform TYPE")
-        plan = load_yaml_model(Plan, args.plan) if args.plan else args.uniform
+        plan = args.uniform
+        if args.plan:  # checked against the model's config before the weights load
+            from autosquash.compress.plan import check_plan
+            from autosquash.models.load import load_arch
+
+            plan = check_plan(load_yaml_model(Plan, args.plan), load_arch(args.model), args.plan)
         built = plan_model(args.model, plan, CACHE_DIR)
     files, counts, healing = _write_export(out, args.format, built)
     types = ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))

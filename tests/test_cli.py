@@ -210,3 +210,29 @@ def test_register_is_checked_before_the_file_is_built(capsys, tmp_path):
     )
     assert code == 2 and "is not a search's output folder" in err
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_a_plan_for_another_model_is_refused_by_estimate_and_export(capsys, tmp_path):
+    import yaml
+
+    from tests.conftest import tiny_config
+
+    config = tmp_path / "config.json"
+    config.write_text(tiny_config().to_json_string())
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"groups": {"blk.7.attn": {"quant": "Q4_0"}}}))
+    for cmd in (["estimate", "--device", "iphone-16"], ["export", "--out", str(tmp_path / "m.gguf")]):
+        code, _, err = _run(capsys, *cmd, "--model", str(config), "--plan", str(plan))
+        assert code == 2 and "'blk.7.attn' is past the model's 2 blocks" in err, cmd
+    plan.write_text(yaml.safe_dump({"groups": {"blk.0.attn": {"quant": "Q4_0", "tensor_quant": {"ffn_up": "Q8_0"}}}}))
+    code, _, err = _run(capsys, "estimate", "--device", "iphone-16", "--model", str(config), "--plan", str(plan))
+    assert code == 2 and "blk.0.attn names tensors of another sublayer: ffn_up" in err
+
+
+def test_export_of_a_trial_that_did_not_finish_names_its_state(capsys, tmp_path):
+    (tmp_path / "plans").mkdir()
+    (tmp_path / "experiment.yaml").write_text("name: x\n")
+    (tmp_path / "plans/trial-0001.yaml").write_text("groups: {}\n")
+    (tmp_path / "trials.csv").write_text("trial,state,error\n0,COMPLETE,\n1,FAIL,MemoryError: out of memory\n")
+    code, _, err = _run(capsys, "export", "--run", str(tmp_path), "--trial", "1", "--out", str(tmp_path / "m.gguf"))
+    assert code == 2 and "trial 1 of" in err and "did not finish (state FAIL: MemoryError: out of memory)" in err

@@ -13,13 +13,22 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from autosquash.compress.operators import DECOMPOSITIONS, FIELDS, PRUNING, deploy_linear
 from autosquash.compress.operators.base import ChoiceField, TensorSpec
+from autosquash.errors import AutosquashError
 from autosquash.formats.gguf_types import legal_type, tensor_type
 from autosquash.models.arch import ATTN_LINEARS, FFN_LINEARS, Arch
 
 Target = Literal["gguf", "torch"]
 SUBLAYERS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (("attn", ATTN_LINEARS), ("ffn", FFN_LINEARS))
 
-__all__ = ["LayerChoice", "Plan", "TensorSpec", "deployed_tensors", "kept_ffn_channels", "kept_kv_heads"]
+__all__ = [
+    "LayerChoice",
+    "Plan",
+    "TensorSpec",
+    "check_plan",
+    "deployed_tensors",
+    "kept_ffn_channels",
+    "kept_kv_heads",
+]
 
 
 class _Choice(BaseModel):
@@ -94,6 +103,24 @@ class Plan(BaseModel):
                 else:
                     out[f"{g}.{k}"] = str(v)
         return out
+
+
+def check_plan(plan: Plan, arch: Arch, source: str) -> Plan:
+    """`plan`, refused in one line (naming `source`) when it names groups `arch` does not have (a plan made for
+    another model), or per-tensor types for linears its groups do not hold."""
+    kinds = {kind: {name for name, _ in linears} for kind, linears in SUBLAYERS}
+    for group, choice in plan.groups.items():
+        parts = group.split(".")
+        if len(parts) != 3 or parts[0] != "blk" or not parts[1].isdigit() or parts[2] not in kinds:
+            raise AutosquashError(f"{source}: group {group!r} is not of the form blk.<i>.attn or blk.<i>.ffn")
+        if int(parts[1]) >= arch.n_layers:
+            raise AutosquashError(
+                f"{source}: group {group!r} is past the model's {arch.n_layers} blocks (a plan for another model?)"
+            )
+        stray = set(choice.tensor_quant) - kinds[parts[2]]
+        if stray:
+            raise AutosquashError(f"{source}: {group} names tensors of another sublayer: {', '.join(sorted(stray))}")
+    return plan
 
 
 def kept_ffn_channels(arch: Arch, choice: LayerChoice) -> int:

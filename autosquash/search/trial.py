@@ -326,6 +326,22 @@ def _trial_threads(run: Path, experiment: str, number: int) -> int | None:
     return int(threads) if threads else None
 
 
+def _check_finished(run: Path, number: int) -> None:
+    """Refuse a trial the search's table does not list as completed (failed, or still running)."""
+    import csv
+
+    table = run / "trials.csv"
+    if not table.is_file():
+        return  # a search stopped before its first trial finished: the plan file's absence is the error then
+    with table.open() as f:
+        row = next((r for r in csv.DictReader(f) if r.get("trial") == str(number)), None)
+    if row is None:
+        raise AutosquashError(f"trial {number} of {run} did not finish (trials.csv does not list it)")
+    if row.get("state") != "COMPLETE":
+        reason = f": {row['error']}" if row.get("error") else ""
+        raise AutosquashError(f"trial {number} of {run} did not finish (state {row.get('state')}{reason})")
+
+
 def rebuild_trial(run: Path, number: int) -> tuple[BuiltModel, Experiment, Path]:
     """Trial `number` of the search in `run`, exactly as it was evaluated: (its BuiltModel, the experiment,
     its plan file)."""
@@ -336,6 +352,7 @@ def rebuild_trial(run: Path, number: int) -> tuple[BuiltModel, Experiment, Path]
     plan_file = run / "plans" / f"trial-{number:04d}.yaml"
     if not plan_file.exists():
         raise AutosquashError(f"{run} holds no trial {number} ({plan_file} is missing)")
+    _check_finished(run, number)
     exp = load_experiment(run / "experiment.yaml")
     plan = load_yaml_model(Plan, plan_file)
     inputs = load_inputs(exp, run)

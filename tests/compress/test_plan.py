@@ -56,3 +56,23 @@ def test_bad_plan_names_file_and_field(tmp_path):
     (tmp_path / "bad.yaml").write_text("groups:\n  blk.0.attn: {quant: Q9_9}\n")
     with pytest.raises(AutosquashError, match=r"bad\.yaml.*blk\.0\.attn\.quant"):
         load_yaml_model(Plan, tmp_path / "bad.yaml")
+
+
+def test_check_plan_refuses_groups_the_model_lacks_in_one_line():
+    from autosquash.compress.plan import LayerChoice, Plan, check_plan
+    from autosquash.errors import AutosquashError
+    from autosquash.models.arch import Arch
+    from tests.conftest import tiny_config
+
+    arch = Arch.from_config(tiny_config())
+    ok = Plan(groups={"blk.1.ffn": LayerChoice(quant="Q4_0", tensor_quant={"ffn_down": "Q8_0"})})
+    assert check_plan(ok, arch, "p.yaml") is ok
+    for groups, msg in (
+        ({"blk.2.attn": LayerChoice()}, "past the model's 2 blocks"),
+        ({"layer.0.attn": LayerChoice()}, "is not of the form blk.<i>.attn"),
+        ({"blk.0.mlp": LayerChoice()}, "is not of the form"),
+        ({"blk.0.ffn": LayerChoice(tensor_quant={"attn_v": "Q8_0"})}, "names tensors of another sublayer: attn_v"),
+    ):
+        with pytest.raises(AutosquashError, match=msg) as e:
+            check_plan(Plan(groups=groups), arch, "p.yaml")
+        assert str(e.value).startswith("p.yaml: ") and "\n" not in str(e.value)
