@@ -171,11 +171,18 @@ def _eval(args: argparse.Namespace) -> int:
 
         result["tasks"] = run_tasks(model, tok, tasks, args.limit)
     if args.text:
-        from autosquash.evaluate.proxy import reference
+        from autosquash.evaluate.proxy import perplexity
         from autosquash.evaluate.texts import load_texts, token_block
 
         batch = token_block(tok, load_texts(args.text), args.tokens, args.seq_len)
-        result.update(perplexity=reference(model, batch, k=1).perplexity, tokens=int(batch.numel()))
+        first = 0
+        if args.score == "second-half":  # llama-perplexity's windows: a BOS first where the model wants one
+            first = args.seq_len // 2
+            bos = tok.bos_token_id if getattr(tok, "add_bos_token", False) else None
+            if bos is not None:
+                batch[:, 0] = bos
+        scored = batch.shape[0] * (args.seq_len - 1 - first)
+        result.update(perplexity=perplexity(model, batch, first), tokens=int(batch.numel()), scored=scored)
     result.update(model=args.model, limit=args.limit)
     if args.lora:
         result["lora"] = args.lora
@@ -190,7 +197,7 @@ def _eval(args: argparse.Namespace) -> int:
         limit = f"first {args.limit} examples of each task" if args.limit else "all examples"
         print(f"{name}, zero-shot, {limit}\n{format_table(result['tasks'])}")
     if args.text:
-        print(f"perplexity {result['perplexity']:.3f} on {result['tokens']} tokens")
+        print(f"perplexity {result['perplexity']:.3f} on {result['tokens']} tokens ({result['scored']} scored)")
     return 0
 
 
@@ -476,6 +483,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--limit", type=_count, help="score the first N examples of each task (default: all)")
     v.add_argument("--tokens", type=_count, default=4096, help="tokens to score (default 4096)")
     v.add_argument("--seq-len", type=_count, default=256, help="sequence length (default 256)")
+    v.add_argument(
+        "--score",
+        choices=("all", "second-half"),
+        default="all",
+        help="which positions of each --seq-len window are scored: all (each token from the 2nd on, predicted "
+        "from those before it in its window) or second-half (llama-perplexity's: the last half of each window, "
+        "whose first token becomes BOS where the tokenizer adds one). A --text file is one token stream, cut "
+        "into windows; the shipped sources are documents joined by EOS",
+    )
     v.add_argument(
         "--lora",
         metavar="FILE",

@@ -99,13 +99,13 @@ def test_a_model_that_scores_nan_is_an_error_with_valid_json(capsys, monkeypatch
     """NaN weights give NaN perplexity: --json prints null (valid JSON, never NaN) and the exit is non-zero."""
     import autosquash.evaluate.proxy as proxy
 
-    real = proxy.reference
+    real = proxy.perplexity
 
-    def nan_reference(model, batch, k=32):
-        ref = real(model, batch, k)
-        return proxy.Reference(ref.batch, ref.topk_logp, ref.topk_idx, float("nan"))
+    def nan_perplexity(model, batch, first=0):
+        real(model, batch, first)
+        return float("nan")
 
-    monkeypatch.setattr(proxy, "reference", nan_reference)
+    monkeypatch.setattr(proxy, "perplexity", nan_perplexity)
     model = str(ROOT / "experiments/tiny-llama.json")
     code, out, err = _run(
         capsys, "eval", "--model", model, "--text", "lambada", "--tokens", "128", "--seq-len", "64", "--json"
@@ -236,3 +236,28 @@ def test_export_of_a_trial_that_did_not_finish_names_its_state(capsys, tmp_path)
     (tmp_path / "trials.csv").write_text("trial,state,error\n0,COMPLETE,\n1,FAIL,MemoryError: out of memory\n")
     code, _, err = _run(capsys, "export", "--run", str(tmp_path), "--trial", "1", "--out", str(tmp_path / "m.gguf"))
     assert code == 2 and "trial 1 of" in err and "did not finish (state FAIL: MemoryError: out of memory)" in err
+
+
+def test_corrupt_model_files_are_one_line_errors(capsys, tmp_path):
+    """A truncated GGUF (a download cut short), and config.json sizes that cannot form a model."""
+    from pathlib import Path
+
+    from autosquash.models.load import _shipped_path
+
+    folder, file = _shipped_path("smollm2-135m")
+    cut = tmp_path / "cut.gguf"
+    with open(Path(folder, file), "rb") as f:
+        cut.write_bytes(f.read(100_000))  # inside the header's vocabulary
+    for cmd in (["estimate", "--device", "iphone-16"], ["eval", "--text", "lambada"]):
+        code, _, err = _run(capsys, *cmd, "--model", str(cut))
+        assert code == 2 and f"{cut}: a truncated or corrupt GGUF file" in err and err.count("\n") == 1, cmd
+    base = {"model_type": "llama", "num_hidden_layers": 2, "intermediate_size": 64, "vocab_size": 100}
+    for extra, msg in (
+        ({"hidden_size": 0, "num_attention_heads": 4}, "sizes must be positive integers; got hidden_size 0"),
+        ({"hidden_size": 100, "num_attention_heads": 3}, "hidden_size 100 does not divide into 3 heads"),
+        ({"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 3}, "4 attention heads do not split"),
+    ):
+        config = tmp_path / "config.json"
+        config.write_text(json.dumps({**base, **extra}))
+        code, _, err = _run(capsys, "estimate", "--device", "iphone-16", "--model", str(config))
+        assert code == 2 and msg in err, extra

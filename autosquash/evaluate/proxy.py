@@ -51,6 +51,15 @@ def reference(model: torch.nn.Module, batch: torch.Tensor, k: int = 32) -> Refer
     return Reference(batch.cpu(), torch.cat(vals).cpu(), torch.cat(idxs).cpu(), math.exp(mean_nll))
 
 
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, batch: torch.Tensor, first: int = 0) -> float:
+    """Perplexity over the tokens each row predicts from position `first` on (0: every position; llama.cpp's
+    llama-perplexity scores only the second half of each window, first = seq_len // 2)."""
+    nll = [_nll(logp, ids)[:, first:] for ids, logp in _logp_chunks(model, batch)]
+    mean_nll = torch.cat(nll).mean().item()
+    return math.exp(mean_nll) if math.isfinite(mean_nll) else math.inf
+
+
 def topk_kl(ref_logp: torch.Tensor, ref_idx: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     """KL(base || model) per position over the base's top-k tokens plus one tail bucket."""
     p = ref_logp.exp()

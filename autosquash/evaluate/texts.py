@@ -52,7 +52,8 @@ def _lambada() -> tuple[str, ...]:
 
 
 def load_texts(source: str) -> tuple[str, ...]:
-    """Texts of a shipped source ('wikipedia', 'lambada') or of a UTF-8 file (paragraphs split on blank lines)."""
+    """Texts of a shipped source ('wikipedia', 'lambada': separate documents, joined by EOS when cut into
+    tokens) or of a UTF-8 file (one text: a user's file is one token stream, as llama.cpp reads it)."""
     if source == "wikipedia":
         return _wikipedia()
     if source == "lambada":
@@ -60,10 +61,13 @@ def load_texts(source: str) -> tuple[str, ...]:
     p = Path(source)
     if not p.is_file():
         raise AutosquashError(f"text source {source!r} is neither {' nor '.join(SOURCES)} nor a readable file")
-    paragraphs = tuple(t.strip() for t in p.read_text(encoding="utf-8").split("\n\n") if t.strip())
-    if not paragraphs:
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise AutosquashError(f"text file {source} is not UTF-8 text") from None
+    if not text.strip():
         raise AutosquashError(f"text file {source} is empty")
-    return paragraphs
+    return (text,)
 
 
 def token_block(tokenizer, texts: tuple[str, ...], n_tokens: int, seq_len: int) -> torch.Tensor:

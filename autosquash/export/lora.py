@@ -16,7 +16,7 @@ from gguf import GGUFReader, GGUFType, Keys
 
 from autosquash.errors import AutosquashError
 from autosquash.formats.codecs import QuantizedTensor, quantize
-from autosquash.formats.gguf import add_tensor, gguf_writer, read_tensor, rope_permute, rope_unpermute
+from autosquash.formats.gguf import add_tensor, gguf_writer, open_gguf, read_tensor, rope_permute, rope_unpermute
 from autosquash.models.arch import ATTN_LINEARS, FFN_LINEARS, Arch
 
 # Module path inside a block <-> GGUF short name, e.g. "self_attn.q_proj" <-> "attn_q".
@@ -137,10 +137,7 @@ def read_gguf_lora(path: str | Path) -> tuple[Adapter, float, str]:
     p = Path(path)
     if not p.is_file():
         raise AutosquashError(f"LoRA adapter {p} does not exist")
-    try:
-        reader = GGUFReader(p)
-    except (ValueError, OSError) as e:
-        raise AutosquashError(f"{p} is not a GGUF file: {str(e).splitlines()[0]}") from None
+    reader = open_gguf(p)
     kinds = [reader.fields[k].contents() if k in reader.fields else None for k in ("general.type", Keys.Adapter.TYPE)]
     if kinds != ["adapter", "lora"]:
         raise AutosquashError(f"{p} is a GGUF file but not a LoRA adapter (general.type, adapter.type: {kinds})")

@@ -24,6 +24,19 @@ from autosquash.formats.codecs import QuantizedTensor, dequantize
 READABLE_ARCHS = ("llama", "deci")
 
 
+def open_gguf(path: str | Path) -> GGUFReader:
+    """A GGUF file's reader; a file of another kind, or a truncated or corrupt one, is a one-line error naming it."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise AutosquashError(f"{path} is not a GGUF file")
+        return GGUFReader(path)
+    except OSError as e:
+        raise AutosquashError(f"cannot read {path}: {e.strerror or e}") from None
+    except (struct.error, ValueError, KeyError, IndexError, TypeError) as e:
+        raise AutosquashError(f"{path}: a truncated or corrupt GGUF file ({type(e).__name__}: {e})") from None
+
+
 def gguf_architecture(path: str | Path) -> str:
     """general.architecture of a GGUF file from its first key, without parsing the whole (large) header.
 
@@ -43,7 +56,7 @@ def gguf_architecture(path: str | Path) -> str:
         if vtype == GGUFValueType.STRING and len(head) >= offset + 12 + value_len:
             return head[offset + 12 : offset + 12 + value_len].decode()
     try:
-        return str(GGUFReader(path).fields["general.architecture"].contents())
+        return str(open_gguf(path).fields["general.architecture"].contents())
     except (ValueError, KeyError, IndexError) as e:
         raise AutosquashError(f"{path} is not a readable GGUF file ({type(e).__name__})") from None
 
@@ -117,19 +130,19 @@ def _vocab(reader: GGUFReader) -> int:
 
 def read_gguf_config(path: str | Path):
     """The LlamaConfig of a `llama` or `deci` GGUF file (widest block shapes), without decoding its tensors."""
-    return _config(GGUFReader(path))[0]
+    return _config(open_gguf(path))[0]
 
 
 def read_gguf_layout(path: str | Path):
     """(LlamaConfig, per-block FFN widths, per-block KV-head counts, tensors by name) of a `llama`/`deci` file."""
-    reader = GGUFReader(path)
+    reader = open_gguf(path)
     config, widths, kv_heads = _config(reader)
     return config, widths, kv_heads, {t.name: t for t in reader.tensors}
 
 
 def gguf_tokens(path: str | Path) -> list[str]:
     """The vocabulary (tokenizer.ggml.tokens) of a GGUF file, in id order."""
-    field = GGUFReader(path).fields.get("tokenizer.ggml.tokens")
+    field = open_gguf(path).fields.get("tokenizer.ggml.tokens")
     if field is None:
         raise AutosquashError(f"{path} holds no tokenizer (tokenizer.ggml.tokens)")
     return list(field.contents())
@@ -158,7 +171,7 @@ def rope_unpermute(rows: torch.Tensor, head_dim: int) -> torch.Tensor:
 def _tokenizer_fields(source: str, size: int, mtime_ns: int) -> tuple:
     """(key, value, type, array item type) of every tokenizer.* field of a GGUF file, read once per file
     version: parsing a 49k-token vocabulary takes seconds."""
-    reader = GGUFReader(source)
+    reader = open_gguf(source)
     return tuple(
         (key, field.contents(), field.types[0], field.types[-1])
         for key, field in reader.fields.items()

@@ -100,6 +100,16 @@ class Arch:
         try:
             n_heads = int(cfg["num_attention_heads"])
             hidden = int(cfg["hidden_size"])
+            sizes = {k: cfg[k] for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size")}
+            sizes |= {k: cfg[k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim") if cfg.get(k)}
+            bad = [f"{k} {v}" for k, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool) or v <= 0]
+            if bad:
+                raise AutosquashError(f"model config: sizes must be positive integers; got {', '.join(bad)}")
+            kv = int(cfg.get("num_key_value_heads") or n_heads)
+            if n_heads % kv:
+                raise AutosquashError(f"model config: {n_heads} attention heads do not split into {kv} KV groups")
+            if not cfg.get("head_dim") and hidden % n_heads:
+                raise AutosquashError(f"model config: hidden_size {hidden} does not divide into {n_heads} heads")
             return cls(
                 model_type=model_type,
                 n_layers=int(cfg["num_hidden_layers"]),

@@ -15,6 +15,7 @@ import importlib.util
 import io
 import json
 import logging
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,21 @@ def _hub_error(spec: str, e: Exception) -> AutosquashError:
     return AutosquashError(f"cannot load model {spec!r} from the hub: {str(e).splitlines()[0][:200]}")
 
 
+# What transformers raises on a missing, corrupt or truncated model file (its GGUF reader: struct.error).
+READ_ERRORS = (OSError, ValueError, KeyError, TypeError, IndexError, struct.error, StrictDataclassError)
+
+
+def _read_error(src: ModelSource, e: Exception, what: str) -> AutosquashError:
+    """One line for a model source transformers could not read."""
+    if src.kind == "hub":
+        return _hub_error(src.location, e)
+    where = Path(src.location, src.gguf_file) if src.gguf_file else src.location
+    why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if src.kind == "gguf":
+        return AutosquashError(f"{where}: a truncated or corrupt GGUF file ({why})")
+    return AutosquashError(f"cannot read the {what} of {where} ({why})")
+
+
 def load_config(src: ModelSource) -> Any:
     """The transformers config of a source, without weights."""
     from transformers import AutoConfig
@@ -140,10 +156,8 @@ def load_config(src: ModelSource) -> Any:
                 data = json.loads(Path(src.location, src.gguf_file or "config.json").read_text())
                 return AutoConfig.for_model(**data)
             return AutoConfig.from_pretrained(src.location, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as e:
-        if src.kind == "hub":
-            raise _hub_error(src.location, e) from None
-        raise AutosquashError(f"cannot read the config of {src.location}: {str(e).splitlines()[0]}") from None
+    except READ_ERRORS as e:
+        raise _read_error(src, e, "config") from None
 
 
 def load_arch(spec: str) -> Arch:
@@ -173,10 +187,8 @@ def load_tokenizer(spec: str) -> Any:
                 return load_tokenizer(DEFAULT_MODEL)
             else:
                 tok = AutoTokenizer.from_pretrained(src.location, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        if src.kind == "hub":
-            raise _hub_error(src.location, e) from None
-        raise AutosquashError(f"cannot load the tokenizer of {spec}: {str(e).splitlines()[0]}") from None
+    except READ_ERRORS as e:
+        raise _read_error(src, e, "tokenizer") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -104,7 +104,7 @@ def test_eval_command_prints_the_scores_as_json(capsys, no_network):
     code = main(["eval", "--model", TINY, "--tasks", "winogrande", "--limit", "2", "--text", "lambada", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert code == 0
-    assert set(out) == {"tasks", "perplexity", "tokens", "model", "limit"}
+    assert set(out) == {"tasks", "perplexity", "tokens", "scored", "model", "limit"}
     assert set(out["tasks"]) == {"winogrande"} and 0.0 <= out["tasks"]["winogrande"]["acc"] <= 1.0
     assert out["model"] == TINY and out["limit"] == 2
 

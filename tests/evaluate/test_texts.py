@@ -30,10 +30,19 @@ def test_calibration_and_evaluation_sources_share_no_text():
     assert not set(load_texts("wikipedia")) & set(load_texts("lambada"))
 
 
-def test_a_user_file_gives_its_paragraphs(tmp_path):
+def test_a_user_file_is_one_text_as_written(tmp_path):
+    """One token stream, as llama.cpp reads a file: no EOS between its paragraphs for the model to predict."""
+    body = "  First paragraph,\nstill the first.\n\n\n\nSecond one.\n\n   \n\nThird.\n"
     f = tmp_path / "mine.txt"
-    f.write_text("  First paragraph,\nstill the first.\n\n\n\nSecond one.\n\n   \n\nThird.\n", encoding="utf-8")
-    assert load_texts(str(f)) == ("First paragraph,\nstill the first.", "Second one.", "Third.")
+    f.write_text(body, encoding="utf-8")
+    assert load_texts(str(f)) == (body,)
+
+
+def test_a_binary_file_is_refused_as_not_text(tmp_path):
+    f = tmp_path / "model.bin"
+    f.write_bytes(b"\xff\xfe\x00\x81" * 100)
+    with pytest.raises(AutosquashError, match="is not UTF-8 text"):
+        load_texts(str(f))
 
 
 def test_a_blank_user_file_is_refused(tmp_path):

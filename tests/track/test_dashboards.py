@@ -40,7 +40,15 @@ def test_ui_optuna_serves_the_study_on_localhost_and_stops_on_ctrl_c(tmp_path):
     _study(out)
     port = _free_port()
     cmd = [sys.executable, "-m", "autosquash", "ui", "--out", str(out), "--optuna", "--port", str(port)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        # As in a terminal: a background job of a non-interactive shell (CI, nohup) inherits SIGINT ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline, studies = time.monotonic() + START_S, None
         while time.monotonic() < deadline and proc.poll() is None:
