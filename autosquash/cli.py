@@ -136,7 +136,7 @@ def _devices(args: argparse.Namespace) -> int:
     print(f"{'name':20s} {'DRAM':>7s} {'app limit':>10s} {'bandwidth':>11s} {'battery':>9s}")
     for d in devices:
         print(
-            f"{d.name:20s} {d.dram_bytes / 2**30:5.1f} GiB {d.app_memory_fraction * d.dram_bytes / 2**30:6.1f} GiB "
+            f"{d.name:20s} {d.dram_bytes / 2**30:5.1f} GiB {d.app_memory_limit_bytes / 2**30:6.1f} GiB "
             f"{d.peak_bandwidth_bytes_per_s / 1e9:7.1f} GB/s {d.battery_j / 1e3:6.1f} kJ"
         )
     return 0

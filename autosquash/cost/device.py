@@ -55,6 +55,11 @@ class DeviceProfile(BaseModel):
         return v
 
     @property
+    def app_memory_limit_bytes(self) -> int:
+        """What one app may hold of the phone's DRAM."""
+        return int(self.app_memory_fraction * self.dram_bytes)
+
+    @property
     def battery_j(self) -> float:
         """Battery energy: capacity times nominal cell voltage (mAh * 3.6 = coulombs)."""
         return self.battery_mah * 3.6 * self.battery_voltage_v

@@ -81,7 +81,7 @@ def estimate(
     kv_per_position = kv_cache_bytes_per_token(arch, kv_type, kv_heads)
     kv_cache_bytes = kv_per_position * context_tokens
     peak_memory_bytes = weights_bytes + kv_cache_bytes + device.runtime_overhead_bytes
-    app_memory_limit_bytes = int(device.app_memory_fraction * device.dram_bytes)
+    app_memory_limit_bytes = device.app_memory_limit_bytes
 
     avg_position = (prompt_tokens + context_tokens) / 2
     # Scores q·k and the weighted sum of values: head_dim MACs each, per query head and position.

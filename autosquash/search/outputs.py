@@ -262,6 +262,28 @@ def write_plots_and_artifacts(
     tracker.describe_search(front_markdown(front, exp, out), front)
 
 
+# The front as a table (the search run's description, `autosquash report`): (column, heading, format).
+FRONT_TABLE = (
+    ("trial", "trial", "{}"),
+    ("origin", "origin", "{}"),
+    ("perplexity", "perplexity", "{:.3f}"),
+    ("kl", "KL", "{:.4f}"),
+    ("weights_mb", "weights MB", "{:.1f}"),
+    ("memory_mb", "peak MB", "{:.1f}"),
+    ("energy_mj_per_token", "mJ/token", "{:.2f}"),
+    ("tokens_per_s", "tok/s", "{:.1f}"),
+    ("bits_per_weight", "bits/weight", "{:.2f}"),
+)
+
+
+def table_cell(fmt: str, v) -> str:
+    """`v` in `fmt` ("{}": as it is), "-" where a number is missing."""
+    try:
+        return fmt.format(float(v)) if fmt != "{}" else str(v)
+    except (TypeError, ValueError):
+        return "-"
+
+
 def write_layer_maps(arch: Arch, trial: int, out: Path) -> list[Path]:
     """layers/trial-NNNN.png and .html: where trial `trial`'s plan put its bits."""
     plan = load_yaml_model(Plan, out / "plans" / f"trial-{trial:04d}.yaml")
@@ -279,15 +301,11 @@ def front_markdown(front: list[dict], exp: Experiment, out: Path) -> str:
         f"**{exp.name}**: {exp.model} on **{exp.device}**, {len(front)} plans on the Pareto front "
         f"({', '.join(exp.objectives)} minimised).",
         "",
-        "| trial | origin | perplexity | KL | weights MB | peak MB | mJ/token | tok/s | bits/w |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| " + " | ".join(h for _, h, _ in FRONT_TABLE) + " |",
+        "|" + "|".join("---" if k == "origin" else "---:" for k, _, _ in FRONT_TABLE) + "|",
     ]
     for r in front:
-        lines.append(
-            f"| {r['trial']} | {r['origin']} | {float(r['perplexity']):.3f} | {float(r['kl']):.4f} | "
-            f"{float(r['weights_mb']):.1f} | {float(r['memory_mb']):.1f} | {float(r['energy_mj_per_token']):.2f} | "
-            f"{float(r['tokens_per_s']):.1f} | {float(r['bits_per_weight']):.2f} |"
-        )
+        lines.append("| " + " | ".join(table_cell(f, r.get(k)) for k, _, f in FRONT_TABLE) + " |")
     lines += [
         "",
         "Export a plan as GGUF (rebuilt and healed as its trial was), then run it in llama.cpp:",

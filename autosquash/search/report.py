@@ -15,7 +15,7 @@ from pathlib import Path
 
 from autosquash.errors import AutosquashError
 from autosquash.search.experiment import Experiment, load_experiment
-from autosquash.search.outputs import write_layer_maps
+from autosquash.search.outputs import FRONT_TABLE, table_cell, write_layer_maps
 from autosquash.track.mlflow_store import find_trial_run
 from autosquash.track.plots import front_png
 
@@ -33,17 +33,6 @@ BREAKDOWN = (
     ("energy_j_per_token", "energy", 1e3, "{:.2f} mJ/tok"),
     ("hours_continuous_generation", "battery", 1.0, "{:.1f} h"),
 )
-FRONT = (
-    ("trial", "trial", "{}"),
-    ("origin", "origin", "{}"),
-    ("perplexity", "perplexity", "{:.3f}"),
-    ("kl", "KL", "{:.4f}"),
-    ("weights_mb", "weights MB", "{:.1f}"),
-    ("memory_mb", "peak MB", "{:.1f}"),
-    ("energy_mj_per_token", "mJ/token", "{:.2f}"),
-    ("tokens_per_s", "tok/s", "{:.1f}"),
-    ("bits_per_weight", "bits/weight", "{:.2f}"),
-)
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f3f3f3}td:nth-child(2){text-align:left}img{max-width:100%;border:1px solid #eee}
@@ -58,13 +47,6 @@ def _rows(path: Path) -> list[dict]:
 def _img(path: Path, alt: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
-
-
-def _fmt(fmt: str, v) -> str:
-    try:
-        return fmt.format(float(v)) if fmt != "{}" else str(v)
-    except (TypeError, ValueError):
-        return "-"
 
 
 def _table(heads: list[str], rows: list[list[str]]) -> str:
@@ -95,7 +77,7 @@ def build_report(run: Path) -> str:
     rows, front = _rows(run / "trials.csv"), _rows(run / "pareto.csv")
     arch = load_arch(exp.model)
     phone = load_device(exp.device)
-    limit_mb = phone.app_memory_fraction * phone.dram_bytes / 1e6
+    limit_mb = phone.app_memory_limit_bytes / 1e6
     uri_file = run / "tracking_uri.txt"
     uri = uri_file.read_text().strip() if uri_file.is_file() else None
     parts = [
@@ -105,7 +87,7 @@ def build_report(run: Path) -> str:
         f"held-out {html.escape(exp.evaluation.source)} text ({exp.evaluation.tokens} tokens), against the "
         "uncompressed model.</p>",
         "<h2>Pareto front</h2>",
-        _table([h for _, h, _ in FRONT], [[_fmt(f, r.get(k)) for k, _, f in FRONT] for r in front]),
+        _table([h for _, h, _ in FRONT_TABLE], [[table_cell(f, r.get(k)) for k, _, f in FRONT_TABLE] for r in front]),
     ]
     with tempfile.TemporaryDirectory() as tmp:
         plot = Path(tmp) / "front.png"
@@ -118,11 +100,12 @@ def build_report(run: Path) -> str:
                 png = write_layer_maps(arch, trial, run)[0]
             run_info = find_trial_run(uri, exp.name, trial) if uri else None
             metrics = run_info.data.metrics if run_info else {}
-            breakdown = [(h, _fmt(f, metrics[k] * s) if k in metrics else "-") for k, h, s, f in BREAKDOWN]
+            breakdown = [(h, table_cell(f, metrics[k] * s) if k in metrics else "-") for k, h, s, f in BREAKDOWN]
             parts += [
                 f"<section><h2>Trial {trial} ({html.escape(r['origin'])})</h2>",
-                f"<p>{html.escape(exp.quality_objective)} {_fmt('{:.4f}', r[exp.quality_objective])}, "
-                f"{_fmt('{:.1f}', r['weights_mb'])} MB of weights, plan <code>{html.escape(r['plan'])}</code></p>",
+                f"<p>{html.escape(exp.quality_objective)} {table_cell('{:.4f}', r[exp.quality_objective])}, "
+                f"{table_cell('{:.1f}', r['weights_mb'])} MB of weights, "
+                f"plan <code>{html.escape(r['plan'])}</code></p>",
                 f"<h3>Cost on {html.escape(exp.device)}</h3>",
                 _table([h for h, _ in breakdown], [[v for _, v in breakdown]]),
                 "<h3>Where the bits went</h3>",

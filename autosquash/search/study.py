@@ -191,7 +191,7 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
     finally:
         ray.shutdown()
     tracker.mark_front({int(r["trial"]) for r in front})
-    limit_mb = ctx.device.app_memory_fraction * ctx.device.dram_bytes / 1e6
+    limit_mb = ctx.device.app_memory_limit_bytes / 1e6
     driver = {**once, "peak_driver_rss_bytes": peak_rss_bytes()}
     write_plots_and_artifacts(rows, front, exp, limit_mb, tracker, out, setup_s, driver, ctx.arch)
     tracker.finish()
