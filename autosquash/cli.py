@@ -93,24 +93,24 @@ def _search(args: argparse.Namespace) -> int:
 
 def _estimate(args: argparse.Namespace) -> int:
     from autosquash.compress.plan import Plan, check_plan, deployed_tensors, kv_heads_per_layer
-    from autosquash.cost import estimate, format_report, load_device
+    from autosquash.cost import estimate, file_tensors, format_report, load_device
     from autosquash.formats.gguf_types import tensor_type
-    from autosquash.models.load import load_arch
+    from autosquash.models.load import load_arch, resolve
     from autosquash.yaml_io import load_yaml_model
 
-    arch = load_arch(args.model)
     device = load_device(args.device)
-    if args.plan:
-        plan = check_plan(load_yaml_model(Plan, args.plan), arch, args.plan)
+    src = resolve(args.model)
+    if src.kind == "gguf" and not args.plan and not args.uniform:
+        # A GGUF file is priced as it is stored: its own tensors and types, its blocks' KV heads.
+        arch, tensors, kv_heads = file_tensors(Path(src.location, src.gguf_file))
     else:
-        plan = Plan.uniform(arch, tensor_type(args.uniform or "F16").name)
-    report = estimate(
-        arch,
-        deployed_tensors(arch, plan),
-        device,
-        context_tokens=args.context,
-        kv_heads_per_layer=kv_heads_per_layer(arch, plan),
-    )
+        arch = load_arch(args.model)
+        if args.plan:
+            plan = check_plan(load_yaml_model(Plan, args.plan), arch, args.plan)
+        else:
+            plan = Plan.uniform(arch, tensor_type(args.uniform or "F16").name)
+        tensors, kv_heads = deployed_tensors(arch, plan), kv_heads_per_layer(arch, plan)
+    report = estimate(arch, tensors, device, context_tokens=args.context, kv_heads_per_layer=kv_heads)
     if args.json:
         _print_json(report.to_dict(), indent=2)
     else:
@@ -454,11 +454,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_search)
 
     e = sub.add_parser("estimate", help="memory, speed and energy of a model on a phone (config only)")
-    e.add_argument("--model", required=True, help="shipped name, .gguf, config.json, folder or hub id")
+    e.add_argument(
+        "--model",
+        required=True,
+        help="shipped name, .gguf (priced as stored: its own tensor types), config.json, folder or hub id",
+    )
     e.add_argument("--device", required=True, help="device profile name (see `devices`) or YAML file")
     g = e.add_mutually_exclusive_group()
     g.add_argument("--plan", help="plan YAML file (e.g. a trial's plans/trial-0007.yaml)")
-    g.add_argument("--uniform", help="one GGUF type for every weight, e.g. Q4_0 (default F16)")
+    g.add_argument(
+        "--uniform", help="one GGUF type for every weight, e.g. Q4_0 (default F16; a .gguf model: the file's types)"
+    )
     e.add_argument("--context", type=_count, default=2048, help="context length in tokens (default 2048)")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(fn=_estimate)

@@ -12,7 +12,10 @@ plan no larger, with the KL ratio (front / peer; below 1 the front wins).
     .venv/bin/python benchmarks/vs_llamacpp.py --run DIR --recipes Q4_K_M,Q4_0 --no-front
 
 The tools come from scripts/llama_tools.sh (built once from the pinned llama-cpp-python sdist, or found on
-PATH). Writes benchmarks/results/vs_llamacpp.txt and .json.
+PATH). Writes benchmarks/results/vs_llamacpp.txt and .json. The recipes made with the importance matrix are
+also scored as the search scores its trials (its quality metric on its evaluation tokens, priced as stored on its
+phone) into the run's peers.csv, and the run's front plots (folder and MLflow) are re-drawn with them marked;
+`autosquash report` shows them too.
 """
 
 from __future__ import annotations
@@ -248,6 +251,12 @@ def main() -> None:
             stats = score(bin_dir, out, test, kld_base, out.with_suffix(".log"))
             peers.append({"recipe": recipe, "imatrix": use_imatrix, "mb": _mb(out), **stats})
             print(f"{recipe:8s} imatrix={use_imatrix!s:5s} {peers[-1]['mb']:7.1f} MB  KL {stats['kl']:.4f}", flush=True)
+    # The recipes with the importance matrix (the stronger peer) scored as the search scores its trials, for
+    # its plots and report (peers.csv in the run's folder).
+    from autosquash.search.peers import add_peers
+
+    add_peers(run, [(p["recipe"], work / f"peer-{p['recipe']}-imatrix.gguf") for p in peers if p["imatrix"]])
+    print(f"marked {sum(p['imatrix'] for p in peers)} recipes in {run / 'pareto.png'} (peers.csv)", flush=True)
     front = []
     if not args.no_front:
         for f in front_files(run, work):

@@ -57,6 +57,25 @@ def kv_cache_bytes_per_token(arch: Arch, kv_type: str = "F16", kv_heads_per_laye
     return 2 * sum(tensor_type(kv_type).nbytes((n, arch.head_dim)) for n in heads if n > 0)
 
 
+def file_tensors(path) -> tuple[Arch, list[TensorSpec], list[int]]:
+    """A `llama`/`deci` GGUF model file as the cost model prices it: its architecture, every tensor it holds
+    (name, torch shape, stored type, work per token, as `deployed_tensors` gives a plan's) and each block's
+    KV-head count, so `estimate` prices the file a user has rather than the plan it came from."""
+    from autosquash.formats.gguf import read_gguf_layout
+
+    config, _, kv_heads, tensors = read_gguf_layout(path)
+    tied = "output.weight" not in tensors
+    specs = []
+    for name, t in tensors.items():
+        shape = tuple(int(d) for d in reversed(t.shape))  # ggml lists the row length first
+        if name == "token_embd.weight":
+            specs.append(TensorSpec(name, shape, t.tensor_type.name, shape[0] * shape[1] if tied else 0, not tied))
+        else:
+            macs = shape[0] * shape[1] if len(shape) == 2 else 0
+            specs.append(TensorSpec(name, shape, t.tensor_type.name, macs))
+    return Arch.from_config(config), specs, kv_heads
+
+
 def estimate(
     arch: Arch,
     tensors: Sequence[TensorSpec],

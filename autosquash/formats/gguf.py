@@ -19,7 +19,7 @@ from gguf import GGUFReader, GGUFType, GGUFValueType, GGUFWriter
 from gguf.constants import GGMLQuantizationType
 
 from autosquash.errors import AutosquashError
-from autosquash.formats.codecs import QuantizedTensor, dequantize
+from autosquash.formats.codecs import QUANTIZABLE_TYPES, QuantizedTensor, dequantize
 
 READABLE_ARCHS = ("llama", "deci")
 
@@ -62,11 +62,17 @@ def gguf_architecture(path: str | Path) -> str:
 
 
 def read_tensor(t) -> torch.Tensor:
-    """A GGUF tensor (gguf.ReaderTensor) decoded to float32 by autosquash's dequantizer, in numpy (rows, cols) order."""
+    """A GGUF tensor (gguf.ReaderTensor) decoded to float32 in numpy (rows, cols) order: by autosquash's
+    dequantizer for the types it writes, by the gguf package's for the others (llama.cpp's IQ types, say)."""
     cols = int(t.shape[0])
     rows = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else 1
     data = np.ascontiguousarray(t.data).view(np.uint8).reshape(rows, -1)
-    w = dequantize(QuantizedTensor(t.tensor_type.name, (rows, cols), data))
+    if t.tensor_type.name in QUANTIZABLE_TYPES:
+        w = dequantize(QuantizedTensor(t.tensor_type.name, (rows, cols), data))
+    else:
+        from gguf.quants import dequantize as gguf_dequantize
+
+        w = torch.from_numpy(gguf_dequantize(data, t.tensor_type).astype(np.float32)).reshape(rows, cols)
     return w.reshape(cols) if len(t.shape) == 1 else w
 
 

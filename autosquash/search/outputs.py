@@ -15,6 +15,7 @@ import optuna
 from autosquash.compress.plan import Plan
 from autosquash.models.arch import Arch
 from autosquash.search.experiment import Experiment
+from autosquash.search.peers import read_peers
 from autosquash.track.layer_map import layer_map_html, layer_map_png
 from autosquash.track.mlflow_store import SearchTracker
 from autosquash.track.plots import front_html, front_png
@@ -249,9 +250,7 @@ def write_plots_and_artifacts(
 ) -> None:
     """The front's plots, each front plan's layer map (on its trial's run), and on the MLflow parent run the
     tables, plots, the search's totals and a description of the front."""
-    title = f"{exp.name}: {exp.quality_objective} against size on {exp.device}"
-    front_png(rows, front, exp.quality_objective, limit_mb, title, out / "pareto.png")
-    front_html(rows, front, exp.quality_objective, limit_mb, title, out / "pareto.html")
+    write_front_plots(rows, front, exp, limit_mb, out)
     for r in front:
         for f in write_layer_maps(arch, int(r["trial"]), out):
             tracker.log_trial_artifact(int(r["trial"]), f)
@@ -260,6 +259,14 @@ def write_plots_and_artifacts(
         {"trials_finished": len(rows), "front_size": len(front), "setup_s": setup_s, **driver_metrics},
     )
     tracker.describe_search(front_markdown(front, exp, out), front)
+
+
+def write_front_plots(rows: list[dict], front: list[dict], exp: Experiment, limit_mb: float, out: Path) -> None:
+    """pareto.png and pareto.html in `out`, with the peer files of its peers.csv where there is one."""
+    title = f"{exp.name}: {exp.quality_objective} against size on {exp.device}"
+    peers = read_peers(out)
+    front_png(rows, front, exp.quality_objective, limit_mb, title, out / "pareto.png", peers)
+    front_html(rows, front, exp.quality_objective, limit_mb, title, out / "pareto.html", peers)
 
 
 # The front as a table (the search run's description, `autosquash report`): (column, heading, format).

@@ -1,7 +1,9 @@
 """`autosquash report RUN`: one self-contained HTML page on a finished search (no network needed to view it).
 
 The page holds the front as a table, the front plot, each front plan's layer map and its cost breakdown
-on the phone, and for each plan the commands that export it and run it in llama.cpp. Images are embedded
+on the phone, and for each plan the commands that export it and run it in llama.cpp. Where the peer benchmark
+scored llama.cpp's own recipes for this search (peers.csv), they are in the plot and in a table beside the
+best front plan no larger than each. Images are embedded
 as data URIs; everything comes from the search's folder and its MLflow store.
 """
 
@@ -16,6 +18,7 @@ from pathlib import Path
 from autosquash.errors import AutosquashError
 from autosquash.search.experiment import Experiment, load_experiment
 from autosquash.search.outputs import FRONT_TABLE, table_cell, write_layer_maps
+from autosquash.search.peers import read_peers
 from autosquash.track.mlflow_store import find_trial_run
 from autosquash.track.plots import front_png
 
@@ -66,6 +69,28 @@ def _commands(run: Path, trial: int) -> str:
     return "<pre>" + html.escape("\n".join(lines)) + "</pre>"
 
 
+def _peer_table(peers: list[dict], front: list[dict], quality: str) -> str:
+    """Each peer file beside the best front plan whose weights are no larger (quality ratio: below 1 it wins)."""
+    rows = []
+    for p in sorted(peers, key=lambda p: float(p["weights_mb"])):
+        fits = [r for r in front if float(r["weights_mb"]) <= float(p["weights_mb"])]
+        best = min(fits, key=lambda r: float(r[quality])) if fits else None
+        ratio = float(best[quality]) / float(p[quality]) if best and float(p[quality]) > 0 else None
+        rows.append(
+            [
+                p["name"],
+                table_cell("{:.1f}", p["weights_mb"]),
+                table_cell("{:.4f}", p[quality]),
+                f"trial {best['trial']}" if best else "none",
+                table_cell("{:.1f}", best["weights_mb"]) if best else "-",
+                table_cell("{:.4f}", best[quality]) if best else "-",
+                table_cell("{:.2f}", ratio),
+            ]
+        )
+    heads = ["recipe", "weights MB", quality, "best front plan no larger", "its MB", f"its {quality}", "ratio"]
+    return _table(heads, rows)
+
+
 def build_report(run: Path) -> str:
     """The report page of the search in `run`, as HTML text."""
     if not (run / "experiment.yaml").is_file() or not (run / "pareto.csv").is_file():
@@ -89,9 +114,17 @@ def build_report(run: Path) -> str:
         "<h2>Pareto front</h2>",
         _table([h for _, h, _ in FRONT_TABLE], [[table_cell(f, r.get(k)) for k, _, f in FRONT_TABLE] for r in front]),
     ]
+    peers = read_peers(run)
+    if peers:
+        parts += [
+            "<h2>llama.cpp's recipes</h2>",
+            "<p>Files made by llama-quantize (benchmarks/vs_llamacpp.py), scored as the trials are: "
+            f"{html.escape(exp.quality_objective)} on the same held-out tokens, priced on the same phone.</p>",
+            _peer_table(peers, front, exp.quality_objective),
+        ]
     with tempfile.TemporaryDirectory() as tmp:
         plot = Path(tmp) / "front.png"
-        front_png(rows, front, exp.quality_objective, limit_mb, exp.name, plot)
+        front_png(rows, front, exp.quality_objective, limit_mb, exp.name, plot, peers)
         parts += ["<h2>Quality against size</h2>", _img(plot, "front plot")]
         for r in front:
             trial = int(r["trial"])

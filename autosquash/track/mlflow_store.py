@@ -77,6 +77,21 @@ def find_trial_run(tracking_uri: str, experiment_name: str, trial: int):
     return runs[0] if runs else None
 
 
+def log_to_search_run(tracking_uri: str, experiment_name: str, files: list[Path]) -> bool:
+    """Attach `files` to the newest search run of `experiment_name` (replacing same-named artifacts), as a tool
+    that runs after the search does (the peer benchmark's re-drawn plots); False where the store has none."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment_name)
+    runs = (
+        []
+        if exp is None
+        else client.search_runs([exp.experiment_id], f"tags.`{ROLE}` = 'search'", order_by=["start_time DESC"])
+    )
+    for f in files if runs else ():
+        client.log_artifact(runs[0].info.run_id, str(f))
+    return bool(runs)
+
+
 class SearchTracker:
     """The MLflow runs of one search."""
 

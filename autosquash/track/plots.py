@@ -3,11 +3,13 @@
 Each view draws as its line the plans no other plan beats in that view (smaller and no worse, or no larger
 and better), among the plans that fit the phone; every other plan is a point. The uniform baselines are
 squares, the search's Pareto front (all its objectives at once) is ringed in red, and the phone's memory
-limit is drawn in the peak-memory view when it is in range.
+limit is drawn in the peak-memory view when it is in range. Another tool's files scored the same way (llama.cpp's
+recipes, from `benchmarks/vs_llamacpp.py`: the search's peers.csv) are triangles, named.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 BASELINE, SEARCHED = "baseline", "searched"  # searched: every origin but the seeded uniform baselines
@@ -35,7 +37,15 @@ def pareto_2d(rows: list[dict], x: str, y: str) -> list[dict]:
     return out
 
 
-def front_png(rows: list[dict], front: list[dict], quality: str, limit_mb: float, title: str, path: Path) -> None:
+def front_png(
+    rows: list[dict],
+    front: list[dict],
+    quality: str,
+    limit_mb: float,
+    title: str,
+    path: Path,
+    peers: Sequence[dict] = (),
+) -> None:
     """Static plot (PNG) for the MLflow run page: the two views side by side."""
     import matplotlib
 
@@ -66,6 +76,11 @@ def front_png(rows: list[dict], front: list[dict], quality: str, limit_mb: float
                     linewidths=[1.6 if str(r["trial"]) in front_ids else 0.4 for r in sel],
                     label=f"{origin} plans",
                 )
+        if peers:
+            px, py = [float(r[x]) for r in peers], [float(r[quality]) for r in peers]
+            ax.scatter(px, py, marker="^", s=55, facecolors="none", edgecolors="darkorange", label="llama.cpp recipes")
+            for r, xi, yi in zip(peers, px, py, strict=True):
+                ax.annotate(r["name"], (xi, yi), xytext=(3, 3), textcoords="offset points", fontsize=6, c="darkorange")
         line = pareto_2d(done, x, quality)
         if line:
             ax.plot([float(r[x]) for r in line], [float(r[quality]) for r in line], "r-", lw=1.2, label="best here")
@@ -98,7 +113,15 @@ def _limit(ax, limit_mb: float, top: float) -> None:
         )
 
 
-def front_html(rows: list[dict], front: list[dict], quality: str, limit_mb: float, title: str, path: Path) -> None:
+def front_html(
+    rows: list[dict],
+    front: list[dict],
+    quality: str,
+    limit_mb: float,
+    title: str,
+    path: Path,
+    peers: Sequence[dict] = (),
+) -> None:
     """Interactive plot (self-contained HTML): both views; hover shows each trial's numbers and plan file."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
@@ -130,6 +153,29 @@ def front_html(rows: list[dict], front: list[dict], quality: str, limit_mb: floa
                         f"energy {float(r['energy_mj_per_token']):.2f} mJ/token<br>"
                         f"{float(r['bits_per_weight']):.2f} bits/weight<br>{r['plan']}"
                         for r in sel
+                    ],
+                    hoverinfo="text",
+                ),
+                row=1,
+                col=col,
+            )
+        if peers:
+            fig.add_trace(
+                go.Scatter(
+                    x=[float(r[x]) for r in peers],
+                    y=[float(r[quality]) for r in peers],
+                    mode="markers+text",
+                    name="llama.cpp recipes",
+                    legendgroup="peers",
+                    showlegend=col == 1,
+                    marker={"symbol": "triangle-up-open", "size": 11, "color": "darkorange"},
+                    text=[r["name"] for r in peers],
+                    textposition="top right",
+                    textfont={"size": 9, "color": "darkorange"},
+                    hovertext=[
+                        f"{r['name']}<br>{quality} {float(r[quality]):.3f}<br>weights {float(r['weights_mb']):.1f} MB, "
+                        f"peak {float(r['memory_mb']):.1f} MB<br>{r['file']}"
+                        for r in peers
                     ],
                     hoverinfo="text",
                 ),

@@ -1,13 +1,16 @@
 """The smoke search end to end through real Optuna, Ray and MLflow (a tiny random Llama)."""
 
 import csv
+import shutil
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from autosquash.cli import main
+from autosquash.search.experiment import load_experiment
 from autosquash.search.outputs import COLUMNS
+from autosquash.search.peers import add_peers, read_peers
 from autosquash.track.mlflow_store import default_tracking_uri
 
 ROOT = Path(__file__).parents[2]
@@ -133,3 +136,29 @@ def test_export_register_and_pull_a_trial(smoke_run, tmp_path, monkeypatch, caps
     assert (tmp_path / "by-alias" / "m.gguf").read_bytes() == gguf.read_bytes()
     assert main(["pull", "models:/no-such-model/1", "--out", str(tmp_path / "x"), *runs]) == 2
     assert f"no registry under {smoke_run.parent} knows 'no-such-model'" in capsys.readouterr().err
+
+
+def test_peer_files_are_scored_as_the_trials_are_and_marked_in_plots_and_report(smoke_run, tmp_path):
+    # vs_llamacpp.py hands llama-quantize's files to add_peers; two exports of the base stand in for them here.
+    from gguf import GGUFReader
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    model = load_experiment(run / "experiment.yaml").model
+    files = []
+    for t in ("F16", "Q4_0"):
+        files.append((f"base {t}", tmp_path / f"peer-{t}.gguf"))
+        assert main(["export", "--model", model, "--uniform", t, "--out", str(files[-1][1])]) == 0
+    f16, q4 = add_peers(run, files)
+    # Against the search's own reference logits: F16 only rounds the float32 base (KL about 1e-10 on this random
+    # model, whose outputs are near uniform), Q4_0 loses about 10^4 times more (about 3e-6).
+    assert f16["kl"] < 1e-8 and q4["kl"] > 100 * f16["kl"] and q4["perplexity"] > 1
+    # priced as stored: the file's own tensor bytes, exactly
+    stored = sum(int(t.n_bytes) for t in GGUFReader(files[1][1]).tensors)
+    assert q4["weights_mb"] * 1e6 == pytest.approx(stored, abs=0.5)
+    assert [r["name"] for r in read_peers(run)] == ["base F16", "base Q4_0"]
+    assert "llama.cpp recipes" in (run / "pareto.html").read_text()
+    page = tmp_path / "report.html"
+    assert main(["report", str(run), "--out", str(page)]) == 0
+    text = page.read_text()
+    assert "<h2>llama.cpp's recipes</h2>" in text and "<td>base Q4_0</td>" in text

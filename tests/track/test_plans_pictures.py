@@ -87,3 +87,18 @@ def test_both_views_are_drawn(tmp_path):
     front_html(rows, rows[:2], "kl", 460.0, "t", tmp_path / "p.html")
     page = tmp_path.joinpath("p.html").read_text()
     assert "weights (MB)" in page and "peak memory on the phone (MB)" in page and "app memory limit" in page
+
+
+def test_peer_files_are_triangles_named_by_recipe_and_stay_off_the_line(tmp_path):
+    rows = [_row(0, 100, 450, 0.01, origin="baseline"), _row(1, 80, 430, 0.30)]
+    peers = [{**_row(9, 85, 435, 0.02), "name": "Q3_K_M", "file": "peer-Q3_K_M-imatrix.gguf"}]
+    front_html(rows, rows, "kl", 460.0, "t", tmp_path / "with.html", peers)
+    front_html(rows, rows, "kl", 460.0, "t", tmp_path / "without.html")
+    page = tmp_path.joinpath("with.html").read_text()
+    assert "llama.cpp recipes" in page and "triangle-up-open" in page and "peer-Q3_K_M-imatrix.gguf" in page
+    assert "llama.cpp recipes" not in tmp_path.joinpath("without.html").read_text()
+    # a peer is a point to compare with, not a plan of the search: the line ignores it
+    assert [r["trial"] for r in pareto_2d(rows, "weights_mb", "kl")] == [1, 0]
+    front_png(rows, rows, "kl", 460.0, "t", tmp_path / "p.png", peers)
+    front_png(rows, rows, "kl", 460.0, "t", tmp_path / "q.png")
+    assert tmp_path.joinpath("p.png").read_bytes() != tmp_path.joinpath("q.png").read_bytes()
