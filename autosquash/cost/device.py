@@ -10,8 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from autosquash.errors import AutosquashError
 from autosquash.yaml_io import load_yaml_model
 
-# Fields that name a profile rather than measure something; every other field needs a source.
-_UNSOURCED = {"name", "description", "sources"}
+# Fields that name a profile or set how its runtime runs rather than measure something; every other field
+# needs a source.
+_UNSOURCED = {"name", "description", "sources", "flash_attention", "ubatch_tokens"}
 
 
 class DeviceProfile(BaseModel):
@@ -28,7 +29,14 @@ class DeviceProfile(BaseModel):
     # eta: the share of peak DRAM bandwidth that decoding actually reaches.
     bandwidth_efficiency: float = Field(gt=0, le=1)
     fixed_overhead_s_per_token: float = Field(ge=0)
-    runtime_overhead_bytes: int = Field(ge=0)
+    # What the runtime holds beside its weights, KV cache, compute and output buffers (code, threads, tables).
+    runtime_fixed_bytes: int = Field(ge=0)
+    # The runtime's settings that size its compute buffer: llama.cpp's flash attention (its default "auto" turns
+    # it on for the CPU and Metal backends) and its micro-batch (n_ubatch, 512 by default).
+    flash_attention: bool = True
+    ubatch_tokens: int = Field(default=512, gt=0)
+    # Decode speed once the phone is hot (continuous generation for minutes), as a share of its burst speed.
+    sustained_speed_factor: float = Field(gt=0, le=1)
     # Sustained multiply-accumulates per second in prefill, where batched matmuls are compute-bound.
     peak_macs_per_s: float = Field(gt=0)
     dram_energy_j_per_byte: float = Field(gt=0)

@@ -117,7 +117,8 @@ ONEPLUS_ROWS = [("Llama-3.2-1B", 19.2, 3185), ("Llama-3.2-3B", 7.6, 7419)]
 def test_calibration_oneplus_12(model: str, tokens_per_s: float, peak_mib: float) -> None:
     r = report(model, f16, "oneplus-12")  # BF16 takes 2 bytes like F16
     # ±25 %: the profile keeps DESIGN.md's physical defaults (eta 0.6, no fitting), so these rows
-    # are an out-of-sample check; runtime memory other than weights and KV cache is a rough 0.3 GB.
+    # are an out-of-sample check; runtime memory beside weights and KV cache is sized as llama.cpp sizes its
+    # buffers, which ExecuTorch need not match.
     assert r.decode_tokens_per_s == pytest.approx(tokens_per_s, rel=0.25)
     assert r.peak_memory_bytes / MIB == pytest.approx(peak_mib, rel=0.25)
 
@@ -162,7 +163,8 @@ def test_battery_figures_are_consistent() -> None:
     r = report("Llama-3.2-3B", q4_k_m, "iphone-16")
     # Exact identities up to float rounding.
     assert r.battery_pct_per_1000_tokens == pytest.approx(100 * 1000 * r.energy_j_per_token / r.battery_j)
-    hours_from_pct = 100 / r.battery_pct_per_1000_tokens * 1000 / r.decode_tokens_per_s / 3600
+    # continuous generation: tokens at the sustained (hot) rate
+    hours_from_pct = 100 / r.battery_pct_per_1000_tokens * 1000 / r.sustained_decode_tokens_per_s / 3600
     assert r.hours_continuous_generation == pytest.approx(hours_from_pct)
 
 
