@@ -1,4 +1,4 @@
-"""The pure parts of the search benchmarks: the 2-D hypervolume and the llama.cpp mixtures as plans."""
+"""The pure parts of the benchmarks: the 2-D hypervolume, the llama.cpp mixtures as plans, the cost validation."""
 
 import sys
 from pathlib import Path
@@ -8,10 +8,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))  # the scripts import their helpers by name
 
 from _common import hypervolume_2d  # noqa: E402
-from front_vs_uniform import llama_cpp_mixture, use_more_bits  # noqa: E402
 from sampler_efficiency import beaten, curve  # noqa: E402
 
 from autosquash.compress.plan import deployed_tensors  # noqa: E402
+from autosquash.compress.recipes import llama_cpp_mixture, use_more_bits  # noqa: E402
 from autosquash.models.arch import Arch  # noqa: E402
 
 # SmolLM2-135M's shape: 576-wide rows (no K-quants but ffn_down's 1536), tied embeddings.
@@ -70,3 +70,19 @@ def test_q3_k_m_on_smollm2_falls_back_as_llama_cpp():
     assert types["blk.0.ffn_down.weight"] == "Q5_K" and types["blk.1.ffn_down.weight"] == "Q4_K"
     assert types["blk.7.attn_output.weight"] == "Q5_0"  # Q4_K
     assert types["blk.7.attn_k.weight"] == types["blk.7.ffn_gate.weight"] == "Q4_0"  # Q3_K
+
+
+def test_cost_validation_prints_its_table_and_json(tmp_path, capsys, monkeypatch):
+    import json
+
+    import cost_validation
+
+    monkeypatch.setattr(sys, "argv", ["cost_validation.py", "--json"])
+    cost_validation.main()
+    out = json.loads(capsys.readouterr().out)
+    medians = out["out_of_sample_median_error_pct"]
+    assert set(medians) == {"decode_tokens_per_s", "energy_j_per_token"} and all(v > 0 for v in medians.values())
+    assert {r["held_out"] for r in out["rows"]} == {"model", "row"}
+    monkeypatch.setattr(sys, "argv", ["cost_validation.py", "--results", str(tmp_path)])
+    cost_validation.main()
+    assert "decode tok/s out of sample: median |error|" in (tmp_path / "cost_validation.txt").read_text()

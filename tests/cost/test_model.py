@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from autosquash.compress.plan import LayerChoice, Plan, deployed_tensors
+from autosquash.compress.plan import Plan, deployed_tensors
+from autosquash.compress.recipes import llama_cpp_mixture
 from autosquash.cost import estimate, format_report, kv_cache_bytes_per_token, load_device
 from autosquash.cost.model import CostReport
 from autosquash.errors import AutosquashError
@@ -29,19 +30,8 @@ def f16(a: Arch) -> Plan:
 
 
 def q4_k_m(a: Arch) -> Plan:
-    """llama.cpp's Q4_K_M recipe as a plan: Q4_K, with Q6_K for attn_v and ffn_down in the first and
-    last eighth of the blocks and every third block between, and Q6_K for the output head (which is
-    the token table itself when tied). Types too wide for a row fall back as llama.cpp's do."""
-    n = a.n_layers
-
-    def more_bits(i: int) -> bool:
-        return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
-
-    groups = {}
-    for i in range(n):
-        groups[f"blk.{i}.attn"] = LayerChoice(quant="Q4_K", tensor_quant={"attn_v": "Q6_K"} if more_bits(i) else {})
-        groups[f"blk.{i}.ffn"] = LayerChoice(quant="Q4_K", tensor_quant={"ffn_down": "Q6_K"} if more_bits(i) else {})
-    return Plan(embed_quant="Q6_K" if a.tied_embeddings else "Q4_K", output_quant="Q6_K", groups=groups)
+    """llama.cpp's Q4_K_M recipe as a plan."""
+    return llama_cpp_mixture(a, "Q4_K_M")
 
 
 def test_llama_8b_f16_on_iphone_16() -> None:
