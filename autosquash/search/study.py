@@ -41,6 +41,7 @@ from autosquash.search.outputs import (
     write_plots_and_artifacts,
     write_tables,
 )
+from autosquash.search.preflight import check_ray_address, check_storage, check_tracking_uri, stored_trials
 from autosquash.search.sensitivity import SensitivitySampler, cached_profile, proposal_targets
 from autosquash.search.space import SearchSpace, params_key
 from autosquash.search.trial import TrialContext, load_inputs, prepare_context, run_benchmark, run_trial, trial_seed
@@ -86,15 +87,18 @@ def make_sampler(exp: Experiment, budget: int, offset: int = 0) -> optuna.sample
 
 def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
     """Run (or resume) a search; returns the Pareto front rows."""
-    import ray
-
     started = time.perf_counter()
-    resolve_device(exp.hardware.device)  # a device this machine lacks fails before anything is written
+    _preflight(exp, opts)  # nothing written, nothing loaded yet: a bad input costs seconds and leaves no trace
     out = opts.out_dir
-    if out.exists() and (out / "optuna.db").exists() and not opts.resume:
+    held = stored_trials(out)
+    if held and not opts.resume:
         raise AutosquashError(f"{out} already holds a search; pass --resume to continue it or choose another --out")
-    if opts.resume and not opts.storage and not (out / "optuna.db").exists():
-        raise AutosquashError(f"--resume: {out} holds no search to continue (no optuna.db); drop --resume to start one")
+    if opts.resume and not opts.storage and not held:
+        raise AutosquashError(
+            f"--resume: {out} holds no search to continue (no trial stored); drop --resume to start one"
+        )
+    if held == 0:
+        (out / "optuna.db").unlink()  # what a start that failed before its first trial left: nothing to keep
     if opts.resume:
         _check_same_experiment(exp, out)
     (out / "plans").mkdir(parents=True, exist_ok=True)
@@ -134,6 +138,45 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
         },
     )
     study.set_user_attr("mlflow_parent_run_id", parent)
+    try:
+        return _search(exp, opts, out, study, space, tracker, started)
+    except KeyboardInterrupt:
+        tracker.finish("KILLED")
+        raise
+    except BaseException:
+        tracker.finish("FAILED")  # the MLflow UI shows the run as failed, not as running for ever
+        raise
+
+
+def _preflight(exp: Experiment, opts: SearchOptions) -> None:
+    """Everything a search can check before it writes or loads anything (see search/preflight.py)."""
+    from autosquash.cost import load_device
+    from autosquash.models.load import load_arch
+
+    resolve_device(exp.hardware.device)  # a device this machine lacks
+    load_arch(exp.model)  # the model reference: its config alone, no weights
+    load_device(exp.device)
+    SearchSpace.load(exp.search_space)
+    if opts.ray_address:
+        check_ray_address(opts.ray_address)
+    if opts.tracking_uri:
+        check_tracking_uri(opts.tracking_uri)
+    if opts.storage:
+        check_storage(opts.storage)
+
+
+def _search(
+    exp: Experiment,
+    opts: SearchOptions,
+    out: Path,
+    study: optuna.Study,
+    space: SearchSpace,
+    tracker: SearchTracker,
+    started: float,
+) -> list[dict]:
+    """The search from its inputs to its front, in an MLflow run that is open (run_search closes it)."""
+    import ray
+
     resumed = len(study.trials)  # 0 for a new search: its samplers keep the experiment's seed
     if resumed:
         study.sampler = make_sampler(exp, opts.trials, offset=resumed)
@@ -185,9 +228,6 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
             for r in front:  # the front's benchmark beside its proxies, in pareto.csv too
                 r[BENCH] = tracker.metric(int(r["trial"]), BENCH)
             write_csv(out / "pareto.csv", front, [*COLUMNS, BENCH])
-    except KeyboardInterrupt:
-        tracker.finish("KILLED")
-        raise
     finally:
         ray.shutdown()
     tracker.mark_front({int(r["trial"]) for r in front})

@@ -1,0 +1,68 @@
+"""A search checks its inputs before it writes or loads anything, and a start that fails blocks nothing."""
+
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+import autosquash.search.study as study_module
+from autosquash.cli import main
+from autosquash.errors import AutosquashError
+from autosquash.search.preflight import check_ray_address, check_storage, check_tracking_uri, stored_trials
+from autosquash.track.mlflow_store import default_tracking_uri
+
+SMOKE = str(Path(__file__).parents[2] / "experiments/smoke.yaml")
+
+
+def test_addresses_nobody_answers_at_fail_in_seconds_naming_the_option():
+    for check, value, message in [
+        (check_ray_address, "127.0.0.1:1", "--ray-address 127.0.0.1:1: no Ray cluster answers at 127.0.0.1:1"),
+        (check_ray_address, "ray://127.0.0.1:1", "no Ray cluster answers"),
+        (check_ray_address, "localhost", "not an address with a host and a port"),
+        (check_tracking_uri, "http://127.0.0.1:1", "--tracking-uri http://127.0.0.1:1: no MLflow server answers"),
+        (check_tracking_uri, "bogus://x", "--tracking-uri bogus://x: MLflow cannot open it"),
+        (check_storage, "notaurl", "--storage notaurl: Optuna cannot open it"),
+        (check_storage, "sqlite:////nonexistent/folder/x.db", "Optuna cannot open it"),
+    ]:
+        t0 = time.monotonic()
+        with pytest.raises(AutosquashError, match=message):
+            check(value)
+        assert time.monotonic() - t0 < 30, value
+
+
+def test_usable_stores_pass(tmp_path):
+    check_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    check_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    check_ray_address("auto")
+
+
+def test_a_bad_address_is_refused_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["search", SMOKE, "--trials", "2", "--out", str(out), "--ray-address", "127.0.0.1:1"]) == 2
+    assert "no Ray cluster answers" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_database_without_trials_is_no_search(tmp_path):
+    assert stored_trials(tmp_path) is None
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="s")
+    study.enqueue_trial({"x": 1.0})  # a baseline queued by a start that failed before it ran
+    assert stored_trials(tmp_path) == 0
+    study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=1.0))
+    assert stored_trials(tmp_path) == 1
+
+
+def test_a_start_that_fails_after_it_began_marks_its_run_failed_and_blocks_no_rerun(tmp_path, monkeypatch, capsys):
+    def unreadable(*args, **kwargs):
+        raise AutosquashError("the model's weights are unreadable")
+
+    monkeypatch.setattr(study_module, "load_inputs", unreadable)
+    out = tmp_path / "run"
+    for _ in range(2):  # the second start is not refused as "already holds a search"
+        assert main(["search", SMOKE, "--trials", "2", "--out", str(out)]) == 2
+        assert "the model's weights are unreadable" in capsys.readouterr().err
+    client = MlflowClient(default_tracking_uri(out))
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FAILED"}
