@@ -88,7 +88,28 @@ def _search(args: argparse.Namespace) -> int:
     )
     front = run_search(exp, opts)
     print_front(front, exp, out)
+    if not front:
+        raise AutosquashError(_why_no_front(out, exp.device))
     return 0
+
+
+def _why_no_front(out: Path, device: str) -> str:
+    """Why a finished search has an empty front: every trial failed, or no plan fits the phone."""
+    import csv
+
+    with (out / "trials.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    done = [r for r in rows if r["state"] == "COMPLETE"]
+    if not done:
+        errors = sorted({r["error"] for r in rows if r["error"]})
+        first = errors[0] if errors else "no error recorded"
+        return f"every one of the {len(rows)} trials failed (first error: {first}); see {out / 'trials.csv'}"
+    smallest = min(done, key=lambda r: float(r["memory_mb"]))
+    return (
+        f"no plan of the {len(done)} finished trials fits {device}: the smallest needs "
+        f"{float(smallest['memory_mb']):.0f} MB at run time (trial {smallest['trial']}); choose a phone with more "
+        "memory, a shorter context_tokens or a space with smaller types"
+    )
 
 
 def _estimate(args: argparse.Namespace) -> int:
