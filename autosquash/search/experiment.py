@@ -116,7 +116,7 @@ class Experiment(BaseModel):
 
 def load_experiment(path: str | Path) -> Experiment:
     """Read and validate an experiment YAML file; relative paths in it are taken from its folder."""
-    exp = validate(Experiment, read_yaml(path), str(path))
+    exp = validate(Experiment, read_yaml(path), str(path), Path(path))
     quality = [o for o in exp.objectives if o in ("perplexity", "kl")]
     if len(quality) != 1 or "memory" not in exp.objectives or len(set(exp.objectives)) != len(exp.objectives):
         raise AutosquashError(
