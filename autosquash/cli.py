@@ -598,6 +598,10 @@ def main(argv: list[str] | None = None) -> int:
     except AutosquashError as e:
         print(f"autosquash: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the system's refusal (disk full, no permission, a file gone), in its words, one line
+        where = f" {e.filename}:" if e.filename else ""
+        print(f"autosquash: error:{where} {e.strerror or e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:
         print("autosquash: interrupted; finished trials are stored (continue with --resume)", file=sys.stderr)
         return 143 if was_terminated(e) else 130

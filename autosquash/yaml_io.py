@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from autosquash.errors import AutosquashError
+from autosquash.files import write_text
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -78,4 +79,4 @@ def load_yaml_model(model: type[M], path: str | Path) -> M:
 
 def dump_yaml_model(obj: BaseModel, path: str | Path) -> None:
     """Write a model as YAML that `load_yaml_model` reads back to an equal model."""
-    Path(path).write_text(yaml.safe_dump(obj.model_dump(mode="json"), sort_keys=False))
+    write_text(path, yaml.safe_dump(obj.model_dump(mode="json"), sort_keys=False))

@@ -19,6 +19,7 @@ from gguf import GGUFReader, GGUFType, GGUFValueType, GGUFWriter
 from gguf.constants import GGMLQuantizationType
 
 from autosquash.errors import AutosquashError
+from autosquash.files import atomic_path
 from autosquash.formats.codecs import QUANTIZABLE_TYPES, QuantizedTensor, dequantize
 
 READABLE_ARCHS = ("llama", "deci")
@@ -208,13 +209,15 @@ def add_tensor(writer: GGUFWriter, name: str, q: QuantizedTensor | np.ndarray, t
 
 @contextlib.contextmanager
 def gguf_writer(path: str | Path, arch_name: str, kind: GGUFType = GGUFType.MODEL) -> Iterator[GGUFWriter]:
-    """A GGUFWriter for a model (or adapter) of `arch_name`; header, key/values and tensors are written on exit."""
-    writer = GGUFWriter(str(path), arch_name)
-    writer.add_type(kind)
-    try:
-        yield writer
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
+    """A GGUFWriter for a model (or adapter) of `arch_name`; header, key/values and tensors are written on exit,
+    to a temporary file that then replaces `path` (never half a file there)."""
+    with atomic_path(path) as tmp:
+        writer = GGUFWriter(str(tmp), arch_name)
+        writer.add_type(kind)
+        try:
+            yield writer
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()

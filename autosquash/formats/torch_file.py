@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from autosquash.errors import AutosquashError
+from autosquash.files import atomic_path
 from autosquash.formats.codecs import QuantizedTensor, dequantize
 
 FORMAT = "autosquash-torch"
@@ -32,7 +33,11 @@ def write(path: str | Path, tensors: dict[str, QuantizedTensor | torch.Tensor], 
         else:
             raw[name] = t.detach().to("cpu").contiguous().clone()
     meta = {**metadata, "format": FORMAT, "format_version": VERSION, "types": json.dumps(types)}
-    save_file(raw, str(path), metadata=meta)
+    with atomic_path(path) as tmp:
+        try:
+            save_file(raw, str(tmp), metadata=meta)
+        except Exception as e:  # safetensors reports a full disk as its own error type
+            raise AutosquashError(f"cannot write {path}: {e}") from None
     counts: dict[str, int] = {}
     for name, t in raw.items():
         kind = types[name][0] if name in types else str(t.dtype).removeprefix("torch.")

@@ -24,6 +24,7 @@ from autosquash.compress.plan import Plan
 from autosquash.errors import AutosquashError, on_sigterm
 from autosquash.evaluate.benchmark import contamination_notes, mean_accuracy
 from autosquash.export.gguf_file import check_writable
+from autosquash.files import write_text
 from autosquash.models.device import peak_rss_bytes, resolve_device
 from autosquash.models.load import resolve
 from autosquash.models.ship import Shipped
@@ -121,7 +122,7 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
         )
     study.set_user_attr("search_space_sha256", space_digest)
     tracking_uri = opts.tracking_uri or default_tracking_uri(out)
-    (out / "tracking_uri.txt").write_text(tracking_uri + "\n")  # where export/register find this search's runs
+    write_text(out / "tracking_uri.txt", tracking_uri + "\n")  # where export/register find this search's runs
     tracker = SearchTracker(tracking_uri, exp.name, out / "mlartifacts")
     parent = tracker.start(
         study.user_attrs.get("mlflow_parent_run_id"),

@@ -17,6 +17,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from autosquash.errors import AutosquashError
+from autosquash.files import write_text
 
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
 
@@ -153,5 +154,5 @@ def write_readme(out_dir: Path, title: str, tags: dict[str, str]) -> Path:
     if plans:
         lines += ["## Plan", "", f"Per-layer choices: `{plans[0]}`.", ""]
     path = out_dir / "README.md"
-    path.write_text("\n".join(lines))
+    write_text(path, "\n".join(lines))
     return path

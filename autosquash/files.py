@@ -1,0 +1,27 @@
+"""Writing files whole: a crash, a full disk or a stop mid-write leaves the old file or none, never half of one."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write to: renamed over `path` when the block ends, removed when it
+    raises. Same folder, so the rename is atomic; created as any file is (the process's umask)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """`path` replaced by `text`, whole."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
