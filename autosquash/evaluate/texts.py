@@ -70,9 +70,9 @@ def load_texts(source: str) -> tuple[str, ...]:
     return (text,)
 
 
-def token_block(tokenizer, texts: tuple[str, ...], n_tokens: int, seq_len: int) -> torch.Tensor:
-    """The first `n_tokens` tokens of the texts, joined by EOS (BOS where there is none), as a
-    (n_tokens // seq_len, seq_len) batch."""
+def token_block(tokenizer, texts: tuple[str, ...], n_tokens: int, seq_len: int, skip: int = 0) -> torch.Tensor:
+    """The first `n_tokens` tokens of the texts after their first `skip`, joined by EOS (BOS where there is
+    none), as a (n_tokens // seq_len, seq_len) batch."""
     if n_tokens < seq_len:
         raise AutosquashError(f"a token budget of {n_tokens} is smaller than one sequence of {seq_len}")
     ids: list[int] = []
@@ -82,8 +82,9 @@ def token_block(tokenizer, texts: tuple[str, ...], n_tokens: int, seq_len: int) 
     for t in texts:
         ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
         ids.append(sep)
-        if len(ids) >= n_tokens:
+        if len(ids) >= skip + n_tokens:
             break
+    ids = ids[skip:]
     n_seq = min(n_tokens, len(ids)) // seq_len
     if n_seq == 0:
         raise AutosquashError(f"the text holds only {len(ids)} tokens, fewer than one sequence of {seq_len}")

@@ -82,6 +82,9 @@ class Experiment(BaseModel):
     context_tokens: int = Field(2048, gt=0)
     calibration: TextSpec = TextSpec(source="wikipedia")
     evaluation: TextSpec = TextSpec(source="lambada")
+    # The front's numbers to report, on tokens the search did not select on (None: the evaluation source's
+    # next tokens after the evaluation set, of its size; where the source has too few, no test split).
+    test: TextSpec | None = None
     topk: int = Field(32, gt=0)
     heal: HealSpec = HealSpec()
     benchmark: BenchmarkSpec = BenchmarkSpec()
@@ -110,6 +113,7 @@ class Experiment(BaseModel):
                 "search_space": fix(self.search_space),
                 "calibration": self.calibration.model_copy(update={"source": fix(self.calibration.source)}),
                 "evaluation": self.evaluation.model_copy(update={"source": fix(self.evaluation.source)}),
+                "test": None if self.test is None else self.test.model_copy(update={"source": fix(self.test.source)}),
             }
         )
 

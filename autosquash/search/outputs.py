@@ -28,6 +28,8 @@ COLUMNS = [
     "state",
     "perplexity",
     "kl",
+    "test_perplexity",
+    "test_kl",
     "memory_mb",
     "energy_mj_per_token",
     "tokens_per_s",
@@ -40,6 +42,9 @@ COLUMNS = [
     "error",
 ]
 BENCH = "lm_eval_mean_acc"  # the front's lm-eval mean accuracy, a metric of its trial runs
+# The front's scores on the test split (tokens the search did not select on), metrics of its trial runs; blank
+# in trials.csv for plans off the front and for searches without a test split.
+TEST_COLUMNS = ("test_perplexity", "test_kl")
 OBJECTIVE_METRIC = {"perplexity": "perplexity", "kl": "kl", "memory": "memory_mb", "energy": "energy_mj_per_token"}
 
 
@@ -219,18 +224,24 @@ def print_front(front: list[dict], exp: Experiment, out: Path) -> None:
     """Print the Pareto front (smallest memory first) and the command that opens the MLflow UI."""
     print(f"\nPareto front of {exp.name}: {len(front)} plans ({', '.join(exp.objectives)} minimised)")
     print(
-        f"{'trial':>5s} {'origin':8s} {'ppl':>9s} {'kl':>8s} {'memory MB':>10s} {'mJ/token':>9s} "
-        f"{'tok/s':>7s} {'bits/w':>6s} {'lm-eval':>7s}  plan"
+        f"{'trial':>5s} {'origin':8s} {'ppl':>9s} {'kl':>8s} {'test ppl':>9s} {'test kl':>8s} {'memory MB':>10s} "
+        f"{'mJ/token':>9s} {'tok/s':>7s} {'bits/w':>6s} {'lm-eval':>7s}  plan"
     )
+
+    def number(r: dict, key: str, fmt: str, width: int) -> str:
+        v = r.get(key)  # rows read back from pareto.csv hold strings; "" where a score is missing
+        return f"{'-' if v in (None, '') else format(float(v), fmt):>{width}s}"
+
     for r in front:
-        acc = r.get("lm_eval_mean_acc")
-        acc = None if acc in (None, "") else float(acc)  # rows read back from pareto.csv hold strings
         print(
             f"{r['trial']:>5} {r['origin']:8s} {float(r['perplexity']):9.3f} {float(r['kl']):8.4f} "
+            f"{number(r, 'test_perplexity', '.3f', 9)} {number(r, 'test_kl', '.4f', 8)} "
             f"{float(r['memory_mb']):10.1f} {float(r['energy_mj_per_token']):9.3f} "
             f"{float(r['tokens_per_s']):7.1f} {float(r['bits_per_weight']):6.2f} "
-            f"{'-' if acc is None else f'{acc:.3f}':>7s}  {r['plan']}"
+            f"{number(r, 'lm_eval_mean_acc', '.3f', 7)}  {r['plan']}"
         )
+    if any(r.get("test_kl") not in (None, "") for r in front):
+        print("ppl, kl: the evaluation set the search selected on; test ppl, test kl: held-out tokens it did not")
     if exp.benchmark.tasks:
         print(f"lm-eval: mean accuracy on {', '.join(exp.benchmark.tasks)} (limit {exp.benchmark.limit})")
     print(f"\nAll trials: {out / 'trials.csv'}   front: {out / 'pareto.csv'}")
@@ -275,6 +286,8 @@ FRONT_TABLE = (
     ("origin", "origin", "{}"),
     ("perplexity", "perplexity", "{:.3f}"),
     ("kl", "KL", "{:.4f}"),
+    ("test_perplexity", "test perplexity", "{:.3f}"),
+    ("test_kl", "test KL", "{:.4f}"),
     ("weights_mb", "weights MB", "{:.1f}"),
     ("memory_mb", "peak MB", "{:.1f}"),
     ("energy_mj_per_token", "mJ/token", "{:.2f}"),

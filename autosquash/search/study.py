@@ -34,6 +34,7 @@ from autosquash.search.outputs import (
     COLUMNS,
     INTERRUPTED,
     OBJECTIVE_METRIC,
+    TEST_COLUMNS,
     Progress,
     counted_trials,
     metrics_row,
@@ -45,7 +46,7 @@ from autosquash.search.outputs import (
 from autosquash.search.preflight import check_ray_address, check_storage, check_tracking_uri, stored_trials
 from autosquash.search.sensitivity import SensitivitySampler, cached_profile, proposal_targets
 from autosquash.search.space import SearchSpace, params_key
-from autosquash.search.trial import TrialContext, load_inputs, prepare_context, run_benchmark, run_trial, trial_seed
+from autosquash.search.trial import TrialContext, load_inputs, prepare_context, run_front_scores, run_trial, trial_seed
 from autosquash.track.mlflow_store import ORIGIN, SearchTracker, TokenSet, default_tracking_uri
 from autosquash.yaml_io import dump_yaml_model, load_yaml_model
 
@@ -224,10 +225,16 @@ def _search(
         ctx = dataclasses.replace(ctx, base=None)
         setup_s = _loop(study, space, exp, ctx, ctx_box, tracker, opts, started)
         rows, front = write_tables(study, out)
-        if exp.benchmark.tasks:
-            _benchmark_front(front, exp, ctx_box, tracker, out)
-            for r in front:  # the front's benchmark beside its proxies, in pareto.csv too
-                r[BENCH] = tracker.metric(int(r["trial"]), BENCH)
+        if exp.benchmark.tasks or ctx.test_ref is not None:
+            _score_front(front, exp, ctx_box, tracker, out, test=ctx.test_ref is not None)
+            # The front's test-split scores and benchmark beside its proxies, in trials.csv and pareto.csv too.
+            scored = {int(r["trial"]) for r in front}
+            for table, keys in ((rows, TEST_COLUMNS), (front, (*TEST_COLUMNS, BENCH))):
+                for r in table:
+                    for k in keys:
+                        v = tracker.metric(int(r["trial"]), k) if int(r["trial"]) in scored else None
+                        r[k] = "" if v is None else v
+            write_csv(out / "trials.csv", rows, COLUMNS)
             write_csv(out / "pareto.csv", front, [*COLUMNS, BENCH])
     finally:
         ray.shutdown()
@@ -382,22 +389,34 @@ def ask_new(study: optuna.Study, space: SearchSpace, arch, running: list) -> tup
     return trial, plan
 
 
-def _benchmark_front(front: list[dict], exp: Experiment, ctx_box: list, tracker: SearchTracker, out: Path) -> None:
-    """lm-eval on every front plan, in parallel on the workers, logged beside each trial's proxies; a task
-    built from the search's own texts is flagged, since its scores are not held-out.
+def _score_front(
+    front: list[dict], exp: Experiment, ctx_box: list, tracker: SearchTracker, out: Path, test: bool
+) -> None:
+    """Every front plan scored on the test split (tokens the search did not select on: the numbers to report)
+    and by lm-eval, in parallel on the workers, logged on each trial's run beside its proxies; a task built
+    from the search's own texts is flagged, since its scores are not held-out.
 
-    A plan is rebuilt exactly as its trial built it (same plan, same healing seed). Front plans that
-    already carry scores (a resumed search) are not run again.
+    A plan is rebuilt exactly as its trial built it (same plan, same healing seed). Front plans that already
+    carry their scores (a resumed search) are not run again.
     """
     import ray
 
     spec = exp.benchmark
-    todo = [r for r in front if tracker.metric(int(r["trial"]), BENCH) is None]
-    print(f"benchmarking the front: {len(todo)} plans on {', '.join(spec.tasks)} (limit {spec.limit}) ...", flush=True)
+    todo = [
+        r
+        for r in front
+        if (spec.tasks and tracker.metric(int(r["trial"]), BENCH) is None)
+        or (test and tracker.metric(int(r["trial"]), "test_kl") is None)
+    ]
+    what = [
+        *(["the test split"] if test else []),
+        *([f"{', '.join(spec.tasks)} (limit {spec.limit})"] if spec.tasks else []),
+    ]
+    print(f"scoring the front: {len(todo)} plans on {' and '.join(what)} ...", flush=True)
     texts = {"calibration": exp.calibration.source, "perplexity": exp.evaluation.source}
     for note in contamination_notes(spec.tasks, texts):
         print(f"  {note}", flush=True)
-    task = ray.remote(**_resources(exp), max_retries=2, retry_exceptions=False)(run_benchmark)
+    task = ray.remote(**_resources(exp), max_retries=2, retry_exceptions=False)(run_front_scores)
     refs = {}
     for r in todo:
         plan = load_yaml_model(Plan, out / r["plan"])
@@ -408,17 +427,21 @@ def _benchmark_front(front: list[dict], exp: Experiment, ctx_box: list, tracker:
         row = refs.pop(ref)
         try:
             scores = ray.get(ref)
-        except Exception as e:  # a benchmark that fails leaves the trial's proxies as they are
-            print(f"  trial {row['trial']}: benchmark failed: {_reason(e)}", flush=True)
+        except Exception as e:  # a scoring that fails leaves the trial's proxies as they are
+            print(f"  trial {row['trial']}: scoring failed: {_reason(e)}", flush=True)
             continue
-        metrics = {f"lm_eval.{t}.{m}": v for t, ms in scores.items() for m, v in ms.items()}
-        metrics[BENCH] = mean_accuracy(scores)
+        metrics = {f"test_{k}": v for k, v in (scores["test"] or {}).items()}
+        parts = [f"test KL {metrics['test_kl']:.4f}, perplexity {metrics['test_perplexity']:.3f}"] if metrics else []
+        tasks = scores["tasks"]
+        if tasks:
+            metrics.update({f"lm_eval.{t}.{m}": v for t, ms in tasks.items() for m, v in ms.items()})
+            metrics[BENCH] = mean_accuracy(tasks)
+            parts.append(
+                f"mean accuracy {metrics[BENCH]:.3f} "
+                f"({', '.join(f'{t} {mean_accuracy({t: ms}):.3f}' for t, ms in tasks.items())})"
+            )
         tracker.log_metrics(int(row["trial"]), metrics)
-        print(
-            f"  trial {row['trial']:>4}: mean accuracy {metrics[BENCH]:.3f}  "
-            f"({', '.join(f'{t} {mean_accuracy({t: ms}):.3f}' for t, ms in scores.items())})",
-            flush=True,
-        )
+        print(f"  trial {row['trial']:>4}: {'; '.join(parts)}", flush=True)
 
 
 def _resources(exp: Experiment) -> dict[str, float]:

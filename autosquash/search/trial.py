@@ -1,6 +1,6 @@
 """One trial: build the compressed model, heal it, score it, price it on the phone.
 
-The one builder of a trial's model: the Ray task bodies (`run_trial`, `run_benchmark`), the export of a
+The one builder of a trial's model: the Ray task bodies (`run_trial`, `run_front_scores`), the export of a
 finished trial (`rebuild_trial`) and the benchmarks all call `build_plan` / `evaluate_plan` on a context
 from `prepare_context`. The context (base model, references, calibration statistics) travels through the
 Ray object store once; each worker process deserialises it once and keeps a variant cache across trials.
@@ -59,14 +59,34 @@ class SearchInputs:
     calib: torch.Tensor
     held_out: torch.Tensor
     stats: Stats
+    test: torch.Tensor | None = None  # the front's report set, disjoint from both (None: no test split)
     load_s: float = 0.0  # reading the model
     calibration_s: float = 0.0  # its activation statistics (0 when the disk cache held them)
     store_dir: Path | None = None  # the search's variant store (compressed layers on disk)
 
 
-def text_batch(tokenizer, spec: TextSpec) -> torch.Tensor:
-    """The token batch a text spec names."""
-    return token_block(tokenizer, load_texts(spec.source), spec.tokens, spec.seq_len)
+def text_batch(tokenizer, spec: TextSpec, skip: int = 0) -> torch.Tensor:
+    """The token batch a text spec names (after the source's first `skip` tokens)."""
+    return token_block(tokenizer, load_texts(spec.source), spec.tokens, spec.seq_len, skip)
+
+
+def test_batch(tokenizer, exp: Experiment, calib: torch.Tensor, held_out: torch.Tensor) -> torch.Tensor | None:
+    """The test set: the experiment's `test` spec, or the evaluation source's tokens after the evaluation set
+    (of its size). Taken after what the calibration or evaluation set took of the same source, and checked
+    disjoint from both by content. None where a derived split finds too little text."""
+    spec = exp.test or exp.evaluation
+    skip = held_out.numel() if spec.source == exp.evaluation.source else 0
+    skip = calib.numel() if spec.source == exp.calibration.source else skip
+    try:
+        test = text_batch(tokenizer, spec, skip)
+    except AutosquashError:
+        if exp.test is not None:
+            raise
+        print(f"no test split: {spec.source} holds no {spec.seq_len} tokens after the evaluation set", flush=True)
+        return None
+    check_disjoint(calib, test)
+    check_disjoint(held_out, test)
+    return test
 
 
 def load_inputs(exp: Experiment, out_dir: Path) -> SearchInputs:
@@ -75,6 +95,7 @@ def load_inputs(exp: Experiment, out_dir: Path) -> SearchInputs:
     calib = text_batch(tok, exp.calibration)
     held_out = text_batch(tok, exp.evaluation)
     check_disjoint(calib, held_out)  # before the model loads: a refused search should cost seconds
+    test = test_batch(tok, exp, calib, held_out)
     device = resolve_device(exp.hardware.device)
     print(f"loading {exp.model} onto {device} ...", flush=True)
     t0 = time.perf_counter()
@@ -85,7 +106,9 @@ def load_inputs(exp: Experiment, out_dir: Path) -> SearchInputs:
     arch = Arch.from_config(base.config)
     scope = scope_digest(resolve(exp.model).key, exp.seed, exp.hardware.dtype, stats)
     store = out_dir / "cache" / "variants" / scope
-    return SearchInputs(exp.model, base, tok, arch, calib, held_out, stats, t1 - t0, time.perf_counter() - t1, store)
+    return SearchInputs(
+        exp.model, base, tok, arch, calib, held_out, stats, test, t1 - t0, time.perf_counter() - t1, store
+    )
 
 
 class TrialFailed(Exception):
@@ -113,6 +136,7 @@ class TrialContext:
     variant_store_bytes: int = 0
     heal_activation_bytes: int | None = None  # above it, healing checkpoints its blocks (None: heal_budget)
     memory_share_bytes: int = 8 << 30  # a worker's share of the memory its model computes in
+    test_ref: Reference | None = None  # the front's report set (None: no test split)
 
 
 def prepare_context(exp: Experiment, inputs: SearchInputs, workers: int) -> TrialContext:
@@ -136,6 +160,7 @@ def prepare_context(exp: Experiment, inputs: SearchInputs, workers: int) -> Tria
         variant_store_bytes=_store_bytes(exp, inputs),
         heal_activation_bytes=exp.hardware.heal_activation_bytes,
         memory_share_bytes=_memory_share(exp, workers),
+        test_ref=None if inputs.test is None else reference(inputs.base, inputs.test, exp.topk),
     )
 
 
@@ -285,16 +310,21 @@ def run_trial(ctx_ref_box: list, plan_data: dict, seed: int) -> tuple[dict[str, 
     return evaluate_plan(ctx, Plan.model_validate(plan_data), seed, cache), _worker_name()
 
 
-def run_benchmark(ctx_ref_box: list, plan_data: dict, seed: int, tasks: list[str], limit: int | None) -> dict:
-    """Ray task body: lm-eval scores {task: {metric: value}} of a front plan, rebuilt as its trial built it."""
+def run_front_scores(ctx_ref_box: list, plan_data: dict, seed: int, tasks: list[str], limit: int | None) -> dict:
+    """Ray task body: a front plan rebuilt as its trial built it, scored on the test set ({"test": {"kl",
+    "perplexity"}}, None without a test split) and by lm-eval ({"tasks": {task: {metric: value}}}, empty
+    without tasks)."""
     from autosquash.evaluate.benchmark import run_tasks
 
     ctx, cache = _worker_context(ctx_ref_box)
     model, _ = build_plan(ctx, Plan.model_validate(plan_data), seed, cache)
+    test = None if ctx.test_ref is None else score(model, ctx.test_ref)
+    if not tasks:
+        return {"test": test, "tasks": {}}
     # lm-eval's progress bars (stderr; they ignore TQDM_DISABLE) would flood the driver's log from every
     # worker; the driver prints one line per plan instead. Errors still come back as exceptions.
     with contextlib.redirect_stderr(io.StringIO()):
-        return run_tasks(model, ctx.tokenizer, tasks, limit)
+        return {"test": test, "tasks": run_tasks(model, ctx.tokenizer, tasks, limit)}
 
 
 @contextlib.contextmanager

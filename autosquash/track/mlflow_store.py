@@ -23,7 +23,7 @@ MAX_BATCH = 100  # MLflow's limit of params per log_batch call
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 # The metrics a user sorts trials by: the columns of the runs table in the view `autosquash ui` opens.
 COLUMNS = ("kl", "perplexity", "weights_mb", "memory_mb", "energy_mj_per_token", "tokens_per_s", "bits_per_weight")
-COLUMNS += ("pareto",)
+COLUMNS += ("pareto", "test_kl", "test_perplexity")  # the test split's: front plans only
 # A view of the runs table stored in the experiment, as the UI's own "share view" stores one (an experiment tag
 # mlflow.sharedViewState.<key> holding its JSON, opened by ?viewStateShareKey=<key>).
 VIEW_KEY = "autosquash-front"

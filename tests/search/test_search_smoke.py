@@ -39,6 +39,15 @@ def test_output_folder_holds_trials_front_and_plans(smoke_run):
     assert {r["origin"] for r in trials[2:]} == {"sampled"}
     assert 1 <= len(front) <= 6 and {r["trial"] for r in front} <= {r["trial"] for r in trials}
     assert all(0 <= float(r["lm_eval_mean_acc"]) <= 1 for r in front)  # the front's benchmark, beside its proxies
+    # The front is scored again on the test split (LAMBADA tokens after the evaluation set's): close to the
+    # selection set's numbers (the same model), never the same numbers (other tokens).
+    on_front = {r["trial"] for r in front}
+    for r in trials:
+        if r["trial"] in on_front:
+            assert float(r["test_kl"]) > 0 and float(r["test_perplexity"]) != float(r["perplexity"])
+            assert 0.5 < float(r["test_perplexity"]) / float(r["perplexity"]) < 2
+        else:
+            assert r["test_kl"] == r["test_perplexity"] == ""
     for r in trials:
         assert (smoke_run / r["plan"]).is_file()
         assert float(r["memory_mb"]) > 0 and float(r["perplexity"]) > 1
