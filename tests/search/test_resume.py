@@ -15,8 +15,19 @@ from autosquash.cli import main
 from autosquash.track.mlflow_store import default_tracking_uri
 
 ROOT = Path(__file__).parents[2]
-SMOKE = str(ROOT / "experiments/smoke.yaml")
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> str:
+    """The smoke experiment without its lm-eval step on the front: resuming is what these tests check."""
+    from autosquash.search.experiment import BenchmarkSpec, load_experiment
+    from autosquash.yaml_io import dump_yaml_model
+
+    exp = load_experiment(ROOT / "experiments/smoke.yaml")  # paths made absolute
+    path = tmp_path_factory.mktemp("experiment") / "smoke.yaml"
+    dump_yaml_model(exp.model_copy(update={"benchmark": BenchmarkSpec()}), path)
+    return str(path)
 
 
 def _trials(out: Path) -> list[dict]:
@@ -33,12 +44,12 @@ def _trial_runs(out: Path) -> list[int]:
     return sorted(int(r.data.tags["autosquash.trial"]) for r in runs)
 
 
-def test_resume_continues_to_the_total(tmp_path):
+def test_resume_continues_to_the_total(smoke, tmp_path):
     out = tmp_path / "run"
-    assert main(["search", SMOKE, "--trials", "3", "--out", str(out)]) == 0
+    assert main(["search", smoke, "--trials", "3", "--out", str(out)]) == 0
     first = {r["trial"]: r["perplexity"] for r in _trials(out)}
-    assert main(["search", SMOKE, "--trials", "3", "--out", str(out)]) == 2  # refuses to overwrite
-    assert main(["search", SMOKE, "--trials", "5", "--out", str(out), "--resume"]) == 0
+    assert main(["search", smoke, "--trials", "3", "--out", str(out)]) == 2  # refuses to overwrite
+    assert main(["search", smoke, "--trials", "5", "--out", str(out), "--resume"]) == 0
     rows = _trials(out)
     assert len(rows) == 5 and {r["trial"]: r["perplexity"] for r in rows[:3]} == first
     assert _trial_runs(out) == [0, 1, 2, 3, 4]
@@ -47,15 +58,15 @@ def test_resume_continues_to_the_total(tmp_path):
     assert len(set(plans)) == 5
 
 
-def test_resume_of_a_folder_without_a_search_is_refused(tmp_path, capsys):
-    assert main(["search", SMOKE, "--trials", "3", "--out", str(tmp_path / "none"), "--resume"]) == 2
+def test_resume_of_a_folder_without_a_search_is_refused(smoke, tmp_path, capsys):
+    assert main(["search", smoke, "--trials", "3", "--out", str(tmp_path / "none"), "--resume"]) == 2
     assert "holds no search to continue" in capsys.readouterr().err
     assert not (tmp_path / "none" / "optuna.db").exists()
 
 
-def test_driver_killed_mid_search_resumes_without_loss(tmp_path):
+def test_driver_killed_mid_search_resumes_without_loss(smoke, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "autosquash", "search", SMOKE, "--trials", "6", "--workers", "1", "--out", str(out)]
+    cmd = [sys.executable, "-m", "autosquash", "search", smoke, "--trials", "4", "--workers", "1", "--out", str(out)]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
@@ -68,9 +79,9 @@ def test_driver_killed_mid_search_resumes_without_loss(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
     proc.wait()
     done_before = {r["trial"]: r["perplexity"] for r in _trials(out)}
-    assert main(["search", SMOKE, "--trials", "6", "--workers", "1", "--out", str(out), "--resume"]) == 0
+    assert main(["search", smoke, "--trials", "4", "--workers", "1", "--out", str(out), "--resume"]) == 0
     rows = [r for r in _trials(out) if r["state"] == "COMPLETE"]
-    assert len(rows) == 6
+    assert len(rows) == 4
     after = {r["trial"]: r["perplexity"] for r in rows}
     assert all(after[t] == p for t, p in done_before.items())  # nothing finished was lost or redone
     numbers = _trial_runs(out)
@@ -78,11 +89,11 @@ def test_driver_killed_mid_search_resumes_without_loss(tmp_path):
     assert set(after) <= {str(n) for n in numbers}
 
 
-def test_sigterm_stops_a_search_as_ctrl_c_does_and_resume_finishes_it(tmp_path):
+def test_sigterm_stops_a_search_as_ctrl_c_does_and_resume_finishes_it(smoke, tmp_path):
     """A scheduler's stop (SIGTERM to the driver): exit 143 with the resume hint, no Ray stack dump or
     traceback, no Ray process left behind; --resume then finishes the asked trials, none lost or repeated."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "autosquash", "search", SMOKE, "--trials", "5", "--workers", "1", "--out", str(out)]
+    cmd = [sys.executable, "-m", "autosquash", "search", smoke, "--trials", "4", "--workers", "1", "--out", str(out)]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
@@ -104,7 +115,7 @@ def test_sigterm_stops_a_search_as_ctrl_c_does_and_resume_finishes_it(tmp_path):
     left = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert not left, f"processes left in the search's session: {left}"
     done_before = {r["trial"]: r["perplexity"] for r in _trials(out) if r["state"] == "COMPLETE"}
-    assert main(["search", SMOKE, "--trials", "5", "--workers", "1", "--out", str(out), "--resume"]) == 0
+    assert main(["search", smoke, "--trials", "4", "--workers", "1", "--out", str(out), "--resume"]) == 0
     rows = [r for r in _trials(out) if r["state"] == "COMPLETE"]
-    assert len(rows) == 5 and all({r["trial"]: r["perplexity"] for r in rows}[t] == p for t, p in done_before.items())
-    assert len({(out / r["plan"]).read_text() for r in rows}) == 5
+    assert len(rows) == 4 and all({r["trial"]: r["perplexity"] for r in rows}[t] == p for t, p in done_before.items())
+    assert len({(out / r["plan"]).read_text() for r in rows}) == 4
