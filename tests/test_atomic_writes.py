@@ -83,3 +83,25 @@ def test_export_onto_a_full_disk_is_one_line_and_leaves_no_file(tmp_path):
     assert run.returncode == 1, run.stderr
     assert run.stderr.strip().splitlines()[-1].startswith("autosquash: error:") and "Traceback" not in run.stderr
     assert "File too large" in run.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_written_files_have_the_modes_a_plain_write_gives(tmp_path):
+
+    import torch
+
+    from autosquash.formats.torch_file import write
+
+    write(tmp_path / "m.safetensors", {"w": torch.ones(2, 2)}, {"base_model": "x"})
+    _gguf(tmp_path / "m.gguf", 1.0)
+    (tmp_path / "plain").write_text("x")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert len(set(modes.values())) == 1, modes  # safetensors' own temporary files are 0600
+    assert modes["plain"] == 0o666 & ~_umask_now()
+
+
+def _umask_now() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

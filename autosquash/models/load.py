@@ -217,6 +217,8 @@ def load_model(spec: str, seed: int = 0) -> torch.nn.Module:
         )
     if _is_deci(src):
         return read_gguf_model(_path(src))
+    if src.kind == "gguf":
+        gguf.open_gguf(_path(src))  # a truncated or corrupt file: one line naming it, before transformers reads it
     try:
         with _quiet():
             if src.kind == "config":
@@ -228,7 +230,7 @@ def load_model(spec: str, seed: int = 0) -> torch.nn.Module:
                 model = AutoModelForCausalLM.from_pretrained(
                     src.location, dtype=torch.float32, trust_remote_code=False, use_safetensors=True
                 )
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, struct.error) as e:
         if src.kind == "hub":
             raise _hub_error(src.location, e) from None
         raise AutosquashError(f"cannot load model {spec}: {str(e).splitlines()[0]}") from None

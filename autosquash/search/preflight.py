@@ -13,14 +13,35 @@ from autosquash.errors import AutosquashError
 CONNECT_TIMEOUT_S = 5.0
 
 
-def _reachable(option: str, value: str, host: str | None, port: int | None, what: str) -> None:
+def _connect(option: str, value: str, host: str | None, port: int | None, what: str) -> socket.socket:
     if not host or port is None:
         raise AutosquashError(f"{option} {value}: not an address with a host and a port")
     try:
-        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+        return socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
     except OSError as e:
         reason = e.strerror or type(e).__name__
         raise AutosquashError(f"{option} {value}: no {what} answers at {host}:{port} ({reason})") from None
+
+
+# An HTTP/2 client's opening: the connection preface and an empty SETTINGS frame. A gRPC server (Ray's GCS and
+# its client server speak gRPC) answers with a SETTINGS frame of its own: 9 header bytes whose 4th is type 4.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+def _speaks_grpc(sock: socket.socket) -> bool:
+    try:
+        sock.sendall(_H2_PREFACE)
+        head = b""
+        while len(head) < 9:
+            chunk = sock.recv(9 - len(head))
+            if not chunk:
+                return False
+            head += chunk
+        return head[3] == 4
+    except OSError:
+        return False
+    finally:
+        sock.close()
 
 
 def check_ray_address(address: str) -> None:
@@ -32,7 +53,12 @@ def check_ray_address(address: str) -> None:
         port = parts.port
     except ValueError:
         port = None
-    _reachable("--ray-address", address, parts.hostname, port, "Ray cluster")
+    sock = _connect("--ray-address", address, parts.hostname, port, "Ray cluster")
+    if not _speaks_grpc(sock):  # something else listens there: Ray would retry for minutes
+        raise AutosquashError(
+            f"--ray-address {address}: what answers at {parts.hostname}:{port} is not a Ray cluster (it does not speak"
+            " gRPC); give the head node's GCS address (host:6379) or its client address (ray://host:10001)"
+        )
 
 
 def check_tracking_uri(uri: str) -> None:
@@ -43,7 +69,8 @@ def check_tracking_uri(uri: str) -> None:
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError:
             port = None
-        _reachable("--tracking-uri", uri, parts.hostname, port, "MLflow server")
+        _connect("--tracking-uri", uri, parts.hostname, port, "MLflow server").close()
+        _mlflow_answers(uri)
         return
     from mlflow.tracking import MlflowClient
 
@@ -52,6 +79,27 @@ def check_tracking_uri(uri: str) -> None:
     except Exception as e:  # MLflow raises many kinds for a store it cannot open
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise AutosquashError(f"--tracking-uri {uri}: MLflow cannot open it ({first[:200]})") from None
+
+
+def _mlflow_answers(uri: str) -> None:
+    """The server at `uri` must answer MLflow's REST API (not just any web server on that port)."""
+    import urllib.error
+    import urllib.request
+
+    probe = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
+    try:
+        with urllib.request.urlopen(probe, timeout=CONNECT_TIMEOUT_S) as r:
+            status = r.status
+    except urllib.error.HTTPError as e:
+        status = e.code
+    except (urllib.error.URLError, OSError) as e:
+        raise AutosquashError(f"--tracking-uri {uri}: no MLflow server answers ({getattr(e, 'reason', e)})") from None
+    if status in (401, 403):
+        return  # a server that wants credentials: MLflow's own environment variables carry them
+    if status != 200:
+        raise AutosquashError(
+            f"--tracking-uri {uri}: the server there is not an MLflow tracking server (HTTP {status})"
+        )
 
 
 def check_storage(url: str) -> None:

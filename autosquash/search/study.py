@@ -21,6 +21,7 @@ from pathlib import Path
 import optuna
 
 from autosquash.compress.plan import Plan
+from autosquash.cost.model import compute_buffer_bytes, kv_cells, output_buffer_bytes
 from autosquash.errors import AutosquashError, on_sigterm
 from autosquash.evaluate.benchmark import contamination_notes, mean_accuracy
 from autosquash.export.gguf_file import check_writable
@@ -156,9 +157,18 @@ def _preflight(exp: Experiment, opts: SearchOptions) -> None:
     from autosquash.models.load import load_arch
 
     resolve_device(exp.hardware.device)  # a device this machine lacks
-    load_arch(exp.model)  # the model reference: its config alone, no weights
-    load_device(exp.device)
+    arch = load_arch(exp.model)  # the model reference: its config alone, no weights
+    phone = load_device(exp.device)
     SearchSpace.load(exp.search_space)
+    cells = kv_cells(exp.context_tokens)
+    runtime = phone.runtime_fixed_bytes + output_buffer_bytes(arch)
+    runtime += compute_buffer_bytes(arch, cells, phone.ubatch_tokens, phone.flash_attention)
+    if runtime >= phone.app_memory_limit_bytes:
+        raise AutosquashError(
+            f"{exp.device} cannot hold this model at any size: llama.cpp's runtime buffers alone take "
+            f"{runtime / 1e6:.0f} MB at {exp.context_tokens} tokens of context, the app may hold "
+            f"{phone.app_memory_limit_bytes / 1e6:.0f} MB"
+        )
     if opts.ray_address:
         check_ray_address(opts.ray_address)
     if opts.tracking_uri:

@@ -82,3 +82,40 @@ def test_an_empty_front_is_explained(tmp_path):
     ]
     write_csv(tmp_path / "trials.csv", unfit, COLUMNS)
     assert "the smallest needs 700 MB at run time (trial 1)" in _why_no_front(tmp_path, "tiny-phone")
+
+
+@pytest.fixture
+def web_server():
+    """A web server that is neither MLflow nor Ray, on a free local port."""
+    import http.server
+    import threading
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_a_server_of_another_kind_is_refused_at_once(web_server):
+    with pytest.raises(AutosquashError, match="is not an MLflow tracking server \\(HTTP 404\\)"):
+        check_tracking_uri(f"http://{web_server}")
+    t0 = time.monotonic()
+    with pytest.raises(AutosquashError, match="is not a Ray cluster \\(it does not speak gRPC\\)"):
+        check_ray_address(web_server)  # Ray itself would retry for minutes
+    assert time.monotonic() - t0 < 30
+
+
+def test_a_phone_that_cannot_hold_the_runtime_is_refused_before_anything_loads(tmp_path, capsys):
+    import yaml
+
+    from autosquash.cost import load_device
+
+    phone = load_device("iphone-16").model_dump(mode="json") | {"name": "tiny", "dram_bytes": 100_000_000}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(phone))
+    exp = yaml.safe_load(Path(SMOKE).read_text())
+    exp.update(device=str(tmp_path / "tiny.yaml"), model=str(Path(SMOKE).parent / exp["model"]))
+    exp.update(search_space=str((Path(SMOKE).parent / exp["search_space"]).resolve()))
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump(exp))
+    assert main(["search", str(tmp_path / "e.yaml"), "--out", str(tmp_path / "run")]) == 2
+    assert "cannot hold this model at any size: llama.cpp's runtime buffers alone take" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
