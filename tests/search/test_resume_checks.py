@@ -13,11 +13,12 @@ SMOKE = ROOT / "experiments/smoke.yaml"
 
 
 def _stored_search(out: Path, space_digest: str | None = None, **changes) -> None:
-    """A search folder as a stopped search leaves it, before any trial: its study and its experiment file."""
+    """A search folder as a stopped search leaves it: its study (one finished trial) and its experiment file."""
     out.mkdir()
     exp = load_experiment(SMOKE)
     dump_yaml_model(exp.model_copy(update=changes), out / "experiment.yaml")
     study = optuna.create_study(study_name=exp.name, storage=f"sqlite:///{out / 'optuna.db'}")
+    study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=1.0))
     if space_digest:
         study.set_user_attr("search_space_sha256", space_digest)
 
