@@ -190,3 +190,35 @@ def test_pruning_probes_leave_the_base_model_as_it_was():
     assert any(max(g.damage) > 0 for g in profile.groups)  # the probes ran
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("name", ["tpe", "random", "nsga2", "gp", "sensitivity"])
+def test_a_resumed_search_proposes_no_plan_it_has_evaluated(measured, name):
+    """A stop after 6 trials and a resume (the sampler re-created, as `--resume` re-creates it, with its seed
+    offset by the stored trials) to 12: every evaluated plan is new, whatever the sampler."""
+    from autosquash.search.experiment import Experiment
+    from autosquash.search.space import params_key
+    from autosquash.search.study import ask_new, make_sampler
+
+    _, arch, _, _, profile = measured
+    exp = Experiment(name="x", model="m", device="d", search_space="s", sampler=name, seed=0)
+    sizes = [profile.size(*profile.picks_of(SPACE.baseline_params(arch, b))) for b in SPACE.baselines]
+
+    def sampler(offset: int):
+        if name == "sensitivity":
+            return SensitivitySampler(profile, proposal_targets(profile, sizes), seed=offset)
+        return make_sampler(exp, 12, offset=offset)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler(0))
+    for b in SPACE.baselines:
+        study.enqueue_trial(SPACE.baseline_params(arch, b), user_attrs={"origin": "baseline"})
+    for stop in (6, 12):
+        if stop == 12:
+            study.sampler = sampler(len(study.trials))  # the resume
+        while len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) < stop:
+            trial, plan = ask_new(study, SPACE, arch, [])
+            picks = profile.picks_of(trial.params)
+            study.tell(trial, [profile.damage(*picks), profile.size(*picks)])
+    done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(done) == 12 and len({params_key(t.params) for t in done}) == 12
