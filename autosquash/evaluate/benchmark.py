@@ -184,6 +184,28 @@ def mean_accuracy(results: dict[str, dict[str, float]]) -> float:
     return sum(accs) / len(accs)
 
 
+def mean_accuracy_stderr(results: dict[str, dict[str, float]]) -> float | None:
+    """Standard error of `mean_accuracy` (the tasks' sampling errors taken as independent); None where a task
+    reports none (fewer than two examples)."""
+    errs = []
+    for m in results.values():
+        key = "acc_norm" if "acc_norm" in m else "acc" if "acc" in m else None
+        if key is not None:
+            if f"{key}_stderr" not in m:
+                return None
+            errs.append(m[f"{key}_stderr"])
+    return math.sqrt(sum(e * e for e in errs)) / len(errs) if errs else None
+
+
+def ranks_plans(accuracies: list[tuple[float, float]]) -> bool:
+    """Whether lm-eval tells plans apart: the best and the worst mean accuracy (each with its standard error)
+    differ by more than two standard errors of their difference."""
+    if len(accuracies) < 2:
+        return True
+    (lo, lo_se), (hi, hi_se) = min(accuracies), max(accuracies)
+    return hi - lo > 2 * math.sqrt(lo_se**2 + hi_se**2)
+
+
 def contaminated(tasks: Iterable[str], sources: Iterable[str]) -> dict[str, str]:
     """The tasks built from one of the text `sources`, each with that source: a search tuned on that
     text cannot call its scores on the task held-out."""

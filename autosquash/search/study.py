@@ -23,7 +23,7 @@ import optuna
 from autosquash.compress.plan import Plan
 from autosquash.cost.model import compute_buffer_bytes, kv_cells, output_buffer_bytes
 from autosquash.errors import AutosquashError, on_sigterm
-from autosquash.evaluate.benchmark import contamination_notes, mean_accuracy
+from autosquash.evaluate.benchmark import contamination_notes, mean_accuracy, mean_accuracy_stderr, ranks_plans
 from autosquash.export.gguf_file import check_writable
 from autosquash.files import write_text
 from autosquash.models.device import peak_rss_bytes, resolve_device
@@ -446,12 +446,35 @@ def _score_front(
         if tasks:
             metrics.update({f"lm_eval.{t}.{m}": v for t, ms in tasks.items() for m, v in ms.items()})
             metrics[BENCH] = mean_accuracy(tasks)
+            se = mean_accuracy_stderr(tasks)
+            if se is not None:
+                metrics[f"{BENCH}_stderr"] = se
             parts.append(
                 f"mean accuracy {metrics[BENCH]:.3f} "
                 f"({', '.join(f'{t} {mean_accuracy({t: ms}):.3f}' for t, ms in tasks.items())})"
             )
         tracker.log_metrics(int(row["trial"]), metrics)
         print(f"  trial {row['trial']:>4}: {'; '.join(parts)}", flush=True)
+    if spec.tasks:
+        _say_if_lm_eval_cannot_rank(front, spec, tracker)
+
+
+def _say_if_lm_eval_cannot_rank(front: list[dict], spec, tracker: SearchTracker) -> None:
+    """A line when the front's lm-eval accuracies differ by less than their noise: they then rank nothing."""
+    accs = []
+    for r in front:
+        acc, se = (tracker.metric(int(r["trial"]), k) for k in (BENCH, f"{BENCH}_stderr"))
+        if acc is not None and se is not None:
+            accs.append((acc, se))
+    if accs and not ranks_plans(accs):
+        lo, hi = min(a for a, _ in accs), max(a for a, _ in accs)
+        se = max(s for _, s in accs)
+        print(
+            f"  note: the front's mean accuracies ({lo:.3f} to {hi:.3f}) differ by less than two standard errors "
+            f"(each about {se:.3f}): at limit {spec.limit} lm-eval does not rank these plans; raise benchmark.limit "
+            "or compare them by KL",
+            flush=True,
+        )
 
 
 def _resources(exp: Experiment) -> dict[str, float]:

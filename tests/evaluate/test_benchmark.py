@@ -157,3 +157,15 @@ def test_smollm2_scores_clearly_above_chance(tokenizer):
         # passes one task with <= 2.3 % probability, all three with ~1e-5. SmolLM2-135M-Instruct measured
         # 0.45, 0.48 and 0.65 here, 5 to 13 examples above the bar.
         assert results[task][metric] >= chance + 0.10, (task, results[task])
+
+
+def test_the_noise_of_lm_eval_is_said():
+    from autosquash.evaluate.benchmark import mean_accuracy_stderr, ranks_plans
+
+    results = {"a": {"acc": 0.5, "acc_stderr": 0.03, "acc_norm": 0.6, "acc_norm_stderr": 0.04}, "b": {"acc": 0.4}}
+    assert mean_accuracy_stderr(results) is None  # b reports no stderr (fewer than two examples)
+    results["b"]["acc_stderr"] = 0.03
+    assert mean_accuracy_stderr(results) == pytest.approx((0.04**2 + 0.03**2) ** 0.5 / 2)
+    # 0.05 apart with errors of 0.02: 2 * sqrt(2) * 0.02 = 0.057 > 0.05, noise; 0.07 apart is a difference
+    assert not ranks_plans([(0.30, 0.02), (0.35, 0.02), (0.32, 0.02)])
+    assert ranks_plans([(0.30, 0.02), (0.37, 0.02)])
