@@ -11,9 +11,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "autosquash"
 
 # Lower rank = lower layer. A module may import its own package and any package of a lower rank; packages
-# of the same rank stay apart. The top-level helpers (errors, then yaml_io) sit at the bottom.
+# of the same rank stay apart. The top-level helpers (errors and files, then yaml_io) sit at the bottom.
 RANK = {
     "errors": 0,
+    "files": 0,
     "yaml_io": 1,
     "formats": 1,
     "models": 2,

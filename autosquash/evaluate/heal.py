@@ -24,6 +24,9 @@ class HealConfig:
     rank: int = 8
     lr: float = 5e-4
     batch_seqs: int = 2
+    # Keep the adapter only where it lowers the KL of the first calibration row (after rounding to F16, as
+    # deployed): an adapter that does not pay its bytes back in quality is dropped (a lossless plan stays so).
+    only_if_better: bool = True
 
 
 # Healing's activation memory above which it recomputes each block in the backward pass instead of keeping
@@ -84,7 +87,10 @@ def heal(
         rows = torch.arange(step * cfg.batch_seqs, (step + 1) * cfg.batch_seqs) % n_seq
         logits = peft_model(teacher.batch[rows].to(device)).logits[:, :-1].float()
         logp, idx = teacher.topk_logp[rows].to(device), teacher.topk_idx[rows].to(device)
-        loss = topk_kl(logp, idx, torch.log_softmax(logits, -1)).mean()
+        kl = topk_kl(logp, idx, torch.log_softmax(logits, -1))
+        if step == 0:
+            unhealed = kl[0].mean().item()  # row 0 before any update: the check's baseline, for free
+        loss = kl.mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -98,6 +104,16 @@ def heal(
         "heal_loss_last": losses[-1],
         "heal_checkpointed": float(checkpoint),
     }
+    with torch.no_grad():
+        for p in params:
+            p.copy_(p.half().to(p.dtype))  # as the GGUF LoRA file stores them (and before a merge)
+    if cfg.only_if_better:
+        healed = _row_kl(peft_model, teacher, device)
+        summary.update(heal_check_unhealed_kl=unhealed, heal_check_healed_kl=healed)
+        if not healed < unhealed:
+            # Not worth its bytes: the compressed model as it was, without the LoRA layers.
+            return peft_model.unload(), {**summary, "heal_kept": 0.0, "heal_s": time.perf_counter() - start}
+        summary["heal_kept"] = 1.0
     if merge:
         merged = peft_model.merge_and_unload()
         with torch.no_grad():
@@ -105,10 +121,15 @@ def heal(
                 w = merged.get_submodule(name).weight
                 w.copy_(w.half().to(w.dtype))
         return merged, {**summary, "heal_s": time.perf_counter() - start, "heal_merged": 1.0}
-    with torch.no_grad():
-        for p in params:
-            p.copy_(p.half().to(p.dtype))
     return peft_model, {**summary, "heal_s": time.perf_counter() - start}
+
+
+@torch.no_grad()
+def _row_kl(model: torch.nn.Module, teacher: Reference, device) -> float:
+    """Mean KL to the teacher on its first row (one forward pass of one sequence)."""
+    logits = model(teacher.batch[:1].to(device)).logits[:, :-1].float()
+    logp, idx = teacher.topk_logp[:1].to(device), teacher.topk_idx[:1].to(device)
+    return topk_kl(logp, idx, torch.log_softmax(logits, -1)).mean().item()
 
 
 def adapter_tensors(model: torch.nn.Module) -> list[TensorSpec]:

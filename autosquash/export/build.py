@@ -38,8 +38,9 @@ class BuiltModel:
 
     @property
     def healing(self) -> str | None:
-        """Where the trial's LoRA healing is: "adapter" (kept beside the weights), "merged" or None."""
-        if not self.heal_info.get("heal_steps"):
+        """Where the trial's LoRA healing is: "adapter" (kept beside the weights), "merged" or None (not healed,
+        or its adapter dropped because it did not lower the KL)."""
+        if not self.heal_info.get("heal_steps") or self.heal_info.get("heal_kept") == 0.0:
             return None
         return "merged" if self.heal_info.get("heal_merged") else "adapter"
 

@@ -33,6 +33,7 @@ class HealSpec(BaseModel):
     rank: int = Field(8, gt=0)
     lr: float = Field(5e-4, gt=0)
     batch_seqs: int = Field(2, gt=0)
+    only_if_better: bool = True  # keep an adapter only where it lowers the KL on calibration text
 
 
 class BenchmarkSpec(BaseModel):

@@ -18,7 +18,9 @@ def test_healing_lowers_kl_on_its_training_batch(tiny_model, tiny_arch, tiny_bat
 def test_adapter_is_counted_in_f16(tiny_model, tiny_arch, tiny_batch):
     ref = reference(tiny_model, tiny_batch, k=4)
     healed, _ = heal(
-        compress(tiny_model, tiny_arch, Plan.uniform(tiny_arch, "Q8_0"), {}), ref, HealConfig(steps=1, rank=4)
+        compress(tiny_model, tiny_arch, Plan.uniform(tiny_arch, "Q8_0"), {}),
+        ref,
+        HealConfig(steps=1, rank=4, only_if_better=False),
     )
     tensors = adapter_tensors(healed)
     assert len(tensors) == 2 * 7 * tiny_arch.n_layers  # A and B for each of the 7 linears per block
@@ -49,7 +51,8 @@ def test_float_weights_get_the_adapter_merged_in_f16(tiny_model, tiny_arch, tiny
     ref = reference(tiny_model, tiny_batch, k=8)
     f16, q8 = Plan.uniform(tiny_arch, "F16"), Plan.uniform(tiny_arch, "Q8_0")
     assert merges_adapter(tiny_arch, f16) and not merges_adapter(tiny_arch, q8)
-    cfg = HealConfig(steps=4, rank=4, lr=3e-3, batch_seqs=4)
+    # F16 of this float32 model is lossless, so the check would drop any adapter: merging is what is tested.
+    cfg = HealConfig(steps=4, rank=4, lr=3e-3, batch_seqs=4, only_if_better=False)
     kept, _ = heal(compress(tiny_model, tiny_arch, f16, {}), ref, cfg, seed=1)
     merged, info = heal(compress(tiny_model, tiny_arch, f16, {}), ref, cfg, seed=1, merge=True)
     assert info["heal_merged"] == 1.0 and adapter_tensors(merged) == [] and adapter_tensors(kept)
@@ -80,3 +83,20 @@ def test_checkpointed_healing_trains_the_same_adapter(tiny_model, tiny_arch, tin
     assert a.keys() == b.keys() and a
     for n in a:
         assert torch.equal(a[n], b[n]), n
+
+
+def test_an_adapter_that_does_not_pay_is_dropped_and_one_that_does_is_kept(tiny_model, tiny_arch, tiny_batch):
+    import torch
+
+    ref = reference(tiny_model, tiny_batch, k=4)
+    # F16 of a float32 model: nothing to heal (KL about 1e-9); any adapter only adds error and bytes.
+    lossless = compress(tiny_model, tiny_arch, Plan.uniform(tiny_arch, "F16"), {})
+    kept, info = heal(lossless, ref, HealConfig(steps=2, rank=4, lr=3e-3, batch_seqs=2))
+    assert info["heal_kept"] == 0.0 and info["heal_check_healed_kl"] >= info["heal_check_unhealed_kl"]
+    assert adapter_tensors(kept) == []
+    plain = compress(tiny_model, tiny_arch, Plan.uniform(tiny_arch, "F16"), {})
+    assert all(torch.equal(a, b) for a, b in zip(kept.state_dict().values(), plain.state_dict().values(), strict=True))
+    damaged = compress(tiny_model, tiny_arch, Plan.uniform(tiny_arch, "Q2_K"), {})
+    healed, info = heal(damaged, ref, HealConfig(steps=12, rank=4, lr=3e-3, batch_seqs=4))
+    assert info["heal_kept"] == 1.0 and info["heal_check_healed_kl"] < info["heal_check_unhealed_kl"]
+    assert adapter_tensors(healed)

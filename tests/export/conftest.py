@@ -28,7 +28,7 @@ def make_trial(tiny_model, tiny_arch, tiny_ref):
     def build(plan, steps: int = 2):
         cache = VariantCache(max_bytes=1 << 62)
         model = compress(tiny_model, tiny_arch, plan, {}, cache)
-        cfg = HealConfig(steps=steps, rank=4, lr=3e-3, batch_seqs=2)
+        cfg = HealConfig(steps=steps, rank=4, lr=3e-3, batch_seqs=2, only_if_better=False)  # always an adapter
         model, _ = heal(model, tiny_ref, cfg, seed=7, merge=merges_adapter(tiny_arch, plan))
         return model, cache
 

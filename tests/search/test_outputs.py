@@ -98,14 +98,20 @@ def test_print_front_shows_a_line_per_plan_and_the_ui_command(study, tmp_path, c
     _, front = write_tables(study, tmp_path)
     front[0]["lm_eval_mean_acc"] = 0.61234  # the front's benchmark, as the search adds it
     front[1]["lm_eval_mean_acc"] = None  # a benchmark that failed
+    front[0].update(test_perplexity=61.5, test_kl=0.0421)  # the test split's, as the search adds them
     print_front(front, _experiment(["piqa"]), tmp_path)
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == "Pareto front of demo: 2 plans (perplexity, memory minimised)"
-    assert lines[1].split() == "trial origin ppl kl memory MB mJ/token tok/s bits/w lm-eval plan".split()
+    heads = "trial origin ppl kl test ppl test kl memory MB mJ/token tok/s bits/w lm-eval plan"
+    assert lines[1].split() == heads.split()
     first, second = lines[2].split(), lines[3].split()
-    assert first[:2] == ["1", "sampled"] and first[4] == "60.0" and first[-2:] == ["0.612", "plans/trial-0001.yaml"]
-    assert second[:2] == ["0", "sampled"] and second[-2:] == ["-", "plans/trial-0000.yaml"]
-    assert lines[4] == "lm-eval: mean accuracy on piqa (limit 5)"
+    assert first[:2] == ["1", "sampled"] and first[4:6] == ["61.500", "0.0421"] and first[6] == "60.0"
+    assert first[-2:] == ["0.612", "plans/trial-0001.yaml"]
+    assert (
+        second[:2] == ["0", "sampled"] and second[4:6] == ["-", "-"] and second[-2:] == ["-", "plans/trial-0000.yaml"]
+    )
+    assert lines[4].startswith("ppl, kl: the evaluation set the search selected on; test ppl, test kl: held-out")
+    assert lines[5] == "lm-eval: mean accuracy on piqa (limit 5)"
     assert lines[-1].startswith(f"Browse in MLflow: autosquash ui --out {tmp_path}")
 
 
