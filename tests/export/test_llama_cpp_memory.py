@@ -75,7 +75,7 @@ def llama_cpp_buffers(path: Path, log: Path, n_ctx: int, flash_attn: bool) -> di
 
 
 @pytest.mark.parametrize("kind", ["F16", "Q8_0"])
-@pytest.mark.parametrize(("context", "flash_attn"), [(512, True), (1000, True), (2048, False)])
+@pytest.mark.parametrize(("context", "flash_attn"), [(1000, True), (2048, False)])  # rounding; attention branch
 def test_estimate_sizes_memory_as_llama_cpp_allocates_it(exports, tmp_path, kind, context, flash_attn):
     path = exports[kind]
     phone = load_device("iphone-16").model_copy(update={"flash_attention": flash_attn, "ubatch_tokens": 512})
