@@ -34,7 +34,7 @@ def score_files(run: Path, files: list[tuple[str, Path]]) -> list[dict]:
     against its base model) and priced on its phone as stored; one row per file, PEER_COLUMNS."""
     from autosquash.cost import estimate, file_tensors, load_device
     from autosquash.evaluate.proxy import reference, score
-    from autosquash.models.load import load_model, load_tokenizer
+    from autosquash.models.load import load_model, load_tokenizer, read_gguf_model
     from autosquash.search.experiment import load_experiment
     from autosquash.search.outputs import metrics_row
     from autosquash.search.trial import text_batch
@@ -51,7 +51,7 @@ def score_files(run: Path, files: list[tuple[str, Path]]) -> list[dict]:
         arch, tensors, kv_heads = file_tensors(path)
         if arch.vocab_size != vocab:
             raise AutosquashError(f"{path}: {arch.vocab_size} tokens in its vocabulary, the search's model has {vocab}")
-        quality = score(load_model(str(path)), ref)
+        quality = score(read_gguf_model(path), ref)  # autosquash's reader: no tokenizer rebuilt per file
         cost = estimate(arch, tensors, phone, context_tokens=exp.context_tokens, kv_heads_per_layer=kv_heads).to_dict()
         m = metrics_row(cost)
         rows.append(
