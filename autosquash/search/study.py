@@ -238,12 +238,14 @@ def _search(
         if exp.benchmark.tasks or ctx.test_ref is not None:
             _score_front(front, exp, ctx_box, tracker, out, test=ctx.test_ref is not None)
             # The front's test-split scores and benchmark beside its proxies, in trials.csv and pareto.csv too.
-            scored = {int(r["trial"]) for r in front}
+            # Each front trial's scores read from MLflow once, for both tables.
+            scores = {
+                int(r["trial"]): {k: tracker.metric(int(r["trial"]), k) for k in (*TEST_COLUMNS, BENCH)} for r in front
+            }
             for table, keys in ((rows, TEST_COLUMNS), (front, (*TEST_COLUMNS, BENCH))):
                 for r in table:
-                    for k in keys:
-                        v = tracker.metric(int(r["trial"]), k) if int(r["trial"]) in scored else None
-                        r[k] = "" if v is None else v
+                    got = scores.get(int(r["trial"]), {})
+                    r.update({k: "" if got.get(k) is None else got[k] for k in keys})
             write_csv(out / "trials.csv", rows, COLUMNS)
             write_csv(out / "pareto.csv", front, [*COLUMNS, BENCH])
     finally:
