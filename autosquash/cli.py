@@ -11,8 +11,9 @@ import warnings
 from pathlib import Path
 
 from autosquash.errors import AutosquashError, forget_sigterm, on_sigterm, was_terminated
+from autosquash.files import cache_dir
 
-CACHE_DIR = Path.home() / ".cache" / "autosquash"
+CACHE_DIR = cache_dir()
 
 
 def _finite(obj):

@@ -32,3 +32,8 @@ def write_text(path: str | Path, text: str) -> None:
     """`path` replaced by `text`, whole."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def cache_dir() -> Path:
+    """autosquash's cache folder: `$AUTOSQUASH_CACHE_DIR`, else ~/.cache/autosquash."""
+    return Path(os.environ.get("AUTOSQUASH_CACHE_DIR") or Path.home() / ".cache" / "autosquash")

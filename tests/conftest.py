@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from autosquash.models.arch import Arch
+
+# One cache for the session (converted models, calibration statistics): tests never read what an earlier run
+# or the user's own searches left in ~/.cache/autosquash. Set AUTOSQUASH_CACHE_DIR to keep one across runs.
+_OWN_CACHE = "AUTOSQUASH_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["AUTOSQUASH_CACHE_DIR"] = tempfile.mkdtemp(prefix="autosquash-test-cache-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["AUTOSQUASH_CACHE_DIR"], ignore_errors=True)
+
 
 # A 2-block decoder whose rows (256, 512) are whole K-quant super-blocks: the shape of every tiny test model.
 TINY_SHAPE = dict(

@@ -1,4 +1,6 @@
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +55,79 @@ def test_torch_format_files_are_their_own_kind(tmp_path, tiny_model, tiny_arch):
     src = resolve(str(tmp_path / "m.safetensors"))
     assert src.kind == "torch" and src.key.startswith("torch:")
     assert load_arch(str(tmp_path / "m.safetensors")) == tiny_arch  # from the base config it records
+
+
+def _small_vocab_model(folder: Path) -> str:
+    """A tiny Llama with a 300-token byte-level BPE vocabulary, saved as a model folder."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from tests.conftest import tiny_config
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(["Hello world, the cat sat on the mat. 12345 apples."] * 50, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_config(vocab_size=len(tok), bos_token_id=0, eos_token_id=1)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_gguf_model_is_read_once_then_from_its_converted_copy(tmp_path, monkeypatch, caplog):
+    import torch
+
+    from autosquash.compress.plan import Plan
+    from autosquash.export.gguf_file import write_gguf
+    from autosquash.formats import gguf
+    from autosquash.models import load
+    from autosquash.models.arch import Arch
+
+    spec = _small_vocab_model(tmp_path / "hf")
+    base = load_model(spec)
+    arch = Arch.from_config(base.config)
+    path = tmp_path / "m.gguf"
+    write_gguf(path, spec, base, arch, Plan.uniform(arch, "F16"), {})
+    monkeypatch.setenv("AUTOSQUASH_CACHE_DIR", str(tmp_path / "cache"))
+    first = (load.load_config(resolve(str(path))), load.load_tokenizer(str(path)), load_model(str(path)))
+    kept = sorted(p.name for p in (tmp_path / "cache" / "models").glob("*/*"))
+    assert kept == ["config", "model", "tokenizer"]
+
+    def no_gguf(*a, **k):
+        raise AssertionError("read the GGUF file again")
+
+    monkeypatch.setattr(gguf, "open_gguf", no_gguf)
+    monkeypatch.setattr("transformers.modeling_gguf_pytorch_utils.load_gguf_checkpoint", no_gguf)
+    again = (load.load_config(resolve(str(path))), load.load_tokenizer(str(path)), load_model(str(path)))
+
+    def fields(config):
+        return {k: v for k, v in config.to_dict().items() if k != "_name_or_path"}
+
+    assert fields(again[0]) == fields(first[0])
+    text = "Hello world! It's 12345 apples, naïve café\n\n</s>"
+    assert again[1](text)["input_ids"] == first[1](text)["input_ids"]
+    assert (again[1].eos_token, again[1].bos_token, again[1].pad_token) == (
+        first[1].eos_token,
+        first[1].bos_token,
+        first[1].pad_token,
+    )
+    for (n, p), (m, q) in zip(first[2].state_dict().items(), again[2].state_dict().items(), strict=True):
+        assert n == m and torch.equal(p, q)
+    assert not hasattr(again[2].config, "quantization_config")
+
+    monkeypatch.undo()  # a changed file is read again, into its own copy
+    monkeypatch.setenv("AUTOSQUASH_CACHE_DIR", str(tmp_path / "cache"))
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 2 * 10**9))
+    load_model(str(path))
+    assert len(list((tmp_path / "cache" / "models").iterdir())) == 2
+
+    # A cache that cannot be written only costs time: the model still loads, with a warning.
+    monkeypatch.setenv("AUTOSQUASH_CACHE_DIR", str(path))  # a file, not a folder
+    with caplog.at_level("WARNING"):
+        assert torch.equal(load_model(str(path)).lm_head.weight, first[2].lm_head.weight)
+    assert "could not keep the converted model" in caplog.text
