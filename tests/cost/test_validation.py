@@ -45,3 +45,44 @@ def test_a_tied_table_takes_the_heads_type_and_recipes_come_from_llama_cpp(data)
     assert (plan.embed_quant, plan.output_quant) == ("Q8_0", "Q6_K")
     mixture = plan_for(untied, {"recipe": "Q4_K_M"})
     assert mixture.groups["blk.0.attn"].tensor_quant == {"attn_v": "Q6_K"}  # first eighth: more bits
+
+
+def test_three_socs_each_hold_three_models_at_two_quantizations_in_one_setting(data):
+    cells: dict[str, dict[str, set]] = {}
+    for r in data["rows"]:
+        if r["source"] == "pocketpal_sweep":
+            cells.setdefault(r["soc"], {}).setdefault(r["model"], set()).add(r["quant"])
+    full = [soc for soc, models in cells.items() if sum(len(q) >= 2 for q in models.values()) >= 3]
+    assert len(full) >= 3
+    keys = [(r["group"], r["model"], r["quant"]) for r in data["rows"]]
+    assert len(keys) == len(set(keys))  # one row per phone, model and quantization
+
+
+def test_llama_cpps_buffers_on_the_phone_check_the_memory_estimate(data):
+    """The sweep's load logs: an untied model's weights, a full-attention model's KV cache and a Llama/Qwen
+    compute buffer are what the cost model sizes; a tied table (held twice by llama.cpp there) is not."""
+    from autosquash.compress.plan import deployed_tensors
+    from autosquash.cost.model import compute_buffer_bytes, kv_cache_bytes_per_token, kv_cells
+
+    rows = {(r["model"], r["quant"]): r for r in data["rows"] if r["source"] == "pocketpal_sweep"}
+    mib = 2**20
+
+    def arch(model):
+        return Arch.from_config(data["models"][model])
+
+    untied = rows[("DeepSeek-R1-Distill-Qwen-1.5B", "Q8_0")]
+    a = arch(untied["model"])
+    weights = sum(t.nbytes for t in deployed_tensors(a, plan_for(a, untied["weights"]))) / mib
+    assert weights == pytest.approx(untied["model_buffer_mib"], abs=0.05)
+    tied = rows[("Qwen2.5-1.5B", "Q8_0")]
+    a = arch(tied["model"])
+    weights = sum(t.nbytes for t in deployed_tensors(a, plan_for(a, tied["weights"]))) / mib
+    table = a.vocab_size * a.hidden_size * 34 / 32 / mib  # Q8_0: 34 bytes per 32 values
+    assert weights + table == pytest.approx(tied["model_buffer_mib"], abs=0.05)
+    for model in ("DeepSeek-R1-Distill-Qwen-1.5B", "Qwen3-1.7B", "SmolLM2-1.7B", "Phi-4-mini"):
+        r = rows[(model, "Q4_0")]
+        assert kv_cache_bytes_per_token(arch(model)) * kv_cells(2048) / mib == pytest.approx(r["kv_buffer_mib"])
+    for model in ("DeepSeek-R1-Distill-Qwen-1.5B", "Qwen3-1.7B", "SmolLM2-1.7B", "Gemma-3-1B"):
+        r = rows[(model, "Q4_0")]
+        compute = compute_buffer_bytes(arch(model), kv_cells(2048), 512, flash_attention=True) / mib
+        assert compute == pytest.approx(r["compute_buffer_mib"], abs=0.01)
