@@ -12,7 +12,7 @@ from autosquash.yaml_io import load_yaml_model
 
 # Fields that name a profile or set how its runtime runs rather than measure something; every other field
 # needs a source.
-_UNSOURCED = {"name", "description", "sources", "flash_attention", "ubatch_tokens"}
+_UNSOURCED = {"name", "description", "sources", "flash_attention", "ubatch_tokens", "mmap_weights"}
 
 
 class DeviceProfile(BaseModel):
@@ -35,6 +35,9 @@ class DeviceProfile(BaseModel):
     # it on for the CPU and Metal backends) and its micro-batch (n_ubatch, 512 by default).
     flash_attention: bool = True
     ubatch_tokens: int = Field(default=512, gt=0)
+    # Whether the runtime maps the model file (llama.cpp's default) or reads it into buffers of its own
+    # (`--no-mmap`; llama.rn's apps run so), which holds a tied token table twice.
+    mmap_weights: bool = True
     # Decode speed once the phone is hot (continuous generation for minutes), as a share of its burst speed.
     sustained_speed_factor: float = Field(gt=0, le=1)
     # Sustained multiply-accumulates per second in prefill, where batched matmuls are compute-bound.

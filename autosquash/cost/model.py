@@ -29,6 +29,7 @@ class CostReport:
     context_tokens: int
     prompt_tokens: int
     weights_bytes: int
+    model_buffer_bytes: int  # the weights as the runtime holds them (a tied table twice when read, not mapped)
     kv_cache_bytes: int
     runtime_overhead_bytes: int  # compute + output buffers + the profile's fixed part
     compute_buffer_bytes: int
@@ -111,6 +112,16 @@ def output_buffer_bytes(arch: Arch) -> int:
     return 4 * arch.vocab_size
 
 
+def _duplicated_head_bytes(tensors: Sequence[TensorSpec], device: DeviceProfile) -> int:
+    """A tied token table llama.cpp holds twice: with the file read into its own buffers (not mapped), the
+    output head is a second copy of the table in the matmul weights' buffer (measured on three phones: every
+    tied model's model buffer exceeds its file's tensors by exactly the table; pocketpal-ai's sweep,
+    autosquash/cost/measurements.yaml). A mapped file shares its pages."""
+    if device.mmap_weights or any(t.name == "output.weight" for t in tensors):
+        return 0
+    return sum(t.nbytes for t in tensors if t.name == "token_embd.weight")
+
+
 def estimate(
     arch: Arch,
     tensors: Sequence[TensorSpec],
@@ -131,6 +142,7 @@ def estimate(
             f"prompt_tokens ({prompt_tokens}) must be positive and at most context_tokens ({context_tokens})"
         )
     weights_bytes = sum(t.nbytes for t in tensors)
+    model_bytes = weights_bytes + _duplicated_head_bytes(tensors, device)
     kv_heads = list(kv_heads_per_layer) if kv_heads_per_layer is not None else [arch.n_kv_heads] * arch.n_layers
     kv_per_position = kv_cache_bytes_per_token(arch, kv_type, kv_heads)
     cells = kv_cells(context_tokens)
@@ -138,7 +150,7 @@ def estimate(
     compute_bytes = compute_buffer_bytes(arch, cells, device.ubatch_tokens, device.flash_attention)
     output_bytes = output_buffer_bytes(arch)
     runtime_bytes = device.runtime_fixed_bytes + compute_bytes + output_bytes
-    peak_memory_bytes = weights_bytes + kv_cache_bytes + runtime_bytes
+    peak_memory_bytes = model_bytes + kv_cache_bytes + runtime_bytes
     app_memory_limit_bytes = device.app_memory_limit_bytes
 
     avg_position = (prompt_tokens + context_tokens) / 2
@@ -170,6 +182,7 @@ def estimate(
         context_tokens=context_tokens,
         prompt_tokens=prompt_tokens,
         weights_bytes=weights_bytes,
+        model_buffer_bytes=model_bytes,
         kv_cache_bytes=kv_cache_bytes,
         runtime_overhead_bytes=runtime_bytes,
         compute_buffer_bytes=compute_bytes,

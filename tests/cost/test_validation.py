@@ -60,9 +60,10 @@ def test_three_socs_each_hold_three_models_at_two_quantizations_in_one_setting(d
 
 def test_llama_cpps_buffers_on_the_phone_check_the_memory_estimate(data):
     """The sweep's load logs: an untied model's weights, a full-attention model's KV cache and a Llama/Qwen
-    compute buffer are what the cost model sizes; a tied table (held twice by llama.cpp there) is not."""
+    compute buffer are what the cost model sizes, a tied table held twice when the file is not mapped."""
     from autosquash.compress.plan import deployed_tensors
-    from autosquash.cost.model import compute_buffer_bytes, kv_cache_bytes_per_token, kv_cells
+    from autosquash.cost.device import load_device
+    from autosquash.cost.model import compute_buffer_bytes, estimate, kv_cache_bytes_per_token, kv_cells
 
     rows = {(r["model"], r["quant"]): r for r in data["rows"] if r["source"] == "pocketpal_sweep"}
     mib = 2**20
@@ -70,15 +71,19 @@ def test_llama_cpps_buffers_on_the_phone_check_the_memory_estimate(data):
     def arch(model):
         return Arch.from_config(data["models"][model])
 
-    untied = rows[("DeepSeek-R1-Distill-Qwen-1.5B", "Q8_0")]
-    a = arch(untied["model"])
-    weights = sum(t.nbytes for t in deployed_tensors(a, plan_for(a, untied["weights"]))) / mib
-    assert weights == pytest.approx(untied["model_buffer_mib"], abs=0.05)
-    tied = rows[("Qwen2.5-1.5B", "Q8_0")]
-    a = arch(tied["model"])
-    weights = sum(t.nbytes for t in deployed_tensors(a, plan_for(a, tied["weights"]))) / mib
-    table = a.vocab_size * a.hidden_size * 34 / 32 / mib  # Q8_0: 34 bytes per 32 values
-    assert weights + table == pytest.approx(tied["model_buffer_mib"], abs=0.05)
+    # Weights: the file's tensors, a tied table twice (the sweep read files into llama.cpp's buffers, not mapped).
+    # Qwen3-1.7B's files store an output tensor of their own although its config ties it; Phi's Q4_K_M files
+    # keep their fused QKV matrix at Q5_K, which the recipe (written for split q/k/v) does not know.
+    unmapped = load_device("pixel-9-pro").model_copy(update={"mmap_weights": False})
+    checked = 0
+    for (model, quant), r in rows.items():
+        if model == "Qwen3-1.7B" or (model.startswith("Phi") and quant == "Q4_K_M") or quant == "Q4_0":
+            continue  # Q4_0 files keep part of one matrix per block at Q4_1 (about 2.5 MiB)
+        a = arch(model)
+        report = estimate(a, deployed_tensors(a, plan_for(a, r["weights"])), unmapped)
+        assert report.model_buffer_bytes / mib == pytest.approx(r["model_buffer_mib"], abs=0.05), (model, quant)
+        checked += 1
+    assert checked >= 10
     for model in ("DeepSeek-R1-Distill-Qwen-1.5B", "Qwen3-1.7B", "SmolLM2-1.7B", "Phi-4-mini"):
         r = rows[(model, "Q4_0")]
         assert kv_cache_bytes_per_token(arch(model)) * kv_cells(2048) / mib == pytest.approx(r["kv_buffer_mib"])
