@@ -78,12 +78,15 @@ def _search(args: argparse.Namespace) -> int:
     if args.sampler:
         exp = exp.model_copy(update={"sampler": args.sampler})
     out = _writable_folder(Path(args.out or Path("runs") / exp.name), "--out", create=False)
+    if args.force and not args.resume:
+        raise AutosquashError("--force only applies to --resume (it resumes a search whose settings changed)")
     opts = SearchOptions(
         out_dir=out,
         trials=args.trials or exp.trials,
         workers=args.workers or exp.workers,
         ray_address=args.ray_address,
         resume=args.resume,
+        force=args.force,
         tracking_uri=args.tracking_uri,
         storage=args.storage,
     )
@@ -471,6 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--ray-address", help="address of a running Ray cluster (default: a local Ray)")
     s.add_argument("--resume", action="store_true", help="continue the search stored in --out")
+    s.add_argument(
+        "--force",
+        action="store_true",
+        help="with --resume: continue although the experiment or search space changed (the changes are named)",
+    )
     s.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite in the output folder)")
     s.add_argument("--storage", help="Optuna storage URL (default: SQLite in the output folder)")
     s.set_defaults(fn=_search)

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import sys
+import unittest.mock
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -154,7 +155,10 @@ def run_tasks(
     if not tasks:
         raise AutosquashError("no lm-eval task given")
     offline = _offline() if all(t in SHIPPED_TASKS for t in tasks) else contextlib.nullcontext()
-    with _quiet(), _env(NO_POOL_ENV), offline:
+    # lm-eval records the git commit of the working folder by running `git describe`, whose "fatal: not a git
+    # repository" reaches the terminal from every Ray worker (their folder is none); the commit is not used.
+    no_git = unittest.mock.patch("lm_eval.evaluator.get_git_commit_hash", return_value=None)
+    with _quiet(), _env(NO_POOL_ENV), offline, no_git:
         # Indexes only the shipped YAMLs; simple_evaluate would otherwise index all of lm-eval's again.
         shipped = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
         task_objects = _load_tasks(shipped, list(dict.fromkeys(tasks)))

@@ -74,11 +74,15 @@ def check_tracking_uri(uri: str) -> None:
         return
     from mlflow.tracking import MlflowClient
 
+    if parts.scheme and parts.scheme.split("+")[0] not in TRACKING_SCHEMES:
+        raise AutosquashError(
+            f"--tracking-uri {uri}: MLflow stores runs in {', '.join(TRACKING_SCHEMES)} (scheme://...), "
+            f"not {parts.scheme}://"
+        )
     try:
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as e:  # MLflow raises many kinds for a store it cannot open
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise AutosquashError(f"--tracking-uri {uri}: MLflow cannot open it ({first[:200]})") from None
+        raise AutosquashError(f"--tracking-uri {uri}: MLflow cannot open it ({_why(e, uri)})") from None
 
 
 def _mlflow_answers(uri: str) -> None:
@@ -109,8 +113,23 @@ def check_storage(url: str) -> None:
     try:
         optuna.storages.RDBStorage(url)
     except Exception as e:  # SQLAlchemy raises many kinds for a URL it cannot use
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise AutosquashError(f"--storage {url}: Optuna cannot open it ({first[:200]})") from None
+        raise AutosquashError(f"--storage {url}: Optuna cannot open it ({_why(e, url)})") from None
+
+
+# MLflow's tracking stores by URI scheme (a database's dialect may add a driver: postgresql+psycopg2).
+TRACKING_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+# The database drivers SQLAlchemy loads for a URL's dialect, by the package that installs them.
+DRIVERS = {"postgresql": "psycopg2-binary", "mysql": "PyMySQL (and a mysql+pymysql:// URL)", "mssql": "pyodbc"}
+
+
+def _why(e: Exception, url: str) -> str:
+    """The first line of a store's error, with the package to install when its database driver is missing."""
+    dialect = urlsplit(url).scheme.split("+")[0]
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    missing = isinstance(e, ImportError) or "No module named" in first or "Failed to import DB access" in first
+    if missing and dialect in DRIVERS:
+        return f"{dialect}'s database driver is not installed: pip install {DRIVERS[dialect]}"
+    return first[:200]
 
 
 def stored_trials(out: Path) -> int | None:

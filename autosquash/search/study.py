@@ -13,6 +13,7 @@ import hashlib
 import logging
 import math
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ class SearchOptions:
     workers: int
     ray_address: str | None = None
     resume: bool = False
+    force: bool = False  # resume although the experiment or search space changed (named in a warning)
     tracking_uri: str | None = None
     storage: str | None = None
 
@@ -102,8 +104,7 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
         )
     if held == 0:
         (out / "optuna.db").unlink()  # what a start that failed before its first trial left: nothing to keep
-    if opts.resume:
-        _check_same_experiment(exp, out)
+    changed = _check_same_experiment(exp, out, opts.force) if opts.resume else []
     (out / "plans").mkdir(parents=True, exist_ok=True)
     space = SearchSpace.load(exp.search_space)
     dump_yaml_model(exp, out / "experiment.yaml")
@@ -118,10 +119,15 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
     )
     space_digest = hashlib.sha256(Path(exp.search_space).read_bytes()).hexdigest()
     if study.user_attrs.get("search_space_sha256", space_digest) != space_digest:
-        raise AutosquashError(
-            f"--resume: {exp.search_space} changed since {out} was searched with it; a search's trials come from "
-            "one space: restore the file or start a new --out"
-        )
+        if not opts.force:
+            raise AutosquashError(
+                f"--resume: {exp.search_space} changed since {out} was searched with it; a search's trials come "
+                "from one space: restore the file, start a new --out, or pass --force to mix them"
+            )
+        changed.append("search space")
+    if changed:
+        _warn_forced(out, changed)
+        study.set_user_attr("forced_changes", [*study.user_attrs.get("forced_changes", []), changed])
     study.set_user_attr("search_space_sha256", space_digest)
     tracking_uri = opts.tracking_uri or default_tracking_uri(out)
     write_text(out / "tracking_uri.txt", tracking_uri + "\n")  # where export/register find this search's runs
@@ -192,7 +198,7 @@ def _search(
     resumed = len(study.trials)  # 0 for a new search: its samplers keep the experiment's seed
     if resumed:
         study.sampler = make_sampler(exp, opts.trials, offset=resumed)
-    _recover_stale(study, exp, tracker)
+    _recover_stale(study, exp, tracker, out)
     inputs = load_inputs(exp, out)
     tracker.token_sets(
         [
@@ -264,11 +270,12 @@ RESUMABLE = {"trials", "workers"}
 RESUMABLE_HARDWARE = {"gpus_per_worker", "variant_cache_bytes", "variant_store_bytes", "heal_activation_bytes"}
 
 
-def _check_same_experiment(exp: Experiment, out: Path) -> None:
-    """Refuse to resume the search in `out` with an experiment other than the one it ran."""
+def _check_same_experiment(exp: Experiment, out: Path, force: bool = False) -> list[str]:
+    """Refuse to resume the search in `out` with an experiment other than the one it ran; with `force`, the
+    fields that differ."""
     stored = out / "experiment.yaml"
     if not stored.is_file():
-        return
+        return []
     from autosquash.search.experiment import load_experiment
 
     was, now = load_experiment(stored).model_dump(mode="json"), exp.model_dump(mode="json")
@@ -278,11 +285,20 @@ def _check_same_experiment(exp: Experiment, out: Path) -> None:
         for k in now["hardware"]
         if k not in RESUMABLE_HARDWARE and was["hardware"].get(k) != now["hardware"][k]
     ]
-    if diffs:
+    if diffs and not force:
         raise AutosquashError(
             f"--resume: {out} was searched with another experiment ({', '.join(diffs)} differ); resume with the "
-            f"same settings ({stored} holds them) or start a new --out"
+            f"same settings ({stored} holds them), start a new --out, or pass --force to mix them"
         )
+    return diffs
+
+
+def _warn_forced(out: Path, changed: list[str]) -> None:
+    print(
+        f"autosquash: --force: resuming {out} with {', '.join(changed)} changed; the trials stored before were "
+        "measured with the old settings, and `export --run` rebuilds every trial with the new ones",
+        file=sys.stderr,
+    )
 
 
 def sensitivity_sampler(
@@ -300,11 +316,12 @@ def _finished(study: optuna.Study) -> int:
     return len(counted_trials(study))
 
 
-def _recover_stale(study: optuna.Study, exp: Experiment, tracker: SearchTracker) -> None:
+def _recover_stale(study: optuna.Study, exp: Experiment, tracker: SearchTracker, out: Path) -> None:
     """Settle trials a killed driver left RUNNING.
 
     A trial whose result was already stored (it is in MLflow) is told with that result; one that was
-    still running is marked interrupted (it does not count) and its plan asked again.
+    still running is marked interrupted (it does not count), its plan file removed and its plan asked again
+    (as a new trial, with a file of its own).
     """
     interrupted = list(study.user_attrs.get(INTERRUPTED, []))
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
@@ -316,6 +333,8 @@ def _recover_stale(study: optuna.Study, exp: Experiment, tracker: SearchTracker)
             interrupted.append(t.number)
             study.set_user_attr(INTERRUPTED, interrupted)
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+            if plan := t.user_attrs.get("plan"):
+                (out / plan).unlink(missing_ok=True)
             study.enqueue_trial(t.params, user_attrs={"origin": t.user_attrs.get("origin", "sampled")})
 
 

@@ -22,7 +22,11 @@ def test_addresses_nobody_answers_at_fail_in_seconds_naming_the_option():
         (check_ray_address, "ray://127.0.0.1:1", "no Ray cluster answers"),
         (check_ray_address, "localhost", "not an address with a host and a port"),
         (check_tracking_uri, "http://127.0.0.1:1", "--tracking-uri http://127.0.0.1:1: no MLflow server answers"),
-        (check_tracking_uri, "bogus://x", "--tracking-uri bogus://x: MLflow cannot open it"),
+        (check_tracking_uri, "bogus://x", r"--tracking-uri bogus://x: MLflow stores runs in .*https, databricks "),
+        # No database driver installed here: the package to install, not SQLAlchemy's words.
+        (check_tracking_uri, "postgresql://u@127.0.0.1:1/db", "driver is not installed: pip install psycopg2-binary"),
+        (check_storage, "postgresql://u@127.0.0.1:1/db", "driver is not installed: pip install psycopg2-binary"),
+        (check_storage, "mysql://u@127.0.0.1:1/db", "driver is not installed: pip install PyMySQL"),
         (check_storage, "notaurl", "--storage notaurl: Optuna cannot open it"),
         (check_storage, "sqlite:////nonexistent/folder/x.db", "Optuna cannot open it"),
     ]:

@@ -44,7 +44,7 @@ def _trial_runs(out: Path) -> list[int]:
     return sorted(int(r.data.tags["autosquash.trial"]) for r in runs)
 
 
-def test_resume_continues_to_the_total(smoke, tmp_path):
+def test_resume_continues_to_the_total(smoke, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["search", smoke, "--trials", "3", "--out", str(out)]) == 0
     first = {r["trial"]: r["perplexity"] for r in _trials(out)}
@@ -56,6 +56,14 @@ def test_resume_continues_to_the_total(smoke, tmp_path):
     # The resumed sampler draws new plans: a re-created TPE with the experiment's seed would replay trial 2's.
     plans = [(out / r["plan"]).read_text() for r in rows]
     assert len(set(plans)) == 5
+    # Another sampler is another experiment: refused, unless forced (the change named, the trials kept).
+    more = ["search", smoke, "--trials", "6", "--out", str(out), "--resume", "--sampler", "random"]
+    assert main(more) == 2
+    assert "(sampler differ)" in capsys.readouterr().err
+    assert main([*more, "--force"]) == 0
+    assert "--force: resuming" in capsys.readouterr().err
+    assert [r["perplexity"] for r in _trials(out)[:5]] == [r["perplexity"] for r in rows]
+    assert _trial_runs(out) == list(range(6))
 
 
 def test_resume_of_a_folder_without_a_search_is_refused(smoke, tmp_path, capsys):
@@ -87,6 +95,8 @@ def test_driver_killed_mid_search_resumes_without_loss(smoke, tmp_path):
     numbers = _trial_runs(out)
     assert len(numbers) == len(set(numbers))  # no trial logged twice
     assert set(after) <= {str(n) for n in numbers}
+    # The plan of the trial the kill cut off was asked again as a new trial: no file left without its row.
+    assert sorted(p.name for p in (out / "plans").iterdir()) == sorted(Path(r["plan"]).name for r in _trials(out))
 
 
 def test_sigterm_stops_a_search_as_ctrl_c_does_and_resume_finishes_it(smoke, tmp_path):

@@ -39,3 +39,16 @@ def test_resume_with_more_trials_or_workers_is_allowed_past_the_check(tmp_path, 
     assert main(["search", str(SMOKE), "--out", str(out), "--resume", "--trials", "9", "--workers", "2"]) == 2
     err = capsys.readouterr().err
     assert "changed since" in err and "another experiment" not in err
+
+
+def test_force_resumes_past_a_changed_experiment_naming_the_changes(tmp_path, capsys):
+    from autosquash.search.study import _check_same_experiment
+
+    out = tmp_path / "run"
+    _stored_search(out, sampler="random", seed=7)
+    assert _check_same_experiment(load_experiment(SMOKE), out, force=True) == ["sampler", "seed"]
+    assert _check_same_experiment(load_experiment(out / "experiment.yaml"), out) == []
+    # --force alone is no resume: one line, nothing run.
+    assert main(["search", str(SMOKE), "--out", str(tmp_path / "new"), "--force"]) == 2
+    assert "--force only applies to --resume" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
