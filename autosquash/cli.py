@@ -67,6 +67,22 @@ def _print_json(obj, indent: int | None = None) -> None:
     _check_finite(obj)
 
 
+def _store_error(e) -> str:
+    """One line for a database error of Optuna's or MLflow's store (a lock another process holds, above all):
+    the database's own words, from the deepest cause (Optuna and MLflow wrap SQLAlchemy's error)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    why = (str(getattr(e, "orig", None) or e).strip().splitlines() or [type(e).__name__])[0]
+    if "locked" in why:
+        return (
+            f"a search database is locked by another process ({why}); finished trials are stored: "
+            "continue with --resume once the other process lets go"
+        )
+    if "disk" in why or "full" in why:
+        return f"a search database could not be written ({why}): is the disk full? Finished trials are stored"
+    return f"a search database failed ({why[:200]})"
+
+
 def _search(args: argparse.Namespace) -> int:
     from autosquash.search.experiment import load_experiment
     from autosquash.search.outputs import print_front
@@ -393,6 +409,14 @@ def _ui(args: argparse.Namespace) -> int:
         cmd = [sys.executable, "-c", serve, f"sqlite:///{study.resolve()}", args.host, str(port)]
         page = f"http://{args.host}:{port}"
         print(f"optuna-dashboard on {page} (Ctrl-C stops it)", flush=True)
+        # Its server prints a traceback when Ctrl-C lands mid-request: it ignores SIGINT and is stopped from here.
+        server = subprocess.Popen(cmd, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        try:
+            return server.wait()
+        except KeyboardInterrupt:
+            server.terminate()
+            server.wait()
+            return 0
     else:
         if not (out / "mlflow.db").exists():
             raise AutosquashError(f"{out} holds no search (no mlflow.db); pass the search's --out folder")
@@ -602,11 +626,18 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     # SIGTERM (a scheduler's stop, `kill`) ends a command as Ctrl-C does: finished trials kept, exit 143.
     previous = signal.signal(signal.SIGTERM, on_sigterm)
+    from mlflow.exceptions import MlflowException
+    from optuna.exceptions import StorageInternalError
+    from sqlalchemy.exc import OperationalError  # Optuna's and MLflow's stores: a database they cannot use
+
     try:
         return args.fn(args)
     except AutosquashError as e:
         print(f"autosquash: error: {e}", file=sys.stderr)
         return 2
+    except (OperationalError, StorageInternalError, MlflowException) as e:  # a store refused a write or a read
+        print(f"autosquash: error: {_store_error(e)}", file=sys.stderr)
+        return 1
     except OSError as e:  # the system's refusal (disk full, no permission, a file gone), in its words, one line
         where = f" {e.filename}:" if e.filename else ""
         print(f"autosquash: error:{where} {e.strerror or e}", file=sys.stderr)

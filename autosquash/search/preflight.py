@@ -106,12 +106,23 @@ def _mlflow_answers(uri: str) -> None:
         )
 
 
-def check_storage(url: str) -> None:
-    """An Optuna storage URL must be one Optuna can open (its database reachable, its folder there)."""
+# How long a write to an SQLite store waits for another process's lock (a dashboard, `report`, a second
+# search on the folder) before it fails: SQLite's own 5 s is shorter than a reader of a large study holds it.
+STORE_TIMEOUT_S = 60.0
+
+
+def optuna_storage(url: str):
+    """Optuna's storage for `url`; an SQLite file waits up to STORE_TIMEOUT_S for another process's lock."""
     import optuna
 
+    kwargs = {"connect_args": {"timeout": STORE_TIMEOUT_S}} if url.startswith("sqlite") else {}
+    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+
+
+def check_storage(url: str) -> None:
+    """An Optuna storage URL must be one Optuna can open (its database reachable, its folder there)."""
     try:
-        optuna.storages.RDBStorage(url)
+        optuna_storage(url)
     except Exception as e:  # SQLAlchemy raises many kinds for a URL it cannot use
         raise AutosquashError(f"--storage {url}: Optuna cannot open it ({_why(e, url)})") from None
 
@@ -141,12 +152,12 @@ def stored_trials(out: Path) -> int | None:
         return None
     import optuna
 
-    url = f"sqlite:///{db.resolve()}"
+    storage = optuna_storage(f"sqlite:///{db.resolve()}")
     waiting = optuna.trial.TrialState.WAITING  # enqueued baselines a failed start never ran
     return sum(
         sum(
             t.state != waiting
-            for t in optuna.load_study(study_name=s.study_name, storage=url).get_trials(deepcopy=False)
+            for t in optuna.load_study(study_name=s.study_name, storage=storage).get_trials(deepcopy=False)
         )
-        for s in optuna.get_all_study_summaries(url)
+        for s in optuna.get_all_study_summaries(storage)
     )

@@ -21,6 +21,7 @@ then mutates plans of the front found so far, repairing each mutation back under
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import itertools
 import json
@@ -515,15 +516,50 @@ def _repair(profile: Profile, picks: list[int], embed: int, budget: int) -> tupl
     return picks[:-1], picks[-1]
 
 
-def proposal_targets(profile: Profile, baseline_sizes: list[int], extra: int = 4) -> list[int]:
-    """Sizes to propose at: each uniform baseline's, smallest first, then sizes between the smaller ones."""
-    sizes = sorted(set(baseline_sizes))
+def proposal_targets(profile: Profile, baseline_sizes: list[int], step: int | None = None) -> list[int]:
+    """Sizes to propose at: each uniform baseline's within the range (smallest first), the range's ends, then
+    sizes that split the widest remaining gap until no two neighbours are more than `step` apart.
+
+    The range runs from the smallest plan to the smallest one whose predicted damage is within a thousandth of
+    the range's damage of the least (lossless, to the damage model: a larger plan cannot be much better). Gaps
+    are split widest first, so a search that stops early still covers the range evenly. `step` (bytes; default
+    a twentieth of the range) is the widest gap the front may keep: the question "the best model of at most
+    X MB" needs a plan near every X.
+    """
     smallest = profile.size(*_smallest(profile))
-    between = []
-    lows = [smallest, *sizes]
-    for a, b in itertools.pairwise(lows):
-        between.append((a + b) // 2)
-    return sizes + sorted(between)[:extra]
+    top = _lossless_size(profile, smallest)
+    step = step or max(1, (top - smallest) // 20)
+    inside = sorted({s for s in baseline_sizes if smallest <= s <= top})
+    targets = [*inside, *(s for s in (smallest, top) if s not in inside)]
+    points = sorted(targets)
+    while True:
+        gap, a = max(((b - a, a) for a, b in itertools.pairwise(points)), default=(0, 0))
+        if gap <= step:
+            return targets
+        mid = a + gap // 2
+        targets.append(mid)
+        bisect.insort(points, mid)
+
+
+def _lossless_size(profile: Profile, smallest: int) -> int:
+    """The least budget whose best plan's predicted damage is within 0.1 % of the damage range of the least."""
+
+    def best(g: GroupProfile) -> int:
+        return min(range(len(g.nbytes)), key=lambda k: (g.damage[k], g.nbytes[k]))
+
+    least = [best(g) for g in profile.groups], best(profile.embed)
+    hi, floor = profile.size(*least), profile.damage(*least)
+    worst = profile.damage(*_smallest(profile))
+    enough = floor + 1e-3 * max(worst - floor, 0.0)
+    lo = smallest
+    while hi - lo > max(1, (hi - smallest) // 1000):
+        mid = (lo + hi) // 2
+        found = best_under(profile, mid)
+        if found is not None and profile.damage(*found) <= enough:
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 def _smallest(profile: Profile) -> tuple[list[int], int]:

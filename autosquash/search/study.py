@@ -45,7 +45,13 @@ from autosquash.search.outputs import (
     write_plots_and_artifacts,
     write_tables,
 )
-from autosquash.search.preflight import check_ray_address, check_storage, check_tracking_uri, stored_trials
+from autosquash.search.preflight import (
+    check_ray_address,
+    check_storage,
+    check_tracking_uri,
+    optuna_storage,
+    stored_trials,
+)
 from autosquash.search.sensitivity import SensitivitySampler, cached_profile, proposal_targets
 from autosquash.search.space import SearchSpace, params_key
 from autosquash.search.trial import TrialContext, load_inputs, prepare_context, run_front_scores, run_trial, trial_seed
@@ -112,7 +118,7 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
     storage = opts.storage or f"sqlite:///{(out / 'optuna.db').resolve()}"
     study = optuna.create_study(
         study_name=exp.name,
-        storage=storage,
+        storage=optuna_storage(storage),
         load_if_exists=opts.resume,
         directions=["minimize"] * len(exp.objectives),
         sampler=make_sampler(exp, opts.trials),
@@ -150,11 +156,27 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
     try:
         return _search(exp, opts, out, study, space, tracker, started)
     except KeyboardInterrupt:
-        tracker.finish("KILLED")
+        _mark(tracker, "KILLED")
         raise
     except BaseException:
-        tracker.finish("FAILED")  # the MLflow UI shows the run as failed, not as running for ever
+        _mark(tracker, "FAILED")  # the MLflow UI shows the run as failed, not as running for ever
         raise
+
+
+def _mark(tracker: SearchTracker, status: str) -> None:
+    """End the search's MLflow run as `status` if its store still takes writes (a full disk may be why the
+    search stops: that error, not this one, is the one to report)."""
+    logging.disable(logging.CRITICAL)  # MLflow's store logs a failed write with a traceback
+    try:
+        tracker.finish(status)
+    except Exception as e:  # noqa: BLE001 - MLflow and its database raise many kinds
+        while e.__cause__ is not None:
+            e = e.__cause__
+        why = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        logging.disable(logging.NOTSET)
+        logging.getLogger(__name__).debug("could not mark the search's MLflow run %s: %s", status, why)
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def _preflight(exp: Experiment, opts: SearchOptions) -> None:
@@ -301,6 +323,19 @@ def _warn_forced(out: Path, changed: list[str]) -> None:
     )
 
 
+FRONT_STEP = 0.02  # the widest gap the sensitivity sampler leaves between plans, as a share of the base file
+
+
+def base_file_bytes(spec: str, arch) -> int:
+    """The size of the model a user starts from: its GGUF file, else its F16 GGUF file."""
+    from autosquash.compress.plan import deployed_tensors
+
+    src = resolve(spec)
+    if src.kind == "gguf":
+        return Path(src.location, src.gguf_file).stat().st_size
+    return sum(t.nbytes for t in deployed_tensors(arch, Plan.uniform(arch, "F16")))
+
+
 def sensitivity_sampler(
     exp: Experiment, space: SearchSpace, ctx: TrialContext, out: Path, offset: int = 0
 ) -> SensitivitySampler:
@@ -309,7 +344,9 @@ def sensitivity_sampler(
         ctx.base, ctx.arch, space, ctx.stats, ctx.calib_ref, exp.context_tokens, resolve(exp.model).key, out / "cache"
     )
     sizes = [profile.size(*profile.picks_of(space.baseline_params(ctx.arch, b))) for b in space.baselines]
-    return SensitivitySampler(profile, proposal_targets(profile, sizes), seed=exp.seed + offset)
+    # A plan at least every 2 % of the base model's file size (targets closer, as plans land a little under).
+    step = int(FRONT_STEP * 0.8 * base_file_bytes(exp.model, ctx.arch))
+    return SensitivitySampler(profile, proposal_targets(profile, sizes, step), seed=exp.seed + offset)
 
 
 def _finished(study: optuna.Study) -> int:

@@ -104,3 +104,93 @@ def test_killed_worker_is_retried_and_the_search_finishes(tmp_path):
     assert proc.returncode == 0, output[-2000:]
     rows = _rows(out)
     assert len(rows) == 4 and all(r["state"] == "COMPLETE" for r in rows)
+
+
+def _lock(db: Path):
+    """An exclusive lock on an SQLite file, held as another writer (a second search, a tool) would hold it."""
+    import sqlite3
+
+    conn = sqlite3.connect(db, isolation_level=None, timeout=30)
+    conn.execute("BEGIN EXCLUSIVE")
+    return conn
+
+
+def test_a_store_locked_by_another_process_is_waited_out_or_named(tmp_path, monkeypatch, capsys):
+    space = {
+        "name": "small",
+        "target": "gguf",
+        "attn": {"quant": ["Q8_0", "Q4_0"]},
+        "ffn": {"quant": ["Q8_0", "Q4_0"]},
+        "baselines": ["Q8_0"],
+    }
+    exp = _experiment(tmp_path, str(ROOT / "experiments/tiny-llama.json"), space, 3)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "autosquash", "search", str(exp), "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None and not (out / "trials.csv").exists():
+        time.sleep(0.2)
+    # Longer than SQLite's own 5 s wait, shorter than the store's: the search waits and goes on.
+    conn = _lock(out / "optuna.db")
+    time.sleep(8)
+    conn.rollback()
+    conn.close()
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-2000:]
+    rows = _rows(out)
+    assert len(rows) == 3 and all(r["state"] == "COMPLETE" for r in rows)
+
+    # A lock held past the wait: one line naming it, nothing changed; once free, --resume does the rest.
+    from autosquash.search import preflight
+
+    monkeypatch.setattr(preflight, "STORE_TIMEOUT_S", 0.5)
+    conn = _lock(out / "optuna.db")
+    try:
+        assert main(["search", str(exp), "--out", str(out), "--resume", "--trials", "4"]) == 1
+    finally:
+        conn.rollback()
+        conn.close()
+    err = capsys.readouterr().err
+    assert "database is locked by another process" in err and err.count("\n") == 1, err
+    assert _rows(out) == rows
+    assert main(["search", str(exp), "--out", str(out), "--resume", "--trials", "4"]) == 0
+    after = _rows(out)
+    assert len(after) == 4 and after[:3] == rows
+    assert len({(out / r["plan"]).read_text() for r in after}) == 4  # no plan evaluated twice
+
+
+def test_a_full_disk_mid_search_stops_it_in_one_line_and_resume_finishes_it(tmp_path):
+    """Every write of the driver fails once its first trial is stored (a file-size limit of one byte, set on the
+    running driver: writes fail as on a full disk). It stops with one line, no traceback; --resume on a disk with
+    room finishes the asked trials, every stored one kept, none evaluated twice."""
+    space = {
+        "name": "small",
+        "target": "gguf",
+        "attn": {"quant": ["Q8_0", "Q4_0"]},
+        "ffn": {"quant": ["Q8_0", "Q4_0"]},
+        "baselines": ["Q8_0"],
+    }
+    exp = _experiment(tmp_path, str(ROOT / "experiments/tiny-llama.json"), space, 3)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "autosquash", "search", str(exp), "--out", str(out), "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None and not (out / "trials.csv").exists():
+        time.sleep(0.1)
+    assert proc.poll() is None, "the search ended before the disk filled"
+    psutil.Process(proc.pid).rlimit(psutil.RLIMIT_FSIZE, (1, 1))
+    output, _ = proc.communicate(timeout=300)
+    last = output.strip().splitlines()[-1]
+    assert proc.returncode not in (0, None) and "Traceback" not in output, output[-3000:]
+    # Whichever write failed first (a table: the system's words; a database: SQLite's) is named in one line.
+    assert last.startswith("autosquash: error:") and ("File too large" in last or "is the disk full" in last), last
+    stored = _rows(out)
+    assert main(["search", str(exp), "--out", str(out), "--resume"]) == 0
+    rows = _rows(out)
+    assert len(rows) == 3 and all(r["state"] == "COMPLETE" for r in rows)
+    assert rows[: len(stored)] == stored  # what was stored before the disk filled is kept as it was
+    assert len({(out / r["plan"]).read_text() for r in rows}) == 3

@@ -1,3 +1,4 @@
+import bisect
 import itertools
 import random
 
@@ -122,11 +123,37 @@ def test_knapsack_fits_the_budget_and_is_near_the_exact_optimum(seed):
         assert profile.damage(*found) <= exact + 0.25
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_targets_cover_the_range_with_no_gap_wider_than_the_step_widest_first(seed):
+    from autosquash.search.sensitivity import _smallest
+
+    profile = _random_profile(random.Random(seed), 6, 4)
+    smallest = profile.size(*_smallest(profile))
+    step = 7
+    targets = proposal_targets(profile, [smallest + 40, 10**9], step)
+    points = sorted(targets)
+    assert points[0] == smallest and smallest + 40 in targets and 10**9 not in targets  # baselines outside: none
+    assert max(b - a for a, b in itertools.pairwise(points)) <= step
+    # The top is (nearly) lossless: no larger budget predicts clearly less damage.
+    top = best_under(profile, points[-1])
+    floor = min(profile.damage(*best_under(profile, b)) for b in range(points[-1], points[-1] + 500))
+    assert profile.damage(*top) <= floor + 1e-3 * (profile.damage(*_smallest(profile)) - floor) + 1e-12
+    # Widest gap first: after the ends and the baseline, each new target halves a widest gap.
+    seen = sorted(targets[:3])
+    for t in targets[3:]:
+        widest = max(b - a for a, b in itertools.pairwise(seen))
+        left = max(a for a in seen if a < t)
+        right = min(b for b in seen if b > t)
+        assert right - left == widest
+        bisect.insort(seen, t)
+
+
 def test_sampler_proposes_under_each_target_then_mutates(measured):
     _, arch, _, _, profile = measured
     sizes = [profile.size(*profile.picks_of(SPACE.baseline_params(arch, b))) for b in SPACE.baselines]
     targets = proposal_targets(profile, sizes)
-    assert targets[: len(sizes)] == sorted(sizes)
+    inside = sorted({s for s in sizes if min(targets) <= s <= max(targets)})
+    assert targets[: len(inside)] == inside  # each baseline in the range has a proposal at its size first
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=SensitivitySampler(profile, targets))
     study.enqueue_trial(SPACE.baseline_params(arch, "Q8_0"), user_attrs={"origin": "baseline"})
