@@ -547,7 +547,8 @@ _IQ4_CELL_VALUE = _IQ4_VALUES[_IQ4_CELL_INDEX.long()]
 
 def _iq4_lookup(table: Tensor, v: Tensor) -> Tensor:
     """table[cell of v] for v in grid units (v is overwritten)."""
-    cells = v.mul_(2).floor_().add_(_IQ4_HALF_UNITS).clamp_(0, 2 * _IQ4_HALF_UNITS).to(torch.int32)
+    # Clamped to non-negative first, the conversion's truncation is the floor.
+    cells = v.mul_(2).add_(_IQ4_HALF_UNITS).clamp_(0, 2 * _IQ4_HALF_UNITS).to(torch.int32)
     return table.to(v.device).index_select(0, cells.reshape(-1)).view(v.shape)
 
 
