@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks._common import table  # noqa: E402
 
-TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "Q5_0", "Q4_0")
+TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "Q5_0", "Q4_0", "IQ4_NL", "IQ4_XS")
 ROWS, COLS = 2048, 4096
 
 
@@ -52,7 +52,7 @@ def _timed(fn, reps: int) -> float:
     return (time.perf_counter() - t0) / reps
 
 
-def run(reps: int) -> list[dict]:
+def run(reps: int, types: tuple[str, ...] = TYPES) -> list[dict]:
     import gguf
 
     from autosquash.formats.codecs import QuantizedTensor, dequantize, quantize
@@ -70,7 +70,7 @@ def run(reps: int) -> list[dict]:
         return float(((d - x).square() * imp).sum() / (x.square() * imp).sum())
 
     rows = []
-    for name in TYPES:
+    for name in types:
         gt = int(gguf.GGMLQuantizationType[name])
         lib.ggml_quantize_init(gt)
         out = np.empty((ROWS, tensor_type(name).nbytes((1, COLS))), np.uint8)
@@ -125,9 +125,10 @@ def report(rows: list[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=2, help="timed repeats per quantizer (default 2)")
+    p.add_argument("--types", nargs="+", default=list(TYPES), help="GGUF types to compare (default: all listed)")
     p.add_argument("--results", default=str(ROOT / "benchmarks/results"), help="folder for codec_speed.txt/json")
     args = p.parse_args()
-    rows = run(args.reps)
+    rows = run(args.reps, tuple(args.types))
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     (results / "codec_speed.json").write_text(json.dumps(rows, indent=2) + "\n")

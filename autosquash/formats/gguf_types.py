@@ -22,6 +22,8 @@ SEARCHABLE_TYPES: tuple[str, ...] = (
     "Q4_1",
     "Q4_K",
     "Q4_0",
+    "IQ4_NL",
+    "IQ4_XS",
     "Q3_K",
     "Q2_K",
     "TQ2_0",
@@ -29,11 +31,12 @@ SEARCHABLE_TYPES: tuple[str, ...] = (
 )
 
 # What a type falls back to when a row is not a multiple of its block length.
-# Mirrors llama.cpp's llama-quant.cpp, except that Q2_K/Q3_K go to Q4_0 instead of IQ4_NL
-# (same 4.5 bits per weight; IQ4_NL is not among the types autosquash writes).
+# Mirrors llama.cpp's llama-quant.cpp, except that Q2_K/Q3_K go to Q4_0 instead of IQ4_NL (same 4.5 bits
+# per weight), as they did before autosquash wrote IQ4_NL, so that existing plans keep their meaning.
 FALLBACK: dict[str, str] = {
     "Q2_K": "Q4_0",
     "Q3_K": "Q4_0",
+    "IQ4_XS": "IQ4_NL",
     "Q4_K": "Q5_0",
     "Q5_K": "Q5_1",
     "Q6_K": "Q8_0",

@@ -3,6 +3,7 @@ import pytest
 from autosquash.compress.operators.svd import factor_rank
 from autosquash.compress.plan import LayerChoice, Plan, deployed_tensors, kept_ffn_channels
 from autosquash.errors import AutosquashError
+from autosquash.formats.gguf_types import legal_type
 from autosquash.models.arch import Arch
 from autosquash.yaml_io import dump_yaml_model, load_yaml_model
 
@@ -25,6 +26,17 @@ def test_k_quants_fall_back_on_576_wide_rows():
     }
     assert types["attn_q"] == "Q5_0" and types["ffn_gate"] == "Q5_0"  # 576-wide rows: llama.cpp's fallback
     assert types["ffn_down"] == "Q4_K"  # 1536-wide rows hold Q4_K
+
+
+def test_iq4_types_are_sized_per_block_and_iq4_xs_falls_back_to_iq4_nl_on_576_wide_rows():
+    for quant, fallback in (("IQ4_NL", "IQ4_NL"), ("IQ4_XS", "IQ4_NL")):
+        tensors = {t.name: t for t in deployed_tensors(SMOLLM2, Plan.uniform(SMOLLM2, quant))}
+        q, down = tensors["blk.0.attn_q.weight"], tensors["blk.0.ffn_down.weight"]
+        assert q.type == fallback and down.type == quant  # as llama.cpp: 576 = 18 blocks of 32, 1536 = 6 of 256
+        assert q.nbytes == 576 * 576 // 32 * 18  # block_iq4_nl: f16 d + 16 bytes of indices per 32 values
+        assert down.nbytes == (576 * 1536 // 32 * 18 if quant == "IQ4_NL" else 576 * 1536 // 256 * 136)
+    with pytest.raises(AutosquashError, match="IQ4_NL"):
+        legal_type("IQ4_NL", 40)
 
 
 def test_pruning_and_rank_shrink_the_tensors():

@@ -100,14 +100,14 @@ def test_error_ordering_on_gaussian_rows() -> None:
     assert err["Q4_K"] < 0.95 * err["Q4_1"] and err["Q4_K"] < 0.9 * err["Q4_0"], err
     assert err["Q5_K"] < 0.95 * err["Q5_1"] and err["Q5_K"] < 0.9 * err["Q5_0"], err
     assert err["Q3_K"] < 0.5 * err["TQ2_0"], err
+    # The non-linear grid beats Q4_0's uniform one at the same 4.5 bits, IQ4_XS at 4.25 (measured 11 %, 10 %).
+    assert err["IQ4_NL"] < 0.95 * err["Q4_0"] and err["IQ4_XS"] < 0.95 * err["Q4_0"], err
     assert err["Q8_0"] < err["Q6_K"] and err["F16"] < err["Q8_0"], err
     # Sanity bounds from the grids' step sizes (measured: Q8_0 0.0053, Q4_K 0.071, Q2_K 0.29).
     assert err["Q8_0"] < 0.007 and err["Q4_K"] < 0.08 and err["Q2_K"] < 0.32, err
 
 
-@pytest.mark.parametrize(
-    "type_name", ["Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_1", "Q4_K", "Q4_0", "Q3_K", "Q2_K", "TQ2_0", "TQ1_0"]
-)
+@pytest.mark.parametrize("type_name", [t for t in QUANTIZABLE_TYPES if t not in ("F32", "F16")])
 def test_importance_lowers_weighted_error(type_name: str) -> None:
     w = _weight()
     imp = _skewed_importance(w.shape[1])
@@ -132,8 +132,8 @@ def test_illegal_row_length_is_refused() -> None:
 
 def test_bad_inputs_are_refused() -> None:
     w = _weight(4, 256)
-    with pytest.raises(AutosquashError, match="IQ4_NL"):
-        quantize(w, "IQ4_NL")
+    with pytest.raises(AutosquashError, match="IQ2_XS"):
+        quantize(w, "IQ2_XS")
     with pytest.raises(AutosquashError, match="2-D"):
         quantize(w.reshape(-1), "Q8_0")
     with pytest.raises(AutosquashError, match="importance"):
@@ -152,7 +152,7 @@ def test_type_names_are_case_insensitive_and_inputs_any_float() -> None:
     assert torch.equal(dequantize(q), fake_quantize(w.to(torch.bfloat16).float(), "Q4_K"))
 
 
-@pytest.mark.parametrize("type_name", ["Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "TQ2_0", "TQ1_0"])
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "IQ4_NL", "IQ4_XS", "TQ2_0", "TQ1_0"])
 def test_weights_on_the_grid_come_back_unchanged(type_name: str) -> None:
     # SmolLM2 ships on a Q4_1 grid (DESIGN §5): re-quantizing to that grid must be free, with or
     # without importance (the search's candidates include the reference scale's codes).
@@ -184,3 +184,107 @@ def test_gguf_file_round_trip(tmp_path) -> None:
         assert t.tensor_type == GGMLQuantizationType[q.type]
         assert tuple(int(d) for d in reversed(t.shape)) == q.shape  # GGUF lists dims innermost first
         np.testing.assert_array_equal(np.asarray(t.data).view(np.uint8).reshape(q.data.shape), q.data)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# IQ4_NL / IQ4_XS: ggml's non-linear 4-bit grid, which gguf.quants decodes but does not write
+
+KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)
+
+
+def _with_outliers_and_zero_rows(rows: int = 64, cols: int = 512) -> torch.Tensor:
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(rows, cols, generator=g)
+    w[torch.rand(rows, cols, generator=g) < 0.01] *= 8  # one value in a hundred 8x larger
+    w[3] = 0.0
+    w[9, :256] = 0.0  # a zero super-block in an otherwise normal row
+    w[12, 32:64] = 0.0  # a zero block
+    w[20, 5] = 40.0  # a lone spike
+    return w
+
+
+@pytest.mark.parametrize("with_importance", [False, True])
+@pytest.mark.parametrize("type_name", ["IQ4_NL", "IQ4_XS"])
+def test_iq4_bytes_decode_like_gguf_with_outliers_and_zero_rows(type_name: str, with_importance: bool) -> None:
+    w = _with_outliers_and_zero_rows()
+    imp = _skewed_importance(w.shape[1]) if with_importance else None
+    q = quantize(w, type_name, imp)
+    assert q.data.shape == gguf.quants.quant_shape_to_byte_shape(q.shape, GGMLQuantizationType[type_name])
+    ours = dequantize(q)
+    np.testing.assert_array_equal(ours.numpy().view(np.uint32), _gguf_dequantize(q).view(np.uint32))
+    assert not ours[3].any() and not ours[9, :256].any() and not ours[12, 32:64].any()
+    # The spike sets its block's scale: within half a step between the outer levels (89, 113, 127 apart by 10 % or
+    # more); measured within 0.1 % and, IQ4_XS with importance, 4 % (its 6-bit sub-block scale).
+    assert abs(float(ours[20, 5]) - 40.0) < 0.05 * 40.0
+
+
+def _hand_packed_iq4_xs(d: float, ls: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """One block_iq4_xs packed from ggml-common.h's description, byte by byte: f16 d, u16 scales_h (2 bits per
+    sub-block at bits 2 ib), u8 scales_l[4] (sub-block ib in nibble ib % 2 of byte ib / 2), then per sub-block
+    16 bytes whose byte j holds index j in its low nibble and index j + 16 in its high one."""
+    out = bytearray(np.float16(d).tobytes())
+    out += int(sum(int(ls[ib] >> 4) << (2 * ib) for ib in range(8))).to_bytes(2, "little")
+    out += bytes(int(ls[2 * i] & 15) | int(ls[2 * i + 1] & 15) << 4 for i in range(4))
+    for ib in range(8):
+        out += bytes(int(q[ib, j]) | int(q[ib, j + 16]) << 4 for j in range(16))
+    return np.frombuffer(bytes(out), np.uint8).reshape(1, -1)
+
+
+def test_iq4_layouts_are_ggmls() -> None:
+    rng = np.random.default_rng(0)
+    q = rng.integers(0, 16, (8, 32))
+    q[:, 0] = 0  # each sub-block reaches the -127 level, and the first one holds the super-block's largest scale
+    ls = np.array([0, 5, 17, 30, 36, 41, 50, 63])
+    d = 0.0137
+    data = _hand_packed_iq4_xs(d, ls, q)
+    expected = np.float32(np.float16(d)) * (ls - 32).astype(np.float32)[:, None] * KVALUES_IQ4NL[q]
+    theirs = gguf.quants.dequantize(data, GGMLQuantizationType.IQ4_XS)
+    for decoded in (theirs, dequantize(QuantizedTensor("IQ4_XS", (1, 256), data)).numpy()):
+        np.testing.assert_array_equal(decoded.reshape(8, 32), expected)
+    # The encoder picks back exactly these indices and scales from the decoded values (the largest value of
+    # each sub-block at -127 and the largest sub-block scale at -32 are among its candidates).
+    np.testing.assert_array_equal(quantize(torch.from_numpy(expected.reshape(1, 256)), "IQ4_XS").data, data)
+    # IQ4_NL: f16 d, then the same 16 bytes as one IQ4_XS sub-block.
+    nl = np.concatenate([data[:, :2], data[:, 8:24]], axis=1)
+    expected_nl = np.float32(np.float16(d)) * KVALUES_IQ4NL[q[0]]
+    np.testing.assert_array_equal(gguf.quants.dequantize(nl, GGMLQuantizationType.IQ4_NL).reshape(32), expected_nl)
+    np.testing.assert_array_equal(dequantize(QuantizedTensor("IQ4_NL", (1, 32), nl)).numpy().reshape(32), expected_nl)
+
+
+def _round_to_nearest_scale(w: torch.Tensor, type_name: str) -> torch.Tensor:
+    """The plain baseline (ggml's quantize_row_iq4_nl_ref): each block's largest-magnitude value mapped to the
+    -127 level, every value to its nearest level; IQ4_XS's sub-block scales rounded onto 6 bits of d, with the
+    largest at -32."""
+
+    def signed_max(b: np.ndarray) -> np.ndarray:
+        return np.take_along_axis(b, np.abs(b).argmax(-1)[..., None], -1)[..., 0]
+
+    def inverse(s: np.ndarray) -> np.ndarray:
+        return np.where(s == 0, 0.0, 1.0 / np.where(s == 0, 1.0, s)).astype(np.float32)
+
+    x = w.numpy().reshape(-1, 32)
+    s = signed_max(x) / -127
+    if type_name == "IQ4_NL":
+        s = s.astype(np.float16).astype(np.float32)
+    else:
+        s = s.reshape(-1, 8)
+        d = (signed_max(s) / -32).astype(np.float16).astype(np.float32)
+        s = (d[:, None] * np.clip(np.round(s * inverse(d)[:, None]), -32, 31)).reshape(-1)
+    v = x * inverse(s)[:, None]
+    nearest = KVALUES_IQ4NL[np.abs(v[..., None] - KVALUES_IQ4NL).argmin(-1)]
+    return torch.from_numpy(s[:, None] * nearest).reshape(w.shape)
+
+
+@pytest.mark.parametrize("type_name", ["IQ4_NL", "IQ4_XS"])
+def test_iq4_search_beats_round_to_nearest_scale(type_name: str) -> None:
+    w = _with_outliers_and_zero_rows()
+    imp = _skewed_importance(w.shape[1])
+    baseline = _round_to_nearest_scale(w, type_name)
+
+    def error(out: torch.Tensor, weight: torch.Tensor) -> float:
+        return float(((out - w).square() * weight).sum())
+
+    # With importance, its weighted error; without, the x^2-weighted error llama.cpp's IQ4 search minimises
+    # then. Measured ratios: 0.68 / 0.70 and 0.77 / 0.78 (IQ4_NL / IQ4_XS).
+    assert error(fake_quantize(w, type_name, imp), imp) < 0.8 * error(baseline, imp)
+    assert error(fake_quantize(w, type_name), w.square()) < 0.9 * error(baseline, w.square())

@@ -66,3 +66,15 @@ def test_shipped_spaces_load():
 
     for f in Path(__file__).parents[2].joinpath("search_spaces").glob("*.yaml"):
         SearchSpace.load(f)
+
+
+def test_iq4_types_can_be_searched_and_others_are_named(tiny_arch):
+    space = SearchSpace.model_validate(
+        {**SPACE, "embed_quant": ["iq4_nl"], "attn": {"quant": ["IQ4_XS", "Q4_0"]}, "baselines": []}
+    )
+    assert space.embed_quant == ["IQ4_NL"] and space.attn.quant == ["IQ4_XS", "Q4_0"]
+    plan = space.sample(optuna.create_study().ask(), tiny_arch)
+    assert plan.embed_quant == "IQ4_NL" and plan.choice("blk.0.attn").quant in ("IQ4_XS", "Q4_0")
+    # A GGUF type autosquash does not write is refused by name.
+    with pytest.raises(ValueError, match="IQ2_XS is not a searchable type"):
+        SearchSpace.model_validate({**SPACE, "attn": {"quant": ["IQ2_XS"]}})
