@@ -74,3 +74,20 @@ def tiny_arch(tiny_model) -> Arch:
 def tiny_batch() -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, 512, (4, 64), generator=g)
+
+
+SMOKE_TRIALS = 6
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """One smoke search (experiments/smoke.yaml: a tiny random Llama, real Optuna, Ray, MLflow and lm-eval)
+    for every test that reads what a finished search leaves; tests that change a run work on a copy."""
+    from pathlib import Path
+
+    from autosquash.cli import main
+
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    smoke = Path(__file__).parents[1] / "experiments/smoke.yaml"
+    assert main(["search", str(smoke), "--trials", str(SMOKE_TRIALS), "--out", str(out)]) == 0
+    return out

@@ -30,12 +30,11 @@ SEARCHABLE_TYPES: tuple[str, ...] = (
     "TQ1_0",
 )
 
-# What a type falls back to when a row is not a multiple of its block length.
-# Mirrors llama.cpp's llama-quant.cpp, except that Q2_K/Q3_K go to Q4_0 instead of IQ4_NL (same 4.5 bits
-# per weight), as they did before autosquash wrote IQ4_NL, so that existing plans keep their meaning.
+# What a type falls back to when a row is not a multiple of its block length, as llama.cpp's llama-quant.cpp
+# does (Q2_K and Q3_K went to Q4_0, the same 4.5 bits per weight, until autosquash wrote IQ4_NL).
 FALLBACK: dict[str, str] = {
-    "Q2_K": "Q4_0",
-    "Q3_K": "Q4_0",
+    "Q2_K": "IQ4_NL",
+    "Q3_K": "IQ4_NL",
     "IQ4_XS": "IQ4_NL",
     "Q4_K": "Q5_0",
     "Q5_K": "Q5_1",

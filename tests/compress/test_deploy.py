@@ -14,7 +14,7 @@ from autosquash.formats.codecs import QuantizedTensor
 from autosquash.models.arch import Arch
 from tests.conftest import tiny_config
 
-# Rows that hold no K-quant (Q2_K falls back to Q4_0) with factors whose rows do, as on SmolLM2's 576-wide
+# Rows that hold no K-quant (Q2_K falls back to IQ4_NL) with factors whose rows do, as on SmolLM2's 576-wide
 # rows: a Kronecker factor of a 512x192 linear has 16·16 = 256-value rows; an SVD factor of rank 256 of a
 # 1536x320 linear has 256-value rows. Small widths keep the Kronecker permutation search fast.
 MODELS = {
@@ -38,11 +38,11 @@ def _plan(kind: str, quant: str) -> Plan:
 def test_on_smollm2_576_wide_rows_factors_take_q2_k_where_the_weight_cannot():
     """SmolLM2's shapes (no compute): the case the cache once got wrong."""
     q2 = LayerChoice(quant="Q2_K")
-    assert deploy_linear("blk.0.ffn_up", 1536, 576, q2).type_of("weight") == "Q4_0"  # llama.cpp's fallback
+    assert deploy_linear("blk.0.ffn_up", 1536, 576, q2).type_of("weight") == "IQ4_NL"  # llama.cpp's fallback
     kron = deploy_linear("blk.0.ffn_up", 1536, 576, LayerChoice(quant="Q2_K", kron_rank=4))
     assert kron.type_of("kron_a") == "Q2_K"  # 32 x 24 = 768-value rows
     svd = deploy_linear("blk.0.attn_q", 576, 576, LayerChoice(quant="Q2_K", rank_ratio=0.45))
-    assert svd.size == 256 and svd.type_of("lr_b") == "Q2_K" and svd.type_of("lr_a") == "Q4_0"
+    assert svd.size == 256 and svd.type_of("lr_b") == "Q2_K" and svd.type_of("lr_a") == "IQ4_NL"
     q4 = deploy_linear("blk.0.ffn_up", 1536, 576, LayerChoice(quant="Q4_0", kron_rank=4))
     assert q4.key != kron.key
 
@@ -51,10 +51,10 @@ def test_factor_rows_take_types_that_the_weights_rows_cannot():
     kron = deploy_linear("blk.0.ffn_up", 1536, 576, LayerChoice(quant="Q2_K", kron_rank=4))
     assert (
         kron.type_of("kron_a") == "Q2_K"
-        and deploy_linear("blk.0.ffn_up", 1536, 576, LayerChoice(quant="Q2_K")).type_of("weight") == "Q4_0"
+        and deploy_linear("blk.0.ffn_up", 1536, 576, LayerChoice(quant="Q2_K")).type_of("weight") == "IQ4_NL"
     )
     svd = deploy_linear("blk.0.attn_q", 576, 576, LayerChoice(quant="Q2_K", rank_ratio=0.45))
-    assert svd.size == 256 and svd.type_of("lr_b") == "Q2_K" and svd.type_of("lr_a") == "Q4_0"
+    assert svd.size == 256 and svd.type_of("lr_b") == "Q2_K" and svd.type_of("lr_a") == "IQ4_NL"
 
 
 @pytest.mark.parametrize("kind", ["kron", "svd"])

@@ -17,14 +17,6 @@ ROOT = Path(__file__).parents[2]
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("smoke") / "run"
-    code = main(["search", str(ROOT / "experiments/smoke.yaml"), "--trials", "6", "--out", str(out)])
-    assert code == 0
-    return out
-
-
 def _rows(path: Path) -> list[dict]:
     with path.open() as f:
         return list(csv.DictReader(f))

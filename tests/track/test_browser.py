@@ -33,11 +33,12 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from autosquash.cli import main
 from autosquash.track.mlflow_store import ROLE, TRIAL, default_tracking_uri, runs_page
+from tests.conftest import SMOKE_TRIALS
 
 ROOT = Path(__file__).parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-TRIALS = 3  # both seeded baselines and one sampled plan, in about a minute on 2 cores
+TRIALS = SMOKE_TRIALS  # the session's smoke search: both seeded baselines and four sampled plans
 SERVER_START_S = 120  # `mlflow ui` imports a lot; on a loaded 2-core machine it has taken 20 s
 UI_WAIT_S = 60  # the SPA fetches runs and artifacts after load; the HTML plot is 4.6 MB of plotly
 # The network is closed: without these Chromium waits on connections to Google's services.
@@ -80,11 +81,8 @@ def browser(tmp_path_factory) -> Iterator[WebDriver]:
 
 
 @pytest.fixture(scope="module")
-def search_out(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("browser") / "run"
-    code = main(["search", str(ROOT / "experiments/smoke.yaml"), "--trials", str(TRIALS), "--out", str(out)])
-    assert code == 0
-    return out
+def search_out(smoke_run) -> Path:
+    return smoke_run
 
 
 @pytest.fixture(scope="module")
