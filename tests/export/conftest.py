@@ -33,3 +33,25 @@ def make_trial(tiny_model, tiny_arch, tiny_ref):
         return model, cache
 
     return build
+
+
+def llama_cpp_logits(path, ids: list[int]):
+    """llama.cpp's float64 logits of every position of `ids` from a GGUF file (one thread, an F32 KV cache:
+    as torch keeps keys and values)."""
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=len(ids),
+        logits_all=True,
+        n_threads=1,
+        type_k=llama_cpp.GGML_TYPE_F32,
+        type_v=llama_cpp.GGML_TYPE_F32,
+        verbose=False,
+    )
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)], dtype=np.float64)
+    finally:
+        llm.close()

@@ -23,6 +23,7 @@ from autosquash.compress.plan import LayerChoice, Plan
 from autosquash.export.gguf_file import write_gguf
 from autosquash.models.arch import Arch
 from autosquash.models.load import load_model, read_gguf_model
+from tests.export.conftest import llama_cpp_logits
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -41,23 +42,6 @@ def tiny() -> Iterator[tuple]:
         yield base, Arch.from_config(base.config), collect_stats(base, batch)
     finally:
         torch.set_num_threads(threads)
-
-
-def _llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
-    llm = llama_cpp.Llama(
-        model_path=str(path),
-        n_ctx=len(ids),
-        logits_all=True,
-        n_threads=1,
-        type_k=llama_cpp.GGML_TYPE_F32,
-        type_v=llama_cpp.GGML_TYPE_F32,
-        verbose=False,
-    )
-    try:
-        llm.eval(ids)
-        return np.array(llm.scores[: len(ids)], dtype=np.float64)
-    finally:
-        llm.close()
 
 
 def _mixed() -> Plan:
@@ -92,7 +76,7 @@ def test_llama_cpp_runs_iq4_tensors_as_autosquash_decodes_them(tiny, tmp_path, w
     with torch.no_grad():
         ours = compress(base, arch, plan, stats, cache)(torch.tensor([ids])).logits[0].double().numpy()
         exact = base(torch.tensor([ids])).logits[0].double().numpy()
-    theirs = _llama_cpp_logits(path, ids)
+    theirs = llama_cpp_logits(path, ids)
     gap, effect = np.abs(theirs - ours).max(), np.abs(exact - ours).max()
     # Measured gaps 0.017 (IQ4_NL, its activations in Q8_0 blocks) to 0.025 (IQ4_XS, Q8_K), as for Q4_0 (0.019)
     # and Q4_K (0.026) on this model, against 0.32-0.36 for quantization; a decoder of ours that read IQ4_NL's

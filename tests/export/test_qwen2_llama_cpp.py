@@ -19,6 +19,7 @@ from autosquash.export.gguf_file import gguf_arch, write_gguf
 from autosquash.models.arch import Arch
 from autosquash.models.load import load_model, read_gguf_model
 from tests.conftest import TINY_SHAPE
+from tests.export.conftest import llama_cpp_logits
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -48,23 +49,6 @@ def qwen2(tmp_path_factory):
     return str(spec), model, Arch.from_config(model.config)
 
 
-def _llama_cpp_logits(path, ids: list[int]) -> np.ndarray:
-    llm = llama_cpp.Llama(
-        model_path=str(path),
-        n_ctx=len(ids),
-        logits_all=True,
-        n_threads=1,
-        type_k=llama_cpp.GGML_TYPE_F32,
-        type_v=llama_cpp.GGML_TYPE_F32,
-        verbose=False,
-    )
-    try:
-        llm.eval(ids)
-        return np.array(llm.scores[: len(ids)], dtype=np.float64)
-    finally:
-        llm.close()
-
-
 def test_qwen2_prices_its_biases(qwen2):
     _, model, arch = qwen2
     assert arch.biased == ("attn_q", "attn_k", "attn_v")
@@ -88,7 +72,7 @@ def test_llama_cpp_runs_the_exported_qwen2_with_its_biases(qwen2, tmp_path, plan
             if getattr(m, "bias", None) is not None:
                 m.bias.zero_()
         unbiased = compressed(torch.tensor([ids])).logits[0].double().numpy()
-    theirs = _llama_cpp_logits(path, ids)
+    theirs = llama_cpp_logits(path, ids)
     assert gguf_arch(arch, plan) == ("llama" if plan.groups.get("blk.0.attn").attn_keep_ratio == 1 else "deci")
     gap, effect = np.abs(theirs - ours).max(), np.abs(unbiased - ours).max()
     # F16 weights and llama.cpp's F16 rounding of activations: about 1e-2 here; the biases move logits by ~1.

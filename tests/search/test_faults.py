@@ -46,6 +46,30 @@ def _experiment(tmp_path: Path, model: str, space: dict, trials: int, workers: i
     return tmp_path / "exp.yaml"
 
 
+# Two types per group on the tiny random Llama: trials of a few seconds.
+SMALL = {
+    "name": "small",
+    "target": "gguf",
+    "attn": {"quant": ["Q8_0", "Q4_0"]},
+    "ffn": {"quant": ["Q8_0", "Q4_0"]},
+    "baselines": ["Q8_0"],
+}
+
+
+def _small_search(tmp_path: Path, trials: int, *args: str) -> tuple[Path, Path, subprocess.Popen]:
+    """(experiment, out folder, the running driver) of a search of SMALL on the tiny Llama."""
+    exp = _experiment(tmp_path, str(ROOT / "experiments/tiny-llama.json"), SMALL, trials)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "autosquash", "search", str(exp), "--out", str(out), *args]
+    return exp, out, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _first_trial_stored(out: Path, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None and not (out / "trials.csv").exists():
+        time.sleep(0.1)
+
+
 def test_failing_trial_is_recorded_with_its_reason(tmp_path):
     # Weights above F16's range (65504): an F16 plan overflows to inf and its perplexity is not finite.
     model: LlamaForCausalLM = load_model(str(ROOT / "experiments/tiny-llama.json"))
@@ -75,21 +99,7 @@ def test_failing_trial_is_recorded_with_its_reason(tmp_path):
 
 
 def test_killed_worker_is_retried_and_the_search_finishes(tmp_path):
-    space = {
-        "name": "small",
-        "target": "gguf",
-        "attn": {"quant": ["Q8_0", "Q4_0"]},
-        "ffn": {"quant": ["Q8_0", "Q4_0"]},
-        "baselines": ["Q8_0"],
-    }
-    exp = _experiment(tmp_path, str(ROOT / "experiments/tiny-llama.json"), space, 4)
-    out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "autosquash", "search", str(exp), "--out", str(out)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    _, out, proc = _small_search(tmp_path, 4)
     killed = None
     deadline = time.monotonic() + 180
     while killed is None and time.monotonic() < deadline and proc.poll() is None:
@@ -116,24 +126,8 @@ def _lock(db: Path):
 
 
 def test_a_store_locked_by_another_process_is_waited_out_or_named(tmp_path, monkeypatch, capsys):
-    space = {
-        "name": "small",
-        "target": "gguf",
-        "attn": {"quant": ["Q8_0", "Q4_0"]},
-        "ffn": {"quant": ["Q8_0", "Q4_0"]},
-        "baselines": ["Q8_0"],
-    }
-    exp = _experiment(tmp_path, str(ROOT / "experiments/tiny-llama.json"), space, 3)
-    out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "autosquash", "search", str(exp), "--out", str(out)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None and not (out / "trials.csv").exists():
-        time.sleep(0.2)
+    exp, out, proc = _small_search(tmp_path, 3)
+    _first_trial_stored(out, proc)
     # Longer than SQLite's own 5 s wait, shorter than the store's: the search waits and goes on.
     conn = _lock(out / "optuna.db")
     time.sleep(8)
@@ -167,20 +161,8 @@ def test_a_full_disk_mid_search_stops_it_in_one_line_and_resume_finishes_it(tmp_
     """Every write of the driver fails once its first trial is stored (a file-size limit of one byte, set on the
     running driver: writes fail as on a full disk). It stops with one line, no traceback; --resume on a disk with
     room finishes the asked trials, every stored one kept, none evaluated twice."""
-    space = {
-        "name": "small",
-        "target": "gguf",
-        "attn": {"quant": ["Q8_0", "Q4_0"]},
-        "ffn": {"quant": ["Q8_0", "Q4_0"]},
-        "baselines": ["Q8_0"],
-    }
-    exp = _experiment(tmp_path, str(ROOT / "experiments/tiny-llama.json"), space, 3)
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "autosquash", "search", str(exp), "--out", str(out), "--workers", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None and not (out / "trials.csv").exists():
-        time.sleep(0.1)
+    exp, out, proc = _small_search(tmp_path, 3, "--workers", "1")
+    _first_trial_stored(out, proc)
     assert proc.poll() is None, "the search ended before the disk filled"
     psutil.Process(proc.pid).rlimit(psutil.RLIMIT_FSIZE, (1, 1))
     output, _ = proc.communicate(timeout=300)
