@@ -102,7 +102,11 @@ def score(bin_dir: Path, model: Path, test: Path, kld_base: Path, log: Path, lor
     cmd += ["--kl-divergence-base", kld_base, "--kl-divergence"]
     if lora is not None:
         cmd += ["--lora", lora]
-    text = _run(cmd, log)
+    return _stats(_run(cmd, log), log)
+
+
+def _stats(text: str, log: Path) -> dict:
+    """KL, perplexity and same-top share from llama-perplexity's output."""
 
     def number(pattern: str) -> float:
         m = re.search(pattern, text)
@@ -187,6 +191,11 @@ def main() -> None:
     p.add_argument("--no-front", action="store_true", help="score the peer files only")
     p.add_argument("--work", default=str(ROOT / "benchmarks/out/vs_llamacpp"), help="folder for the files")
     p.add_argument("--results", default=str(ROOT / "benchmarks/results"), help="folder for the table")
+    p.add_argument(
+        "--reuse-peers",
+        action="store_true",
+        help="keep the peer files and scores already in --work when its calibration and test texts are unchanged",
+    )
     args = p.parse_args()
     run, work = Path(args.run), Path(args.work)
     if not (run / "experiment.yaml").is_file() or not (run / "pareto.csv").is_file():
@@ -194,13 +203,17 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     exp = load_experiment(run / "experiment.yaml")
     bin_dir = tools()
+    before = [(work / n).read_text() if (work / n).is_file() else None for n in ("calibration.txt", "test.txt")]
     calib, test = texts(exp, work)
+    reuse = args.reuse_peers and before == [calib.read_text(), test.read_text()]
+    if args.reuse_peers and not reuse:
+        print("vs_llamacpp: the texts changed: every peer is made and scored again", flush=True)
     base = work / "base-f32.gguf"
     if not base.exists():
         base_gguf(exp, base)
     threads = str(os.cpu_count() or 1)
     imatrix = work / "imatrix.gguf"
-    if not imatrix.exists():
+    if not (reuse and imatrix.exists()):
         _run(
             [
                 bin_dir / "llama-imatrix",
@@ -218,23 +231,28 @@ def main() -> None:
             work / "imatrix.log",
         )
     kld_base = work / "base.kld"
-    _run(
-        [
-            bin_dir / "llama-perplexity",
-            "-m",
-            base,
-            "-f",
-            test,
-            "-c",
-            CONTEXT,
-            "-t",
-            threads,
-            "--kl-divergence-base",
-            kld_base,
-        ],
-        work / "base.log",
-    )
-    base_stats = score(bin_dir, base, test, kld_base, work / "base-self.log")
+    if not (reuse and kld_base.exists()):
+        _run(
+            [
+                bin_dir / "llama-perplexity",
+                "-m",
+                base,
+                "-f",
+                test,
+                "-c",
+                CONTEXT,
+                "-t",
+                threads,
+                "--kl-divergence-base",
+                kld_base,
+            ],
+            work / "base.log",
+        )
+    self_log = work / "base-self.log"
+    if reuse and self_log.exists():
+        base_stats = _stats(self_log.read_text(), self_log)
+    else:
+        base_stats = score(bin_dir, base, test, kld_base, self_log)
     peers = []
     for recipe in args.recipes.split(","):
         for use_imatrix in (False, True):
@@ -247,8 +265,12 @@ def main() -> None:
                 recipe,
                 threads,
             ]
-            _run(cmd, out.with_suffix(".quantize.log"))
-            stats = score(bin_dir, out, test, kld_base, out.with_suffix(".log"))
+            log = out.with_suffix(".log")
+            if reuse and out.exists() and log.exists():
+                stats = _stats(log.read_text(), log)  # the same recipe on the same base and texts
+            else:
+                _run(cmd, out.with_suffix(".quantize.log"))
+                stats = score(bin_dir, out, test, kld_base, log)
             peers.append({"recipe": recipe, "imatrix": use_imatrix, "mb": _mb(out), **stats})
             print(f"{recipe:8s} imatrix={use_imatrix!s:5s} {peers[-1]['mb']:7.1f} MB  KL {stats['kl']:.4f}", flush=True)
     # The recipes with the importance matrix (the stronger peer) scored as the search scores its trials, for
