@@ -78,6 +78,8 @@ def _store_error(e) -> str:
             f"a search database is locked by another process ({why}); finished trials are stored: "
             "continue with --resume once the other process lets go"
         )
+    if "readonly" in why or "read-only" in why:
+        return f"a search database is read-only ({why}): give a store this user may write, or another --out"
     if "disk" in why or "full" in why:
         return f"a search database could not be written ({why}): is the disk full? Finished trials are stored"
     return f"a search database failed ({why[:200]})"

@@ -123,3 +123,14 @@ def test_a_phone_that_cannot_hold_the_runtime_is_refused_before_anything_loads(t
     assert main(["search", str(tmp_path / "e.yaml"), "--out", str(tmp_path / "run")]) == 2
     assert "cannot hold this model at any size: llama.cpp's runtime buffers alone take" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_read_only_store_is_one_line(tmp_path, capsys):
+    """A store the user may not write (SQLite opened read-only: chmod does not stop root) fails in one line."""
+    import optuna
+
+    optuna.create_study(study_name="smoke", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    url = f"sqlite:///file:{tmp_path / 'optuna.db'}?mode=ro&uri=true"
+    assert main(["search", SMOKE, "--out", str(tmp_path / "out"), "--storage", url]) == 1
+    err = capsys.readouterr().err
+    assert "a search database is read-only" in err and err.count("\n") == 1
