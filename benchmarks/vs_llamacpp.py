@@ -121,9 +121,18 @@ def _stats(text: str, log: Path) -> dict:
     }
 
 
-def front_files(run: Path, folder: Path) -> list[dict]:
-    """Every front plan of the search in `run` exported as GGUF (and its adapter), with its trial number."""
+def front_files(run: Path, folder: Path, near: list[float] | None = None) -> list[dict]:
+    """Every front plan of the search in `run` exported as GGUF (and its adapter), with its trial number; with
+    `near` (peer sizes, MB), only the plans the table compares: for each size the three largest no larger (by weights;
+    a file adds its metadata)."""
     rows = list(csv.DictReader(open(run / "pareto.csv")))
+    if near is not None:
+        ordered = sorted(rows, key=lambda r: float(r["weights_mb"]))
+        keep = set()
+        for mb in near:
+            under = [r["trial"] for r in ordered if float(r["weights_mb"]) <= mb]
+            keep.update(under[-3:])
+        rows = [r for r in rows if r["trial"] in keep]
     out = []
     for r in rows:
         path = folder / f"front-{int(r['trial']):04d}.gguf"
@@ -191,6 +200,11 @@ def main() -> None:
     p.add_argument("--no-front", action="store_true", help="score the peer files only")
     p.add_argument("--work", default=str(ROOT / "benchmarks/out/vs_llamacpp"), help="folder for the files")
     p.add_argument("--results", default=str(ROOT / "benchmarks/results"), help="folder for the table")
+    p.add_argument(
+        "--front-near-peers",
+        action="store_true",
+        help="export and score only the front plans the table compares (per peer, the three largest no larger)",
+    )
     p.add_argument(
         "--reuse-peers",
         action="store_true",
@@ -275,13 +289,17 @@ def main() -> None:
             print(f"{recipe:8s} imatrix={use_imatrix!s:5s} {peers[-1]['mb']:7.1f} MB  KL {stats['kl']:.4f}", flush=True)
     # The recipes with the importance matrix (the stronger peer) scored as the search scores its trials, for
     # its plots and report (peers.csv in the run's folder).
-    from autosquash.search.peers import add_peers
+    from autosquash.search.peers import add_peers, read_peers
 
-    add_peers(run, [(p["recipe"], work / f"peer-{p['recipe']}-imatrix.gguf") for p in peers if p["imatrix"]])
-    print(f"marked {sum(p['imatrix'] for p in peers)} recipes in {run / 'pareto.png'} (peers.csv)", flush=True)
+    marked = [(p["recipe"], work / f"peer-{p['recipe']}-imatrix.gguf") for p in peers if p["imatrix"]]
+    if reuse and {r["name"] for r in read_peers(run)} == {name for name, _ in marked}:
+        print(f"{run / 'peers.csv'} already scores these recipes (same files, same texts)", flush=True)
+    else:
+        add_peers(run, marked)
+        print(f"marked {len(marked)} recipes in {run / 'pareto.png'} (peers.csv)", flush=True)
     front = []
     if not args.no_front:
-        for f in front_files(run, work):
+        for f in front_files(run, work, [p["mb"] for p in peers] if args.front_near_peers else None):
             stats = score(bin_dir, f["path"], test, kld_base, f["path"].with_suffix(".log"), f["lora"])
             front.append({"trial": f["trial"], "mb": _mb(f["path"], f["lora"]), "lora": bool(f["lora"]), **stats})
             print(f"front trial {f['trial']:4d} {front[-1]['mb']:7.1f} MB  KL {stats['kl']:.4f}", flush=True)
