@@ -325,14 +325,13 @@ def _write_export(out: Path, fmt: str, built) -> tuple[list[Path], dict[str, int
 def _registered_trial_run(run: Path, trial: int | None):
     """(tracking URI, MLflow run) of trial `trial` of the search in `run`, which a registered version links to."""
     from autosquash.search.experiment import load_experiment
-    from autosquash.track.mlflow_store import find_trial_run
+    from autosquash.track.mlflow_store import find_trial_run, search_tracking_uri
 
     if trial is None:
         raise AutosquashError("--run needs --trial N")
-    uri_file = run / "tracking_uri.txt"
-    if not uri_file.is_file() or not (run / "experiment.yaml").is_file():
+    tracking_uri = search_tracking_uri(run)
+    if tracking_uri is None or not (run / "experiment.yaml").is_file():
         raise AutosquashError(f"{run} is not a search's output folder (no tracking_uri.txt or experiment.yaml)")
-    tracking_uri = uri_file.read_text().strip()
     trial_run = find_trial_run(tracking_uri, load_experiment(run / "experiment.yaml").name, trial)
     if trial_run is None:
         raise AutosquashError(f"the MLflow store of {run} holds no run of trial {trial}")

@@ -82,6 +82,7 @@ def run_one(size: str, trials: int, device: str, folder: Path) -> dict:
     from autosquash.search.experiment import load_experiment
     from autosquash.search.study import SearchOptions, run_search
     from autosquash.search.trial import evaluate_plan, load_inputs, open_store, prepare_context
+    from autosquash.track.mlflow_store import search_tracking_uri
     from autosquash.yaml_io import load_yaml_model
 
     (folder / "config.json").write_text(json.dumps(_config(size)))
@@ -91,7 +92,7 @@ def run_one(size: str, trials: int, device: str, folder: Path) -> dict:
     exp = exp.model_validate({**exp.model_dump(), "hardware": {"device": device}})
     out = folder / "run"
     run_search(exp, SearchOptions(out_dir=out, trials=trials, workers=1))
-    client = MlflowClient(tracking_uri=(out / "tracking_uri.txt").read_text().strip())
+    client = MlflowClient(tracking_uri=search_tracking_uri(out))
     (experiment,) = [e for e in client.search_experiments() if e.name == exp.name]
     runs = client.search_runs([experiment.experiment_id])
     parent = next(r for r in runs if r.data.tags.get("autosquash.role") == "search").data.metrics

@@ -91,3 +91,23 @@ def smoke_run(tmp_path_factory):
     smoke = Path(__file__).parents[1] / "experiments/smoke.yaml"
     assert main(["search", str(smoke), "--trials", str(SMOKE_TRIALS), "--out", str(out)]) == 0
     return out
+
+
+def copy_search(src, dst):
+    """A search folder copied whole, its MLflow store pointed at the copy's artifacts (MLflow keeps absolute
+    artifact URIs: a plain copy would log into the original's folder)."""
+    import shutil
+    import sqlite3
+
+    from mlflow.tracking._tracking_service import utils
+
+    # MLflow keeps each run's artifact location per process by run ID, which the copy shares: forget them.
+    utils._artifact_repos_cache.clear()
+
+    shutil.copytree(src, dst)
+    old, new = (p.resolve().as_uri() for p in (src, dst))
+    with sqlite3.connect(dst / "mlflow.db") as db:
+        db.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (old, new))
+        db.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (old, new))
+    db.close()
+    return dst

@@ -30,11 +30,11 @@ SEARCHABLE_TYPES: tuple[str, ...] = (
     "TQ1_0",
 )
 
-# What a type falls back to when a row is not a multiple of its block length, as llama.cpp's llama-quant.cpp
-# does (Q2_K and Q3_K went to Q4_0, the same 4.5 bits per weight, until autosquash wrote IQ4_NL).
-FALLBACK: dict[str, str] = {
-    "Q2_K": "IQ4_NL",
-    "Q3_K": "IQ4_NL",
+# What llama.cpp's quantize (llama-quant.cpp, llama-cpp-python 0.3.36) stores when a row is not a multiple of
+# the asked type's block length.
+LLAMA_CPP_FALLBACK: dict[str, str] = {
+    "Q2_K": "Q4_0",
+    "Q3_K": "Q4_0",
     "IQ4_XS": "IQ4_NL",
     "Q4_K": "Q5_0",
     "Q5_K": "Q5_1",
@@ -42,6 +42,10 @@ FALLBACK: dict[str, str] = {
     "TQ1_0": "Q4_0",
     "TQ2_0": "Q4_0",
 }
+
+# What autosquash stores instead: llama.cpp's, except that Q2_K and Q3_K take IQ4_NL, the same 4.5 bits per
+# weight as Q4_0 at about half its KL on SmolLM2 (benchmarks/results/iq4_vs_q4_0.txt).
+FALLBACK: dict[str, str] = {**LLAMA_CPP_FALLBACK, "Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL"}
 
 
 class UnknownTypeError(AutosquashError, ValueError):
@@ -96,15 +100,16 @@ def searchable_type(name: str) -> str:
     return canonical
 
 
-def legal_type(name: str, row_length: int) -> str:
+def legal_type(name: str, row_length: int, llama_cpp: bool = False) -> str:
     """The type a row of `row_length` values is stored in when `name` is asked for.
 
-    Returns `name` itself when legal, else its fallback (see FALLBACK), as llama.cpp's quantize does.
+    Returns `name` itself when legal, else its fallback: `FALLBACK`, or `LLAMA_CPP_FALLBACK` with `llama_cpp`
+    (to reproduce a file llama.cpp's quantize writes).
     """
     t = tensor_type(name)
     if t.fits_row(row_length):
         return t.name
-    fallback = FALLBACK.get(t.name)
+    fallback = (LLAMA_CPP_FALLBACK if llama_cpp else FALLBACK).get(t.name)
     if fallback is None or not tensor_type(fallback).fits_row(row_length):
         raise AutosquashError(f"no legal GGUF type for a row of {row_length} values (asked for {t.name})")
     return fallback

@@ -91,7 +91,7 @@ def add_peers(run: Path, files: list[tuple[str, Path]]) -> list[dict]:
     from autosquash.cost import load_device
     from autosquash.search.experiment import load_experiment
     from autosquash.search.outputs import write_front_plots
-    from autosquash.track.mlflow_store import log_to_search_run
+    from autosquash.track.mlflow_store import log_to_search_run, search_tracking_uri
 
     rows = score_files(run, files)
     write_peers(run, rows)
@@ -101,8 +101,8 @@ def add_peers(run: Path, files: list[tuple[str, Path]]) -> list[dict]:
     with (run / "pareto.csv").open(newline="") as f:
         front = list(csv.DictReader(f))
     write_front_plots(trials, front, exp, load_device(exp.device).app_memory_limit_bytes / 1e6, run)
-    uri = run / "tracking_uri.txt"
-    if uri.is_file():
+    uri = search_tracking_uri(run)
+    if uri is not None:
         files = [run / f for f in ("pareto.png", "pareto.html", PEERS_FILE)]
-        log_to_search_run(uri.read_text().strip(), exp.name, files)
+        log_to_search_run(uri, exp.name, files)
     return rows

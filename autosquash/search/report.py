@@ -19,7 +19,7 @@ from autosquash.errors import AutosquashError
 from autosquash.search.experiment import Experiment, load_experiment
 from autosquash.search.outputs import FRONT_TABLE, table_cell, write_layer_maps
 from autosquash.search.peers import read_peers
-from autosquash.track.mlflow_store import find_trial_run
+from autosquash.track.mlflow_store import find_trial_run, search_tracking_uri
 from autosquash.track.plots import front_png
 
 # (metric, heading, scale, format) of a plan's cost breakdown, as the trial's run logged it
@@ -103,8 +103,7 @@ def build_report(run: Path) -> str:
     arch = load_arch(exp.model)
     phone = load_device(exp.device)
     limit_mb = phone.app_memory_limit_bytes / 1e6
-    uri_file = run / "tracking_uri.txt"
-    uri = uri_file.read_text().strip() if uri_file.is_file() else None
+    uri = search_tracking_uri(run)
     parts = [
         f"<h1>{html.escape(exp.name)}</h1>",
         f"<p>{html.escape(exp.model)} on <b>{html.escape(exp.device)}</b>: {len(rows)} trials, {len(front)} plans "

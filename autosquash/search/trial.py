@@ -343,13 +343,13 @@ def _trial_threads(run: Path, experiment: str, number: int) -> int | None:
     """The torch thread count trial `number` ran with, from its MLflow run (None if not recorded)."""
     from mlflow.exceptions import MlflowException
 
-    from autosquash.track.mlflow_store import find_trial_run
+    from autosquash.track.mlflow_store import find_trial_run, search_tracking_uri
 
-    uri_file = run / "tracking_uri.txt"
-    if not uri_file.exists():
+    uri = search_tracking_uri(run)
+    if uri is None:
         return None
     try:
-        trial_run = find_trial_run(uri_file.read_text().strip(), experiment, number)
+        trial_run = find_trial_run(uri, experiment, number)
     except MlflowException:  # a tracking server out of reach: rebuild with this process's threads
         return None
     threads = None if trial_run is None else trial_run.data.metrics.get("torch_threads")

@@ -63,6 +63,18 @@ def default_tracking_uri(out_dir: Path) -> str:
     return f"sqlite:///{(out_dir / 'mlflow.db').resolve()}"
 
 
+def search_tracking_uri(run: Path) -> str | None:
+    """Where the search in `run` keeps its MLflow runs (its tracking_uri.txt), None where it names none.
+
+    A folder moved or copied since its search reads its own embedded store, not the one at the old path.
+    """
+    f = run / "tracking_uri.txt"
+    uri = f.read_text().strip() if f.is_file() else ""
+    if uri.startswith("sqlite:///") and uri.endswith("/mlflow.db") and (run / "mlflow.db").is_file():
+        return default_tracking_uri(run)
+    return uri or None
+
+
 def find_trial_run(tracking_uri: str, experiment_name: str, trial: int):
     """The MLflow run of one trial of a search (the newest, should a store hold several searches)."""
     client = MlflowClient(tracking_uri=tracking_uri)

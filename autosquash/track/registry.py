@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from autosquash.errors import AutosquashError
 from autosquash.files import write_text
+from autosquash.track.mlflow_store import search_tracking_uri
 
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
 
@@ -40,7 +41,7 @@ def _search_stores(runs_dir: Path) -> list[str]:
     """Tracking URIs of the searches under `runs_dir`, each once (searches may share a store)."""
     uris: list[str] = []
     for f in sorted(runs_dir.glob("*/tracking_uri.txt")):
-        uri = f.read_text().strip()
+        uri = search_tracking_uri(f.parent)
         if uri and uri not in uris:
             uris.append(uri)
     return uris

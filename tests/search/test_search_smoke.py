@@ -1,7 +1,6 @@
 """The smoke search end to end through real Optuna, Ray and MLflow (a tiny random Llama)."""
 
 import csv
-import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ from autosquash.search.experiment import load_experiment
 from autosquash.search.outputs import COLUMNS
 from autosquash.search.peers import add_peers, read_peers
 from autosquash.track.mlflow_store import default_tracking_uri, find_trial_run
+from tests.conftest import copy_search
 
 ROOT = Path(__file__).parents[2]
 pytestmark = pytest.mark.integration
@@ -147,8 +147,7 @@ def test_peer_files_are_scored_as_the_trials_are_and_marked_in_plots_and_report(
     # vs_llamacpp.py hands llama-quantize's files to add_peers; two exports of the base stand in for them here.
     from gguf import GGUFReader
 
-    run = tmp_path / "run"
-    shutil.copytree(smoke_run, run)
+    run = copy_search(smoke_run, tmp_path / "run")
     model = load_experiment(run / "experiment.yaml").model
     files = []
     for t in ("F16", "Q4_0"):
@@ -163,6 +162,9 @@ def test_peer_files_are_scored_as_the_trials_are_and_marked_in_plots_and_report(
     assert q4["weights_mb"] * 1e6 == pytest.approx(stored, abs=0.5)
     assert [r["name"] for r in read_peers(run)] == ["base F16", "base Q4_0"]
     assert "llama.cpp recipes" in (run / "pareto.html").read_text()
+    # logged to the copy's MLflow artifacts, not to the shared search's (whose browser tests read its plot)
+    (copied,), (shared,) = (list(d.glob("mlartifacts/*/artifacts/pareto.html")) for d in (run, smoke_run))
+    assert "llama.cpp recipes" in copied.read_text() and "llama.cpp recipes" not in shared.read_text()
     page = tmp_path / "report.html"
     assert main(["report", str(run), "--out", str(page)]) == 0
     text = page.read_text()

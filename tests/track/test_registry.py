@@ -8,7 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from autosquash.errors import AutosquashError
-from autosquash.track.mlflow_store import default_tracking_uri
+from autosquash.track.mlflow_store import default_tracking_uri, search_tracking_uri
 from autosquash.track.registry import pull, register
 
 
@@ -110,3 +110,14 @@ def test_the_readme_runs_the_model_with_its_adapter_and_states_the_phone_estimat
     _file(tmp_path / "m.lora.gguf", b"y")
     assert run_commands(tmp_path)[0].startswith("llama-cli -m m.gguf --lora m.lora.gguf ")
     assert all("--lora m.lora.gguf" in c for c in run_commands(tmp_path))
+
+
+def test_a_moved_search_folder_reads_its_own_store_not_the_old_path(tmp_path, no_env_store):
+    uri, _ = _search_store(tmp_path / "was")
+    (tmp_path / "was").rename(tmp_path / "now")  # tracking_uri.txt still names the old path
+    assert search_tracking_uri(tmp_path / "now") == default_tracking_uri(tmp_path / "now") != uri
+    # a store the search was pointed at (--tracking-uri) is kept as named, as is a folder that names none
+    (tmp_path / "server").mkdir()
+    (tmp_path / "server/tracking_uri.txt").write_text("http://127.0.0.1:5000\n")
+    assert search_tracking_uri(tmp_path / "server") == "http://127.0.0.1:5000"
+    assert search_tracking_uri(tmp_path / "nothing") is None
