@@ -30,7 +30,7 @@ import random
 import sys
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import optuna
@@ -376,11 +376,36 @@ def cached_profile(
 
 
 def best_under(profile: Profile, budget: int) -> tuple[list[int], int] | None:
-    """The options of least predicted damage whose total size is at most `budget` (None if nothing fits).
+    """The options of least predicted damage whose total size is at most `budget` (None if nothing fits)."""
+    return best_in_band(profile, budget, 0)
 
-    A Lagrangian sweep (each group minimises damage + λ·bytes) finds the hull plan just under the
-    budget; greedy upgrades (best damage saved per byte) then spend what is left.
+
+def best_in_band(profile: Profile, budget: int, floor: int) -> tuple[list[int], int] | None:
+    """The options of least predicted damage among plans in [floor, budget]; where none lands there, those of
+    `best_under(budget)` (None if nothing fits).
+
+    The token table is one tensor, often a fifth of the model, whose types step by megabytes, so each of its
+    types is planned for on its own: a knapsack of the groups with the table fixed. The band makes a trial
+    measure what the damage model says of the sizes above a cheaper table's plan rather than assume it.
     """
+    plans = []
+    for e in range(len(profile.embed.nbytes)):
+        one = replace(
+            profile,
+            embed=GroupProfile(
+                profile.embed.name, *([getattr(profile.embed, f)[e]] for f in ("options", "nbytes", "damage"))
+            ),
+        )
+        picks = _knapsack(one, budget)
+        if picks is not None:
+            plans.append((one.size(*picks) < floor, one.damage(*picks), one.size(*picks), picks[0], e))
+    return min(plans)[3:] if plans else None
+
+
+def _knapsack(profile: Profile, budget: int) -> tuple[list[int], int] | None:
+    """Near-least predicted damage within `budget`: a Lagrangian sweep (each part minimises damage + λ·bytes)
+    finds the hull plan just under the budget; greedy upgrades (best damage saved per byte) then spend what
+    is left."""
     parts = [*profile.groups, profile.embed]
 
     def pick(lam: float) -> list[int]:
@@ -416,10 +441,11 @@ def best_under(profile: Profile, budget: int) -> tuple[list[int], int] | None:
 
 class SensitivitySampler(optuna.samplers.BaseSampler):
     """Proposes whole plans from a `Profile`: knapsack plans at target sizes, then repaired mutations
-    of the front. Enqueued trials (the uniform baselines) keep their fixed parameters."""
+    of the front. Enqueued trials (the uniform baselines) keep their fixed parameters. With `band` (bytes), the
+    plan proposed at a target lands within `band` of it where one can (`best_in_band`)."""
 
-    def __init__(self, profile: Profile, targets: list[int], seed: int = 0, mutations: int = 3):
-        self.profile, self.targets, self.mutations = profile, targets, mutations
+    def __init__(self, profile: Profile, targets: list[int], seed: int = 0, mutations: int = 3, band: int = 0):
+        self.profile, self.targets, self.mutations, self.band = profile, targets, mutations, band
         self._rng = random.Random(seed)
         self._plans: dict[int, dict[str, object]] = {}
         self._attrs: dict[int, dict[str, object]] = {}
@@ -444,7 +470,12 @@ class SensitivitySampler(optuna.samplers.BaseSampler):
         used = [t.user_attrs[TARGET] for t in trials if TARGET in t.user_attrs]
         n, params = (max(used) + 1 if used else 0), None
         while n < len(self.targets) and params is None:
-            found = best_under(self.profile, self.targets[n])
+            target = self.targets[n]
+            found = (
+                best_in_band(self.profile, target, target - self.band)
+                if self.band
+                else best_under(self.profile, target)
+            )
             if found is not None and params_key(self.profile.params(*found)) not in seen:
                 params = self.profile.params(*found)
             else:

@@ -346,7 +346,7 @@ def sensitivity_sampler(
     sizes = [profile.size(*profile.picks_of(space.baseline_params(ctx.arch, b))) for b in space.baselines]
     # A plan at least every 2 % of the base model's file size (targets closer, as plans land a little under).
     step = int(FRONT_STEP * 0.8 * base_file_bytes(exp.model, ctx.arch))
-    return SensitivitySampler(profile, proposal_targets(profile, sizes, step), seed=exp.seed + offset)
+    return SensitivitySampler(profile, proposal_targets(profile, sizes, step), seed=exp.seed + offset, band=step)
 
 
 def _finished(study: optuna.Study) -> int:

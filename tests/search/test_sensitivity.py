@@ -1,6 +1,7 @@
 import bisect
 import itertools
 import random
+from dataclasses import replace
 
 import optuna
 import pytest
@@ -16,6 +17,7 @@ from autosquash.search.sensitivity import (
     GroupProfile,
     Profile,
     SensitivitySampler,
+    best_in_band,
     best_under,
     measure_profile,
     proposal_targets,
@@ -121,6 +123,34 @@ def test_knapsack_fits_the_budget_and_is_near_the_exact_optimum(seed):
         assert profile.size(*found) <= budget
         # Lagrangian + greedy is not exact for a multiple-choice knapsack, but close on small cases.
         assert profile.damage(*found) <= exact + 0.25
+
+
+def _lumpy_table_profile() -> Profile:
+    """SmolLM2's shape in small: a token table whose cheaper type saves 9 bytes for 0.015 of damage, and ten
+    groups that each save 1 byte for 0.004 (and their last byte for 0.010 more)."""
+    group = GroupProfile("g", [{"q": "hi"}, {"q": "mid"}, {"q": "lo"}], [10, 9, 8], [0.0, 0.004, 0.014])
+    table = GroupProfile("embed", [{"t": "Q8_0"}, {"t": "Q5_1"}], [30, 21], [0.0, 0.015])
+    return Profile([replace(group, name=f"g{i}") for i in range(10)], table, fixed_bytes=0)
+
+
+def test_a_plan_keeps_the_larger_table_where_shrinking_groups_costs_less():
+    profile = _lumpy_table_profile()
+    # 128 bytes: the larger table with two groups a byte smaller (0.008) beats the cheaper table (0.015),
+    # which one Lagrangian sweep over every part misses (the table's step is wider than what it leaves).
+    picks, table = best_under(profile, 128)
+    assert profile.embed.options[table] == {"t": "Q8_0"} and profile.damage(picks, table) == pytest.approx(0.008)
+    picks, table = best_under(profile, 125)  # five groups smaller (0.020): now the cheaper table wins
+    assert profile.embed.options[table] == {"t": "Q5_1"} and profile.size(picks, table) == 121
+
+
+def test_a_band_proposes_a_plan_near_its_target_even_where_a_smaller_one_is_predicted_better():
+    profile = _lumpy_table_profile()
+    # Under 125 bytes the cheaper table's plan (121 bytes) is predicted best; the band [124, 125] asks for the
+    # best plan that lands there instead, so that a trial measures what the damage model only predicts.
+    picks, table = best_in_band(profile, 125, 124)
+    assert profile.size(picks, table) == 125 and profile.damage(picks, table) == pytest.approx(0.020)
+    assert best_in_band(profile, 125, 200) == best_under(profile, 125)  # nothing in the band: the best under
+    assert best_in_band(profile, 50, 40) is None  # nothing fits
 
 
 @pytest.mark.parametrize("seed", range(3))
