@@ -832,6 +832,11 @@ _GRIDS: dict[str, Grid] = {
 }
 
 
+def grid(type_name: str) -> Grid | None:
+    """The two-step weighted quantizer of a block type (None for F32/F16, which have no scales)."""
+    return _GRIDS.get(_codec(type_name)[0])
+
+
 def _codec(type_name: str) -> tuple[str, Encoder, Decoder]:
     name = tensor_type(type_name).name
     if name not in _CODECS:
@@ -839,7 +844,7 @@ def _codec(type_name: str) -> tuple[str, Encoder, Decoder]:
     return (name, *_CODECS[name])
 
 
-def _importance_floor(importance: Tensor, cols: int, device: torch.device) -> Tensor:
+def importance_floor(importance: Tensor, cols: int, device: torch.device) -> Tensor:
     """Validated per-input-channel importance, floored so no block is left with all-zero weights."""
     imp = importance.detach().to(device, torch.float32).reshape(-1)
     if imp.numel() != cols:
@@ -850,14 +855,8 @@ def _importance_floor(importance: Tensor, cols: int, device: torch.device) -> Te
     return imp + 1e-6 * mean if mean > 0 else torch.ones_like(imp)
 
 
-def quantize(weight: Tensor, type_name: str, importance: Tensor | None = None) -> QuantizedTensor:
-    """Quantize a 2-D weight (rows along the last dim) to GGUF type `type_name` (ggml-common.h layouts).
-
-    `importance` (shape (in,)) weights the scale search per input channel as llama.cpp's imatrix does.
-    The search runs on the weight's device (a GPU's blocks search in a few large steps); the bytes come
-    back to host memory.
-    """
-    name, encode, _ = _codec(type_name)
+def checked_weight(weight: Tensor, name: str) -> Tensor:
+    """`weight` as float32 after the checks every quantizer makes (2-D, non-empty, finite, rows of whole blocks)."""
     if weight.ndim != 2:
         raise AutosquashError(f"quantize expects a 2-D weight; got shape {tuple(weight.shape)}")
     rows, cols = (int(s) for s in weight.shape)
@@ -869,16 +868,35 @@ def quantize(weight: Tensor, type_name: str, importance: Tensor | None = None) -
     x = weight.detach().to(torch.float32)
     if not bool(torch.isfinite(x).all()):
         raise AutosquashError(f"cannot quantize a weight with NaN or infinite values to {name}")
-    imp = None if importance is None else _importance_floor(importance, cols, x.device)
+    return x
+
+
+def search_weights(imp: Tensor, row_mean_sq: Tensor, x: Tensor) -> Tensor:
+    """Per-value weights of the scale search for values x (rows, k) of columns with importance `imp` (k,),
+    `row_mean_sq` (rows, 1) the mean square of each whole row: llama.cpp's imatrix weighting,
+    importance * sqrt(sigma^2 + x^2), which also favours large weights."""
+    return imp * (row_mean_sq + x.square()).sqrt()
+
+
+def quantize(weight: Tensor, type_name: str, importance: Tensor | None = None) -> QuantizedTensor:
+    """Quantize a 2-D weight (rows along the last dim) to GGUF type `type_name` (ggml-common.h layouts).
+
+    `importance` (shape (in,)) weights the scale search per input channel as llama.cpp's imatrix does.
+    The search runs on the weight's device (a GPU's blocks search in a few large steps); the bytes come
+    back to host memory.
+    """
+    name, encode, _ = _codec(type_name)
+    x = checked_weight(weight, name)
+    rows, cols = x.shape
+    t = tensor_type(name)
+    imp = None if importance is None else importance_floor(importance, cols, x.device)
     step = max(1, (_CHUNK_VALUES if x.device.type == "cpu" else _CHUNK_VALUES_GPU) // cols)
     chunks = []
     for start in range(0, rows, step):
         xr = x[start : start + step].contiguous()
-        w = None
-        if imp is not None:
-            # llama.cpp's imatrix weighting: importance * sqrt(sigma^2 + x^2), which also favours large weights.
-            sq = xr.square()
-            w = (imp * (sq.mean(-1, keepdim=True) + sq).sqrt()).reshape(-1, t.block_size)
+        w = None if imp is None else search_weights(imp, xr.square().mean(-1, keepdim=True), xr)
+        if w is not None:
+            w = w.reshape(-1, t.block_size)
         chunks.append(encode(xr.reshape(-1, t.block_size), w).reshape(xr.shape[0], -1))
     data = torch.cat(chunks).cpu().numpy()
     return QuantizedTensor(type=name, shape=(rows, cols), data=data)
