@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterator
 
 import gguf.quants
@@ -10,7 +11,14 @@ import pytest
 import torch
 from gguf.constants import GGMLQuantizationType
 
-from autosquash.compress.calibrate import collect_covariances, collect_inputs, collect_stats
+from autosquash.compress.calibrate import (
+    Compensation,
+    cached_covariances,
+    collect_covariances,
+    collect_inputs,
+    collect_stats,
+    compensation_of,
+)
 from autosquash.errors import AutosquashError
 from autosquash.formats.codecs import dequantize, quantize
 from autosquash.formats.gptq import quantize_compensated
@@ -141,3 +149,42 @@ def test_covariances_are_shared_by_linears_fed_the_same_input(tiny_model, tiny_b
     for p in paths:
         torch.testing.assert_close(h[p], seen[p].T @ seen[p] / seen[p].shape[0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(h[p].diagonal(), stats[p], rtol=1e-5, atol=1e-7)
+
+
+def test_covariance_files_hold_each_matrix_once_and_ship_whole(tiny_model, tiny_batch, tmp_path) -> None:
+    one_pass = collect_covariances(tiny_model, tiny_batch)
+    # A budget of one byte: a pass per block, each ending after its block; the matrices come out the same.
+    cov = cached_covariances(tiny_model, tiny_batch, "tiny", tmp_path, pass_bytes=1)
+    assert len(list(cov.folder.glob("shard-*.safetensors"))) == tiny_model.config.num_hidden_layers
+    assert set(one_pass) == set(cov.index)
+    for path, h in one_pass.items():
+        assert torch.equal(cov.get(path), h), path
+    blk = "model.layers.0"
+    assert cov.index[f"{blk}.self_attn.q_proj"] == cov.index[f"{blk}.self_attn.v_proj"]
+    assert cov.index[f"{blk}.mlp.gate_proj"] == cov.index[f"{blk}.mlp.up_proj"]
+    assert cached_covariances(tiny_model, tiny_batch, "tiny", tmp_path).folder == cov.folder  # read back
+    shipped = pickle.loads(pickle.dumps(cov))  # as Ray ships it: the arrays travel, not the folder's name alone
+    assert shipped.arrays is not None and shipped.digest == cov.digest
+    for path, h in one_pass.items():
+        assert torch.equal(shipped.get(path), h), path
+    assert cov.get("model.layers.9.mlp.down_proj") is None
+
+
+def test_stats_carry_their_compensation_through_pickling(tiny_model, tiny_batch, tmp_path) -> None:
+    stats = collect_stats(tiny_model, tiny_batch)
+    assert compensation_of(stats) is None and compensation_of({}) is None
+    stats.compensation = Compensation(cached_covariances(tiny_model, tiny_batch, "tiny", tmp_path), 0.1)
+    back = pickle.loads(pickle.dumps(stats))
+    assert set(back) == set(stats) and compensation_of(back).key == stats.compensation.key
+    cols = torch.tensor([0, 5, 9])
+    path = "model.layers.1.mlp.down_proj"
+    assert torch.equal(compensation_of(back).hessian(path, cols), stats.compensation.hessian(path)[cols][:, cols])
+
+
+def test_token_normalized_covariances_weigh_every_token_alike(tiny_model, tiny_batch) -> None:
+    path = "model.layers.1.mlp.down_proj"
+    x = collect_inputs(tiny_model, tiny_batch, [path])[path]
+    h = collect_covariances(tiny_model, tiny_batch, [path], token_normalized=True)[path]
+    xn = x / x.square().mean(1, keepdim=True).sqrt()
+    torch.testing.assert_close(h, xn.T @ xn / x.shape[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h.diagonal().mean(), torch.tensor(1.0), rtol=1e-5, atol=0)
