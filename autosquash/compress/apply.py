@@ -17,7 +17,7 @@ from functools import partial
 
 import torch
 
-from autosquash.compress.calibrate import Stats
+from autosquash.compress.calibrate import Compensation, Stats, compensation_of
 from autosquash.compress.operators import PRUNING, deploy_linear, form
 from autosquash.compress.operators.base import Variant, weight_of
 from autosquash.compress.plan import SUBLAYERS, Plan
@@ -122,6 +122,7 @@ def quantized_tensors(
 ) -> Iterator[tuple[str, str, Variant]]:
     """(GGUF name, module path, variant) for every compressed weight: block linears, then embeddings."""
     cache = cache or VariantCache(max_bytes=0)
+    comp = compensation_of(stats)
     for i, block in enumerate(base.model.layers):
         kept = _selections(block, i, arch, plan, stats, cache)
         for kind, linears in SUBLAYERS:
@@ -139,8 +140,12 @@ def quantized_tensors(
                     w = w[:, cols]
                     input_sq = input_sq[cols] if input_sq is not None else None
                 deploy = deploy_linear(f"blk.{i}.{gguf_name}", w.shape[0], w.shape[1], choice)
-                # Keyed by what the linear deploys: a factor whose rows take another type than W's is its own entry.
-                variant = cache.get(deploy.key, partial(_with_bias, deploy, w, input_sq, bias))
+                # Keyed by what the linear deploys: a factor whose rows take another type than W's is its own
+                # entry, and so is a compensated variant (keyed by its compensation too).
+                key, linear_comp = deploy.key, None
+                if comp is not None and deploy.form.compensates:
+                    key, linear_comp = deploy.key + comp.key, (comp, f"model.layers.{i}.{path}", cols)
+                variant = cache.get(key, partial(_with_bias, deploy, w, input_sq, bias, linear_comp))
                 yield f"blk.{i}.{gguf_name}", f"model.layers.{i}.{path}", variant
     yield (
         "token_embd",
@@ -160,9 +165,16 @@ def bias_of(block: torch.nn.Module, path: str, rows: torch.Tensor | None) -> tor
     return bias[rows] if rows is not None else bias.clone()  # never the base model's own tensor
 
 
-def _with_bias(deploy, w: torch.Tensor, input_sq, bias: torch.Tensor | None) -> Variant:
-    """The linear as deployed, its bias (kept whole, F32) as the part `bias`."""
-    variant = deploy.compress(w, input_sq)
+def _with_bias(
+    deploy, w: torch.Tensor, input_sq, bias: torch.Tensor | None, comp: tuple[Compensation, str, object] | None = None
+) -> Variant:
+    """The linear as deployed, its bias (kept whole, F32) as the part `bias`; with `comp` (the compensation,
+    the linear's module path, the input columns pruning keeps), its quantization error compensated."""
+    hessian, damp = None, 0.0
+    if comp is not None:
+        compensation, path, cols = comp
+        hessian, damp = compensation.hessian(path, cols), compensation.damp
+    variant = deploy.compress(w, input_sq, hessian, damp)
     return variant if bias is None else Variant(variant.form, {**variant.parts, "bias": bias})
 
 

@@ -1,4 +1,5 @@
-"""Calibration statistics: per input channel, the mean squared activation entering every linear layer.
+"""Calibration statistics: per input channel, the mean squared activation entering every linear layer;
+for error compensation also the full covariance E[x xᵀ] of those activations.
 
 Computed once per (model, calibration data) and cached on disk as safetensors (never pickle).
 """
@@ -6,28 +7,73 @@ Computed once per (model, calibration data) and cached on disk as safetensors (n
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-Stats = dict[str, torch.Tensor]  # module path (e.g. "model.layers.3.mlp.down_proj") -> (in_features,)
+# Bytes of covariance matrices one pass over the calibration tokens gathers: a model whose matrices need
+# more is measured in several passes, a group of blocks at a time, each pass stopping after its group.
+COVARIANCE_PASS_BYTES = 1 << 30
+
+
+class Stats(dict[str, torch.Tensor]):
+    """E[x²] per input channel, (in_features,), by module path (e.g. "model.layers.3.mlp.down_proj").
+
+    `compensation`, when set, says the block linears are quantized with error compensation: it travels with
+    the statistics to every trial, export and worker that builds variants from them.
+    """
+
+    compensation: Compensation | None = None
+
+
+def compensation_of(stats: dict) -> Compensation | None:
+    """The error compensation statistics carry (None for plain ones, or a plain dict)."""
+    return getattr(stats, "compensation", None)
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the modules of interest have run."""
 
 
 @torch.no_grad()
-def _feed_inputs(model: torch.nn.Module, batch: torch.Tensor, paths: list[str], sink) -> None:
+def _feed_inputs(
+    model: torch.nn.Module,
+    batch: torch.Tensor,
+    paths: list[str],
+    sink,
+    raw: bool = False,
+    stop_after: str | None = None,
+) -> None:
     """Run `batch` through `model`, one sequence at a time, handing `sink(path, x)` the (tokens, in)
-    activations that enter each module in `paths`."""
+    activations that enter each module in `paths` (with `raw`, the module's own input tensor instead);
+    with `stop_after` (a module path), each pass ends once that module has run."""
+
+    def rows(x: torch.Tensor) -> torch.Tensor:
+        return x if raw else x.detach().reshape(-1, x.shape[-1]).float()
+
+    def stop(*_) -> None:
+        raise _Stop
+
     hooks = [
-        model.get_submodule(p).register_forward_pre_hook(
-            lambda _m, args, p=p: sink(p, args[0].detach().reshape(-1, args[0].shape[-1]).float())
-        )
-        for p in paths
+        model.get_submodule(p).register_forward_pre_hook(lambda _m, args, p=p: sink(p, rows(args[0]))) for p in paths
     ]
+    if stop_after is not None:
+        hooks.append(model.get_submodule(stop_after).register_forward_hook(stop))
     try:
         device = next(model.parameters()).device
         for row in batch:
-            model(row.unsqueeze(0).to(device))
+            try:
+                model(row.unsqueeze(0).to(device))
+            except _Stop:
+                pass
     finally:
         for h in hooks:
             h.remove()
@@ -42,10 +88,60 @@ def collect_stats(model: torch.nn.Module, batch: torch.Tensor) -> Stats:
         sums[path] = sums.get(path, 0) + (x * x).sum(0)
         counts[path] = counts.get(path, 0) + x.shape[0]
 
-    paths = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
-    _feed_inputs(model, batch, paths, add)
+    _feed_inputs(model, batch, block_linears(model), add)
     # On the CPU, where the operators read them, whatever device the model ran on.
-    return {k: (sums[k] / counts[k]).to("cpu", torch.float32).contiguous() for k in sums}
+    return Stats({k: (sums[k] / counts[k]).to("cpu", torch.float32).contiguous() for k in sums})
+
+
+def block_linears(model: torch.nn.Module) -> list[str]:
+    """Module paths of the linears inside the decoder blocks."""
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+
+
+def collect_covariances(
+    model: torch.nn.Module,
+    batch: torch.Tensor,
+    paths: list[str] | None = None,
+    stop_after: str | None = None,
+    token_normalized: bool = False,
+) -> dict[str, torch.Tensor]:
+    """E[x xᵀ] (in, in) of the activations entering each linear in `paths` (by default every block linear)
+    over all tokens of `batch`, float32 in host memory (each pass ends after module `stop_after`, if given).
+
+    With `token_normalized`, each token's x counts scaled to unit mean square, E[x xᵀ / mean(x²)]: every
+    token weighs the same. A transformer's first token (an attention sink) can enter a linear with 40x the
+    others' norm, 1600x their energy, and then outweighs all of a sequence's other tokens together.
+
+    Linears fed the very same activations (a block's q/k/v, its gate/up) share one matrix, held once: for
+    SmolLM2-135M that is 4 matrices per block (3 of 576², 1 of 1536²), 0.4 GB in all.
+    """
+    paths = block_linears(model) if paths is None else paths
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    owner: dict[str, str] = {}
+    last: list = [None, None]  # the input last seen (kept alive, so identity is meaningful) and its owner
+
+    def add(path: str, x: torch.Tensor) -> None:
+        shared = last[0] is x
+        mine = last[1] if shared else path
+        if owner.setdefault(path, mine) != mine:
+            raise RuntimeError(f"{path} shares its input with another linear in one pass and not in another")
+        if shared:
+            return
+        last[0], last[1] = x, path
+        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        if token_normalized:
+            rows = rows / rows.square().mean(1, keepdim=True).sqrt().clamp_min(1e-30)
+        if path not in sums:
+            sums[path] = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float32, device=rows.device)
+            counts[path] = 0
+        sums[path].addmm_(rows.T, rows)
+        counts[path] += rows.shape[0]
+
+    _feed_inputs(model, batch, paths, add, raw=True, stop_after=stop_after)
+    last[0] = None
+    unique = {p: sums.pop(p).div_(counts[p]).cpu() for p in list(sums)}
+    return {p: unique[owner[p]] for p in paths if p in owner}
 
 
 def collect_inputs(model: torch.nn.Module, batch: torch.Tensor, paths: list[str]) -> dict[str, torch.Tensor]:
@@ -60,10 +156,135 @@ def cached_stats(model: torch.nn.Module, batch: torch.Tensor, model_key: str, ca
     digest = hashlib.sha256(model_key.encode() + batch.numpy().tobytes()).hexdigest()[:24]
     path = Path(cache_dir) / f"calib-{digest}.safetensors"
     if path.exists():
-        return load_file(str(path))
+        return Stats(load_file(str(path)))
     stats = collect_stats(model, batch)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file(stats, str(tmp))
     tmp.replace(path)
     return stats
+
+
+class Covariances:
+    """E[x xᵀ] of the inputs of each block linear, kept on disk (safetensors shards in one folder, an index
+    naming each linear's matrix) and read one matrix at a time: whoever builds a variant reads its own.
+
+    Pickled (to Ray workers, on any node) they travel as numpy arrays, which the object store keeps once per
+    node; a worker reads them from there, read-only.
+    """
+
+    def __init__(self, folder: Path | str):
+        self.folder = Path(folder).resolve()
+        self.index: dict[str, list[str]] = json.loads((self.folder / "index.json").read_text())
+        self.digest = self.folder.name  # names the model and tokens they were measured on
+        self.arrays: dict[str, np.ndarray] | None = None  # by "shard/key", once shipped
+
+    def __contains__(self, path: str) -> bool:
+        return path in self.index
+
+    def get(self, path: str) -> torch.Tensor | None:
+        """The (in, in) matrix of linear `path` (float32, host memory), or None if it has none."""
+        if path not in self.index:
+            return None
+        shard, key = self.index[path]
+        if self.arrays is not None:
+            with warnings.catch_warnings():  # object-store arrays are read-only; nothing writes into them
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                return torch.from_numpy(self.arrays[f"{shard}/{key}"])
+        return self._read(shard, key)
+
+    def __reduce__(self):
+        arrays = self.arrays
+        if arrays is None:
+            arrays = {}
+            for shard, key in self.index.values():
+                if f"{shard}/{key}" not in arrays:
+                    arrays[f"{shard}/{key}"] = self._read(shard, key).numpy()
+        return (_shipped_covariances, (str(self.folder), self.index, arrays))
+
+    def _read(self, shard: str, key: str) -> torch.Tensor:
+        with safe_open(str(self.folder / shard), framework="pt") as f:
+            return f.get_tensor(key)
+
+
+def _shipped_covariances(folder: str, index: dict[str, list[str]], arrays: dict[str, np.ndarray]) -> Covariances:
+    c = Covariances.__new__(Covariances)
+    c.folder, c.index, c.digest, c.arrays = Path(folder), index, Path(folder).name, arrays
+    return c
+
+
+def _block_groups(model: torch.nn.Module, max_bytes: int) -> list[tuple[str, list[str]]]:
+    """The block linears in consecutive groups of whole blocks whose matrices (counted unshared) fit
+    `max_bytes`, one block at least; each with the path of its last block."""
+    by_block: dict[str, list[str]] = {}
+    for path in block_linears(model):
+        head, rest = path.split(".layers.", 1)
+        by_block.setdefault(f"{head}.layers.{rest.split('.')[0]}", []).append(path)
+    groups: list[tuple[str, list[str]]] = []
+    size = 0
+    for block, paths in by_block.items():
+        need = sum(model.get_submodule(p).in_features ** 2 * 4 for p in paths)
+        if not groups or size + need > max_bytes:
+            groups.append((block, []))
+            size = 0
+        groups[-1] = (block, groups[-1][1] + paths)
+        size += need
+    return groups
+
+
+def cached_covariances(
+    model: torch.nn.Module,
+    batch: torch.Tensor,
+    model_key: str,
+    cache_dir: Path,
+    pass_bytes: int = COVARIANCE_PASS_BYTES,
+    token_normalized: bool = False,
+) -> Covariances:
+    """`collect_covariances` of every block linear, on disk under `cache_dir` (read back when this model and
+    batch were seen before). At most about `pass_bytes` of matrices are held at once: a group of blocks per
+    pass over `batch`, each pass ending after its last block, its matrices written before the next."""
+    kind = b"covariances-normalized|" if token_normalized else b"covariances|"
+    digest = hashlib.sha256(kind + model_key.encode() + batch.numpy().tobytes()).hexdigest()[:24]
+    folder = Path(cache_dir) / f"cov-{digest}"
+    if (folder / "index.json").exists():
+        return Covariances(folder)
+    tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    index: dict[str, list[str]] = {}
+    for k, (last_block, paths) in enumerate(_block_groups(model, pass_bytes)):
+        shard = f"shard-{k}.safetensors"
+        matrices = collect_covariances(model, batch, paths, stop_after=last_block, token_normalized=token_normalized)
+        held: dict[int, str] = {}  # one entry per shared matrix, under the first linear that reads it
+        for path, m in matrices.items():
+            index[path] = [shard, held.setdefault(id(m), path)]
+        save_file({key: matrices[key].contiguous() for key in held.values()}, str(tmp / shard))
+        del matrices
+    (tmp / "index.json").write_text(json.dumps(index))
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process wrote it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Covariances(folder)
+
+
+@dataclass(frozen=True)
+class Compensation:
+    """Error compensation of the quantized block linears (GPTQ, autosquash.formats.gptq): each linear's
+    quantization error spread through its inputs' covariance, dampened by `damp` of its mean diagonal."""
+
+    covariances: Covariances
+    damp: float
+    method: str = "gptq"
+
+    @property
+    def key(self) -> tuple:
+        """What a compensated variant depends on beyond the plain one's key."""
+        return (self.method, self.damp, self.covariances.digest)
+
+    def hessian(self, path: str, cols: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The covariance of linear `path`'s inputs, on the input columns `cols` pruning keeps (None: all)."""
+        h = self.covariances.get(path)
+        if h is None or cols is None:
+            return h
+        return h[cols][:, cols]

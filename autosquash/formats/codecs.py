@@ -165,13 +165,18 @@ def _fit_grid_scale(x: Tensor, w: Tensor, snap: Callable[[Tensor], Tensor], isca
     return best.squeeze(0)
 
 
-def _quantize_signed(v: Tensor, w: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor]:
-    """Per-row f16 scale d and codes in [lo, hi] (lo < 0) with v ~ d * codes, weighted search.
+def _signed_scale(v: Tensor, w: Tensor, lo: int, hi: int) -> Tensor:
+    """Per-row f16 scale d for codes in [lo, hi] (lo < 0) with v ~ d * codes, weighted search.
 
     Candidates map the largest-magnitude value to about lo: on the grids with an extra negative level
     (Q4_0's -8..7) that level is then used for the largest value, as llama.cpp does.
     """
-    d = _f16(_fit_scale(v, w, lo, hi, _candidates(_signed_max(v), lo - _SCALE_OFFSETS)))
+    return _f16(_fit_scale(v, w, lo, hi, _candidates(_signed_max(v), lo - _SCALE_OFFSETS)))
+
+
+def _quantize_signed(v: Tensor, w: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+    """`_signed_scale` and the codes in [lo, hi] against it."""
+    d = _signed_scale(v, w, lo, hi)
     return d, _codes(v, d.unsqueeze(-1), lo, hi)
 
 
@@ -226,54 +231,143 @@ def _fit_affine(x: Tensor, w: Tensor, nmax: int, min_le_zero: bool) -> tuple[Ten
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Grids: every importance-weighted encoder in two steps, scales then codes, so that error compensation
+# (autosquash.formats.gptq) can code a block's values one column at a time against the scales chosen for it.
+
+Scales = tuple[Tensor, ...]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A GGUF type's weighted quantizer: `scales` chooses the stored scale fields of rows of `block` values,
+    `affine` says what each code means under them (value = step * level + offset, one step and offset per
+    `sub` values), `pack` lays scales and codes out as the type's bytes."""
+
+    block: int  # values one call of `scales` covers: a block (32) or a K-quant super-block (256)
+    sub: int  # values sharing one step and offset
+    lo: int  # code range, for grids whose level is the code
+    hi: int
+    scales: Callable[[Tensor, Tensor | None], Scales]
+    affine: Callable[[Scales], tuple[Tensor, Tensor | None]]  # (N, block // sub) each; offset None: 0
+    pack: Callable[[Scales, Tensor], Tensor]  # (scales, codes (N, block)) -> (N, block bytes)
+    nonlinear: bool = False  # codes index ggml's IQ4 levels instead of being the levels
+
+    def codes(self, x: Tensor, step: Tensor, offset: Tensor | None) -> Tensor:
+        """Nearest codes of x (N, k * sub) under (step, offset) (N, k): the encoders' exact arithmetic."""
+        n = x.shape[0]
+        v = x.view(n, step.shape[-1], -1)
+        if offset is not None:
+            v = v - offset.unsqueeze(-1)
+        v = v * _inverse(step).unsqueeze(-1)
+        q = _iq4_index(v) if self.nonlinear else v.round_().clamp_(self.lo, self.hi)
+        return q.view(n, -1)
+
+    def values(self, q: Tensor, step: Tensor, offset: Tensor | None) -> Tensor:
+        """The values codes q (N, k * sub) stand for under (step, offset) (N, k)."""
+        n = q.shape[0]
+        level = _IQ4_VALUES.to(q.device)[q.long()] if self.nonlinear else q
+        v = level.view(n, step.shape[-1], -1) * step.unsqueeze(-1)
+        if offset is not None:
+            v = v + offset.unsqueeze(-1)
+        return v.view(n, -1)
+
+    def encode(self, x: Tensor, w: Tensor | None) -> Tensor:
+        s = self.scales(x, w)
+        return self.pack(s, self.codes(x, *self.affine(s)))
+
+
+def _scale_only(s: Scales) -> tuple[Tensor, None]:
+    """One scale per block: its step."""
+    return s[0].unsqueeze(-1), None
+
+
+def _scale_and_min(s: Scales) -> tuple[Tensor, Tensor]:
+    """Q4_1/Q5_1: one scale and one min per block."""
+    return s[0].unsqueeze(-1), s[1].unsqueeze(-1)
+
+
+def _k_symmetric_affine(s: Scales) -> tuple[Tensor, None]:
+    """K-quant step per sub-block: d * sc, as the dequantizer forms it."""
+    return s[0].unsqueeze(-1) * s[1], None
+
+
+def _k_affine_affine(s: Scales) -> tuple[Tensor, Tensor]:
+    """Q2_K/Q4_K/Q5_K: step d * sc and offset -(dmin * m) per sub-block."""
+    d, dmin, sc, m = s
+    return d.unsqueeze(-1) * sc, -(dmin.unsqueeze(-1) * m)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Legacy types: 32 values per block (block_q8_0, block_q5_0, block_q5_1, block_q4_0, block_q4_1)
 
 
-def _symmetric_legacy(x: Tensor, w: Tensor | None, nmax: int) -> tuple[Tensor, Tensor]:
-    """(f16 scale, codes + nmax in [0, 2 nmax - 1]) for Q4_0 (nmax 8) and Q5_0 (nmax 16)."""
-    if w is None:
-        # quantize_row_q4_0_ref: the largest-magnitude value maps to -nmax, codes truncated after +nmax+0.5.
-        d = _signed_max(x) / -nmax
-        inv = torch.where(d == 0, 0.0, 1.0 / d)
-        q = torch.trunc(x * inv.unsqueeze(-1) + (nmax + 0.5)).clamp_(0, 2 * nmax - 1)
-        return d, q
-    d, q = _quantize_signed(x, w, -nmax, nmax - 1)
-    return d, q + nmax
+def _symmetric_legacy(x: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
+    """Reference (f16 scale, codes in [-nmax, nmax - 1]) for Q4_0 (nmax 8) and Q5_0 (nmax 16)."""
+    # quantize_row_q4_0_ref: the largest-magnitude value maps to -nmax, codes truncated after +nmax+0.5.
+    d = _signed_max(x) / -nmax
+    inv = torch.where(d == 0, 0.0, 1.0 / d)
+    q = torch.trunc(x * inv.unsqueeze(-1) + (nmax + 0.5)).clamp_(0, 2 * nmax - 1)
+    return d, q - nmax
 
 
-def _affine_legacy(x: Tensor, w: Tensor | None, nmax: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(f16 scale, f16 min, codes in [0, nmax]) for Q4_1 (nmax 15) and Q5_1 (nmax 31)."""
-    if w is None:
-        # quantize_row_q4_1_ref: min/max range split into nmax steps.
-        mn = x.amin(-1)
-        d = (x.amax(-1) - mn) / nmax
-        inv = torch.where(d == 0, 0.0, 1.0 / d)
-        q = torch.trunc((x - mn.unsqueeze(-1)) * inv.unsqueeze(-1) + 0.5).clamp_(0, nmax)
-        return d, mn, q
+def _affine_legacy(x: Tensor, nmax: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Reference (f16 scale, f16 min, codes in [0, nmax]) for Q4_1 (nmax 15) and Q5_1 (nmax 31)."""
+    # quantize_row_q4_1_ref: min/max range split into nmax steps.
+    mn = x.amin(-1)
+    d = (x.amax(-1) - mn) / nmax
+    inv = torch.where(d == 0, 0.0, 1.0 / d)
+    q = torch.trunc((x - mn.unsqueeze(-1)) * inv.unsqueeze(-1) + 0.5).clamp_(0, nmax)
+    return d, mn, q
+
+
+def _split(t: tuple[Tensor, ...]) -> tuple[Scales, Tensor]:
+    """(scale fields..., codes) -> (scale fields, codes), as the pack functions take them."""
+    return t[:-1], t[-1]
+
+
+def _signed_legacy_grid(lo: int, hi: int, pack: Callable[[Scales, Tensor], Tensor]) -> Grid:
+    return Grid(32, 32, lo, hi, lambda x, w: (_signed_scale(x, w, lo, hi),), _scale_only, pack)
+
+
+def _affine_legacy_scales(x: Tensor, w: Tensor, nmax: int) -> Scales:
     scale, mn = _fit_affine(x, w, nmax, min_le_zero=False)
-    d, m16 = _f16(scale), _f16(mn)
-    return d, m16, _codes(x - m16.unsqueeze(-1), d.unsqueeze(-1), 0, nmax)
+    return _f16(scale), _f16(mn)
+
+
+def _affine_legacy_grid(nmax: int, pack: Callable[[Scales, Tensor], Tensor]) -> Grid:
+    return Grid(32, 32, 0, nmax, lambda x, w: _affine_legacy_scales(x, w, nmax), _scale_and_min, pack)
+
+
+def _pack_q8_0(s: Scales, q: Tensor) -> Tensor:
+    return torch.cat([_f16_bytes(s[0]), q.to(torch.int8).view(torch.uint8)], dim=-1)
+
+
+# The reference's symmetric -127..127: some int8 dot-product kernels assume -128 never occurs.
+_Q8_0 = _signed_legacy_grid(-127, 127, _pack_q8_0)
 
 
 def _encode_q8_0(x: Tensor, w: Tensor | None) -> Tensor:
-    if w is None:
-        # quantize_row_q8_0_ref: max|x| maps to 127, round half away from zero.
-        d = x.abs().amax(-1) / 127
-        inv = torch.where(d == 0, 0.0, 1.0 / d)
-        q = _round_half_away(x * inv.unsqueeze(-1))
-    else:
-        # The reference's symmetric -127..127: some int8 dot-product kernels assume -128 never occurs.
-        d, q = _quantize_signed(x, w, -127, 127)
-    return torch.cat([_f16_bytes(d), q.to(torch.int8).view(torch.uint8)], dim=-1)
+    if w is not None:
+        return _Q8_0.encode(x, w)
+    # quantize_row_q8_0_ref: max|x| maps to 127, round half away from zero.
+    d = x.abs().amax(-1) / 127
+    inv = torch.where(d == 0, 0.0, 1.0 / d)
+    return _pack_q8_0((d,), _round_half_away(x * inv.unsqueeze(-1)))
 
 
 def _decode_q8_0(b: Tensor) -> Tensor:
     return b[:, 2:].contiguous().view(torch.int8).to(torch.float32) * _read_f16(b[:, :2])
 
 
+def _pack_q4_0(s: Scales, q: Tensor) -> Tensor:
+    return torch.cat([_f16_bytes(s[0]), _pack((q + 8).view(-1, 2, 16), 4)], dim=-1)
+
+
+_Q4_0 = _signed_legacy_grid(-8, 7, _pack_q4_0)
+
+
 def _encode_q4_0(x: Tensor, w: Tensor | None) -> Tensor:
-    d, q = _symmetric_legacy(x, w, 8)
-    return torch.cat([_f16_bytes(d), _pack(q.view(-1, 2, 16), 4)], dim=-1)
+    return _Q4_0.encode(x, w) if w is not None else _pack_q4_0(*_split(_symmetric_legacy(x, 8)))
 
 
 def _decode_q4_0(b: Tensor) -> Tensor:
@@ -281,9 +375,15 @@ def _decode_q4_0(b: Tensor) -> Tensor:
     return _read_f16(b[:, :2]) * q.to(torch.float32)
 
 
+def _pack_q4_1(s: Scales, q: Tensor) -> Tensor:
+    return torch.cat([_f16_bytes(s[0]), _f16_bytes(s[1]), _pack(q.view(-1, 2, 16), 4)], dim=-1)
+
+
+_Q4_1 = _affine_legacy_grid(15, _pack_q4_1)
+
+
 def _encode_q4_1(x: Tensor, w: Tensor | None) -> Tensor:
-    d, mn, q = _affine_legacy(x, w, 15)
-    return torch.cat([_f16_bytes(d), _f16_bytes(mn), _pack(q.view(-1, 2, 16), 4)], dim=-1)
+    return _Q4_1.encode(x, w) if w is not None else _pack_q4_1(*_split(_affine_legacy(x, 15)))
 
 
 def _decode_q4_1(b: Tensor) -> Tensor:
@@ -302,9 +402,15 @@ def _unpack_q5(qh: Tensor, qs: Tensor) -> Tensor:
     return _unpack(qs, 4, 2).reshape(-1, 32) | (high << 4)
 
 
+def _pack_q5_0(s: Scales, q: Tensor) -> Tensor:
+    return torch.cat([_f16_bytes(s[0]), *_pack_q5(q + 16)], dim=-1)
+
+
+_Q5_0 = _signed_legacy_grid(-16, 15, _pack_q5_0)
+
+
 def _encode_q5_0(x: Tensor, w: Tensor | None) -> Tensor:
-    d, q = _symmetric_legacy(x, w, 16)
-    return torch.cat([_f16_bytes(d), *_pack_q5(q)], dim=-1)
+    return _Q5_0.encode(x, w) if w is not None else _pack_q5_0(*_split(_symmetric_legacy(x, 16)))
 
 
 def _decode_q5_0(b: Tensor) -> Tensor:
@@ -312,9 +418,15 @@ def _decode_q5_0(b: Tensor) -> Tensor:
     return _read_f16(b[:, :2]) * q.to(torch.float32)
 
 
+def _pack_q5_1(s: Scales, q: Tensor) -> Tensor:
+    return torch.cat([_f16_bytes(s[0]), _f16_bytes(s[1]), *_pack_q5(q)], dim=-1)
+
+
+_Q5_1 = _affine_legacy_grid(31, _pack_q5_1)
+
+
 def _encode_q5_1(x: Tensor, w: Tensor | None) -> Tensor:
-    d, mn, q = _affine_legacy(x, w, 31)
-    return torch.cat([_f16_bytes(d), _f16_bytes(mn), *_pack_q5(q)], dim=-1)
+    return _Q5_1.encode(x, w) if w is not None else _pack_q5_1(*_split(_affine_legacy(x, 31)))
 
 
 def _decode_q5_1(b: Tensor) -> Tensor:
@@ -338,10 +450,10 @@ def _k_weights(x: Tensor, w: Tensor | None, sub: int, default: Literal["rms+abs"
     return x.square()  # make_qx_quants rmse_type 1 / make_q3_quants (Q3_K, Q6_K)
 
 
-def _affine_k(x: Tensor, w: Tensor, sub: int, nmax: int, scale_nmax: int) -> tuple[Tensor, ...]:
+def _affine_k(x: Tensor, w: Tensor, sub: int, nmax: int, scale_nmax: int) -> Scales:
     """Q2_K/Q4_K/Q5_K: value = d * sc * q - dmin * m, with per-sub-block codes sc, m and f16 d, dmin.
 
-    Returns (d, dmin, sc, m, q); sc and m in [0, scale_nmax], q in [0, nmax].
+    Returns (d, dmin, sc, m); sc and m in [0, scale_nmax], for codes q in [0, nmax].
     """
     n = x.shape[0]
     xs, ws = x.view(n, -1, sub), w.view(n, -1, sub)
@@ -351,23 +463,19 @@ def _affine_k(x: Tensor, w: Tensor, sub: int, nmax: int, scale_nmax: int) -> tup
     # To first order, a sub-block's scale error costs sum(w q^2) and its min error sum(w) in the values.
     d, sc = _quantize_nonneg(scale, (ws * q * q).sum(-1), scale_nmax)
     dmin, m = _quantize_nonneg(-mn, ws.sum(-1), scale_nmax)
-    # Final codes against the stored scales, formed exactly as the dequantizer forms them.
-    sub_scale, sub_min = d.unsqueeze(-1) * sc, dmin.unsqueeze(-1) * m
-    q = _codes(xs + sub_min.unsqueeze(-1), sub_scale.unsqueeze(-1), 0, nmax)
-    return d, dmin, sc, m, q.view(n, -1)
+    return d, dmin, sc, m
 
 
-def _symmetric_k(x: Tensor, w: Tensor, nmax: int, scale_nmax: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Q3_K/Q6_K: value = d * sc * q over sub-blocks of 16; q in [-nmax, nmax-1], sc in [-scale_nmax, scale_nmax-1]."""
+def _symmetric_k(x: Tensor, w: Tensor, nmax: int, scale_nmax: int) -> Scales:
+    """Q3_K/Q6_K: value = d * sc * q over sub-blocks of 16; (d, sc) with sc in [-scale_nmax, scale_nmax-1], for
+    codes q in [-nmax, nmax-1]."""
     n = x.shape[0]
     xs, ws = x.view(n, -1, 16), w.view(n, -1, 16)
     flat = xs.reshape(-1, 16)
     iscales = _candidates(_signed_max(flat), -nmax - _SCALE_OFFSETS)
     scale = _fit_scale(flat, ws.reshape(-1, 16), -nmax, nmax - 1, iscales).view(n, -1)
     q = _codes(xs, scale.unsqueeze(-1), -nmax, nmax - 1)
-    d, sc = _quantize_signed(scale, (ws * q * q).sum(-1), -scale_nmax, scale_nmax - 1)
-    q = _codes(xs, (d.unsqueeze(-1) * sc).unsqueeze(-1), -nmax, nmax - 1)
-    return d, sc, q.view(n, -1)
+    return _quantize_signed(scale, (ws * q * q).sum(-1), -scale_nmax, scale_nmax - 1)
 
 
 def _pack_k_scales(sc: Tensor, m: Tensor) -> Tensor:
@@ -386,11 +494,28 @@ def _unpack_k_scales(b: Tensor) -> tuple[Tensor, Tensor]:
     return sc, m
 
 
-def _encode_q2_k(x: Tensor, w: Tensor | None) -> Tensor:
-    d, dmin, sc, m, q = _affine_k(x, _k_weights(x, w, 16, "abs"), 16, 3, 15)
+def _k_affine_grid(sub: int, nmax: int, scale_nmax: int, default, pack: Callable[[Scales, Tensor], Tensor]) -> Grid:
+    def scales(x: Tensor, w: Tensor | None) -> Scales:
+        return _affine_k(x, _k_weights(x, w, sub, default), sub, nmax, scale_nmax)
+
+    return Grid(QK_K, sub, 0, nmax, scales, _k_affine_affine, pack)
+
+
+def _k_symmetric_grid(nmax: int, scale_nmax: int, pack: Callable[[Scales, Tensor], Tensor]) -> Grid:
+    def scales(x: Tensor, w: Tensor | None) -> Scales:
+        return _symmetric_k(x, _k_weights(x, w, 16, "square"), nmax, scale_nmax)
+
+    return Grid(QK_K, 16, -nmax, nmax - 1, scales, _k_symmetric_affine, pack)
+
+
+def _pack_q2_k(s: Scales, q: Tensor) -> Tensor:
+    d, dmin, sc, m = s
     scales = sc.to(torch.uint8) | (m.to(torch.uint8) << 4)
     qs = _pack(q.view(-1, 2, 4, 32), 2).view(-1, 64)
     return torch.cat([scales, qs, _f16_bytes(d), _f16_bytes(dmin)], dim=-1)
+
+
+_Q2_K = _k_affine_grid(16, 3, 15, "abs", _pack_q2_k)
 
 
 def _decode_q2_k(b: Tensor) -> Tensor:
@@ -401,14 +526,17 @@ def _decode_q2_k(b: Tensor) -> Tensor:
     return (dl.unsqueeze(-1) * q - ml.unsqueeze(-1)).reshape(-1, QK_K)
 
 
-def _encode_q3_k(x: Tensor, w: Tensor | None) -> Tensor:
-    d, sc, q = _symmetric_k(x, _k_weights(x, w, 16, "square"), 4, 32)
+def _pack_q3_k(s: Scales, q: Tensor) -> Tensor:
+    d, sc = s
     q = (q + 4).to(torch.uint8)  # bit 2 goes to hmask (set means no -4 offset), bits 0-1 to qs
     hmask = _pack((q >> 2).view(-1, 8, 32), 1)
     qs = _pack((q & 3).view(-1, 2, 4, 32), 2).view(-1, 64)
     s = (sc + 32).to(torch.uint8)
     scales = torch.cat([_pack((s & 15).view(-1, 2, 8), 4), _pack((s >> 4).view(-1, 4, 4), 2)], dim=-1)
     return torch.cat([hmask, qs, scales, _f16_bytes(d)], dim=-1)
+
+
+_Q3_K = _k_symmetric_grid(4, 32, _pack_q3_k)
 
 
 def _decode_q3_k(b: Tensor) -> Tensor:
@@ -420,10 +548,13 @@ def _decode_q3_k(b: Tensor) -> Tensor:
     return (dl.unsqueeze(-1) * q).reshape(-1, QK_K)
 
 
-def _encode_q4_k(x: Tensor, w: Tensor | None) -> Tensor:
-    d, dmin, sc, m, q = _affine_k(x, _k_weights(x, w, 32, "rms+abs"), 32, 15, 63)
+def _pack_q4_k(s: Scales, q: Tensor) -> Tensor:
+    d, dmin, sc, m = s
     qs = _pack(q.view(-1, 4, 2, 32), 4).view(-1, 128)
     return torch.cat([_f16_bytes(d), _f16_bytes(dmin), _pack_k_scales(sc, m), qs], dim=-1)
+
+
+_Q4_K = _k_affine_grid(32, 15, 63, "rms+abs", _pack_q4_k)
 
 
 def _decode_k_affine(b: Tensor, q: Tensor) -> Tensor:
@@ -438,12 +569,15 @@ def _decode_q4_k(b: Tensor) -> Tensor:
     return _decode_k_affine(b, _unpack(b[:, 16:].reshape(-1, 4, 32), 4, 2).reshape(-1, 8, 32))
 
 
-def _encode_q5_k(x: Tensor, w: Tensor | None) -> Tensor:
-    d, dmin, sc, m, q = _affine_k(x, _k_weights(x, w, 32, "rms+abs"), 32, 31, 63)
+def _pack_q5_k(s: Scales, q: Tensor) -> Tensor:
+    d, dmin, sc, m = s
     q = q.to(torch.uint8)
     qh = _pack((q >> 4).view(-1, 8, 32), 1)
     qs = _pack((q & 15).view(-1, 4, 2, 32), 4).view(-1, 128)
     return torch.cat([_f16_bytes(d), _f16_bytes(dmin), _pack_k_scales(sc, m), qh, qs], dim=-1)
+
+
+_Q5_K = _k_affine_grid(32, 31, 63, "rms+abs", _pack_q5_k)
 
 
 def _decode_q5_k(b: Tensor) -> Tensor:
@@ -452,12 +586,15 @@ def _decode_q5_k(b: Tensor) -> Tensor:
     return _decode_k_affine(b, low | (high << 4))
 
 
-def _encode_q6_k(x: Tensor, w: Tensor | None) -> Tensor:
-    d, sc, q = _symmetric_k(x, _k_weights(x, w, 16, "square"), 32, 128)
+def _pack_q6_k(s: Scales, q: Tensor) -> Tensor:
+    d, sc = s
     q = (q + 32).to(torch.uint8)
     ql = _pack((q & 15).view(-1, 2, 2, 64), 4).view(-1, 128)
     qh = _pack((q >> 4).view(-1, 2, 4, 32), 2).view(-1, 64)
     return torch.cat([ql, qh, sc.to(torch.int8).view(torch.uint8), _f16_bytes(d)], dim=-1)
+
+
+_Q6_K = _k_symmetric_grid(32, 128, _pack_q6_k)
 
 
 def _decode_q6_k(b: Tensor) -> Tensor:
@@ -472,20 +609,27 @@ def _decode_q6_k(b: Tensor) -> Tensor:
 # Ternary types: super-blocks of 256, values d * {-1, 0, 1} (block_tq1_0, block_tq2_0)
 
 
-def _ternary(x: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(f16 scale, codes + 1 in {0, 1, 2}) for TQ1_0/TQ2_0."""
-    if w is None:
-        # quantize_row_tq1_0_ref: d = max|x|, i.e. exact for already-ternary weights (BitNet b1.58).
-        d = x.abs().amax(-1)
-        inv = torch.where(d == 0, 0.0, 1.0 / d)
-        return d, _round_half_away(x * inv.unsqueeze(-1)) + 1
-    d = _f16(_fit_scale(x, w, -1, 1, _candidates(x.abs().amax(-1), _TERNARY_MULTIPLES)))
-    return d, _codes(x, d.unsqueeze(-1), -1, 1) + 1
+def _ternary_reference(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Reference (scale, codes in {-1, 0, 1}) for TQ1_0/TQ2_0."""
+    # quantize_row_tq1_0_ref: d = max|x|, i.e. exact for already-ternary weights (BitNet b1.58).
+    d = x.abs().amax(-1)
+    inv = torch.where(d == 0, 0.0, 1.0 / d)
+    return d, _round_half_away(x * inv.unsqueeze(-1))
+
+
+def _ternary_scales(x: Tensor, w: Tensor) -> Scales:
+    return (_f16(_fit_scale(x, w, -1, 1, _candidates(x.abs().amax(-1), _TERNARY_MULTIPLES))),)
+
+
+def _pack_tq2_0(s: Scales, q: Tensor) -> Tensor:
+    return torch.cat([_pack((q + 1).view(-1, 2, 4, 32), 2).view(-1, 64), _f16_bytes(s[0])], dim=-1)
+
+
+_TQ2_0 = Grid(QK_K, QK_K, -1, 1, _ternary_scales, _scale_only, _pack_tq2_0)
 
 
 def _encode_tq2_0(x: Tensor, w: Tensor | None) -> Tensor:
-    d, q = _ternary(x, w)
-    return torch.cat([_pack(q.view(-1, 2, 4, 32), 2).view(-1, 64), _f16_bytes(d)], dim=-1)
+    return _TQ2_0.encode(x, w) if w is not None else _pack_tq2_0(*_split(_ternary_reference(x)))
 
 
 def _decode_tq2_0(b: Tensor) -> Tensor:
@@ -498,15 +642,22 @@ def _decode_tq2_0(b: Tensor) -> Tensor:
 _POW3 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32)
 
 
-def _encode_tq1_0(x: Tensor, w: Tensor | None) -> Tensor:
-    d, q = _ternary(x, w)
-    q = q.to(torch.int32)
+def _pack_tq1_0(s: Scales, q: Tensor) -> Tensor:
+    d = s[0]
+    q = (q + 1).to(torch.int32)
     place = _POW3.to(q.device).flip(0).reshape(5, 1)
     qs0 = (q[:, :160].view(-1, 5, 32) * place).sum(1)
     qs1 = (q[:, 160:240].view(-1, 5, 16) * place).sum(1)
     qh = (q[:, 240:].view(-1, 4, 4) * place[:4]).sum(1)
     packed = (torch.cat([qs0, qs1, qh], dim=-1) * 256 + 242) // 243
     return torch.cat([packed.to(torch.uint8), _f16_bytes(d)], dim=-1)
+
+
+_TQ1_0 = Grid(QK_K, QK_K, -1, 1, _ternary_scales, _scale_only, _pack_tq1_0)
+
+
+def _encode_tq1_0(x: Tensor, w: Tensor | None) -> Tensor:
+    return _TQ1_0.encode(x, w) if w is not None else _pack_tq1_0(*_split(_ternary_reference(x)))
 
 
 def _decode_tq1_0(b: Tensor) -> Tensor:
@@ -578,31 +729,42 @@ def _unpack_iq4(b: Tensor) -> Tensor:
     return _IQ4_VALUES.to(b.device).index_select(0, q.reshape(-1).to(torch.int32)).view(q.shape)
 
 
-def _encode_iq4_nl(x: Tensor, w: Tensor | None) -> Tensor:
+def _iq4_nl_scales(x: Tensor, w: Tensor | None) -> Scales:
     w = _k_weights(x, w, 32, "square")  # quantize_iq4_nl without an imatrix weights by x^2
-    d = _f16(_iq4_block_scales(x, w))
-    q = _iq4_index(x * _inverse(d).unsqueeze(-1))
-    return torch.cat([_f16_bytes(d), _pack_iq4(q)], dim=-1)
+    return (_f16(_iq4_block_scales(x, w)),)
+
+
+def _pack_iq4_nl(s: Scales, q: Tensor) -> Tensor:
+    return torch.cat([_f16_bytes(s[0]), _pack_iq4(q)], dim=-1)
+
+
+_IQ4_NL = Grid(32, 32, 0, 15, _iq4_nl_scales, _scale_only, _pack_iq4_nl, nonlinear=True)
 
 
 def _decode_iq4_nl(b: Tensor) -> Tensor:
     return _read_f16(b[:, :2]) * _unpack_iq4(b[:, 2:])
 
 
-def _encode_iq4_xs(x: Tensor, w: Tensor | None) -> Tensor:
+def _iq4_xs_scales(x: Tensor, w: Tensor | None) -> Scales:
     n = x.shape[0]
     w = _k_weights(x, w, 32, "square")
     xs, ws = x.view(n, 8, 32), w.view(n, 8, 32)
     scale = _iq4_block_scales(xs.reshape(-1, 32), ws.reshape(-1, 32)).view(n, 8)
     g = _iq4_snap(xs * _inverse(scale).unsqueeze(-1))
     # As for Q6_K: a sub-block's scale error costs sum(w g^2) in its values, to first order.
-    d, sc = _quantize_signed(scale, (ws * g * g).sum(-1), -32, 31)
-    # Final indices against the stored sub-block scales, formed as the dequantizer forms them.
-    q = _iq4_index(xs * _inverse(d.unsqueeze(-1) * sc).unsqueeze(-1))
+    return _quantize_signed(scale, (ws * g * g).sum(-1), -32, 31)
+
+
+def _pack_iq4_xs(s: Scales, q: Tensor) -> Tensor:
+    d, sc = s
+    n = q.shape[0]
     ls = (sc + 32).to(torch.uint8)
     scales_h = _pack((ls >> 4).view(-1, 2, 4).transpose(-1, -2), 2)  # little-endian u16, 2 bits per sub-block
     scales_l = _pack((ls & 15).view(-1, 4, 2).transpose(-1, -2), 4)  # sub-block 2i low nibble, 2i+1 high
-    return torch.cat([_f16_bytes(d), scales_h, scales_l, _pack_iq4(q.view(-1, 32)).view(n, 128)], dim=-1)
+    return torch.cat([_f16_bytes(d), scales_h, scales_l, _pack_iq4(q.reshape(-1, 32)).view(n, 128)], dim=-1)
+
+
+_IQ4_XS = Grid(QK_K, 32, 0, 15, _iq4_xs_scales, _k_symmetric_affine, _pack_iq4_xs, nonlinear=True)
 
 
 def _decode_iq4_xs(b: Tensor) -> Tensor:
@@ -636,21 +798,43 @@ _CODECS: dict[str, tuple[Encoder, Decoder]] = {
     "F32": (_encode_f32, _decode_f32),
     "F16": (_encode_f16, _decode_f16),
     "Q8_0": (_encode_q8_0, _decode_q8_0),
-    "Q6_K": (_encode_q6_k, _decode_q6_k),
+    "Q6_K": (_Q6_K.encode, _decode_q6_k),
     "Q5_1": (_encode_q5_1, _decode_q5_1),
-    "Q5_K": (_encode_q5_k, _decode_q5_k),
+    "Q5_K": (_Q5_K.encode, _decode_q5_k),
     "Q5_0": (_encode_q5_0, _decode_q5_0),
     "Q4_1": (_encode_q4_1, _decode_q4_1),
-    "Q4_K": (_encode_q4_k, _decode_q4_k),
+    "Q4_K": (_Q4_K.encode, _decode_q4_k),
     "Q4_0": (_encode_q4_0, _decode_q4_0),
-    "Q3_K": (_encode_q3_k, _decode_q3_k),
-    "Q2_K": (_encode_q2_k, _decode_q2_k),
+    "Q3_K": (_Q3_K.encode, _decode_q3_k),
+    "Q2_K": (_Q2_K.encode, _decode_q2_k),
     "TQ2_0": (_encode_tq2_0, _decode_tq2_0),
     "TQ1_0": (_encode_tq1_0, _decode_tq1_0),
-    "IQ4_NL": (_encode_iq4_nl, _decode_iq4_nl),
-    "IQ4_XS": (_encode_iq4_xs, _decode_iq4_xs),
+    "IQ4_NL": (_IQ4_NL.encode, _decode_iq4_nl),
+    "IQ4_XS": (_IQ4_XS.encode, _decode_iq4_xs),
 }
 QUANTIZABLE_TYPES: tuple[str, ...] = tuple(_CODECS)
+# The importance-weighted quantizer of every block type, in two steps (what `quantize` runs with importance).
+_GRIDS: dict[str, Grid] = {
+    "Q8_0": _Q8_0,
+    "Q6_K": _Q6_K,
+    "Q5_1": _Q5_1,
+    "Q5_K": _Q5_K,
+    "Q5_0": _Q5_0,
+    "Q4_1": _Q4_1,
+    "Q4_K": _Q4_K,
+    "Q4_0": _Q4_0,
+    "Q3_K": _Q3_K,
+    "Q2_K": _Q2_K,
+    "TQ2_0": _TQ2_0,
+    "TQ1_0": _TQ1_0,
+    "IQ4_NL": _IQ4_NL,
+    "IQ4_XS": _IQ4_XS,
+}
+
+
+def grid(type_name: str) -> Grid | None:
+    """The two-step weighted quantizer of a block type (None for F32/F16, which have no scales)."""
+    return _GRIDS.get(_codec(type_name)[0])
 
 
 def _codec(type_name: str) -> tuple[str, Encoder, Decoder]:
@@ -660,7 +844,7 @@ def _codec(type_name: str) -> tuple[str, Encoder, Decoder]:
     return (name, *_CODECS[name])
 
 
-def _importance_floor(importance: Tensor, cols: int, device: torch.device) -> Tensor:
+def importance_floor(importance: Tensor, cols: int, device: torch.device) -> Tensor:
     """Validated per-input-channel importance, floored so no block is left with all-zero weights."""
     imp = importance.detach().to(device, torch.float32).reshape(-1)
     if imp.numel() != cols:
@@ -671,14 +855,8 @@ def _importance_floor(importance: Tensor, cols: int, device: torch.device) -> Te
     return imp + 1e-6 * mean if mean > 0 else torch.ones_like(imp)
 
 
-def quantize(weight: Tensor, type_name: str, importance: Tensor | None = None) -> QuantizedTensor:
-    """Quantize a 2-D weight (rows along the last dim) to GGUF type `type_name` (ggml-common.h layouts).
-
-    `importance` (shape (in,)) weights the scale search per input channel as llama.cpp's imatrix does.
-    The search runs on the weight's device (a GPU's blocks search in a few large steps); the bytes come
-    back to host memory.
-    """
-    name, encode, _ = _codec(type_name)
+def checked_weight(weight: Tensor, name: str) -> Tensor:
+    """`weight` as float32 after the checks every quantizer makes (2-D, non-empty, finite, rows of whole blocks)."""
     if weight.ndim != 2:
         raise AutosquashError(f"quantize expects a 2-D weight; got shape {tuple(weight.shape)}")
     rows, cols = (int(s) for s in weight.shape)
@@ -690,16 +868,35 @@ def quantize(weight: Tensor, type_name: str, importance: Tensor | None = None) -
     x = weight.detach().to(torch.float32)
     if not bool(torch.isfinite(x).all()):
         raise AutosquashError(f"cannot quantize a weight with NaN or infinite values to {name}")
-    imp = None if importance is None else _importance_floor(importance, cols, x.device)
+    return x
+
+
+def search_weights(imp: Tensor, row_mean_sq: Tensor, x: Tensor) -> Tensor:
+    """Per-value weights of the scale search for values x (rows, k) of columns with importance `imp` (k,),
+    `row_mean_sq` (rows, 1) the mean square of each whole row: llama.cpp's imatrix weighting,
+    importance * sqrt(sigma^2 + x^2), which also favours large weights."""
+    return imp * (row_mean_sq + x.square()).sqrt()
+
+
+def quantize(weight: Tensor, type_name: str, importance: Tensor | None = None) -> QuantizedTensor:
+    """Quantize a 2-D weight (rows along the last dim) to GGUF type `type_name` (ggml-common.h layouts).
+
+    `importance` (shape (in,)) weights the scale search per input channel as llama.cpp's imatrix does.
+    The search runs on the weight's device (a GPU's blocks search in a few large steps); the bytes come
+    back to host memory.
+    """
+    name, encode, _ = _codec(type_name)
+    x = checked_weight(weight, name)
+    rows, cols = x.shape
+    t = tensor_type(name)
+    imp = None if importance is None else importance_floor(importance, cols, x.device)
     step = max(1, (_CHUNK_VALUES if x.device.type == "cpu" else _CHUNK_VALUES_GPU) // cols)
     chunks = []
     for start in range(0, rows, step):
         xr = x[start : start + step].contiguous()
-        w = None
-        if imp is not None:
-            # llama.cpp's imatrix weighting: importance * sqrt(sigma^2 + x^2), which also favours large weights.
-            sq = xr.square()
-            w = (imp * (sq.mean(-1, keepdim=True) + sq).sqrt()).reshape(-1, t.block_size)
+        w = None if imp is None else search_weights(imp, xr.square().mean(-1, keepdim=True), xr)
+        if w is not None:
+            w = w.reshape(-1, t.block_size)
         chunks.append(encode(xr.reshape(-1, t.block_size), w).reshape(xr.shape[0], -1))
     data = torch.cat(chunks).cpu().numpy()
     return QuantizedTensor(type=name, shape=(rows, cols), data=data)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from autosquash.compress.apply import VariantCache, compress
-from autosquash.compress.calibrate import Stats, cached_stats
+from autosquash.compress.calibrate import Compensation, Stats, cached_covariances, cached_stats
 from autosquash.compress.plan import Plan, deployed_tensors, kv_heads_per_layer
 from autosquash.compress.store import VariantStore, scope_digest
 from autosquash.cost import DeviceProfile, estimate, load_device
@@ -76,7 +76,9 @@ def test_batch(tokenizer, exp: Experiment, calib: torch.Tensor, held_out: torch.
     disjoint from both by content. None where a derived split finds too little text."""
     spec = exp.test or exp.evaluation
     skip = held_out.numel() if spec.source == exp.evaluation.source else 0
-    skip = calib.numel() if spec.source == exp.calibration.source else skip
+    # Compensation's covariances take the calibration source's first compensation_tokens.
+    taken = exp.calibration.compensation_tokens if exp.calibration.error_compensation != "none" else 0
+    skip = max(calib.numel(), taken) if spec.source == exp.calibration.source else skip
     try:
         test = text_batch(tokenizer, spec, skip)
     except AutosquashError:
@@ -96,6 +98,15 @@ def load_inputs(exp: Experiment, out_dir: Path) -> SearchInputs:
     held_out = text_batch(tok, exp.evaluation)
     check_disjoint(calib, held_out)  # before the model loads: a refused search should cost seconds
     test = test_batch(tok, exp, calib, held_out)
+    compensation_batch = None
+    if exp.calibration.error_compensation != "none":
+        spec = exp.calibration
+        compensation_batch = text_batch(
+            tok, TextSpec(source=spec.source, tokens=spec.compensation_tokens, seq_len=spec.seq_len)
+        )
+        for other in (held_out, test):
+            if other is not None:
+                check_disjoint(compensation_batch, other)
     device = resolve_device(exp.hardware.device)
     print(f"loading {exp.model} onto {device} ...", flush=True)
     t0 = time.perf_counter()
@@ -103,6 +114,18 @@ def load_inputs(exp: Experiment, out_dir: Path) -> SearchInputs:
     t1 = time.perf_counter()
     print(f"calibrating on {calib.numel()} tokens, held-out set {held_out.numel()} tokens ...", flush=True)
     stats = cached_stats(base, calib, resolve(exp.model).key, out_dir / "cache")
+    if compensation_batch is not None:
+        print(f"input covariances for error compensation over {compensation_batch.numel()} tokens ...", flush=True)
+        covariances = cached_covariances(
+            base,
+            compensation_batch,
+            resolve(exp.model).key,
+            out_dir / "cache",
+            token_normalized=exp.calibration.compensation_token_normalized,
+        )
+        stats.compensation = Compensation(
+            covariances, exp.calibration.compensation_damp, exp.calibration.error_compensation
+        )
     arch = Arch.from_config(base.config)
     scope = scope_digest(resolve(exp.model).key, exp.seed, exp.hardware.dtype, stats)
     store = out_dir / "cache" / "variants" / scope

@@ -146,6 +146,7 @@ class Form(Operator):
 
     suffixes: tuple[str, ...] = ()
     plain: bool = False  # the one form without a decomposition: a linear takes it when no other form applies
+    compensates: bool = False  # it can spread its quantization error through the inputs' covariance (GPTQ)
     # Rows are compressed independently, so an error measured on a sample of rows stands for the whole.
     row_separable: bool = False
 
@@ -159,6 +160,18 @@ class Form(Operator):
 
     def compress(self, weight: torch.Tensor, deploy: LinearDeploy, input_sq: torch.Tensor | None) -> dict:
         """The parts (by suffix) of `weight` stored as `deploy` says, quantized ones in their specs' types."""
+        raise NotImplementedError
+
+    def compress_compensated(
+        self,
+        weight: torch.Tensor,
+        deploy: LinearDeploy,
+        input_sq: torch.Tensor | None,
+        hessian: torch.Tensor,
+        damp: float,
+    ) -> dict:
+        """`compress`, each quantization error spread through `hessian`, the inputs' E[x xᵀ] (forms that
+        `compensates`)."""
         raise NotImplementedError
 
     def module(self, parts: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -192,9 +205,21 @@ class LinearDeploy:
         """Identity of the deployed tensors: equal keys hold equal bytes (for a given base model and statistics)."""
         return (self.form.name, self.size, tuple((t.name, t.shape, t.type) for t in self.tensors))
 
-    def compress(self, weight: torch.Tensor, input_sq: torch.Tensor | None) -> Variant:
-        """`weight` compressed as deployed, its parts in host memory."""
-        parts = self.form.compress(weight, self, input_sq)
+    def compress(
+        self,
+        weight: torch.Tensor,
+        input_sq: torch.Tensor | None,
+        hessian: torch.Tensor | None = None,
+        damp: float = 0.0,
+    ) -> Variant:
+        """`weight` compressed as deployed, its parts in host memory; with `hessian` (the inputs' E[x xᵀ], for
+        a form that `compensates`), its quantization errors spread through it, dampened by `damp`."""
+        if hessian is None:
+            parts = self.form.compress(weight, self, input_sq)
+        elif self.form.compensates:
+            parts = self.form.compress_compensated(weight, self, input_sq, hessian, damp)
+        else:
+            raise ValueError(f"the {self.form.name} form does not compensate quantization errors")
         return Variant(self.form.name, {k: v if isinstance(v, QuantizedTensor) else v.cpu() for k, v in parts.items()})
 
 

@@ -9,6 +9,7 @@ import torch
 from autosquash.compress.operators.base import ChoiceField, Form, LinearDeploy, TensorSpec, matrix_spec
 from autosquash.formats.codecs import quantize
 from autosquash.formats.gguf_types import searchable_type, tensor_type
+from autosquash.formats.gptq import quantize_compensated
 from autosquash.models.arch import ATTN_LINEARS, FFN_LINEARS
 from autosquash.models.layers import linear_with
 
@@ -39,6 +40,7 @@ class Quantization(Form):
     suffixes = ("weight",)
     plain = True
     row_separable = True
+    compensates = True
 
     def size(self, out_features: int, in_features: int, choice) -> int:
         return 0
@@ -48,6 +50,16 @@ class Quantization(Form):
 
     def compress(self, weight: torch.Tensor, deploy: LinearDeploy, input_sq: torch.Tensor | None) -> dict:
         return {"weight": quantize(weight, deploy.type_of("weight"), input_sq)}
+
+    def compress_compensated(
+        self,
+        weight: torch.Tensor,
+        deploy: LinearDeploy,
+        input_sq: torch.Tensor | None,
+        hessian: torch.Tensor,
+        damp: float,
+    ) -> dict:
+        return {"weight": quantize_compensated(weight, deploy.type_of("weight"), hessian, input_sq, damp)}
 
     def module(self, parts: dict[str, torch.Tensor]) -> torch.nn.Module:
         return linear_with(parts["weight"])

@@ -1,0 +1,110 @@
+"""Quantization with error compensation inside the GGUF grids, as GPTQ does (Frantar et al. 2022, "GPTQ:
+Accurate Post-Training Quantization for Generative Pre-trained Transformers", Algorithm 1).
+
+A linear's weight W (out, in) is coded one input column at a time, left to right. After column j is coded,
+its error is spread onto the columns not yet coded so that the layer's output error on the calibration
+inputs, tr((W - Ŵ) H (W - Ŵ)^T) with H = E[x x^T], stays as low as it can: with U the upper Cholesky
+factor of H^-1, W[:, j+1:] -= (W[:, j] - Ŵ[:, j]) / U[j, j] * U[j, j+1:]. The stored bytes are the type's
+GGUF blocks, unchanged: when the sweep reaches a block (32 values, or a K-quant super-block of 256), its
+scales are chosen from the error-updated weights of that block by the same importance-weighted search as
+`codecs.quantize` (codecs.Grid), and its values are then coded against those scales column by column.
+Columns are updated lazily: within a block at once, beyond it with one matrix product per block.
+
+With a diagonal H nothing is spread and the bytes are exactly `quantize(W, type, diag(H))`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from autosquash.errors import AutosquashError
+from autosquash.formats.codecs import (
+    QuantizedTensor,
+    checked_weight,
+    grid,
+    importance_floor,
+    quantize,
+    search_weights,
+)
+from autosquash.formats.gguf_types import tensor_type
+
+DAMP = 0.01  # dampening added to H's diagonal, as a share of its mean diagonal (GPTQ's default)
+
+
+def _inverse_cholesky(hessian: Tensor, cols: int, damp: float, device: torch.device) -> Tensor:
+    """U, the upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, in float32 on `device`.
+
+    Inputs never seen in calibration (a zero row and column of H) get a unit diagonal: they take and give
+    no error. Where rounding leaves the damped H short of positive definite, the dampening grows tenfold.
+    """
+    h = hessian.detach().to(device, torch.float64)
+    if h.shape != (cols, cols):
+        raise AutosquashError(f"hessian has shape {tuple(h.shape)}; expected ({cols}, {cols}), one row per input")
+    if not bool(torch.isfinite(h).all()):
+        raise AutosquashError("hessian must be finite")
+    h = (h + h.T) / 2
+    diag = h.diagonal()
+    dead = diag <= 0
+    h[dead, :] = 0
+    h[:, dead] = 0
+    diag[dead] = 1
+    mean = float(diag[~dead].mean()) if bool((~dead).any()) else 1.0
+    for attempt in range(4):
+        damped = h + (damp * 10**attempt * mean) * torch.eye(cols, dtype=h.dtype, device=device)
+        chol, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            inv = torch.cholesky_inverse(chol)
+            u, info = torch.linalg.cholesky_ex(inv, upper=True)
+            if int(info) == 0:
+                return u.to(torch.float32)
+    raise AutosquashError("hessian is not positive semi-definite (its damped Cholesky failed)")
+
+
+def quantize_compensated(
+    weight: Tensor,
+    type_name: str,
+    hessian: Tensor,
+    importance: Tensor | None = None,
+    damp: float = DAMP,
+) -> QuantizedTensor:
+    """Quantize a 2-D weight (out, in) to GGUF type `type_name`, spreading each column's error onto the
+    columns not yet coded through `hessian` (in, in), the inputs' E[x x^T] (any positive multiple will do).
+
+    `importance` (in,) weights the scale search as in `codecs.quantize`; by default diag(hessian), the
+    inputs' mean squares. F32 and F16 have no grid and are written as `quantize` writes them. Runs on the
+    weight's device; the bytes come back to host memory.
+    """
+    g = grid(type_name)
+    name = tensor_type(type_name).name
+    if g is None:
+        return quantize(weight, name)
+    x = checked_weight(weight, name).clone()
+    rows, cols = x.shape
+    u = _inverse_cholesky(hessian, cols, damp, x.device)
+    imp = importance_floor(hessian.diagonal() if importance is None else importance, cols, x.device)
+    row_mean_sq = x.square().mean(-1, keepdim=True)
+    blocks = []
+    for c0 in range(0, cols, g.block):
+        c1 = c0 + g.block
+        xb = x[:, c0:c1].contiguous()
+        scales = g.scales(xb, search_weights(imp[c0:c1], row_mean_sq, xb))
+        step, offset = g.affine(scales)
+        codes = torch.empty_like(xb)
+        err = torch.empty_like(xb)
+        ub = u[c0:c1, c0:c1]
+        for j in range(g.block):
+            k = slice(j // g.sub, j // g.sub + 1)
+            col = xb[:, j : j + 1]
+            s, o = step[:, k], None if offset is None else offset[:, k]
+            q = g.codes(col, s, o)
+            codes[:, j : j + 1] = q
+            e = (col - g.values(q, s, o)) / ub[j, j]
+            err[:, j : j + 1] = e
+            if j + 1 < g.block:
+                xb[:, j + 1 :].addmm_(e, ub[j : j + 1, j + 1 :], alpha=-1)
+        if c1 < cols:
+            x[:, c1:].addmm_(err, u[c0:c1, c1:], alpha=-1)
+        blocks.append(g.pack(scales, codes))
+    data = torch.cat(blocks, dim=-1).cpu().numpy()
+    return QuantizedTensor(type=name, shape=(rows, cols), data=data)

@@ -1,0 +1,190 @@
+"""Error compensation inside the GGUF grids (autosquash.formats.gptq) and the covariances it weighs by."""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterator
+
+import gguf.quants
+import numpy as np
+import pytest
+import torch
+from gguf.constants import GGMLQuantizationType
+
+from autosquash.compress.calibrate import (
+    Compensation,
+    cached_covariances,
+    collect_covariances,
+    collect_inputs,
+    collect_stats,
+    compensation_of,
+)
+from autosquash.errors import AutosquashError
+from autosquash.formats.codecs import dequantize, quantize
+from autosquash.formats.gptq import quantize_compensated
+
+# Every type with a grid (the block types and the K-quants; the ternary types ride along).
+TYPES = ("Q8_0", "Q6_K", "Q5_1", "Q5_K", "Q5_0", "Q4_1", "Q4_K", "Q4_0", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "TQ2_0")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+ROWS, COLS, TOKENS = 32, 512, 1024
+
+
+def _weight(seed: int = 0) -> torch.Tensor:
+    return torch.randn(ROWS, COLS, generator=torch.Generator().manual_seed(seed))
+
+
+def _inputs(correlated: bool, seed: int = 1) -> torch.Tensor:
+    """(tokens, in) activations with per-channel scales spread like a model's; mixed channels if `correlated`."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(TOKENS, COLS, generator=g)
+    if correlated:
+        x = x @ (torch.randn(COLS, COLS, generator=g) / COLS**0.5) + 0.3 * torch.randn(TOKENS, COLS, generator=g)
+    return x * torch.exp(0.5 * torch.randn(COLS, generator=g))
+
+
+def _hessian(x: torch.Tensor) -> torch.Tensor:
+    return x.T @ x / x.shape[0]
+
+
+def _output_error(w: torch.Tensor, wq: torch.Tensor, x: torch.Tensor) -> float:
+    """||X Wᵀ - X Ŵᵀ|| / ||X Wᵀ||."""
+    return float((x @ (w - wq).T).norm() / (x @ w.T).norm())
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_bytes_decode_like_gguf(type_name: str) -> None:
+    w, h = _weight(), _hessian(_inputs(correlated=True))
+    q = quantize_compensated(w, type_name, h)
+    assert q.type == type_name and q.shape == (ROWS, COLS) and q.data.dtype == np.uint8
+    assert q.data.shape == gguf.quants.quant_shape_to_byte_shape(q.shape, GGMLQuantizationType[type_name])
+    theirs = gguf.quants.dequantize(q.data, GGMLQuantizationType[type_name])
+    np.testing.assert_array_equal(dequantize(q).numpy().view(np.uint32), theirs.view(np.uint32))
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_correlated_inputs_lower_the_output_error(type_name: str) -> None:
+    w, x = _weight(), _inputs(correlated=True)
+    h = _hessian(x)
+    plain = _output_error(w, dequantize(quantize(w, type_name, h.diagonal())), x)
+    compensated = _output_error(w, dequantize(quantize_compensated(w, type_name, h)), x)
+    assert compensated < 0.9 * plain, (plain, compensated)
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_uncorrelated_inputs_are_no_worse(type_name: str) -> None:
+    w, x = _weight(), _inputs(correlated=False)
+    h = _hessian(x)
+    plain = _output_error(w, dequantize(quantize(w, type_name, h.diagonal())), x)
+    compensated = _output_error(w, dequantize(quantize_compensated(w, type_name, h)), x)
+    assert compensated <= 1.01 * plain, (plain, compensated)
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_a_diagonal_hessian_gives_the_plain_bytes(type_name: str) -> None:
+    """Nothing to spread: the scale search and the codes are exactly `quantize`'s with importance diag(H)."""
+    w, d = _weight(), _hessian(_inputs(correlated=True)).diagonal()
+    plain = quantize(w, type_name, d)
+    np.testing.assert_array_equal(quantize_compensated(w, type_name, torch.diag(d)).data, plain.data)
+
+
+def test_deterministic_and_importance_is_separate_from_the_hessian() -> None:
+    w, h = _weight(), _hessian(_inputs(correlated=True))
+    a, b = quantize_compensated(w, "Q4_K", h), quantize_compensated(w, "Q4_K", h)
+    np.testing.assert_array_equal(a.data, b.data)
+    # Default importance is diag(H); a given one changes the scale search only.
+    np.testing.assert_array_equal(quantize_compensated(w, "Q4_K", h, h.diagonal().clone()).data, a.data)
+    other = quantize_compensated(w, "Q4_K", h, torch.ones(COLS))
+    assert not np.array_equal(other.data, a.data)
+
+
+def test_inputs_never_seen_take_and_give_no_error() -> None:
+    """A zero row and column of H (a channel calibration never fed): that column is coded as plain, finite."""
+    w, x = _weight(), _inputs(correlated=True)
+    x[:, 40] = 0
+    h = _hessian(x)
+    q = dequantize(quantize_compensated(w, "Q4_0", h))
+    assert torch.isfinite(q).all()
+    plain = dequantize(quantize(w, "Q4_0", h.diagonal()))
+    assert _output_error(w, q, x) < _output_error(w, plain, x)
+    assert (q[:, 40] - w[:, 40]).abs().max() < 0.5 * w.abs().max()
+
+
+def test_float_types_are_written_as_quantize_writes_them() -> None:
+    w, h = _weight(), _hessian(_inputs(correlated=True))
+    for t in ("F16", "F32"):
+        np.testing.assert_array_equal(quantize_compensated(w, t, h).data, quantize(w, t).data)
+
+
+def test_bad_hessians_are_refused() -> None:
+    w = _weight()
+    with pytest.raises(AutosquashError, match="shape"):
+        quantize_compensated(w, "Q4_0", torch.eye(COLS - 32))
+    bad = torch.eye(COLS)
+    bad[3, 3] = float("nan")
+    with pytest.raises(AutosquashError, match="finite"):
+        quantize_compensated(w, "Q4_0", bad)
+    with pytest.raises(AutosquashError, match="multiple of 256"):
+        quantize_compensated(torch.randn(4, 288), "Q4_K", torch.eye(288))
+
+
+def test_covariances_are_shared_by_linears_fed_the_same_input(tiny_model, tiny_batch) -> None:
+    h = collect_covariances(tiny_model, tiny_batch)
+    stats = collect_stats(tiny_model, tiny_batch)
+    assert set(h) == set(stats)
+    blk = "model.layers.1"
+    assert h[f"{blk}.self_attn.q_proj"] is h[f"{blk}.self_attn.k_proj"] is h[f"{blk}.self_attn.v_proj"]
+    assert h[f"{blk}.mlp.gate_proj"] is h[f"{blk}.mlp.up_proj"]
+    assert h[f"{blk}.self_attn.o_proj"] is not h[f"{blk}.self_attn.q_proj"]
+    paths = [f"{blk}.self_attn.k_proj", f"{blk}.mlp.down_proj"]
+    seen = collect_inputs(tiny_model, tiny_batch, paths)
+    for p in paths:
+        torch.testing.assert_close(h[p], seen[p].T @ seen[p] / seen[p].shape[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(h[p].diagonal(), stats[p], rtol=1e-5, atol=1e-7)
+
+
+def test_covariance_files_hold_each_matrix_once_and_ship_whole(tiny_model, tiny_batch, tmp_path) -> None:
+    one_pass = collect_covariances(tiny_model, tiny_batch)
+    # A budget of one byte: a pass per block, each ending after its block; the matrices come out the same.
+    cov = cached_covariances(tiny_model, tiny_batch, "tiny", tmp_path, pass_bytes=1)
+    assert len(list(cov.folder.glob("shard-*.safetensors"))) == tiny_model.config.num_hidden_layers
+    assert set(one_pass) == set(cov.index)
+    for path, h in one_pass.items():
+        assert torch.equal(cov.get(path), h), path
+    blk = "model.layers.0"
+    assert cov.index[f"{blk}.self_attn.q_proj"] == cov.index[f"{blk}.self_attn.v_proj"]
+    assert cov.index[f"{blk}.mlp.gate_proj"] == cov.index[f"{blk}.mlp.up_proj"]
+    assert cached_covariances(tiny_model, tiny_batch, "tiny", tmp_path).folder == cov.folder  # read back
+    shipped = pickle.loads(pickle.dumps(cov))  # as Ray ships it: the arrays travel, not the folder's name alone
+    assert shipped.arrays is not None and shipped.digest == cov.digest
+    for path, h in one_pass.items():
+        assert torch.equal(shipped.get(path), h), path
+    assert cov.get("model.layers.9.mlp.down_proj") is None
+
+
+def test_stats_carry_their_compensation_through_pickling(tiny_model, tiny_batch, tmp_path) -> None:
+    stats = collect_stats(tiny_model, tiny_batch)
+    assert compensation_of(stats) is None and compensation_of({}) is None
+    stats.compensation = Compensation(cached_covariances(tiny_model, tiny_batch, "tiny", tmp_path), 0.1)
+    back = pickle.loads(pickle.dumps(stats))
+    assert set(back) == set(stats) and compensation_of(back).key == stats.compensation.key
+    cols = torch.tensor([0, 5, 9])
+    path = "model.layers.1.mlp.down_proj"
+    assert torch.equal(compensation_of(back).hessian(path, cols), stats.compensation.hessian(path)[cols][:, cols])
+
+
+def test_token_normalized_covariances_weigh_every_token_alike(tiny_model, tiny_batch) -> None:
+    path = "model.layers.1.mlp.down_proj"
+    x = collect_inputs(tiny_model, tiny_batch, [path])[path]
+    h = collect_covariances(tiny_model, tiny_batch, [path], token_normalized=True)[path]
+    xn = x / x.square().mean(1, keepdim=True).sqrt()
+    torch.testing.assert_close(h, xn.T @ xn / x.shape[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h.diagonal().mean(), torch.tensor(1.0), rtol=1e-5, atol=0)
