@@ -39,6 +39,8 @@ _AFFINE_OFFSETS = -1.0 + 0.2 * torch.arange(11, dtype=torch.float32)
 _TERNARY_MULTIPLES = 0.6 + 0.4 * torch.arange(9, dtype=torch.float32)
 # Assign-then-refit rounds after the candidate scan (each can only lower the error).
 _REFINE_STEPS = 2
+# The affine fit's codes count as all equal (a constant block) below this spread, relative to their size.
+_DET_EPS = 1e-10
 
 Encoder = Callable[[Tensor, "Tensor | None"], Tensor]
 Decoder = Callable[[Tensor], Tensor]
@@ -189,41 +191,51 @@ def _quantize_nonneg(v: Tensor, w: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
 def _lsq_affine(
     x: Tensor, w: Tensor, q: Tensor, sums: tuple[Tensor, Tensor, Tensor], min_le_zero: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Weighted least-squares (scale, min) for x ~ scale * q + min with fixed codes, and its error."""
-    sw, sx, sxx = sums
+    """Weighted least-squares (scale, min) for x ~ scale * q + min with fixed codes, and its error.
+
+    `sums` are (sum w, the weighted mean of x, sum w (x - mean)^2), and `x` comes centred on that mean. The
+    codes are centred too, so no sum cancels: a block where one value's weight is a million times the others'
+    (an input channel with massive activations) still gets the others' fit, not a rounding-noise one.
+    """
+    sw, _, sxx = sums
     wq = w * q
-    sq = wq.sum(0)
-    sxq = (wq * x).sum(0)
-    sqq = wq.mul_(q).sum(0)
-    det = sw * sqq - sq * sq
-    # A relative threshold: when all codes are equal, det is rounding noise and the solve would explode.
-    ok = det > 1e-5 * sw * sqq
-    det = torch.where(ok, det, 1.0)
-    scale = torch.where(ok, (sw * sxq - sx * sq) / det, 0.0)
-    mn = torch.where(ok, (sqq * sx - sq * sxq) / det, sx / sw.clamp_min(1e-30))
+    qbar = wq.sum(0) / sw.clamp_min(1e-30)
+    qc = q - qbar
+    wqc = w * qc
+    sqq = (wqc * qc).sum(0)  # sum w (q - qbar)^2: 0 only when every code is equal
+    sxq = (wqc * x).sum(0)
+    ok = sqq > _DET_EPS * sw * qbar.square().clamp_min(1.0)
+    scale = torch.where(ok, sxq / torch.where(ok, sqq, 1.0), 0.0)
+    mn = sums[1] - scale * qbar
+    err = sxx - scale * sxq  # the residual of the fit, in closed form
     if min_le_zero:
-        # K-quants store -min with one non-negative dmin per super-block, so a positive min becomes 0.
+        # K-quants store -min with one non-negative dmin per super-block, so a positive min becomes 0: then
+        # x ~ scale * q alone (sums about zero, from the centred ones).
         pos = mn > 0
-        scale = torch.where(pos, torch.where(sqq > 0, sxq / sqq.clamp_min(1e-30), 0.0), scale)
-        mn = torch.where(pos, 0.0, mn)
-    # Error in closed form from the sums: no extra pass over the values.
-    err = sxx - 2 * scale * sxq - 2 * mn * sx + scale * scale * sqq + 2 * scale * mn * sq + mn * mn * sw
+        raw_qq = sqq + sw * qbar.square()
+        raw_xq = sxq + sw * sums[1] * qbar
+        s0 = torch.where(raw_qq > 0, raw_xq / raw_qq.clamp_min(1e-30), 0.0)
+        raw_err = sxx + sw * sums[1].square() - s0 * raw_xq
+        scale, mn, err = torch.where(pos, s0, scale), torch.where(pos, 0.0, mn), torch.where(pos, raw_err, err)
     return scale, mn, err
 
 
 def _fit_affine(x: Tensor, w: Tensor, nmax: int, min_le_zero: bool) -> tuple[Tensor, Tensor]:
     """Per-row (scale, min) minimising sum w (x - scale q - min)^2, codes q in [0, nmax] (make_qkx2_quants)."""
     x, w = _columns(x), _columns(w)
-    sums = (w.sum(0), (w * x).sum(0), (w * x * x).sum(0))
+    sw = w.sum(0)
+    xbar = (w * x).sum(0) / sw.clamp_min(1e-30)  # an all-zero row weighs nothing: its mean is 0
+    xc = x - xbar
+    sums = (sw, xbar, (w * xc * xc).sum(0))
     xmin = x.amin(0)
     if min_le_zero:
         xmin = xmin.clamp(max=0.0)
     iscales = _candidates((x.amax(0) - xmin).squeeze(0), nmax + _AFFINE_OFFSETS)
-    scale, mn, err = _lsq_affine(x, w, ((x - xmin) * iscales).round_().clamp_(0, nmax), sums, min_le_zero)
+    scale, mn, err = _lsq_affine(xc, w, ((x - xmin) * iscales).round_().clamp_(0, nmax), sums, min_le_zero)
     best_err, pick = err.min(0, keepdim=True)
     best_s, best_m = scale.gather(0, pick), mn.gather(0, pick)
     for _ in range(_REFINE_STEPS):
-        scale, mn, err = _lsq_affine(x, w, _codes(x - best_m, best_s, 0, nmax), sums, min_le_zero)
+        scale, mn, err = _lsq_affine(xc, w, _codes(x - best_m, best_s, 0, nmax), sums, min_le_zero)
         better = err < best_err
         best_s, best_m = torch.where(better, scale, best_s), torch.where(better, mn, best_m)
         best_err = torch.where(better, err, best_err)
