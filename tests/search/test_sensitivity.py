@@ -77,6 +77,27 @@ def test_damage_grows_as_bits_shrink_and_channels_go(measured):
     assert profile.embed.damage[0] < profile.embed.damage[1]  # Q8_0 embeddings hurt less than Q4_0
 
 
+def test_pruning_and_quantization_each_take_the_gain_their_own_probe_measured(measured, monkeypatch):
+    """A pruning probe swaps in down_proj alone, a quantization probe every linear of the group; each option's
+    damage is its quantization error at the one gain plus its pruned share at the other (SmolLM2's layer-11
+    FFN, where one gain for both called pruning free, is the case)."""
+    from autosquash.search import sensitivity
+
+    model, arch, stats, ref, _ = measured
+    monkeypatch.setattr(sensitivity, "_probe", lambda _m, _r, swaps, *a: 1.0 if len(swaps) == 1 else 0.01)
+    profile = measure_profile(model, arch, SPACE, stats, ref, CONTEXT, log=lambda *a, **k: None)
+    block = model.model.layers[0]
+    errs = sensitivity._Errors(block, 0, stats)
+    ffn = next(g for g in profile.groups if g.name == "blk.0.ffn")
+    choices = [c for _, c in sensitivity._options(SPACE.ffn)]
+    parts = [sensitivity._group_errors(block, 0, "ffn", arch, stats, c, errs) for c in choices]
+    worst_quant = max(q for (q, p), c in zip(parts, choices, strict=True) if c.ffn_keep_ratio == 1.0)
+    worst_share = max(p for _, p in parts)
+    for (q, p), damage in zip(parts, ffn.damage, strict=True):
+        assert damage == pytest.approx(0.01 * q / worst_quant + 1.0 * p / worst_share)
+    assert max(d for (q, p), d in zip(parts, ffn.damage, strict=True) if p > 0) > 0.9  # pruning at its own gain
+
+
 def test_predicted_damage_ranks_plans_as_measured(measured):
     """The additive model's order of random plans agrees with their measured KL (rank correlation)."""
     from scipy.stats import spearmanr
