@@ -123,8 +123,8 @@ def _stats(text: str, log: Path) -> dict:
 
 def front_files(run: Path, folder: Path, near: list[float] | None = None) -> list[dict]:
     """Every front plan of the search in `run` exported as GGUF (and its adapter), with its trial number; with
-    `near` (peer sizes, MB), only the plans the table compares: for each size the three largest no larger (by weights;
-    a file adds its metadata)."""
+    `near` (MB of weights a file of each peer's size holds), only the plans the table compares: for each, the three
+    largest no larger."""
     rows = list(csv.DictReader(open(run / "pareto.csv")))
     if near is not None:
         ordered = sorted(rows, key=lambda r: float(r["weights_mb"]))
@@ -146,6 +146,13 @@ def front_files(run: Path, folder: Path, near: list[float] | None = None) -> lis
 
 def _mb(*paths: Path | None) -> float:
     return sum(p.stat().st_size for p in paths if p is not None) / 1e6
+
+
+def _tensor_mb(path: Path) -> float:
+    """MB of a GGUF file's tensor data alone."""
+    from gguf import GGUFReader
+
+    return sum(int(t.n_bytes) for t in GGUFReader(path).tensors) / 1e6
 
 
 def report(peers: list[dict], front: list[dict], base: dict) -> str:
@@ -299,7 +306,10 @@ def main() -> None:
         print(f"marked {len(marked)} recipes in {run / 'pareto.png'} (peers.csv)", flush=True)
     front = []
     if not args.no_front:
-        for f in front_files(run, work, [p["mb"] for p in peers] if args.front_near_peers else None):
+        # A plan's file adds the metadata (the tokenizer's vocabulary and merges) to its weights, as the base's does.
+        overhead = _mb(base) - _tensor_mb(base)
+        near = [p["mb"] - overhead for p in peers] if args.front_near_peers else None
+        for f in front_files(run, work, near):
             stats = score(bin_dir, f["path"], test, kld_base, f["path"].with_suffix(".log"), f["lora"])
             front.append({"trial": f["trial"], "mb": _mb(f["path"], f["lora"]), "lora": bool(f["lora"]), **stats})
             print(f"front trial {f['trial']:4d} {front[-1]['mb']:7.1f} MB  KL {stats['kl']:.4f}", flush=True)

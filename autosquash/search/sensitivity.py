@@ -448,6 +448,15 @@ class SensitivitySampler(optuna.samplers.BaseSampler):
     plan proposed at a target lands within `band` of it where one can (`best_in_band`)."""
 
     def __init__(self, profile: Profile, targets: list[int], seed: int = 0, mutations: int = 3, band: int = 0):
+        if band:
+            # Targets where the damage model's best plan lands within the band come first; those where a smaller
+            # plan is predicted better (their band plans measure that claim) after them, so a search that stops
+            # early still covers the sizes the front is predicted to hold.
+            def predicted_there(t: int) -> bool:
+                found = best_under(profile, t)
+                return found is not None and profile.size(*found) >= t - band
+
+            targets = sorted(targets, key=lambda t: not predicted_there(t))
         self.profile, self.targets, self.mutations, self.band = profile, targets, mutations, band
         self._rng = random.Random(seed)
         self._plans: dict[int, dict[str, object]] = {}

@@ -174,6 +174,14 @@ def test_a_band_proposes_a_plan_near_its_target_even_where_a_smaller_one_is_pred
     assert best_in_band(profile, 50, 40) is None  # nothing fits
 
 
+def test_targets_the_damage_model_calls_dominated_are_proposed_last():
+    profile = _lumpy_table_profile()
+    # Under 125 the best plan is 121 bytes: 125's band plan (124-125) only tests the damage model, so it waits.
+    sampler = SensitivitySampler(profile, [125, 128, 121, 110], band=1)
+    assert sampler.targets == [128, 121, 110, 125]
+    assert SensitivitySampler(profile, [125, 128, 121, 110]).targets == [125, 128, 121, 110]  # no band: as given
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_targets_cover_the_range_with_no_gap_wider_than_the_step_widest_first(seed):
     from autosquash.search.sensitivity import _smallest
