@@ -483,11 +483,7 @@ class SensitivitySampler(optuna.samplers.BaseSampler):
         n, params = (max(used) + 1 if used else 0), None
         while n < len(self.targets) and params is None:
             target = self.targets[n]
-            found = (
-                best_in_band(self.profile, target, target - self.band)
-                if self.band
-                else best_under(self.profile, target)
-            )
+            found = best_in_band(self.profile, target, target - self.band if self.band else 0)
             if found is not None and params_key(self.profile.params(*found)) not in seen:
                 params = self.profile.params(*found)
             else:
