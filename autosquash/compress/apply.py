@@ -17,12 +17,12 @@ from functools import partial
 
 import torch
 
-from autosquash.compress.calibrate import Compensation, Stats, compensation_of
+from autosquash.compress.calibrate import HEAD, Compensation, Stats, compensation_of
 from autosquash.compress.operators import PRUNING, deploy_linear, form
 from autosquash.compress.operators.base import Variant, weight_of
 from autosquash.compress.plan import SUBLAYERS, Plan
 from autosquash.compress.store import VariantStore
-from autosquash.formats.codecs import QuantizedTensor, dequantize, quantize
+from autosquash.formats.codecs import QuantizedTensor, dequantize, quantize, quantize_no_worse
 from autosquash.formats.gguf_types import legal_type
 from autosquash.models.arch import Arch
 from autosquash.models.device import model_device, to_compute
@@ -150,10 +150,10 @@ def quantized_tensors(
     yield (
         "token_embd",
         "model.embed_tokens",
-        _table(cache, "token_embd", base.model.embed_tokens, plan.embed_quant, arch),
+        _table(cache, "token_embd", base, plan.embed_quant, arch, stats),
     )
     if not arch.tied_embeddings:
-        yield "output", "lm_head", _table(cache, "output", base.lm_head, plan.output_quant or plan.embed_quant, arch)
+        yield "output", "lm_head", _table(cache, "output", base, plan.output_quant or plan.embed_quant, arch, stats)
 
 
 def bias_of(block: torch.nn.Module, path: str, rows: torch.Tensor | None) -> torch.Tensor | None:
@@ -178,10 +178,25 @@ def _with_bias(
     return variant if bias is None else Variant(variant.form, {**variant.parts, "bias": bias})
 
 
-def _table(cache: VariantCache, name: str, module: torch.nn.Module, quant: str, arch: Arch) -> Variant:
-    """An embedding or output table in the legal type for `quant`, one matrix."""
-    qtype = legal_type(quant, arch.hidden_size)
-    return cache.get((name, qtype), lambda: Variant("quant", {"weight": quantize(module.weight.data, qtype, None)}))
+def quantized_table(base: torch.nn.Module, arch: Arch, name: str, quant: str, stats: Stats) -> QuantizedTensor:
+    """The token table ("token_embd") or the untied output head ("output") in the legal type for `quant`.
+
+    A table the output head reads (the head itself, or a tied token table) is quantized weighted by the head's
+    input energy per channel: the logits' error is that of W h, whose channels differ by orders of magnitude
+    in E[h²] (each block kept as the unweighted encoding where that errs less by this measure, so a table
+    already on the type's grid stays exact). An untied token table is only looked up, every channel alike.
+    """
+    module = base.model.embed_tokens if name == "token_embd" else base.lm_head
+    qtype, importance = legal_type(quant, arch.hidden_size), stats.get(HEAD)
+    if importance is None or not (name == "output" or arch.tied_embeddings):
+        return quantize(module.weight.data, qtype)
+    return quantize_no_worse(module.weight.data, qtype, importance)
+
+
+def _table(cache: VariantCache, name: str, base: torch.nn.Module, quant: str, arch: Arch, stats: Stats) -> Variant:
+    """`quantized_table` as a variant, cached."""
+    key = (name, legal_type(quant, arch.hidden_size))
+    return cache.get(key, lambda: Variant("quant", {"weight": quantized_table(base, arch, name, quant, stats)}))
 
 
 def compress(

@@ -1,5 +1,6 @@
-"""Calibration statistics: per input channel, the mean squared activation entering every linear layer;
-for error compensation also the full covariance E[x xᵀ] of those activations.
+"""Calibration statistics: per input channel, the mean squared activation entering every linear layer (the
+decoder blocks' and the output head's); for error compensation also the full covariance E[x xᵀ] of the block
+linears' inputs.
 
 Computed once per (model, calibration data) and cached on disk as safetensors (never pickle).
 """
@@ -24,8 +25,17 @@ from safetensors.torch import load_file, save_file
 COVARIANCE_PASS_BYTES = 1 << 30
 
 
+# Bump when what collect_stats gathers changes, so cached statistics are gathered again.
+STATS_VERSION = 2  # 2: the output head's input (HEAD) too
+
+# The output head's module path (a tied head shares the token table's weight, and its input is what
+# weighs the table's quantization error, as llama.cpp's importance matrix weighs token_embd).
+HEAD = "lm_head"
+
+
 class Stats(dict[str, torch.Tensor]):
-    """E[x²] per input channel, (in_features,), by module path (e.g. "model.layers.3.mlp.down_proj").
+    """E[x²] per input channel, (in_features,), by module path (e.g. "model.layers.3.mlp.down_proj"; HEAD
+    for the output head's input, the final norm's output).
 
     `compensation`, when set, says the block linears are quantized with error compensation: it travels with
     the statistics to every trial, export and worker that builds variants from them.
@@ -80,7 +90,8 @@ def _feed_inputs(
 
 
 def collect_stats(model: torch.nn.Module, batch: torch.Tensor) -> Stats:
-    """E[x²] per input channel of each linear inside the decoder blocks, over all tokens of `batch`."""
+    """E[x²] per input channel of each linear inside the decoder blocks and of the output head (HEAD),
+    over all tokens of `batch`."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
@@ -88,7 +99,8 @@ def collect_stats(model: torch.nn.Module, batch: torch.Tensor) -> Stats:
         sums[path] = sums.get(path, 0) + (x * x).sum(0)
         counts[path] = counts.get(path, 0) + x.shape[0]
 
-    _feed_inputs(model, batch, block_linears(model), add)
+    head = [HEAD] if isinstance(getattr(model, HEAD, None), torch.nn.Linear) else []
+    _feed_inputs(model, batch, block_linears(model) + head, add)
     # On the CPU, where the operators read them, whatever device the model ran on.
     return Stats({k: (sums[k] / counts[k]).to("cpu", torch.float32).contiguous() for k in sums})
 
@@ -153,7 +165,8 @@ def collect_inputs(model: torch.nn.Module, batch: torch.Tensor, paths: list[str]
 
 def cached_stats(model: torch.nn.Module, batch: torch.Tensor, model_key: str, cache_dir: Path) -> Stats:
     """`collect_stats`, read from `cache_dir` when this model and batch were seen before."""
-    digest = hashlib.sha256(model_key.encode() + batch.numpy().tobytes()).hexdigest()[:24]
+    key = f"{model_key}|{STATS_VERSION}".encode()
+    digest = hashlib.sha256(key + batch.numpy().tobytes()).hexdigest()[:24]
     path = Path(cache_dir) / f"calib-{digest}.safetensors"
     if path.exists():
         return Stats(load_file(str(path)))

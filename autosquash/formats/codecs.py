@@ -914,6 +914,23 @@ def quantize(weight: Tensor, type_name: str, importance: Tensor | None = None) -
     return QuantizedTensor(type=name, shape=(rows, cols), data=data)
 
 
+def quantize_no_worse(weight: Tensor, type_name: str, importance: Tensor) -> QuantizedTensor:
+    """`quantize` weighted by `importance`, each block then the better, by the importance-weighted error, of
+    that and the reference (unweighted) encoding: a weight already on the type's grid comes back exactly."""
+    weighted, plain = quantize(weight, type_name, importance), quantize(weight, type_name)
+    t = tensor_type(weighted.type)
+    x = checked_weight(weight, weighted.type).cpu()
+    imp = importance_floor(importance, x.shape[1], x.device)
+
+    def block_errors(q: QuantizedTensor) -> Tensor:
+        return ((dequantize(q) - x).square() * imp).reshape(-1, t.block_size).sum(-1)
+
+    better = (block_errors(plain) < block_errors(weighted)).numpy()
+    blocks = weighted.data.reshape(-1, t.block_bytes).copy()
+    blocks[better] = plain.data.reshape(-1, t.block_bytes)[better]
+    return QuantizedTensor(type=weighted.type, shape=weighted.shape, data=blocks.reshape(weighted.data.shape))
+
+
 def dequantize(q: QuantizedTensor, device: torch.device | str | None = None) -> Tensor:
     """Decode `q` to float32 (shape q.shape) with the arithmetic of gguf.quants.dequantize (ggml layouts),
     on `device` (the CPU by default): the bytes travel there, not the four-times-larger floats."""

@@ -36,15 +36,14 @@ from pathlib import Path
 import optuna
 import torch
 
-from autosquash.compress.apply import dense
+from autosquash.compress.apply import dense, quantized_table
 from autosquash.compress.calibrate import Stats
 from autosquash.compress.operators import PRUNING, REGISTRY, SEARCHED_FIELDS, deploy_linear
 from autosquash.compress.operators.base import LinearDeploy, Pruning, weight_of
 from autosquash.compress.plan import SUBLAYERS, LayerChoice, Plan, deployed_tensors, kept_kv_heads
 from autosquash.cost.model import kv_cache_bytes_per_token
 from autosquash.evaluate.proxy import Reference, score
-from autosquash.formats.codecs import dequantize, quantize
-from autosquash.formats.gguf_types import legal_type
+from autosquash.formats.codecs import dequantize
 from autosquash.models.arch import Arch
 from autosquash.models.device import to_compute
 from autosquash.search.space import GroupSpace, SearchSpace, params_key
@@ -52,7 +51,7 @@ from autosquash.search.space import GroupSpace, SearchSpace, params_key
 SAMPLE_ROWS = 64  # rows per weight on which a quantization error is measured
 PROBE_SEQS, PROBE_LEN = 4, 128  # calibration tokens of a probe pass: sequences, positions
 TARGET = "sensitivity_target"  # trial user attribute: index of the target size a proposal was made for
-VERSION = 7  # bump when the model changes, so cached profiles are recomputed
+VERSION = 8  # bump when the model changes, so cached profiles are recomputed
 
 
 @dataclass
@@ -278,7 +277,7 @@ def measure_profile(
             log(done, end="\r" if tty else "\n", flush=True)
     if tty:
         log("")
-    embed = _embed_profile(base, arch, space, ref)
+    embed = _embed_profile(base, arch, space, ref, stats)
     # Block norms belong to their group (a removed sublayer drops its norm); the final norm is fixed.
     fixed = sum(t.nbytes for t in deployed_tensors(arch, Plan()) if t.name == "output_norm.weight")
     return Profile(groups, embed, fixed)
@@ -342,13 +341,12 @@ def _dense_swaps(block, i: int, linears, choice: LayerChoice, stats: Stats) -> d
     return out
 
 
-def _embed_profile(base: torch.nn.Module, arch: Arch, space: SearchSpace, ref: Reference) -> GroupProfile:
+def _embed_profile(base: torch.nn.Module, arch: Arch, space: SearchSpace, ref: Reference, stats: Stats) -> GroupProfile:
     """Every embedding option measured directly (it is also the output head when tied)."""
-    emb = base.model.embed_tokens
+    device = base.model.embed_tokens.weight.device
     options, nbytes, damage = [], [], []
     for q in space.embed_quant:
-        t = legal_type(q, arch.hidden_size)
-        deq = dequantize(quantize(emb.weight.data, t, None), emb.weight.device)
+        deq = dequantize(quantized_table(base, arch, "token_embd", q, stats), device)
         damage.append(_probe(base, ref, {"model.embed_tokens": deq}))
         plan = Plan(embed_quant=q)
         tables = ("token_embd.weight", "output.weight")

@@ -1,12 +1,14 @@
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 from autosquash.compress.apply import VariantCache, compress
-from autosquash.compress.calibrate import collect_stats
+from autosquash.compress.calibrate import HEAD, collect_stats
 from autosquash.compress.lowrank import LowRankLinear
 from autosquash.compress.plan import LayerChoice, Plan, deployed_tensors
-from autosquash.formats.codecs import fake_quantize
+from autosquash.formats.codecs import dequantize, fake_quantize, quantize
 from autosquash.models.arch import Arch
+from tests.conftest import tiny_config
 
 
 def _deployed_shapes(model) -> list[tuple[int, ...]]:
@@ -183,3 +185,45 @@ def test_biases_are_kept_in_every_form_on_the_rows_pruning_keeps(choice, tiny_ba
         assert len(kept) == rows and torch.equal(q.bias, base_q.bias[kept])
     with torch.no_grad():
         assert torch.isfinite(compressed(tiny_batch).logits).all()
+
+
+def test_calibration_gathers_the_output_heads_input(tiny_model, tiny_batch):
+    seen = []
+    hook = tiny_model.model.norm.register_forward_hook(lambda _m, _a, out: seen.append(out.reshape(-1, out.shape[-1])))
+    try:
+        stats = collect_stats(tiny_model, tiny_batch)
+    finally:
+        hook.remove()
+    h = torch.cat(seen).float()
+    torch.testing.assert_close(stats[HEAD], h.square().mean(0))
+
+
+def _weighted_error(table: torch.Tensor, w: torch.Tensor, imp: torch.Tensor) -> float:
+    return float(((table - w).square() * imp).sum())
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_table_the_head_reads_is_quantized_weighted_by_the_heads_input(tied, tiny_batch):
+    # The logits' error is that of W h: channels the head's input fills weigh more. Here a few channels carry
+    # 100x the energy of the rest; the weighted table errs less on them than an unweighted one would.
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config(tie_word_embeddings=tied)).eval()
+    arch = Arch.from_config(model.config)
+    hidden = arch.hidden_size
+    imp = torch.ones(hidden)
+    imp[:: hidden // 4] = 100.0
+    stats = {HEAD: imp}
+    out = compress(model, arch, Plan.uniform(arch, "Q4_0"), stats)
+    emb = model.model.embed_tokens.weight.data
+    plain = dequantize(quantize(emb, "Q4_0"), emb.device)
+    if tied:
+        table = out.model.embed_tokens.weight.data
+        assert out.lm_head.weight is out.model.embed_tokens.weight
+        assert _weighted_error(table, emb, imp) < 0.9 * _weighted_error(plain, emb, imp)
+    else:
+        # An untied token table is only looked up: every channel alike. The head is weighted.
+        torch.testing.assert_close(out.model.embed_tokens.weight.data, plain, rtol=0, atol=0)
+        head = model.lm_head.weight.data
+        plain_head = dequantize(quantize(head, "Q4_0"), head.device)
+        weighted = _weighted_error(out.lm_head.weight.data, head, imp)
+        assert weighted < 0.9 * _weighted_error(plain_head, head, imp)

@@ -11,7 +11,14 @@ import torch
 from gguf.constants import GGMLQuantizationType
 
 from autosquash.errors import AutosquashError
-from autosquash.formats.codecs import QUANTIZABLE_TYPES, QuantizedTensor, dequantize, fake_quantize, quantize
+from autosquash.formats.codecs import (
+    QUANTIZABLE_TYPES,
+    QuantizedTensor,
+    dequantize,
+    fake_quantize,
+    quantize,
+    quantize_no_worse,
+)
 from autosquash.formats.gguf_types import tensor_type
 
 # Types gguf.quants.quantize writes too; without importance ours must reproduce its bytes exactly.
@@ -300,3 +307,21 @@ def test_a_weight_on_the_grid_stays_exact_beside_an_input_channel_of_massive_act
     importance = torch.full((256,), 0.02)
     importance[45] = 3.4e4
     assert torch.equal(dequantize(quantize(w, type_name, importance)), w)
+
+
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q5_1", "Q4_K"])
+def test_no_worse_quantization_keeps_the_better_block_of_weighted_and_reference(type_name):
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    imp = torch.rand(256) ** 4 * 100  # channels' weights spread over orders of magnitude
+    x_ref, x_imp = fake_quantize(w, type_name), fake_quantize(w, type_name, imp)
+    best = dequantize(quantize_no_worse(w, type_name, imp))
+    block = tensor_type(type_name).block_size
+
+    def errors(x):
+        return ((x - w).square() * imp).reshape(-1, block).sum(-1)
+
+    torch.testing.assert_close(errors(best), torch.minimum(errors(x_ref), errors(x_imp)))
+    assert errors(best).sum() < errors(x_ref).sum()  # the weighting pays on most blocks
+    # A weight already on the grid (what a quantized base model's file holds) comes back exactly.
+    torch.testing.assert_close(dequantize(quantize_no_worse(x_ref, type_name, imp)), x_ref, rtol=0, atol=0)
