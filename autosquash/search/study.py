@@ -372,7 +372,9 @@ def _recover_stale(study: optuna.Study, exp: Experiment, tracker: SearchTracker,
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)
             if plan := t.user_attrs.get("plan"):
                 (out / plan).unlink(missing_ok=True)
-            study.enqueue_trial(t.params, user_attrs={"origin": t.user_attrs.get("origin", "sampled")})
+            # All of an enqueued plan (a baseline's, say), not only the parameters set before the driver died.
+            params = {**t.system_attrs.get("fixed_params", {}), **t.params}
+            study.enqueue_trial(params, user_attrs={"origin": t.user_attrs.get("origin", "sampled")})
 
 
 def _loop(

@@ -1,4 +1,5 @@
-"""--resume refuses a search folder that another experiment, or another search space, filled."""
+"""--resume refuses a search folder that another experiment, or another search space, filled, and settles what a
+killed driver left."""
 
 from pathlib import Path
 
@@ -52,3 +53,25 @@ def test_force_resumes_past_a_changed_experiment_naming_the_changes(tmp_path, ca
     assert main(["search", str(SMOKE), "--out", str(tmp_path / "new"), "--force"]) == 2
     assert "--force only applies to --resume" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+
+
+def test_a_plan_cut_off_while_its_parameters_were_set_is_asked_again_whole(tmp_path):
+    # A driver killed while it filled in an enqueued plan (a uniform baseline) left it RUNNING with only some
+    # parameters set: the plan asked again is the whole enqueued one, not those parameters plus new draws.
+    from types import SimpleNamespace
+
+    from autosquash.search.study import _recover_stale
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    baseline = {"embed_quant": "Q4_0", "blk.0.attn.quant": "Q4_0", "blk.0.ffn.quant": "Q4_0"}
+    study.enqueue_trial(baseline, user_attrs={"origin": "baseline"})
+    cut = study.ask()
+    cut.suggest_categorical("embed_quant", ["Q8_0", "Q4_0"])  # one of three set when the driver died
+    exp = load_experiment(SMOKE)
+    _recover_stale(study, exp, SimpleNamespace(trial_runs={}), tmp_path)
+    again = study.ask()
+    assert again.number == 1 and again.user_attrs["origin"] == "baseline"
+    for name, value in baseline.items():
+        assert again.suggest_categorical(name, ["Q8_0", "Q4_0"]) == value
+    assert study.trials[0].state == optuna.trial.TrialState.FAIL
