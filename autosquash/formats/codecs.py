@@ -916,18 +916,24 @@ def quantize(weight: Tensor, type_name: str, importance: Tensor | None = None) -
 
 def quantize_no_worse(weight: Tensor, type_name: str, importance: Tensor) -> QuantizedTensor:
     """`quantize` weighted by `importance`, each block then the better, by the importance-weighted error, of
-    that and the reference (unweighted) encoding: a weight already on the type's grid comes back exactly."""
+    that and the reference (unweighted) encoding: a weight already on the type's grid comes back exactly.
+    Compared a slice of rows at a time in host memory (a 1B model's table is a gigabyte in float32)."""
     weighted, plain = quantize(weight, type_name, importance), quantize(weight, type_name)
     t = tensor_type(weighted.type)
-    x = checked_weight(weight, weighted.type).cpu()
-    imp = importance_floor(importance, x.shape[1], x.device)
+    rows, cols = weighted.shape
+    imp = importance_floor(importance, cols, torch.device("cpu"))
+    blocks = weighted.data.reshape(rows, -1, t.block_bytes).copy()
+    step = max(1, _CHUNK_VALUES // cols)
+    for a in range(0, rows, step):
+        x = weight[a : a + step].detach().to("cpu", torch.float32)
 
-    def block_errors(q: QuantizedTensor) -> Tensor:
-        return ((dequantize(q) - x).square() * imp).reshape(-1, t.block_size).sum(-1)
+        def errors(q: QuantizedTensor, a=a, x=x) -> Tensor:
+            part = QuantizedTensor(q.type, (x.shape[0], cols), q.data[a : a + x.shape[0]])
+            return ((dequantize(part) - x).square() * imp).reshape(x.shape[0], -1, t.block_size).sum(-1)
 
-    better = (block_errors(plain) < block_errors(weighted)).numpy()
-    blocks = weighted.data.reshape(-1, t.block_bytes).copy()
-    blocks[better] = plain.data.reshape(-1, t.block_bytes)[better]
+        better = (errors(plain) < errors(weighted)).numpy()
+        view = blocks[a : a + x.shape[0]]
+        view[better] = plain.data[a : a + x.shape[0]].reshape(x.shape[0], -1, t.block_bytes)[better]
     return QuantizedTensor(type=weighted.type, shape=weighted.shape, data=blocks.reshape(weighted.data.shape))
 
 
