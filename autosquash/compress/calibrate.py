@@ -1,6 +1,6 @@
 """Calibration statistics: per input channel, the mean squared activation entering every linear layer (the
-decoder blocks' and the output head's); for error compensation also the full covariance E[x xᵀ] of the block
-linears' inputs.
+decoder blocks' and the output head's), and the full covariance E[x xᵀ] of the output head's input; for error
+compensation also that of the block linears' inputs.
 
 Computed once per (model, calibration data) and cached on disk as safetensors (never pickle).
 """
@@ -26,16 +26,19 @@ COVARIANCE_PASS_BYTES = 1 << 30
 
 
 # Bump when what collect_stats gathers changes, so cached statistics are gathered again.
-STATS_VERSION = 2  # 2: the output head's input (HEAD) too
+STATS_VERSION = 3  # 2: the output head's input (HEAD) too; 3: its covariance (HEAD_COVARIANCE)
 
 # The output head's module path (a tied head shares the token table's weight, and its input is what
 # weighs the table's quantization error, as llama.cpp's importance matrix weighs token_embd).
 HEAD = "lm_head"
+# E[h hᵀ] (hidden, hidden) of the output head's input: the token table the head reads is quantized with
+# its error spread through it (formats.gptq), which the head's output error is measured by.
+HEAD_COVARIANCE = "lm_head:covariance"
 
 
 class Stats(dict[str, torch.Tensor]):
     """E[x²] per input channel, (in_features,), by module path (e.g. "model.layers.3.mlp.down_proj"; HEAD
-    for the output head's input, the final norm's output).
+    for the output head's input, the final norm's output); and HEAD_COVARIANCE, that input's E[x xᵀ].
 
     `compensation`, when set, says the block linears are quantized with error compensation: it travels with
     the statistics to every trial, export and worker that builds variants from them.
@@ -91,13 +94,17 @@ def _feed_inputs(
 
 def collect_stats(model: torch.nn.Module, batch: torch.Tensor) -> Stats:
     """E[x²] per input channel of each linear inside the decoder blocks and of the output head (HEAD),
-    over all tokens of `batch`."""
+    and E[x xᵀ] of the head's input (HEAD_COVARIANCE), over all tokens of `batch`."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
     def add(path: str, x: torch.Tensor) -> None:
         sums[path] = sums.get(path, 0) + (x * x).sum(0)
         counts[path] = counts.get(path, 0) + x.shape[0]
+        if path == HEAD:
+            x = x.double()  # a sum over many tokens of products that differ by orders of magnitude
+            sums[HEAD_COVARIANCE] = sums.get(HEAD_COVARIANCE, 0) + x.T @ x
+            counts[HEAD_COVARIANCE] = counts[path]
 
     head = [HEAD] if isinstance(getattr(model, HEAD, None), torch.nn.Linear) else []
     _feed_inputs(model, batch, block_linears(model) + head, add)

@@ -20,11 +20,14 @@ from torch import Tensor
 
 from autosquash.errors import AutosquashError
 from autosquash.formats.codecs import (
+    _CHUNK_VALUES,
     QuantizedTensor,
     checked_weight,
+    dequantize,
     grid,
     importance_floor,
     quantize,
+    quantize_no_worse,
     search_weights,
 )
 from autosquash.formats.gguf_types import tensor_type
@@ -108,3 +111,28 @@ def quantize_compensated(
         blocks.append(g.pack(scales, codes))
     data = torch.cat(blocks, dim=-1).cpu().numpy()
     return QuantizedTensor(type=name, shape=(rows, cols), data=data)
+
+
+def quantize_compensated_no_worse(
+    weight: Tensor, type_name: str, hessian: Tensor, importance: Tensor, damp: float = DAMP
+) -> QuantizedTensor:
+    """`quantize_compensated`, each row then the better, by its output error (w - ŵ) H (w - ŵ)ᵀ, of that and
+    `codecs.quantize_no_worse`'s row: a weight already on the type's grid comes back exactly, and no row errs
+    more than without compensation. Rows are coded independently, so any mix of the two is a valid tensor.
+    Compared a slice of rows at a time in host memory."""
+    plain = quantize_no_worse(weight, type_name, importance)
+    comp = quantize_compensated(weight, type_name, hessian, importance, damp)
+    rows, cols = comp.shape
+    h = hessian.detach().to("cpu", torch.float32)
+    data = plain.data.copy()
+    step = max(1, _CHUNK_VALUES // cols)
+    for a in range(0, rows, step):
+        x = weight[a : a + step].detach().to("cpu", torch.float32)
+
+        def errors(q: QuantizedTensor, a=a, x=x) -> Tensor:
+            e = dequantize(QuantizedTensor(q.type, (x.shape[0], cols), q.data[a : a + x.shape[0]])) - x
+            return ((e @ h) * e).sum(-1)
+
+        better = (errors(comp) < errors(plain)).numpy()
+        data[a : a + x.shape[0]][better] = comp.data[a : a + x.shape[0]][better]
+    return QuantizedTensor(type=comp.type, shape=comp.shape, data=data)

@@ -13,6 +13,7 @@ from gguf.constants import GGMLQuantizationType
 
 from autosquash.compress.calibrate import (
     HEAD,
+    HEAD_COVARIANCE,
     Compensation,
     cached_covariances,
     collect_covariances,
@@ -21,8 +22,9 @@ from autosquash.compress.calibrate import (
     compensation_of,
 )
 from autosquash.errors import AutosquashError
-from autosquash.formats.codecs import dequantize, quantize
-from autosquash.formats.gptq import quantize_compensated
+from autosquash.formats import codecs
+from autosquash.formats.codecs import dequantize, quantize, quantize_no_worse
+from autosquash.formats.gptq import quantize_compensated, quantize_compensated_no_worse
 
 # Every type with a grid (the block types and the K-quants; the ternary types ride along).
 TYPES = ("Q8_0", "Q6_K", "Q5_1", "Q5_K", "Q5_0", "Q4_1", "Q4_K", "Q4_0", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "TQ2_0")
@@ -97,6 +99,35 @@ def test_a_diagonal_hessian_gives_the_plain_bytes(type_name: str) -> None:
     np.testing.assert_array_equal(quantize_compensated(w, type_name, torch.diag(d)).data, plain.data)
 
 
+def _row_errors(w: torch.Tensor, q, h: torch.Tensor) -> torch.Tensor:
+    e = dequantize(q) - w
+    return ((e @ h) * e).sum(-1)
+
+
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q5_1", "Q4_0", "IQ4_NL"])
+def test_no_worse_compensation_takes_the_better_row(type_name: str, monkeypatch) -> None:
+    # Each row is compensated or not, whichever has the lower output error by H; on correlated inputs most
+    # rows gain. Compared in slices of 5 rows (as a 1B model's table is, in bigger ones), across their ends.
+    monkeypatch.setattr(codecs, "_CHUNK_VALUES", 5 * COLS)
+    monkeypatch.setattr("autosquash.formats.gptq._CHUNK_VALUES", 5 * COLS)
+    w, h = _weight(), _hessian(_inputs(correlated=True))
+    imp = h.diagonal()
+    best = quantize_compensated_no_worse(w, type_name, h, imp)
+    plain, comp = quantize_no_worse(w, type_name, imp), quantize_compensated(w, type_name, h, imp)
+    got, e_plain, e_comp = (_row_errors(w, q, h) for q in (best, plain, comp))
+    torch.testing.assert_close(got, torch.minimum(e_plain, e_comp), rtol=0, atol=0)
+    assert float(got.sum()) < 0.9 * float(e_plain.sum())
+
+
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q5_1", "Q4_0"])
+def test_no_worse_compensation_keeps_a_weight_on_the_grid(type_name: str) -> None:
+    """A table already in the type (SmolLM2's Q8_0 token table) comes back exactly, whatever H says."""
+    w = dequantize(quantize(_weight(), type_name))
+    h = _hessian(_inputs(correlated=True))
+    q = quantize_compensated_no_worse(w, type_name, h, h.diagonal())
+    torch.testing.assert_close(dequantize(q), w, rtol=0, atol=0)
+
+
 def test_deterministic_and_importance_is_separate_from_the_hessian() -> None:
     w, h = _weight(), _hessian(_inputs(correlated=True))
     a, b = quantize_compensated(w, "Q4_K", h), quantize_compensated(w, "Q4_K", h)
@@ -140,7 +171,7 @@ def test_bad_hessians_are_refused() -> None:
 def test_covariances_are_shared_by_linears_fed_the_same_input(tiny_model, tiny_batch) -> None:
     h = collect_covariances(tiny_model, tiny_batch)
     stats = collect_stats(tiny_model, tiny_batch)
-    assert set(h) == set(stats) - {HEAD}  # the block linears' (the output head's input has E[x²] only)
+    assert set(h) == set(stats) - {HEAD, HEAD_COVARIANCE}  # the block linears' (the head's input: calibrate's)
     blk = "model.layers.1"
     assert h[f"{blk}.self_attn.q_proj"] is h[f"{blk}.self_attn.k_proj"] is h[f"{blk}.self_attn.v_proj"]
     assert h[f"{blk}.mlp.gate_proj"] is h[f"{blk}.mlp.up_proj"]
