@@ -51,7 +51,7 @@ from autosquash.search.space import GroupSpace, SearchSpace, params_key
 SAMPLE_ROWS = 64  # rows per weight on which a quantization error is measured
 PROBE_SEQS, PROBE_LEN = 4, 128  # calibration tokens of a probe pass: sequences, positions
 TARGET = "sensitivity_target"  # trial user attribute: index of the target size a proposal was made for
-VERSION = 8  # bump when the model changes, so cached profiles are recomputed
+VERSION = 9  # bump when the model changes, so cached profiles are recomputed
 
 
 @dataclass

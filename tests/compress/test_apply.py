@@ -3,7 +3,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from autosquash.compress.apply import VariantCache, compress
-from autosquash.compress.calibrate import HEAD, collect_stats
+from autosquash.compress.calibrate import HEAD, HEAD_COVARIANCE, collect_stats
 from autosquash.compress.lowrank import LowRankLinear
 from autosquash.compress.plan import LayerChoice, Plan, deployed_tensors
 from autosquash.formats.codecs import dequantize, fake_quantize, quantize
@@ -196,6 +196,7 @@ def test_calibration_gathers_the_output_heads_input(tiny_model, tiny_batch):
         hook.remove()
     h = torch.cat(seen).float()
     torch.testing.assert_close(stats[HEAD], h.square().mean(0))
+    torch.testing.assert_close(stats[HEAD_COVARIANCE], h.T @ h / h.shape[0], rtol=1e-4, atol=1e-6)
 
 
 def _weighted_error(table: torch.Tensor, w: torch.Tensor, imp: torch.Tensor) -> float:
@@ -227,3 +228,27 @@ def test_a_table_the_head_reads_is_quantized_weighted_by_the_heads_input(tied, t
         plain_head = dequantize(quantize(head, "Q4_0"), head.device)
         weighted = _weighted_error(out.lm_head.weight.data, head, imp)
         assert weighted < 0.9 * _weighted_error(plain_head, head, imp)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_table_the_head_reads_spreads_its_error_through_the_heads_input_covariance(tied, tiny_batch):
+    # With E[h hᵀ] in the statistics (calibrate gathers it), the head's table is quantized with GPTQ's error
+    # spreading, row by row no worse than without it: a lower output error (W - Ŵ) H (W - Ŵ)ᵀ of the head.
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config(tie_word_embeddings=tied)).eval()
+    arch = Arch.from_config(model.config)
+    stats = collect_stats(model, tiny_batch)
+    h = stats[HEAD_COVARIANCE]
+    diag_only = {HEAD: stats[HEAD]}
+    head = model.lm_head.weight.data
+
+    def head_error(s) -> float:
+        out = compress(model, arch, Plan.uniform(arch, "Q4_0"), s)
+        e = out.lm_head.weight.data - head
+        return float(((e @ h) * e).sum())
+
+    assert head_error(stats) < 0.9 * head_error(diag_only)
+    if not tied:  # an untied token table is only looked up: plain, whatever the statistics
+        out = compress(model, arch, Plan.uniform(arch, "Q4_0"), stats)
+        emb = model.model.embed_tokens.weight.data
+        torch.testing.assert_close(out.model.embed_tokens.weight.data, dequantize(quantize(emb, "Q4_0")))
