@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-from peft import LoraConfig, get_peft_model
 
 from autosquash.compress.plan import TensorSpec
 from autosquash.evaluate.proxy import Reference, topk_kl
@@ -70,6 +69,8 @@ def heal(
     targets = _targets(model)
     if cfg.steps == 0 or not targets:  # nothing to heal: every linear was pruned away or decomposed
         return model, {"heal_steps": 0}
+    from peft import LoraConfig, get_peft_model  # here: importing peft costs seconds, which a plan left unhealed skips
+
     torch.manual_seed(seed)
     start = time.perf_counter()
     checkpoint = activation_bytes(model.config, cfg.batch_seqs * teacher.batch.shape[1]) > activation_budget
