@@ -93,6 +93,21 @@ def smoke_run(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def smoke_plain(tmp_path_factory) -> str:
+    """experiments/smoke.yaml without its lm-eval step on the front and without healing (most of a torch
+    trial's time; the smoke search itself heals and scores): for tests of how a search runs, stops and resumes."""
+    from pathlib import Path
+
+    from autosquash.search.experiment import BenchmarkSpec, HealSpec, load_experiment
+    from autosquash.yaml_io import dump_yaml_model
+
+    exp = load_experiment(Path(__file__).parents[1] / "experiments/smoke.yaml")  # paths made absolute
+    path = tmp_path_factory.mktemp("experiment") / "smoke.yaml"
+    dump_yaml_model(exp.model_copy(update={"benchmark": BenchmarkSpec(), "heal": HealSpec(steps=0)}), path)
+    return str(path)
+
+
 def copy_search(src, dst):
     """A search folder copied whole, its MLflow store pointed at the copy's artifacts (MLflow keeps absolute
     artifact URIs: a plain copy would log into the original's folder)."""

@@ -148,17 +148,18 @@ def test_the_flagged_tasks_hold_their_sources_text():
 # five), one in two for PIQA's solutions. HellaSwag is scored length-normalised (acc_norm), as usually
 # reported, since its endings differ much in length; ARC-Easy and PIQA by plain accuracy.
 CHANCE = {"hellaswag": ("acc_norm", 0.25), "arc_easy": ("acc", 0.25), "piqa": ("acc", 0.5)}
-SMOLLM2_LIMIT = 100  # 1001 loglikelihood requests: about 100 s on 2 idle cores, several times that on busy ones
+SMOLLM2_LIMIT = 50  # 500 loglikelihood requests: about 60 s on 2 idle cores (100 examples took 106 s)
 
 
 @pytest.mark.integration
 def test_smollm2_scores_clearly_above_chance(tokenizer):
     results = run_tasks(load_model("smollm2-135m"), tokenizer, list(CHANCE), limit=SMOLLM2_LIMIT)
     for task, (metric, chance) in CHANCE.items():
-        # +0.10 is 2.3 (four choices) or 2.0 (two) binomial sd of a chance-level scorer on 100 examples: it
-        # passes one task with <= 2.3 % probability, all three with ~1e-5. SmolLM2-135M-Instruct measured
-        # 0.45, 0.48 and 0.65 here, 5 to 13 examples above the bar.
-        assert results[task][metric] >= chance + 0.10, (task, results[task])
+        # The bar is two binomial sd of a chance-level scorer on 50 examples above chance (0.122 for four
+        # choices, 0.141 for two): it passes one task with ~2.3 % probability, all three with ~1e-5.
+        # SmolLM2-135M-Instruct measured 0.48, 0.48 and 0.68 here, 5.4, 5.4 and 2 examples above the bar.
+        bar = chance + 2 * (chance * (1 - chance) / SMOLLM2_LIMIT) ** 0.5
+        assert results[task][metric] >= bar, (task, results[task])
 
 
 def test_the_noise_of_lm_eval_is_said():

@@ -14,7 +14,7 @@ ROOT = Path(__file__).parents[2]
 pytestmark = pytest.mark.integration
 
 
-def test_search_runs_across_nodes(tmp_path):
+def test_search_runs_across_nodes(tmp_path, smoke_plain):
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the head schedules, workers run
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
@@ -23,7 +23,7 @@ def test_search_runs_across_nodes(tmp_path):
         code = main(
             [
                 "search",
-                str(ROOT / "experiments/smoke.yaml"),
+                smoke_plain,
                 "--trials",
                 "4",
                 "--workers",

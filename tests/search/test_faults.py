@@ -98,8 +98,28 @@ def test_failing_trial_is_recorded_with_its_reason(tmp_path):
     assert [r["trial"] for r in front] == ["1"]  # a failed trial never reaches the front
 
 
-def test_killed_worker_is_retried_and_the_search_finishes(tmp_path):
-    _, out, proc = _small_search(tmp_path, 4)
+def _lock(db: Path):
+    """An exclusive lock on an SQLite file, held as another writer (a second search, a tool) would hold it."""
+    import sqlite3
+
+    conn = sqlite3.connect(db, isolation_level=None, timeout=30)
+    conn.execute("BEGIN EXCLUSIVE")
+    return conn
+
+
+def test_a_locked_store_is_waited_out_a_killed_worker_retried_and_a_lock_past_the_wait_named(
+    tmp_path, monkeypatch, capsys
+):
+    """One search meets two faults: its store locked by another process for longer than SQLite's own wait (it
+    waits and goes on), then its worker killed mid-trial (the trial is retried); it finishes every trial. A
+    lock held past the store's wait is then named in one line, nothing changed; once free, --resume finishes."""
+    exp, out, proc = _small_search(tmp_path, 4)
+    _first_trial_stored(out, proc)
+    # Longer than SQLite's own 5 s wait, shorter than the store's: the search waits and goes on.
+    conn = _lock(out / "optuna.db")
+    time.sleep(8)
+    conn.rollback()
+    conn.close()
     killed = None
     deadline = time.monotonic() + 180
     while killed is None and time.monotonic() < deadline and proc.poll() is None:
@@ -110,33 +130,10 @@ def test_killed_worker_is_retried_and_the_search_finishes(tmp_path):
                 break
         time.sleep(0.2)
     output, _ = proc.communicate(timeout=300)
-    assert killed is not None, "no worker was seen running a trial"
+    assert killed is not None, "no worker was seen running a trial after the lock"
     assert proc.returncode == 0, output[-2000:]
     rows = _rows(out)
     assert len(rows) == 4 and all(r["state"] == "COMPLETE" for r in rows)
-
-
-def _lock(db: Path):
-    """An exclusive lock on an SQLite file, held as another writer (a second search, a tool) would hold it."""
-    import sqlite3
-
-    conn = sqlite3.connect(db, isolation_level=None, timeout=30)
-    conn.execute("BEGIN EXCLUSIVE")
-    return conn
-
-
-def test_a_store_locked_by_another_process_is_waited_out_or_named(tmp_path, monkeypatch, capsys):
-    exp, out, proc = _small_search(tmp_path, 3)
-    _first_trial_stored(out, proc)
-    # Longer than SQLite's own 5 s wait, shorter than the store's: the search waits and goes on.
-    conn = _lock(out / "optuna.db")
-    time.sleep(8)
-    conn.rollback()
-    conn.close()
-    output, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, output[-2000:]
-    rows = _rows(out)
-    assert len(rows) == 3 and all(r["state"] == "COMPLETE" for r in rows)
 
     # A lock held past the wait: one line naming it, nothing changed; once free, --resume does the rest.
     from autosquash.search import preflight
@@ -144,17 +141,17 @@ def test_a_store_locked_by_another_process_is_waited_out_or_named(tmp_path, monk
     monkeypatch.setattr(preflight, "STORE_TIMEOUT_S", 0.5)
     conn = _lock(out / "optuna.db")
     try:
-        assert main(["search", str(exp), "--out", str(out), "--resume", "--trials", "4"]) == 1
+        assert main(["search", str(exp), "--out", str(out), "--resume", "--trials", "5"]) == 1
     finally:
         conn.rollback()
         conn.close()
     err = capsys.readouterr().err
     assert "database is locked by another process" in err and err.count("\n") == 1, err
     assert _rows(out) == rows
-    assert main(["search", str(exp), "--out", str(out), "--resume", "--trials", "4"]) == 0
+    assert main(["search", str(exp), "--out", str(out), "--resume", "--trials", "5"]) == 0
     after = _rows(out)
-    assert len(after) == 4 and after[:3] == rows
-    assert len({(out / r["plan"]).read_text() for r in after}) == 4  # no plan evaluated twice
+    assert len(after) == 5 and after[:4] == rows
+    assert len({(out / r["plan"]).read_text() for r in after}) == 5  # no plan evaluated twice
 
 
 def test_a_full_disk_mid_search_stops_it_in_one_line_and_resume_finishes_it(tmp_path):

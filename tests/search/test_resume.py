@@ -18,17 +18,9 @@ ROOT = Path(__file__).parents[2]
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory) -> str:
-    """The smoke experiment without its lm-eval step on the front and without healing (most of a torch trial's
-    time; the smoke search itself heals): resuming is what these tests check."""
-    from autosquash.search.experiment import BenchmarkSpec, HealSpec, load_experiment
-    from autosquash.yaml_io import dump_yaml_model
-
-    exp = load_experiment(ROOT / "experiments/smoke.yaml")  # paths made absolute
-    path = tmp_path_factory.mktemp("experiment") / "smoke.yaml"
-    dump_yaml_model(exp.model_copy(update={"benchmark": BenchmarkSpec(), "heal": HealSpec(steps=0)}), path)
-    return str(path)
+@pytest.fixture
+def smoke(smoke_plain) -> str:
+    return smoke_plain
 
 
 def _trials(out: Path) -> list[dict]:
