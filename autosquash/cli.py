@@ -629,6 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     from mlflow.exceptions import MlflowException
     from optuna.exceptions import StorageInternalError
+    from safetensors import SafetensorError
     from sqlalchemy.exc import OperationalError  # Optuna's and MLflow's stores: a database they cannot use
 
     try:
@@ -638,6 +639,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (OperationalError, StorageInternalError, MlflowException) as e:  # a store refused a write or a read
         print(f"autosquash: error: {_store_error(e)}", file=sys.stderr)
+        return 1
+    except SafetensorError as e:  # a cache written as safetensors (calibration statistics) on a full disk
+        print(f"autosquash: error: cannot write a safetensors file ({str(e).splitlines()[0]})", file=sys.stderr)
         return 1
     except OSError as e:  # the system's refusal (disk full, no permission, a file gone), in its words, one line
         where = f" {e.filename}:" if e.filename else ""

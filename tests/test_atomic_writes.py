@@ -1,5 +1,6 @@
 """Files are written whole: a failure mid-write (an error, a full disk) leaves the old file, or none."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,11 +75,13 @@ sys.exit(main(["export", "--model", sys.argv[1], "--uniform", "Q8_0", "--out", s
 """
 
 
-def test_export_onto_a_full_disk_is_one_line_and_leaves_no_file(tmp_path):
+def test_export_onto_a_full_disk_is_one_line_and_leaves_no_file(tmp_path, tmp_path_factory):
     tiny = str(Path(__file__).parents[1] / "experiments/tiny-llama.json")
     out = tmp_path / "m.gguf"
+    # An empty cache: the disk fills while the converted tokenizer and the calibration statistics are kept too.
+    env = {**os.environ, "AUTOSQUASH_CACHE_DIR": str(tmp_path_factory.mktemp("empty-cache"))}
     run = subprocess.run(
-        [sys.executable, "-c", FULL_DISK_EXPORT, tiny, str(out)], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", FULL_DISK_EXPORT, tiny, str(out)], capture_output=True, text=True, timeout=300, env=env
     )
     assert run.returncode == 1, run.stderr
     assert run.stderr.strip().splitlines()[-1].startswith("autosquash: error:") and "Traceback" not in run.stderr

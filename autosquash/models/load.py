@@ -138,7 +138,9 @@ def _keep(src: ModelSource, part: str, write) -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         write(tmp)
         os.replace(tmp, folder)
-    except OSError as e:  # another process renamed its copy first, or the disk is full
+    # Another process renamed its copy first, or the disk is full (the tokenizers library's writer says so
+    # with a plain Exception, not an OSError).
+    except Exception as e:
         if not folder.is_dir():
             logging.getLogger(__name__).warning("could not keep the converted %s in %s: %s", part, folder, e)
     finally:
