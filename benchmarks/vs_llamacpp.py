@@ -150,9 +150,9 @@ def _mb(*paths: Path | None) -> float:
 
 def _tensor_mb(path: Path) -> float:
     """MB of a GGUF file's tensor data alone."""
-    from gguf import GGUFReader
+    from autosquash.formats.gguf import open_gguf
 
-    return sum(int(t.n_bytes) for t in GGUFReader(path).tensors) / 1e6
+    return sum(int(t.n_bytes) for t in open_gguf(path).tensors) / 1e6
 
 
 def report(peers: list[dict], front: list[dict], base: dict) -> str:

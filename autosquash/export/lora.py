@@ -12,11 +12,19 @@ import re
 from pathlib import Path
 
 import torch
-from gguf import GGUFReader, GGUFType, Keys
+from gguf import GGUFType, Keys
 
 from autosquash.errors import AutosquashError
 from autosquash.formats.codecs import QuantizedTensor, quantize
-from autosquash.formats.gguf import add_tensor, gguf_writer, open_gguf, read_tensor, rope_permute, rope_unpermute
+from autosquash.formats.gguf import (
+    GGUFFile,
+    add_tensor,
+    gguf_writer,
+    open_gguf,
+    read_tensor,
+    rope_permute,
+    rope_unpermute,
+)
 from autosquash.models.arch import ATTN_LINEARS, FFN_LINEARS, Arch
 
 # Module path inside a block <-> GGUF short name, e.g. "self_attn.q_proj" <-> "attn_q".
@@ -125,7 +133,7 @@ def _order(name: str) -> tuple[int, int]:
     return int(block), list(_PATH).index(short)
 
 
-def _field(reader: GGUFReader, key: str, path: Path):
+def _field(reader: GGUFFile, key: str, path: Path):
     field = reader.fields.get(key)
     if field is None:
         raise AutosquashError(f"{path} is not a GGUF LoRA adapter: it has no {key}")
@@ -162,6 +170,6 @@ def read_gguf_lora(path: str | Path) -> tuple[Adapter, float, str]:
     )
 
 
-def _head_dim(reader: GGUFReader, path: Path) -> int:
+def _head_dim(reader: GGUFFile, path: Path) -> int:
     """The q/k head size, which undoing the rope permutation of lora_b's rows needs."""
     return int(_field(reader, f"{_field(reader, 'general.architecture', path)}.rope.dimension_count", path))

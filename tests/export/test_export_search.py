@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from gguf import GGUFReader
 
 from autosquash.cli import main
 from autosquash.compress.plan import Plan
 from autosquash.export.build import deploys_factors
 from autosquash.export.gguf_file import gguf_arch
+from autosquash.formats.gguf import open_gguf
 from autosquash.models.load import load_arch
 from autosquash.search.trial import merges_adapter
 from autosquash.track.mlflow_store import default_tracking_uri, find_trial_run
@@ -92,7 +92,7 @@ def test_every_exported_trial_remeasures_its_recorded_perplexity(search, tmp_pat
             assert main([*export, "--out", str(out)]) == 0
             lora = out.with_suffix(".lora.gguf")
             assert lora.exists() == kind.endswith("adapter"), kind
-            assert GGUFReader(out).fields["general.architecture"].contents() == kind.split("-")[0]
+            assert open_gguf(out).fields["general.architecture"].contents() == kind.split("-")[0]
             lora = lora if lora.exists() else None
         measured[f"trial {n} ({kind})"] = (_recorded(search, n), _remeasured(capsys, out, lora))
     print("\n".join(f"{k}: recorded perplexity {r!r}, re-measured {m!r}" for k, (r, m) in measured.items()))

@@ -4,13 +4,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from gguf import GGUFReader
 from transformers import AutoModelForCausalLM
 
 from autosquash.compress.apply import compress
 from autosquash.compress.plan import LayerChoice, Plan
 from autosquash.errors import AutosquashError
 from autosquash.export.gguf_file import write_gguf
+from autosquash.formats.gguf import open_gguf
 from autosquash.models.arch import Arch
 from autosquash.models.load import load_model
 
@@ -41,7 +41,7 @@ def test_export_round_trips_exactly_through_transformers(tiny, tmp_path, which):
     plan = _mixed(arch) if which == "mixed" else Plan.uniform(arch, which)
     path = tmp_path / "m.gguf"
     write_gguf(path, TINY, base, arch, plan, {})
-    types = {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+    types = {t.name: t.tensor_type.name for t in open_gguf(path).tensors}
     if which == "mixed":
         assert types["blk.0.attn_v.weight"] == "Q6_K" and types["blk.0.attn_q.weight"] == "Q3_K"
         assert types["blk.1.ffn_down.weight"] == "Q8_0" and types["token_embd.weight"] == "Q4_0"
@@ -73,7 +73,7 @@ def test_pruned_plan_is_written_as_deci_with_per_layer_shapes(tiny, tmp_path):
         }
     )
     write_gguf(tmp_path / "p.gguf", TINY, base, arch, plan, {})
-    reader = GGUFReader(tmp_path / "p.gguf")
+    reader = open_gguf(tmp_path / "p.gguf")
     assert reader.fields["general.architecture"].contents() == "deci"
     assert reader.fields["deci.feed_forward_length"].contents() == [256, 512]
     assert reader.fields["deci.attention.head_count_kv"].contents() == [1, 0]
@@ -109,7 +109,7 @@ def test_a_file_is_priced_as_the_plan_it_was_written_from(tiny, tmp_path, which)
     stored = estimate(file_arch, tensors, phone, kv_heads_per_layer=kv_heads)
     # Every number the cost model gives: the same tensors, types, shapes and work per token, from either side.
     assert stored.to_dict() == planned.to_dict()
-    assert stored.weights_bytes == sum(int(t.n_bytes) for t in GGUFReader(tmp_path / "m.gguf").tensors)
+    assert stored.weights_bytes == sum(int(t.n_bytes) for t in open_gguf(tmp_path / "m.gguf").tensors)
 
 
 def test_estimate_prices_a_gguf_file_as_stored_unless_told_a_type(tiny, tmp_path, capsys):
@@ -119,7 +119,7 @@ def test_estimate_prices_a_gguf_file_as_stored_unless_told_a_type(tiny, tmp_path
 
     base, arch = tiny
     write_gguf(tmp_path / "m.gguf", TINY, base, arch, _mixed(arch), {})
-    stored = sum(int(t.n_bytes) for t in GGUFReader(tmp_path / "m.gguf").tensors)
+    stored = sum(int(t.n_bytes) for t in open_gguf(tmp_path / "m.gguf").tensors)
     reports = {}
     for extra in ([], ["--uniform", "F16"]):
         assert main(["estimate", "--model", str(tmp_path / "m.gguf"), "--device", "iphone-16", "--json", *extra]) == 0

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gguf import GGUFReader
 
 from autosquash.compress.apply import VariantCache, compress
 from autosquash.compress.calibrate import collect_stats
 from autosquash.compress.plan import LayerChoice, Plan
 from autosquash.export.gguf_file import write_gguf
+from autosquash.formats.gguf import open_gguf
 from autosquash.models.arch import Arch
 from autosquash.models.load import load_model, read_gguf_model
 from tests.export.conftest import llama_cpp_logits
@@ -66,7 +66,7 @@ def test_llama_cpp_runs_iq4_tensors_as_autosquash_decodes_them(tiny, tmp_path, w
     path = tmp_path / "m.gguf"
     cache = VariantCache(max_bytes=1 << 62)  # the file's tensors are the ones scored below, quantized once
     write_gguf(path, TINY, base, arch, plan, stats, cache)
-    types = {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+    types = {t.name: t.tensor_type.name for t in open_gguf(path).tensors}
     if which == "mixed":
         assert types["blk.0.attn_q.weight"] == "IQ4_XS" and types["blk.0.attn_v.weight"] == "IQ4_NL"
         assert types["blk.1.ffn_up.weight"] == "IQ4_XS" and types["token_embd.weight"] == "IQ4_NL"

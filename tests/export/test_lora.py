@@ -19,7 +19,7 @@ from autosquash.export.lora import (
     tensor_name,
     write_gguf_lora,
 )
-from autosquash.formats.gguf import rope_permute
+from autosquash.formats.gguf import open_gguf, rope_permute
 from autosquash.models.load import read_gguf_model
 
 PRUNED = Plan(
@@ -50,7 +50,7 @@ def test_adapter_file_has_llama_cpp_keys_names_and_shapes(tmp_path, tiny_spec, t
     fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
     assert fields["adapter.lora.alpha"] == 8.0  # peft's lora_alpha = 2 * rank: llama.cpp scales by alpha / rank
-    model_file = GGUFReader(path)
+    model_file = open_gguf(path)
     assert fields["general.architecture"] == model_file.fields["general.architecture"].contents() == "llama"
     tensors = {t.name: t for t in reader.tensors}
     assert len(tensors) == 2 * 7 * tiny_arch.n_layers

@@ -145,7 +145,7 @@ def test_export_register_and_pull_a_trial(smoke_run, tmp_path, monkeypatch, caps
 
 def test_peer_files_are_scored_as_the_trials_are_and_marked_in_plots_and_report(smoke_run, tmp_path):
     # vs_llamacpp.py hands llama-quantize's files to add_peers; two exports of the base stand in for them here.
-    from gguf import GGUFReader
+    from autosquash.formats.gguf import open_gguf
 
     run = copy_search(smoke_run, tmp_path / "run")
     model = load_experiment(run / "experiment.yaml").model
@@ -158,7 +158,7 @@ def test_peer_files_are_scored_as_the_trials_are_and_marked_in_plots_and_report(
     # model, whose outputs are near uniform), Q4_0 loses about 10^4 times more (about 3e-6).
     assert f16["kl"] < 1e-8 and q4["kl"] > 100 * f16["kl"] and q4["perplexity"] > 1
     # priced as stored: the file's own tensor bytes, exactly
-    stored = sum(int(t.n_bytes) for t in GGUFReader(files[1][1]).tensors)
+    stored = sum(int(t.n_bytes) for t in open_gguf(files[1][1]).tensors)
     assert q4["weights_mb"] * 1e6 == pytest.approx(stored, abs=0.5)
     assert [r["name"] for r in read_peers(run)] == ["base F16", "base Q4_0"]
     assert "llama.cpp recipes" in (run / "pareto.html").read_text()
