@@ -82,7 +82,8 @@ class Progress:
 
     BANDS = 5  # size bands of the live panel, equal widths of weights MB between the smallest and largest plan
 
-    def __init__(self, total: int, already_done: int, stream: TextIO = sys.stdout, live: bool | None = None):
+    def __init__(self, total: int, already_done: int, stream: TextIO | None = None, live: bool | None = None):
+        stream = sys.stdout if stream is None else stream  # stdout now, not at import (a capture may have closed it)
         self.total, self.already_done, self.stream, self.start = total, already_done, stream, time.perf_counter()
         self.marks = {self.total * k // 4 for k in (1, 2, 3)} - {0}
         self.failures, self.done, self.rows = 0, already_done, []

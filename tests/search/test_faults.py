@@ -26,6 +26,11 @@ def _rows(out: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def _measured(rows: list[dict]) -> list[tuple]:
+    """What each trial measured (a search fills in the test-split columns of its front at its end)."""
+    return [(r["trial"], r["state"], r["perplexity"], r["kl"], r["memory_mb"], r["plan"]) for r in rows]
+
+
 def _experiment(tmp_path: Path, model: str, space: dict, trials: int, workers: int = 1) -> Path:
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
     exp = {
@@ -64,9 +69,13 @@ def _small_search(tmp_path: Path, trials: int, *args: str) -> tuple[Path, Path, 
     return exp, out, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _first_trial_stored(out: Path, proc: subprocess.Popen) -> None:
+def _trials_stored(out: Path, proc: subprocess.Popen, before: int) -> None:
+    """Wait (up to 3 minutes, while the driver runs) until the search in `out` has stored more than `before`
+    trials."""
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None and not (out / "trials.csv").exists():
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "trials.csv").exists() and len(_rows(out)) > before:
+            return
         time.sleep(0.1)
 
 
@@ -107,14 +116,17 @@ def _lock(db: Path):
     return conn
 
 
-def test_a_locked_store_is_waited_out_a_killed_worker_retried_and_a_lock_past_the_wait_named(
+def test_a_locked_store_is_waited_out_a_killed_worker_retried_and_a_lock_past_the_wait_or_a_full_disk_named(
     tmp_path, monkeypatch, capsys
 ):
     """One search meets two faults: its store locked by another process for longer than SQLite's own wait (it
     waits and goes on), then its worker killed mid-trial (the trial is retried); it finishes every trial. A
-    lock held past the store's wait is then named in one line, nothing changed; once free, --resume finishes."""
+    lock held past the store's wait is then named in one line, nothing changed. A resumed search whose disk
+    fills (every write of the driver fails once a trial is stored: a file-size limit of one byte, set on the
+    running driver) stops with one line, no traceback; --resume on a disk with room finishes the asked trials,
+    every stored one kept, none evaluated twice."""
     exp, out, proc = _small_search(tmp_path, 4)
-    _first_trial_stored(out, proc)
+    _trials_stored(out, proc, 0)
     # Longer than SQLite's own 5 s wait, shorter than the store's: the search waits and goes on.
     conn = _lock(out / "optuna.db")
     time.sleep(8)
@@ -135,31 +147,25 @@ def test_a_locked_store_is_waited_out_a_killed_worker_retried_and_a_lock_past_th
     rows = _rows(out)
     assert len(rows) == 4 and all(r["state"] == "COMPLETE" for r in rows)
 
-    # A lock held past the wait: one line naming it, nothing changed; once free, --resume does the rest.
+    # A lock held past the wait: one line naming it, nothing changed.
     from autosquash.search import preflight
 
-    monkeypatch.setattr(preflight, "STORE_TIMEOUT_S", 0.5)
-    conn = _lock(out / "optuna.db")
-    try:
-        assert main(["search", str(exp), "--out", str(out), "--resume", "--trials", "5"]) == 1
-    finally:
-        conn.rollback()
-        conn.close()
+    with monkeypatch.context() as m:
+        m.setattr(preflight, "STORE_TIMEOUT_S", 0.5)
+        conn = _lock(out / "optuna.db")
+        try:
+            assert main(["search", str(exp), "--out", str(out), "--resume", "--trials", "5"]) == 1
+        finally:
+            conn.rollback()
+            conn.close()
     err = capsys.readouterr().err
     assert "database is locked by another process" in err and err.count("\n") == 1, err
     assert _rows(out) == rows
-    assert main(["search", str(exp), "--out", str(out), "--resume", "--trials", "5"]) == 0
-    after = _rows(out)
-    assert len(after) == 5 and after[:4] == rows
-    assert len({(out / r["plan"]).read_text() for r in after}) == 5  # no plan evaluated twice
 
-
-def test_a_full_disk_mid_search_stops_it_in_one_line_and_resume_finishes_it(tmp_path):
-    """Every write of the driver fails once its first trial is stored (a file-size limit of one byte, set on the
-    running driver: writes fail as on a full disk). It stops with one line, no traceback; --resume on a disk with
-    room finishes the asked trials, every stored one kept, none evaluated twice."""
-    exp, out, proc = _small_search(tmp_path, 3, "--workers", "1")
-    _first_trial_stored(out, proc)
+    # The disk fills once the resumed search has stored a trial.
+    cmd = [sys.executable, "-m", "autosquash", "search", str(exp), "--out", str(out), "--resume", "--trials", "7"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _trials_stored(out, proc, len(rows))
     assert proc.poll() is None, "the search ended before the disk filled"
     psutil.Process(proc.pid).rlimit(psutil.RLIMIT_FSIZE, (1, 1))
     output, _ = proc.communicate(timeout=300)
@@ -167,9 +173,10 @@ def test_a_full_disk_mid_search_stops_it_in_one_line_and_resume_finishes_it(tmp_
     assert proc.returncode not in (0, None) and "Traceback" not in output, output[-3000:]
     # Whichever write failed first (a table: the system's words; a database: SQLite's) is named in one line.
     assert last.startswith("autosquash: error:") and ("File too large" in last or "is the disk full" in last), last
-    stored = _rows(out)
-    assert main(["search", str(exp), "--out", str(out), "--resume"]) == 0
-    rows = _rows(out)
-    assert len(rows) == 3 and all(r["state"] == "COMPLETE" for r in rows)
-    assert rows[: len(stored)] == stored  # what was stored before the disk filled is kept as it was
-    assert len({(out / r["plan"]).read_text() for r in rows}) == 3
+    stored = _measured(_rows(out))
+    assert stored[:4] == _measured(rows)
+    assert main(["search", str(exp), "--out", str(out), "--resume", "--trials", "7"]) == 0
+    after = _rows(out)
+    assert len(after) == 7 and all(r["state"] == "COMPLETE" for r in after)
+    assert _measured(after)[: len(stored)] == stored  # what was stored before the disk filled is kept as it was
+    assert len({(out / r["plan"]).read_text() for r in after}) == 7  # no plan evaluated twice

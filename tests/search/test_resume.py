@@ -37,28 +37,6 @@ def _trial_runs(out: Path) -> list[int]:
     return sorted(int(r.data.tags["autosquash.trial"]) for r in runs)
 
 
-def test_resume_continues_to_the_total(smoke, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert main(["search", smoke, "--trials", "3", "--out", str(out)]) == 0
-    first = {r["trial"]: r["perplexity"] for r in _trials(out)}
-    assert main(["search", smoke, "--trials", "3", "--out", str(out)]) == 2  # refuses to overwrite
-    assert main(["search", smoke, "--trials", "5", "--out", str(out), "--resume"]) == 0
-    rows = _trials(out)
-    assert len(rows) == 5 and {r["trial"]: r["perplexity"] for r in rows[:3]} == first
-    assert _trial_runs(out) == [0, 1, 2, 3, 4]
-    # The resumed sampler draws new plans: a re-created TPE with the experiment's seed would replay trial 2's.
-    plans = [(out / r["plan"]).read_text() for r in rows]
-    assert len(set(plans)) == 5
-    # Another sampler is another experiment: refused, unless forced (the change named, the trials kept).
-    more = ["search", smoke, "--trials", "6", "--out", str(out), "--resume", "--sampler", "random"]
-    assert main(more) == 2
-    assert "(sampler differ)" in capsys.readouterr().err
-    assert main([*more, "--force"]) == 0
-    assert "--force: resuming" in capsys.readouterr().err
-    assert [r["perplexity"] for r in _trials(out)[:5]] == [r["perplexity"] for r in rows]
-    assert _trial_runs(out) == list(range(6))
-
-
 def test_resume_of_a_folder_without_a_search_is_refused(smoke, tmp_path, capsys):
     assert main(["search", smoke, "--trials", "3", "--out", str(tmp_path / "none"), "--resume"]) == 2
     assert "holds no search to continue" in capsys.readouterr().err
@@ -92,9 +70,10 @@ def test_driver_killed_mid_search_resumes_without_loss(smoke, tmp_path):
     assert sorted(p.name for p in (out / "plans").iterdir()) == sorted(Path(r["plan"]).name for r in _trials(out))
 
 
-def test_sigterm_stops_a_search_as_ctrl_c_does_and_resume_finishes_it(smoke, tmp_path):
+def test_sigterm_stops_a_search_as_ctrl_c_does_and_resume_continues_it_to_the_total(smoke, tmp_path, capsys):
     """A scheduler's stop (SIGTERM to the driver): exit 143 with the resume hint, no Ray stack dump or
-    traceback, no Ray process left behind; --resume then finishes the asked trials, none lost or repeated."""
+    traceback, no Ray process left behind. A new search is refused the folder; --resume continues it to the asked
+    total, none lost or repeated; another sampler is another experiment, refused unless forced."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "autosquash", "search", smoke, "--trials", "4", "--workers", "1", "--out", str(out)]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -118,7 +97,22 @@ def test_sigterm_stops_a_search_as_ctrl_c_does_and_resume_finishes_it(smoke, tmp
     left = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert not left, f"processes left in the search's session: {left}"
     done_before = {r["trial"]: r["perplexity"] for r in _trials(out) if r["state"] == "COMPLETE"}
-    assert main(["search", smoke, "--trials", "4", "--workers", "1", "--out", str(out), "--resume"]) == 0
+
+    assert main(["search", smoke, "--trials", "4", "--out", str(out)]) == 2  # refuses to overwrite
+    assert main(["search", smoke, "--trials", "5", "--workers", "1", "--out", str(out), "--resume"]) == 0
     rows = [r for r in _trials(out) if r["state"] == "COMPLETE"]
-    assert len(rows) == 4 and all({r["trial"]: r["perplexity"] for r in rows}[t] == p for t, p in done_before.items())
-    assert len({(out / r["plan"]).read_text() for r in rows}) == 4
+    after = {r["trial"]: r["perplexity"] for r in rows}
+    assert len(rows) == 5 and all(after[t] == p for t, p in done_before.items())
+    numbers = _trial_runs(out)
+    assert len(numbers) == len(set(numbers)) and set(after) <= {str(n) for n in numbers}  # none logged twice
+    # The resumed sampler draws new plans: a re-created TPE with the experiment's seed would replay the first's.
+    assert len({(out / r["plan"]).read_text() for r in rows}) == 5
+    capsys.readouterr()
+    # Another sampler is another experiment: refused, unless forced (the change named, the trials kept).
+    more = ["search", smoke, "--trials", "6", "--out", str(out), "--resume", "--sampler", "random"]
+    assert main(more) == 2
+    assert "(sampler differ)" in capsys.readouterr().err
+    assert main([*more, "--force"]) == 0
+    assert "--force: resuming" in capsys.readouterr().err
+    now = [r for r in _trials(out) if r["state"] == "COMPLETE"]
+    assert len(now) == 6 and {r["trial"]: r["perplexity"] for r in now[:5]} == after
