@@ -172,7 +172,23 @@ def open_gguf(path: str | Path) -> GGUFFile:
 
 
 def gguf_architecture(path: str | Path) -> str:
-    """general.architecture of a GGUF file."""
+    """general.architecture of a GGUF file from its first key, without parsing the whole (large) header.
+
+    GGUF writers (the gguf package's, llama.cpp's) put general.architecture first; otherwise the full
+    header is read.
+    """
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head[:4] != b"GGUF" or len(head) < 32:
+        raise AutosquashError(f"{path} is not a GGUF file")
+    offset = 4 + 4 + 8 + 8  # magic, version, tensor count, key/value count
+    (key_len,) = struct.unpack_from("<Q", head, offset)
+    key = head[offset + 8 : offset + 8 + key_len]
+    offset += 8 + key_len
+    if key == b"general.architecture" and len(head) >= offset + 12:
+        vtype, value_len = struct.unpack_from("<IQ", head, offset)
+        if vtype == GGUFValueType.STRING and len(head) >= offset + 12 + value_len:
+            return head[offset + 12 : offset + 12 + value_len].decode()
     field = open_gguf(path).fields.get("general.architecture")
     if field is None:
         raise AutosquashError(f"{path} names no general.architecture")
