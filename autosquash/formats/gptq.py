@@ -8,7 +8,8 @@ factor of H^-1, W[:, j+1:] -= (W[:, j] - Ŵ[:, j]) / U[j, j] * U[j, j+1:]. The s
 GGUF blocks, unchanged: when the sweep reaches a block (32 values, or a K-quant super-block of 256), its
 scales are chosen from the error-updated weights of that block by the same importance-weighted search as
 `codecs.quantize` (codecs.Grid), and its values are then coded against those scales column by column.
-Columns are updated lazily: within a block at once, beyond it with one matrix product per block.
+Columns are updated lazily (GPTQ's lazy batches): one by one within a run of 32, the rest of the block by one
+matrix product per run, the columns beyond the block by one per block.
 
 With a diagonal H nothing is spread and the bytes are exactly `quantize(W, type, diag(H))`.
 """
@@ -20,7 +21,6 @@ from torch import Tensor
 
 from autosquash.errors import AutosquashError
 from autosquash.formats.codecs import (
-    _CHUNK_VALUES,
     QuantizedTensor,
     checked_weight,
     dequantize,
@@ -32,6 +32,8 @@ from autosquash.formats.codecs import (
 )
 from autosquash.formats.gguf_types import tensor_type
 
+_LAZY = 32  # columns updated one by one at a time; the rest of a block by one matrix product per 32
+_ERROR_CHUNK_VALUES = 1 << 21  # weights per slice compared: a matrix product of 1,024 rows at 2,048 inputs
 DAMP = 0.01  # dampening added to H's diagonal, as a share of its mean diagonal (GPTQ's default)
 
 
@@ -82,33 +84,40 @@ def quantize_compensated(
     name = tensor_type(type_name).name
     if g is None:
         return quantize(weight, name)
-    x = checked_weight(weight, name).clone()
+    x = checked_weight(weight, name)
     rows, cols = x.shape
     u = _inverse_cholesky(hessian, cols, damp, x.device)
     imp = importance_floor(hessian.diagonal() if importance is None else importance, cols, x.device)
     row_mean_sq = x.square().mean(-1, keepdim=True)
+    # Worked on transposed, one input column per (contiguous) row, so that coding a column and the rank-one
+    # update of those after it read and write whole rows of memory.
+    xt = x.T.contiguous()
     blocks = []
     for c0 in range(0, cols, g.block):
         c1 = c0 + g.block
-        xb = x[:, c0:c1].contiguous()
+        xb = xt[c0:c1].T.contiguous()
         scales = g.scales(xb, search_weights(imp[c0:c1], row_mean_sq, xb))
-        step, offset = g.affine(scales)
-        codes = torch.empty_like(xb)
-        err = torch.empty_like(xb)
+        step, offset = (None if a is None else a.T.contiguous() for a in g.affine(scales))
+        codes = torch.empty_like(xt[c0:c1])
+        err = torch.empty_like(codes)
         ub = u[c0:c1, c0:c1]
-        for j in range(g.block):
-            k = slice(j // g.sub, j // g.sub + 1)
-            col = xb[:, j : j + 1]
-            s, o = step[:, k], None if offset is None else offset[:, k]
-            q = g.codes(col, s, o)
-            codes[:, j : j + 1] = q
-            e = (col - g.values(q, s, o)) / ub[j, j]
-            err[:, j : j + 1] = e
-            if j + 1 < g.block:
-                xb[:, j + 1 :].addmm_(e, ub[j : j + 1, j + 1 :], alpha=-1)
+        for s0 in range(0, g.block, _LAZY):
+            s1 = min(s0 + _LAZY, g.block)
+            for j in range(s0, s1):
+                k = j // g.sub
+                col = xt[c0 + j].unsqueeze(-1)
+                s, o = step[k].unsqueeze(-1), None if offset is None else offset[k].unsqueeze(-1)
+                q = g.codes(col, s, o)
+                codes[j] = q.squeeze(-1)
+                e = (col - g.values(q, s, o)).squeeze(-1) / ub[j, j]
+                err[j] = e
+                if j + 1 < s1:
+                    xt[c0 + j + 1 : c0 + s1].addr_(ub[j, j + 1 : s1], e, alpha=-1)
+            if s1 < g.block:
+                xt[c0 + s1 : c1].addmm_(ub[s0:s1, s1:].T, err[s0:s1], alpha=-1)
         if c1 < cols:
-            x[:, c1:].addmm_(err, u[c0:c1, c1:], alpha=-1)
-        blocks.append(g.pack(scales, codes))
+            xt[c1:].addmm_(u[c0:c1, c1:].T, err, alpha=-1)
+        blocks.append(g.pack(scales, codes.T.contiguous()))
     data = torch.cat(blocks, dim=-1).cpu().numpy()
     return QuantizedTensor(type=name, shape=(rows, cols), data=data)
 
@@ -125,7 +134,7 @@ def quantize_compensated_no_worse(
     rows, cols = comp.shape
     h = hessian.detach().to("cpu", torch.float32)
     data = plain.data.copy()
-    step = max(1, _CHUNK_VALUES // cols)
+    step = max(1, _ERROR_CHUNK_VALUES // cols)
     for a in range(0, rows, step):
         x = weight[a : a + step].detach().to("cpu", torch.float32)
 

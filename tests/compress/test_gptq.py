@@ -109,7 +109,7 @@ def test_no_worse_compensation_takes_the_better_row(type_name: str, monkeypatch)
     # Each row is compensated or not, whichever has the lower output error by H; on correlated inputs most
     # rows gain. Compared in slices of 5 rows (as a 1B model's table is, in bigger ones), across their ends.
     monkeypatch.setattr(codecs, "_CHUNK_VALUES", 5 * COLS)
-    monkeypatch.setattr("autosquash.formats.gptq._CHUNK_VALUES", 5 * COLS)
+    monkeypatch.setattr("autosquash.formats.gptq._ERROR_CHUNK_VALUES", 5 * COLS)
     w, h = _weight(), _hessian(_inputs(correlated=True))
     imp = h.diagonal()
     best = quantize_compensated_no_worse(w, type_name, h, imp)
