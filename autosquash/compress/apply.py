@@ -151,10 +151,11 @@ def quantized_tensors(
     yield (
         "token_embd",
         "model.embed_tokens",
-        _table(cache, "token_embd", base, plan.embed_quant, arch, stats),
+        table_variant(cache, "token_embd", base, plan.embed_quant, arch, stats),
     )
     if not arch.tied_embeddings:
-        yield "output", "lm_head", _table(cache, "output", base, plan.output_quant or plan.embed_quant, arch, stats)
+        head = table_variant(cache, "output", base, plan.output_quant or plan.embed_quant, arch, stats)
+        yield "output", "lm_head", head
 
 
 def bias_of(block: torch.nn.Module, path: str, rows: torch.Tensor | None) -> torch.Tensor | None:
@@ -206,8 +207,10 @@ def quantized_table(base: torch.nn.Module, arch: Arch, name: str, quant: str, st
     return quantize_compensated_no_worse(module.weight.data, qtype, covariance, importance, TABLE_DAMP)
 
 
-def _table(cache: VariantCache, name: str, base: torch.nn.Module, quant: str, arch: Arch, stats: Stats) -> Variant:
-    """`quantized_table` as a variant, cached."""
+def table_variant(
+    cache: VariantCache, name: str, base: torch.nn.Module, quant: str, arch: Arch, stats: Stats
+) -> Variant:
+    """`quantized_table` as a variant, cached (the sensitivity profile makes them under the same keys)."""
     key = (name, legal_type(quant, arch.hidden_size))
     return cache.get(key, lambda: Variant("quant", {"weight": quantized_table(base, arch, name, quant, stats)}))
 

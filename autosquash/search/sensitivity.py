@@ -36,7 +36,7 @@ from pathlib import Path
 import optuna
 import torch
 
-from autosquash.compress.apply import dense, quantized_table
+from autosquash.compress.apply import VariantCache, dense, table_variant
 from autosquash.compress.calibrate import Stats
 from autosquash.compress.operators import PRUNING, REGISTRY, SEARCHED_FIELDS, deploy_linear
 from autosquash.compress.operators.base import LinearDeploy, Pruning, weight_of
@@ -247,9 +247,19 @@ def _probe(
 
 
 def measure_profile(
-    base: torch.nn.Module, arch: Arch, space: SearchSpace, stats: Stats, ref: Reference, context_tokens: int, log=print
+    base: torch.nn.Module,
+    arch: Arch,
+    space: SearchSpace,
+    stats: Stats,
+    ref: Reference,
+    context_tokens: int,
+    log=print,
+    cache: VariantCache | None = None,
 ) -> Profile:
-    """Measure the damage model: per-group errors from the weights, one probe pass per group."""
+    """Measure the damage model: per-group errors from the weights, one probe pass per group.
+
+    The token table's options are quantized through `cache` (their variants, error-compensated, are the
+    costliest the search makes: with the trials' variant store behind it, no trial makes them again)."""
     n, t = min(PROBE_SEQS, ref.batch.shape[0]), min(PROBE_LEN, ref.batch.shape[1])
     # The base's top-k at the first t positions do not depend on later tokens: a causal model.
     ref = Reference(ref.batch[:n, :t], ref.topk_logp[:n, : t - 1], ref.topk_idx[:n, : t - 1], ref.perplexity)
@@ -277,7 +287,7 @@ def measure_profile(
             log(done, end="\r" if tty else "\n", flush=True)
     if tty:
         log("")
-    embed = _embed_profile(base, arch, space, ref, stats)
+    embed = _embed_profile(base, arch, space, ref, stats, cache or VariantCache(max_bytes=0))
     # Block norms belong to their group (a removed sublayer drops its norm); the final norm is fixed.
     fixed = sum(t.nbytes for t in deployed_tensors(arch, Plan()) if t.name == "output_norm.weight")
     return Profile(groups, embed, fixed)
@@ -341,12 +351,14 @@ def _dense_swaps(block, i: int, linears, choice: LayerChoice, stats: Stats) -> d
     return out
 
 
-def _embed_profile(base: torch.nn.Module, arch: Arch, space: SearchSpace, ref: Reference, stats: Stats) -> GroupProfile:
+def _embed_profile(
+    base: torch.nn.Module, arch: Arch, space: SearchSpace, ref: Reference, stats: Stats, cache: VariantCache
+) -> GroupProfile:
     """Every embedding option measured directly (it is also the output head when tied)."""
     device = base.model.embed_tokens.weight.device
     options, nbytes, damage = [], [], []
     for q in space.embed_quant:
-        deq = dequantize(quantized_table(base, arch, "token_embd", q, stats), device)
+        deq = dequantize(table_variant(cache, "token_embd", base, q, arch, stats).parts["weight"], device)
         damage.append(_probe(base, ref, {"model.embed_tokens": deq}))
         plan = Plan(embed_quant=q)
         tables = ("token_embd.weight", "output.weight")
@@ -356,9 +368,18 @@ def _embed_profile(base: torch.nn.Module, arch: Arch, space: SearchSpace, ref: R
 
 
 def cached_profile(
-    base, arch: Arch, space: SearchSpace, stats: Stats, ref: Reference, context_tokens: int, key: str, cache_dir: Path
+    base,
+    arch: Arch,
+    space: SearchSpace,
+    stats: Stats,
+    ref: Reference,
+    context_tokens: int,
+    key: str,
+    cache_dir: Path,
+    variants: VariantCache | None = None,
 ) -> Profile:
-    """`measure_profile`, read from `cache_dir` when the same model, data and space were measured before."""
+    """`measure_profile` (its tables made through `variants`), read from `cache_dir` when the same model, data
+    and space were measured before."""
     digest = hashlib.sha256(
         f"{key}|{space.model_dump_json()}|{context_tokens}|{VERSION}".encode() + ref.batch.numpy().tobytes()
     ).hexdigest()[:24]
@@ -368,7 +389,7 @@ def cached_profile(
         if profile is not None:
             return profile
     print("measuring per-group sensitivity (once per model, calibration set and space) ...", flush=True)
-    profile = measure_profile(base, arch, space, stats, ref, context_tokens)
+    profile = measure_profile(base, arch, space, stats, ref, context_tokens, cache=variants)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(profile.to_json())

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import optuna
 
+from autosquash.compress.apply import VariantCache
 from autosquash.compress.plan import Plan
 from autosquash.cost.model import compute_buffer_bytes, kv_cells, output_buffer_bytes
 from autosquash.errors import AutosquashError, on_sigterm
@@ -54,7 +55,15 @@ from autosquash.search.preflight import (
 )
 from autosquash.search.sensitivity import SensitivitySampler, cached_profile, proposal_targets
 from autosquash.search.space import SearchSpace, params_key
-from autosquash.search.trial import TrialContext, load_inputs, prepare_context, run_front_scores, run_trial, trial_seed
+from autosquash.search.trial import (
+    TrialContext,
+    load_inputs,
+    open_store,
+    prepare_context,
+    run_front_scores,
+    run_trial,
+    trial_seed,
+)
 from autosquash.track.mlflow_store import ORIGIN, SearchTracker, TokenSet, default_tracking_uri
 from autosquash.yaml_io import dump_yaml_model, load_yaml_model
 
@@ -340,8 +349,18 @@ def sensitivity_sampler(
     exp: Experiment, space: SearchSpace, ctx: TrialContext, out: Path, offset: int = 0
 ) -> SensitivitySampler:
     """The per-group damage model (measured once, cached on disk) and a sampler proposing from it."""
+    # The tables it quantizes go to the trials' variant store: the workers read them instead of making them.
+    variants = VariantCache(max_bytes=0, store=open_store(ctx))
     profile = cached_profile(
-        ctx.base, ctx.arch, space, ctx.stats, ctx.calib_ref, exp.context_tokens, resolve(exp.model).key, out / "cache"
+        ctx.base,
+        ctx.arch,
+        space,
+        ctx.stats,
+        ctx.calib_ref,
+        exp.context_tokens,
+        resolve(exp.model).key,
+        out / "cache",
+        variants,
     )
     sizes = [profile.size(*profile.picks_of(space.baseline_params(ctx.arch, b))) for b in space.baselines]
     # A plan at least every 2 % of the base model's file size (targets closer, as plans land a little under).

@@ -308,3 +308,28 @@ def test_a_resumed_search_proposes_no_plan_it_has_evaluated(measured, name):
             study.tell(trial, [profile.damage(*picks), profile.size(*picks)])
     done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(done) == 12 and len({params_key(t.params) for t in done}) == 12
+
+
+def test_the_tables_the_profile_quantizes_are_what_the_trials_read(measured, tmp_path, monkeypatch):
+    """The profile makes each token-table option through the trials' variant store; a trial of that plan
+    then reads the table from the store (made nowhere else) and deploys exactly the bytes the profile measured."""
+    from autosquash.compress import apply
+    from autosquash.compress.store import VariantStore
+
+    model, arch, stats, ref, profile = measured
+    store = VariantStore(tmp_path, 1 << 30)
+    again = measure_profile(
+        model, arch, SPACE, stats, ref, CONTEXT, log=lambda *a, **k: None, cache=apply.VariantCache(0, store)
+    )
+    assert again.embed.damage == profile.embed.damage
+    made = {q: apply.quantized_table(model, arch, "token_embd", q, stats) for q in SPACE.embed_quant}
+
+    def not_again(*args):
+        raise AssertionError(f"a trial quantized a table the profile had made: {args[2:4]}")
+
+    monkeypatch.setattr(apply, "quantized_table", not_again)
+    for q in SPACE.embed_quant:
+        trial = apply.VariantCache(store=store)
+        apply.compress(model, arch, Plan.uniform(arch, "Q8_0", embed_quant=q), stats, trial)
+        read = trial.get(("token_embd", q), not_again).parts["weight"]
+        assert read.type == q and read.data.tobytes() == made[q].data.tobytes()
