@@ -8,8 +8,8 @@ factor of H^-1, W[:, j+1:] -= (W[:, j] - Ŵ[:, j]) / U[j, j] * U[j, j+1:]. The s
 GGUF blocks, unchanged: when the sweep reaches a block (32 values, or a K-quant super-block of 256), its
 scales are chosen from the error-updated weights of that block by the same importance-weighted search as
 `codecs.quantize` (codecs.Grid), and its values are then coded against those scales column by column.
-Columns are updated lazily (GPTQ's lazy batches): one by one within a run of 32, the rest of the block by one
-matrix product per run, the columns beyond the block by one per block.
+Columns are updated lazily (GPTQ's lazy batches): one by one within a run of 32, the rest of a batch of 128
+(or of a super-block) by one matrix product per run, the columns beyond the batch by one per batch.
 
 With a diagonal H nothing is spread and the bytes are exactly `quantize(W, type, diag(H))`.
 """
@@ -21,7 +21,11 @@ from torch import Tensor
 
 from autosquash.errors import AutosquashError
 from autosquash.formats.codecs import (
+    _CHUNK_VALUES,
+    _CHUNK_VALUES_GPU,
+    Grid,
     QuantizedTensor,
+    Scales,
     checked_weight,
     dequantize,
     grid,
@@ -32,7 +36,8 @@ from autosquash.formats.codecs import (
 )
 from autosquash.formats.gguf_types import tensor_type
 
-_LAZY = 32  # columns updated one by one at a time; the rest of a block by one matrix product per 32
+_LAZY = 32  # columns updated one by one at a time, the rest of their batch by one matrix product per 32
+_BATCH = 128  # columns (or one K-quant super-block) coded before the columns after them are updated
 _ERROR_CHUNK_VALUES = 1 << 21  # weights per slice compared: a matrix product of 1,024 rows at 2,048 inputs
 DAMP = 0.01  # dampening added to H's diagonal, as a share of its mean diagonal (GPTQ's default)
 
@@ -66,6 +71,17 @@ def _inverse_cholesky(hessian: Tensor, cols: int, damp: float, device: torch.dev
     raise AutosquashError("hessian is not positive semi-definite (its damped Cholesky failed)")
 
 
+def _scales(g: Grid, x: Tensor, w: Tensor) -> Scales:
+    """`g.scales` of rows x (rows, block), a slice of rows at a time as `codecs.quantize` searches them (the
+    search's temporaries are a few dozen candidates times its input: a whole table's column at once spills
+    out of the CPU's caches, about twice as slow)."""
+    step = max(1, (_CHUNK_VALUES if x.device.type == "cpu" else _CHUNK_VALUES_GPU) // g.block)
+    if step >= x.shape[0]:
+        return g.scales(x, w)
+    parts = [g.scales(x[a : a + step], w[a : a + step]) for a in range(0, x.shape[0], step)]
+    return tuple(torch.cat(fields) for fields in zip(*parts, strict=True))
+
+
 def quantize_compensated(
     weight: Tensor,
     type_name: str,
@@ -92,32 +108,34 @@ def quantize_compensated(
     # Worked on transposed, one input column per (contiguous) row, so that coding a column and the rank-one
     # update of those after it read and write whole rows of memory.
     xt = x.T.contiguous()
+    err = torch.empty_like(xt)  # each column's error, scaled by 1 / U[j, j]
+    batch = max(g.block, _BATCH)
     blocks = []
-    for c0 in range(0, cols, g.block):
-        c1 = c0 + g.block
-        xb = xt[c0:c1].T.contiguous()
-        scales = g.scales(xb, search_weights(imp[c0:c1], row_mean_sq, xb))
-        step, offset = (None if a is None else a.T.contiguous() for a in g.affine(scales))
-        codes = torch.empty_like(xt[c0:c1])
-        err = torch.empty_like(codes)
-        ub = u[c0:c1, c0:c1]
-        for s0 in range(0, g.block, _LAZY):
-            s1 = min(s0 + _LAZY, g.block)
-            for j in range(s0, s1):
-                k = j // g.sub
-                col = xt[c0 + j].unsqueeze(-1)
-                s, o = step[k].unsqueeze(-1), None if offset is None else offset[k].unsqueeze(-1)
-                q = g.codes(col, s, o)
-                codes[j] = q.squeeze(-1)
-                e = (col - g.values(q, s, o)).squeeze(-1) / ub[j, j]
-                err[j] = e
-                if j + 1 < s1:
-                    xt[c0 + j + 1 : c0 + s1].addr_(ub[j, j + 1 : s1], e, alpha=-1)
-            if s1 < g.block:
-                xt[c0 + s1 : c1].addmm_(ub[s0:s1, s1:].T, err[s0:s1], alpha=-1)
-        if c1 < cols:
-            xt[c1:].addmm_(u[c0:c1, c1:].T, err, alpha=-1)
-        blocks.append(g.pack(scales, codes.T.contiguous()))
+    for b0 in range(0, cols, batch):
+        b1 = min(b0 + batch, cols)
+        for c0 in range(b0, b1, g.block):
+            c1 = c0 + g.block
+            xb = xt[c0:c1].T.contiguous()
+            scales = _scales(g, xb, search_weights(imp[c0:c1], row_mean_sq, xb))
+            step, offset = (None if a is None else a.T.contiguous() for a in g.affine(scales))
+            codes = torch.empty_like(xt[c0:c1])
+            for s0 in range(c0, c1, _LAZY):
+                s1 = min(s0 + _LAZY, c1)
+                for j in range(s0, s1):
+                    k = (j - c0) // g.sub
+                    col = xt[j].unsqueeze(-1)
+                    s, o = step[k].unsqueeze(-1), None if offset is None else offset[k].unsqueeze(-1)
+                    q = g.codes(col, s, o)
+                    codes[j - c0] = q.squeeze(-1)
+                    e = (col - g.values(q, s, o)).squeeze(-1) / u[j, j]
+                    err[j] = e
+                    if j + 1 < s1:
+                        xt[j + 1 : s1].addr_(u[j, j + 1 : s1], e, alpha=-1)
+                if s1 < b1:
+                    xt[s1:b1].addmm_(u[s0:s1, s1:b1].T, err[s0:s1], alpha=-1)
+            blocks.append(g.pack(scales, codes.T.contiguous()))
+        if b1 < cols:
+            xt[b1:].addmm_(u[b0:b1, b1:].T, err[b0:b1], alpha=-1)
     data = torch.cat(blocks, dim=-1).cpu().numpy()
     return QuantizedTensor(type=name, shape=(rows, cols), data=data)
 
