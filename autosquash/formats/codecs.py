@@ -883,6 +883,12 @@ def checked_weight(weight: Tensor, name: str) -> Tensor:
     return x
 
 
+def chunk_rows(device: torch.device, width: int) -> int:
+    """Rows of `width` values a scale search takes at once: on a CPU its temporaries (a few dozen candidates
+    times its input) stay in cache; a GPU's search runs in a few large steps."""
+    return max(1, (_CHUNK_VALUES if device.type == "cpu" else _CHUNK_VALUES_GPU) // width)
+
+
 def search_weights(imp: Tensor, row_mean_sq: Tensor, x: Tensor) -> Tensor:
     """Per-value weights of the scale search for values x (rows, k) of columns with importance `imp` (k,),
     `row_mean_sq` (rows, 1) the mean square of each whole row: llama.cpp's imatrix weighting,
@@ -902,7 +908,7 @@ def quantize(weight: Tensor, type_name: str, importance: Tensor | None = None) -
     rows, cols = x.shape
     t = tensor_type(name)
     imp = None if importance is None else importance_floor(importance, cols, x.device)
-    step = max(1, (_CHUNK_VALUES if x.device.type == "cpu" else _CHUNK_VALUES_GPU) // cols)
+    step = chunk_rows(x.device, cols)
     chunks = []
     for start in range(0, rows, step):
         xr = x[start : start + step].contiguous()

@@ -21,12 +21,11 @@ from torch import Tensor
 
 from autosquash.errors import AutosquashError
 from autosquash.formats.codecs import (
-    _CHUNK_VALUES,
-    _CHUNK_VALUES_GPU,
     Grid,
     QuantizedTensor,
     Scales,
     checked_weight,
+    chunk_rows,
     dequantize,
     grid,
     importance_floor,
@@ -75,7 +74,7 @@ def _scales(g: Grid, x: Tensor, w: Tensor) -> Scales:
     """`g.scales` of rows x (rows, block), a slice of rows at a time as `codecs.quantize` searches them (the
     search's temporaries are a few dozen candidates times its input: a whole table's column at once spills
     out of the CPU's caches, about twice as slow)."""
-    step = max(1, (_CHUNK_VALUES if x.device.type == "cpu" else _CHUNK_VALUES_GPU) // g.block)
+    step = chunk_rows(x.device, g.block)
     if step >= x.shape[0]:
         return g.scales(x, w)
     parts = [g.scales(x[a : a + step], w[a : a + step]) for a in range(0, x.shape[0], step)]
