@@ -3,17 +3,17 @@ about 1.1B (Llama-3.2-1B's shape with SmolLM2's tokenizer and vocabulary), each 
 experiment's space and sampler for as many trials as it runs (24: its uniform baselines, then the sampler's
 plans) on one worker.
 
-Per size, side by side: model load, calibration statistics, reference logits, the sensitivity profile, a
-trial split into build / heal / score, one plain forward pass over the evaluation tokens (the floor), the
+Per size, side by side: model load, calibration statistics, reference logits, the uniform baselines' layers
+(made once, before the profile and the trials: `layers s`), the sensitivity profile, a trial split into
+build / heal / score, one plain forward pass over the evaluation tokens (the floor), the
 peak memory of driver and worker and the variant cache's bytes; then the ratios to the 135M row and to the
-floor. A trial's build is the quantization of the variants its worker's cache lacked (`quant s`: once per
-layer and type in a search; the uniform baselines that open a search are all new) plus assembling the model
-from them. `warm`: the search's first
-plan evaluated again after the search, without healing, in a fresh cache whose layers come from the search's
-variant store on disk (what a worker finds that another worker, or an earlier trial, made): a trial's whole
-cost outside healing once its layers exist (`warm trial/fwd`). A trial outside its healing is reported for
-the search's first trial (all of its layers quantized anew), as the median and as the mean over the search
-(which spreads each layer's first quantization to a type over the trials that share it). Each size runs in
+floor. A trial's build is the quantization of the variants the variant store lacked (`quant s`: once per
+layer and type in a search; since the baselines' layers are made before the trials, what a sampled plan's
+pruned layers need) plus assembling the model from them. `warm`: the search's first plan evaluated again
+after the search, without healing, in a fresh cache whose layers come from the search's variant store on
+disk (what a worker finds that another worker, or an earlier trial, made): a trial's whole cost outside
+healing once its layers exist (`warm trial/fwd`). A trial outside its healing is reported for the search's
+first trial, as the median and as the mean over the search. Each size runs in
 a fresh process (its own driver peak); the forward floor and the warm trial are timed there after the
 search, with the trials' torch thread count.
 
@@ -129,6 +129,7 @@ def run_one(size: str, trials: int, device: str, folder: Path) -> dict:
         "calibration_s": parent["calibration_s"],
         "reference_s": parent["reference_s"],
         "profile_s": parent.get("profile_s", 0.0),
+        "baseline_layers_s": parent.get("variants_s", 0.0),  # the baselines' layers, made before the trials
         "forward_s": forward_s,
         "build_s": med["build_s"],
         "quantize_s": med["quantize_s"],
@@ -162,6 +163,7 @@ def report(rows: list[dict]) -> str:
         "device",
         "load s",
         "calib s",
+        "layers s",
         "profile s",
         "forward s",
         "build s",
@@ -183,6 +185,7 @@ def report(rows: list[dict]) -> str:
             r["device"],
             f"{r['load_s']:.1f}",
             f"{r['calibration_s']:.1f}",
+            f"{r.get('baseline_layers_s', 0.0):.1f}",
             f"{r['profile_s']:.1f}",
             f"{r['forward_s']:.1f}",
             f"{r['build_s']:.1f}",
@@ -207,6 +210,7 @@ def report(rows: list[dict]) -> str:
         "profile x",
         "trial x",
         "worker mem x",
+        "layers/fwd",
         "profile/fwd",
         "heal/fwd",
         "score/fwd",
@@ -227,6 +231,7 @@ def report(rows: list[dict]) -> str:
                 f"{r['profile_s'] / max(first['profile_s'], 1e-9):.1f}",
                 f"{r['trial_s'] / first['trial_s']:.1f}",
                 f"{r['peak_worker_rss_bytes'] / first['peak_worker_rss_bytes']:.1f}",
+                f"{r.get('baseline_layers_s', 0.0) / fwd:.1f}",
                 f"{r['profile_s'] / fwd:.1f}",
                 f"{r['heal_s'] / fwd:.2f}",
                 f"{r['score_s'] / fwd:.2f}",

@@ -29,7 +29,7 @@ from autosquash.models.arch import Arch
 from autosquash.models.device import model_device, to_compute
 from autosquash.models.layers import with_bias
 
-__all__ = ["Variant", "VariantCache", "compress", "dense", "quantized_tensors"]
+__all__ = ["Variant", "VariantCache", "compress", "dense", "linear_variant", "make_variants", "quantized_tensors"]
 
 
 def dense(variant: Variant, device: torch.device | str | None = None) -> torch.Tensor:
@@ -131,22 +131,7 @@ def quantized_tensors(
             for gguf_name, path in linears:
                 if gguf_name not in kept:
                     continue
-                rows, cols = kept[gguf_name]
-                w = weight_of(block, path)
-                bias = bias_of(block, path, rows)
-                input_sq = stats.get(f"model.layers.{i}.{path}")
-                if rows is not None:
-                    w = w[rows]
-                if cols is not None:
-                    w = w[:, cols]
-                    input_sq = input_sq[cols] if input_sq is not None else None
-                deploy = deploy_linear(f"blk.{i}.{gguf_name}", w.shape[0], w.shape[1], choice)
-                # Keyed by what the linear deploys: a factor whose rows take another type than W's is its own
-                # entry, and so is a compensated variant (keyed by its compensation too).
-                key, linear_comp = deploy.key, None
-                if comp is not None and deploy.form.compensates:
-                    key, linear_comp = deploy.key + comp.key, (comp, f"model.layers.{i}.{path}", cols)
-                variant = cache.get(key, partial(_with_bias, deploy, w, input_sq, bias, linear_comp))
+                variant = linear_variant(cache, block, i, gguf_name, path, choice, stats, kept[gguf_name], comp)
                 yield f"blk.{i}.{gguf_name}", f"model.layers.{i}.{path}", variant
     yield (
         "token_embd",
@@ -156,6 +141,44 @@ def quantized_tensors(
     if not arch.tied_embeddings:
         head = table_variant(cache, "output", base, plan.output_quant or plan.embed_quant, arch, stats)
         yield "output", "lm_head", head
+
+
+def linear_variant(
+    cache: VariantCache,
+    block: torch.nn.Module,
+    i: int,
+    gguf_name: str,
+    path: str,
+    choice,
+    stats: Stats,
+    kept: tuple = (None, None),
+    comp: Compensation | None = None,
+) -> Variant:
+    """Linear `path` of block `i` as `choice` deploys it, on the (rows, input columns) pruning keeps (None:
+    all), error-compensated by `comp` where its form compensates; through `cache`, keyed by what it deploys.
+    What a trial builds, and what the sensitivity profile's probes put in (from the same cache and store)."""
+    rows, cols = kept
+    w = weight_of(block, path)
+    bias = bias_of(block, path, rows)
+    input_sq = stats.get(f"model.layers.{i}.{path}")
+    if rows is not None:
+        w = w[rows]
+    if cols is not None:
+        w = w[:, cols]
+        input_sq = input_sq[cols] if input_sq is not None else None
+    deploy = deploy_linear(f"blk.{i}.{gguf_name}", w.shape[0], w.shape[1], choice)
+    # Keyed by what the linear deploys: a factor whose rows take another type than W's is its own entry, and
+    # so is a compensated variant (keyed by its compensation too).
+    key, linear_comp = deploy.key, None
+    if comp is not None and deploy.form.compensates:
+        key, linear_comp = deploy.key + comp.key, (comp, f"model.layers.{i}.{path}", cols)
+    return cache.get(key, partial(_with_bias, deploy, w, input_sq, bias, linear_comp))
+
+
+def make_variants(base: torch.nn.Module, arch: Arch, plan: Plan, stats: Stats, cache: VariantCache) -> None:
+    """Make every compressed tensor of `plan` through `cache` (into its store), assembling no model."""
+    for _ in quantized_tensors(base, arch, plan, stats, cache):
+        pass
 
 
 def bias_of(block: torch.nn.Module, path: str, rows: torch.Tensor | None) -> torch.Tensor | None:

@@ -36,8 +36,8 @@ from pathlib import Path
 import optuna
 import torch
 
-from autosquash.compress.apply import VariantCache, dense, table_variant
-from autosquash.compress.calibrate import Stats
+from autosquash.compress.apply import VariantCache, dense, linear_variant, table_variant
+from autosquash.compress.calibrate import Stats, compensation_of
 from autosquash.compress.operators import PRUNING, REGISTRY, SEARCHED_FIELDS, deploy_linear
 from autosquash.compress.operators.base import LinearDeploy, Pruning, weight_of
 from autosquash.compress.plan import SUBLAYERS, LayerChoice, Plan, deployed_tensors, kept_kv_heads
@@ -258,8 +258,12 @@ def measure_profile(
 ) -> Profile:
     """Measure the damage model: per-group errors from the weights, one probe pass per group.
 
-    The token table's options are quantized through `cache` (their variants, error-compensated, are the
-    costliest the search makes: with the trials' variant store behind it, no trial makes them again)."""
+    The token table's options and the probes' weights are made through `cache`, under the keys the trials
+    use: with the trials' variant store behind it, what the search made before (the uniform baselines'
+    variants) is read, and what the profile makes no trial makes again. (Under error compensation the trials'
+    linears differ from the probes' uncompensated ones, so the probes make theirs apart.)"""
+    cache = cache or VariantCache(max_bytes=0)
+    probes = cache if compensation_of(stats) is None else VariantCache(max_bytes=0)
     n, t = min(PROBE_SEQS, ref.batch.shape[0]), min(PROBE_LEN, ref.batch.shape[1])
     # The base's top-k at the first t positions do not depend on later tokens: a causal model.
     ref = Reference(ref.batch[:n, :t], ref.topk_logp[:n, : t - 1], ref.topk_idx[:n, : t - 1], ref.perplexity)
@@ -273,7 +277,8 @@ def measure_profile(
             options = _options(gspace)
             choices = [c for _, c in options]
             parts = [_group_errors(block, i, kind, arch, stats, c, errs) for c in choices]
-            g_quant, g_prune = _gains(base, ref, block, i, kind, arch, choices, parts, linears, stats, hidden[i])
+            gains = _gains(base, ref, block, i, kind, arch, choices, parts, linears, stats, hidden[i], probes)
+            g_quant, g_prune = gains
             groups.append(
                 GroupProfile(
                     name,
@@ -287,7 +292,7 @@ def measure_profile(
             log(done, end="\r" if tty else "\n", flush=True)
     if tty:
         log("")
-    embed = _embed_profile(base, arch, space, ref, stats, cache or VariantCache(max_bytes=0))
+    embed = _embed_profile(base, arch, space, ref, stats, cache)
     # Block norms belong to their group (a removed sublayer drops its norm); the final norm is fixed.
     fixed = sum(t.nbytes for t in deployed_tensors(arch, Plan()) if t.name == "output_norm.weight")
     return Profile(groups, embed, fixed)
@@ -307,7 +312,7 @@ def _unpruned(choice: LayerChoice) -> bool:
     return all(op.is_neutral(choice) for op in PRUNING.values())
 
 
-def _gains(base, ref, block, i, kind, arch, choices, parts, linears, stats, hidden) -> tuple[float, float]:
+def _gains(base, ref, block, i, kind, arch, choices, parts, linears, stats, hidden, cache) -> tuple[float, float]:
     """KL per unit of relative output error of one group, (quantization's, pruning's), from a probe pass each.
 
     Quantization's probe is the group's most damaging unpruned option; pruning's, its most damaging pruning
@@ -327,7 +332,8 @@ def _gains(base, ref, block, i, kind, arch, choices, parts, linears, stats, hidd
         # its error is within 4x of the largest.
         fast = [j for j in unpruned if _fast_to_quantize(block, i, linears, choices[j]) and quant[j] >= quant[k] / 4]
         k = max(fast, key=lambda j: quant[j]) if fast else k
-        g_quant = _probe(base, ref, _dense_swaps(block, i, linears, choices[k], stats), i, hidden) / quant[k]
+        swaps = _dense_swaps(block, i, linears, choices[k], stats, cache)
+        g_quant = _probe(base, ref, swaps, i, hidden) / quant[k]
     if max(shares, default=0.0) > 0:
         k = max(range(len(choices)), key=lambda k: shares[k])
         # Everything but the pruning back at neutral: the probe measures the pruning alone.
@@ -342,13 +348,13 @@ def _gains(base, ref, block, i, kind, arch, choices, parts, linears, stats, hidd
     return (g_prune if g_quant is None else g_quant), (g_quant if g_prune is None else g_prune)
 
 
-def _dense_swaps(block, i: int, linears, choice: LayerChoice, stats: Stats) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, path in linears:
-        w = weight_of(block, path)
-        deploy = deploy_linear(f"blk.{i}.{name}", w.shape[0], w.shape[1], choice)
-        out[f"model.layers.{i}.{path}"] = dense(deploy.compress(w, stats.get(f"model.layers.{i}.{path}")), w.device)
-    return out
+def _dense_swaps(block, i: int, linears, choice: LayerChoice, stats: Stats, cache: VariantCache) -> dict:
+    """The weights of block `i`'s `linears` as `choice` deploys them (module path -> float matrix)."""
+    device = weight_of(block, linears[0][1]).device
+    return {
+        f"model.layers.{i}.{path}": dense(linear_variant(cache, block, i, name, path, choice, stats), device)
+        for name, path in linears
+    }
 
 
 def _embed_profile(

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import optuna
 
-from autosquash.compress.apply import VariantCache
+from autosquash.compress.apply import VariantCache, make_variants
 from autosquash.compress.plan import Plan
 from autosquash.cost.model import compute_buffer_bytes, kv_cells, output_buffer_bytes
 from autosquash.errors import AutosquashError, on_sigterm
@@ -247,6 +247,9 @@ def _search(
         for quant in space.baselines:
             study.enqueue_trial(space.baseline_params(ctx.arch, quant), user_attrs={"origin": "baseline"})
         study.set_user_attr("baselines_enqueued", True)
+    t0 = time.perf_counter()
+    if make_baseline_variants(study, space, ctx, opts.trials - _finished(study)):
+        once["variants_s"] = time.perf_counter() - t0
     if exp.sampler == "sensitivity":
         t0 = time.perf_counter()
         study.sampler = sensitivity_sampler(exp, space, ctx, out, offset=resumed)
@@ -343,6 +346,34 @@ def base_file_bytes(spec: str, arch) -> int:
     if src.kind == "gguf":
         return Path(src.location, src.gguf_file).stat().st_size
     return sum(t.nbytes for t in deployed_tensors(arch, Plan.uniform(arch, "F16")))
+
+
+def make_baseline_variants(study: optuna.Study, space: SearchSpace, ctx: TrialContext, budget: int, log=print) -> int:
+    """Make the compressed layers of the uniform baselines still to run (the first `budget` of them: enqueued
+    trials run first) into the variant store, before the sensitivity profile and the trials; how many plans
+    it made.
+
+    Each baseline is a new type for every layer, the costliest variants a search makes (at 1.1B on 2 cores,
+    30-90 s a type against a 30 s forward pass). Made here once per search, in the driver, they are what the
+    profile's probes and then the trials read: a trial's cost is then building and scoring its model, and the
+    probes make no weight a baseline has. Without a store (none asked for, none on this node) nothing is made:
+    the trials make their own, as they go.
+    """
+    store = open_store(ctx)
+    waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    plans = [
+        space.sample(optuna.trial.FixedTrial(t.system_attrs["fixed_params"]), ctx.arch)
+        for t in waiting
+        if t.user_attrs.get("origin") == "baseline" and "fixed_params" in t.system_attrs
+    ][: max(0, budget)]
+    if store is None or not plans:
+        return 0
+    log(f"making the {len(plans)} uniform baselines' layers (once per search) ...", flush=True)
+    cache, started = VariantCache(max_bytes=0, store=store), time.perf_counter()
+    for k, plan in enumerate(plans, 1):
+        make_variants(ctx.base, ctx.arch, plan, ctx.stats, cache)
+        log(f"  layers: baseline {k}/{len(plans)}, {time.perf_counter() - started:.0f} s", flush=True)
+    return len(plans)
 
 
 def sensitivity_sampler(
