@@ -277,8 +277,9 @@ def measure_profile(
             options = _options(gspace)
             choices = [c for _, c in options]
             parts = [_group_errors(block, i, kind, arch, stats, c, errs) for c in choices]
-            gains = _gains(base, ref, block, i, kind, arch, choices, parts, linears, stats, hidden[i], probes)
-            g_quant, g_prune = gains
+            g_quant, g_prune = _gains(
+                base, ref, block, i, kind, arch, choices, parts, linears, stats, hidden[i], probes
+            )
             groups.append(
                 GroupProfile(
                     name,

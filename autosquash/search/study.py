@@ -248,7 +248,8 @@ def _search(
             study.enqueue_trial(space.baseline_params(ctx.arch, quant), user_attrs={"origin": "baseline"})
         study.set_user_attr("baselines_enqueued", True)
     t0 = time.perf_counter()
-    if make_baseline_variants(study, space, ctx, opts.trials - _finished(study)):
+    # On a Ray cluster the workers may sit on other nodes, with stores of their own: they make their own layers.
+    if not opts.ray_address and make_baseline_variants(study, space, ctx, opts.trials - _finished(study)):
         once["variants_s"] = time.perf_counter() - t0
     if exp.sampler == "sensitivity":
         t0 = time.perf_counter()
@@ -357,7 +358,8 @@ def make_baseline_variants(study: optuna.Study, space: SearchSpace, ctx: TrialCo
     30-90 s a type against a 30 s forward pass). Made here once per search, in the driver, they are what the
     profile's probes and then the trials read: a trial's cost is then building and scoring its model, and the
     probes make no weight a baseline has. Without a store (none asked for, none on this node) nothing is made:
-    the trials make their own, as they go.
+    the trials make their own, as they go (as they do on a Ray cluster, whose workers may not share the
+    driver's disk).
     """
     store = open_store(ctx)
     waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
