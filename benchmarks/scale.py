@@ -245,7 +245,7 @@ def report(rows: list[dict]) -> str:
         table(head, body)
         + f"\n\nRatios to the {first['size']} row and to each size's forward floor. Trial columns: medians over"
         + " the search's trials; `trial/fwd`: a trial outside its healing (build + score + bookkeeping), for the"
-        + " search's first trial (every layer quantized anew), its median and mean trial, and the warm re-run\n"
+        + " search's first trial, its median and mean trial, and the warm re-run\n"
         + table(ratio_head, ratios)
     )
 
