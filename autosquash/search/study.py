@@ -361,14 +361,14 @@ def make_baseline_variants(study: optuna.Study, space: SearchSpace, ctx: TrialCo
     the trials make their own, as they go (as they do on a Ray cluster, whose workers may not share the
     driver's disk).
     """
-    store = open_store(ctx)
     waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
     plans = [
         space.sample(optuna.trial.FixedTrial(t.system_attrs["fixed_params"]), ctx.arch)
         for t in waiting
         if t.user_attrs.get("origin") == "baseline" and "fixed_params" in t.system_attrs
     ][: max(0, budget)]
-    if store is None or not plans:
+    store = open_store(ctx) if plans else None  # no folder scan when every baseline has run
+    if store is None:
         return 0
     log(f"making the {len(plans)} uniform baselines' layers (once per search) ...", flush=True)
     cache, started = VariantCache(max_bytes=0, store=store), time.perf_counter()
