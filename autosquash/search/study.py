@@ -405,6 +405,11 @@ def _finished(study: optuna.Study) -> int:
     return len(counted_trials(study))
 
 
+def _plan_rel(number: int) -> str:
+    """Where trial `number`'s plan file lies, relative to the output folder."""
+    return f"plans/trial-{number:04d}.yaml"
+
+
 def _recover_stale(study: optuna.Study, exp: Experiment, tracker: SearchTracker, out: Path) -> None:
     """Settle trials a killed driver left RUNNING.
 
@@ -422,8 +427,8 @@ def _recover_stale(study: optuna.Study, exp: Experiment, tracker: SearchTracker,
             interrupted.append(t.number)
             study.set_user_attr(INTERRUPTED, interrupted)
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-            if plan := t.user_attrs.get("plan"):
-                (out / plan).unlink(missing_ok=True)
+            # By its number: the driver may have died between writing the file and storing its name.
+            (out / _plan_rel(t.number)).unlink(missing_ok=True)
             # All of an enqueued plan (a baseline's, say), not only the parameters set before the driver died.
             params = {**t.system_attrs.get("fixed_params", {}), **t.params}
             study.enqueue_trial(params, user_attrs={"origin": t.user_attrs.get("origin", "sampled")})
@@ -464,7 +469,7 @@ def _run_trials(study, space, exp, ctx, ctx_box, tracker, opts, task, progress: 
     while _finished(study) + len(pending) < opts.trials or pending:
         while len(pending) < opts.workers and _finished(study) + len(pending) < opts.trials:
             trial, plan = ask_new(study, space, ctx.arch, [t for t, _ in pending.values()])
-            plan_rel = f"plans/trial-{trial.number:04d}.yaml"
+            plan_rel = _plan_rel(trial.number)
             dump_yaml_model(plan, opts.out_dir / plan_rel)
             trial.set_user_attr("plan", plan_rel)
             # The sensitivity sampler names each trial's origin (proposed, mutated) and proposal target.

@@ -116,3 +116,20 @@ def test_sigterm_stops_a_search_as_ctrl_c_does_and_resume_continues_it_to_the_to
     assert "--force: resuming" in capsys.readouterr().err
     now = [r for r in _trials(out) if r["state"] == "COMPLETE"]
     assert len(now) == 6 and {r["trial"]: r["perplexity"] for r in now[:5]} == after
+
+
+def test_a_plan_file_written_before_its_name_was_stored_is_removed_on_resume(tmp_path):
+    """The driver can die between writing a trial's plan file and storing its name on the trial: recovery
+    finds the file by the trial's number, so no file is left without a row."""
+    import optuna
+
+    from autosquash.search.study import _plan_rel, _recover_stale
+
+    study = optuna.create_study(directions=["minimize"])
+    trial = study.ask()
+    (tmp_path / "plans").mkdir()
+    (tmp_path / _plan_rel(trial.number)).write_text("target: gguf\n")
+    tracker = type("Tracker", (), {"trial_runs": {}})()
+    _recover_stale(study, None, tracker, tmp_path)
+    assert list((tmp_path / "plans").iterdir()) == []
+    assert study.trials[trial.number].state == optuna.trial.TrialState.FAIL
