@@ -65,12 +65,13 @@ def kv_cache_bytes_per_token(arch: Arch, kv_type: str = "F16", kv_heads_per_laye
 
 
 def file_tensors(path) -> tuple[Arch, list[TensorSpec], list[int]]:
-    """A `llama`/`deci` GGUF model file as the cost model prices it: its architecture, every tensor it holds
-    (name, torch shape, stored type, work per token, as `deployed_tensors` gives a plan's) and each block's
+    """A GGUF model file of any family autosquash reads, as the cost model prices it: its architecture, every tensor
+    it holds (name, torch shape, stored type, work per token, as `deployed_tensors` gives a plan's) and each block's
     KV-head count, so `estimate` prices the file a user has rather than the plan it came from."""
-    from autosquash.formats.gguf import read_gguf_layout
+    from autosquash.models.load import gguf_layout
 
-    config, _, kv_heads, tensors = read_gguf_layout(path)
+    layout = gguf_layout(path)
+    config, kv_heads, tensors = layout.config, layout.kv_heads, layout.tensors
     tied = "output.weight" not in tensors
     specs = []
     for name, t in tensors.items():

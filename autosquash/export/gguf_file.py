@@ -1,16 +1,19 @@
 """Write a plan's model as a GGUF file for llama.cpp, every tensor in the type its trial evaluated.
 
-A plan without pruning is written with the `llama` architecture; per-layer FFN widths and head
-counts need the `deci` architecture, whose loader in llama.cpp reads them per layer, 0 for a removed
-sublayer (DESIGN.md §2). The tokenizer is copied from the source GGUF file, or written from a Hugging
-Face model's tokenizer.json (formats/hf_vocab.py). A healed trial's merged
-F16 weights are written as they were merged; an adapter kept apart goes to a GGUF LoRA file (lora.py).
+Each family is written as llama.cpp's own architecture for it (models.gguf_family: `llama`, `qwen2`, `qwen3`,
+`gemma2`, `gemma3`, `phi3`), with the keys and tensors that graph reads. Per-layer FFN widths and head counts need
+the `deci` architecture, whose loader in llama.cpp reads them per layer, 0 for a removed sublayer (DESIGN.md §2):
+open to the families llama.cpp's llama graph computes, refused for the others. The tokenizer is copied from the
+source GGUF file, or written from a Hugging Face model's tokenizer.json (formats/hf_vocab.py). A healed trial's
+merged F16 weights are written as they were merged; an adapter kept apart goes to a GGUF LoRA file (lora.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from gguf import GGUFWriter
 
@@ -21,28 +24,45 @@ from autosquash.errors import AutosquashError
 from autosquash.export.build import deploys_factors
 from autosquash.export.lora import has_adapter
 from autosquash.formats.codecs import QuantizedTensor, quantize
-from autosquash.formats.gguf import add_tensor, copy_tokenizer, gguf_writer, rope_permute
+from autosquash.formats.gguf import add_tensor, copy_tokenizer, gguf_writer
 from autosquash.formats.hf_vocab import add_hf_tokenizer
-from autosquash.models.arch import LLAMA_GRAPH_TYPES, Arch
+from autosquash.models.arch import Arch
+from autosquash.models.gguf_family import family, to_gguf, write_hparams
 from autosquash.models.load import DEFAULT_MODEL, ModelSource, load_tokenizer, resolve
 
 
-def check_writable(arch: Arch) -> None:
-    """Refuse model families whose blocks llama.cpp's `llama`/`deci` graphs would not compute as the trial did
-    (Qwen3's and Gemma 3's q/k norms, Gemma's post-norms and scaled embeddings): the file would load and be wrong."""
-    if arch.model_type not in LLAMA_GRAPH_TYPES:
+def check_writable(arch: Arch, pruned: Sequence[str] = ()) -> None:
+    """Refuse, before a gguf search runs, what no GGUF file of the family could hold: a family llama.cpp has no
+    graph for here, or per-block pruning (`pruned`, the space's pruning fields that move) of a family whose graph
+    reads one FFN width and KV-head count for all blocks."""
+    fam = family(arch.model_type)
+    if pruned and not fam.llama_graph:
         raise AutosquashError(
-            f"GGUF export writes llama.cpp's llama/deci architectures, which do not run {arch.model_type} blocks "
-            "as they are; search and export it with a torch-target space (--format torch)"
+            f"{arch.model_type} exports as llama.cpp's {fam.gguf_arch}, whose graph reads one FFN width and KV-head "
+            f"count for all blocks, so a gguf search of it offers no per-block pruning ({', '.join(pruned)}): "
+            "keep those at [1.0], or search a torch space"
         )
 
 
-def gguf_arch(arch: Arch, plan: Plan) -> str:
-    """`llama` when every block keeps the same FFN width and heads, else `deci` (per-layer shapes)."""
+def _shapes(arch: Arch, plan: Plan) -> tuple[list[int], list[int]]:
     widths = [kept_ffn_channels(arch, plan.choice(f"blk.{i}.ffn")) for i in range(arch.n_layers)]
-    kv_heads = kv_heads_per_layer(arch, plan)
-    uniform = len(set(widths)) == 1 and len(set(kv_heads)) == 1 and widths[0] > 0 and kv_heads[0] > 0
-    return "llama" if uniform else "deci"
+    return widths, kv_heads_per_layer(arch, plan)
+
+
+def gguf_arch(arch: Arch, plan: Plan) -> str:
+    """The family's own architecture when every block keeps the same FFN width and heads, else `deci` (per-layer
+    shapes), which only the families llama.cpp's llama graph runs can take."""
+    fam = family(arch.model_type)
+    widths, kv_heads = _shapes(arch, plan)
+    if len(set(widths)) == 1 and len(set(kv_heads)) == 1 and widths[0] > 0 and kv_heads[0] > 0:
+        return fam.gguf_arch
+    if fam.llama_graph:
+        return "deci"
+    raise AutosquashError(
+        f"llama.cpp's {fam.gguf_arch} graph sizes every block's tensors from block 0's, so a {arch.model_type} plan "
+        "whose blocks differ in FFN width or KV heads cannot be written as GGUF; prune every block alike, or export "
+        "with --format torch"
+    )
 
 
 def _tokenizer_gguf(src: ModelSource) -> Path | None:
@@ -53,11 +73,6 @@ def _tokenizer_gguf(src: ModelSource) -> Path | None:
     if src.kind == "config":
         return _tokenizer_gguf(resolve(DEFAULT_MODEL))
     return None
-
-
-def _rope_theta(config) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
 def write_gguf(
@@ -75,13 +90,11 @@ def write_gguf(
     `model` is the plan's model as its trial evaluated it: when healing merged its adapter (a model
     without peft layers), its F16/F32 block weights are written instead of the compressed ones.
     """
-    check_writable(arch)
     if deploys_factors(arch, plan):
         raise AutosquashError(
             "this plan uses low-rank or Kronecker factors, which no GGUF runtime holds; export it with --format torch"
         )
-    widths = [kept_ffn_channels(arch, plan.choice(f"blk.{i}.ffn")) for i in range(arch.n_layers)]
-    kv_heads = kv_heads_per_layer(arch, plan)
+    widths, kv_heads = _shapes(arch, plan)
     heads = [n * (arch.n_heads // arch.n_kv_heads) for n in kv_heads]
     ffn_alone = [i for i, (w, kv) in enumerate(zip(widths, kv_heads, strict=True)) if w == 0 and kv > 0]
     if ffn_alone:
@@ -92,64 +105,68 @@ def write_gguf(
             "deci architecture cannot run (it drops that attention too); export with --format torch"
         )
     arch_name = gguf_arch(arch, plan)
+    fam = family(arch.model_type)
     merged = merged_weights(model)
     counts: dict[str, int] = {}
     with gguf_writer(path, arch_name) as writer:
-        _write_header(writer, spec, base, arch, arch_name, widths, heads, kv_heads)
+        writer.add_name(f"{getattr(base.config, 'name_or_path', '') or spec} (autosquash)")
+        write_hparams(writer, fam, arch_name, base.config, arch, widths, heads, kv_heads)
+        writer.add_quantization_version(2)
+        _write_tokenizer(writer, spec)
 
         def add(name: str, q) -> None:
+            if isinstance(q, QuantizedTensor):
+                q = QuantizedTensor(q.type, q.shape, to_gguf(fam, arch_name, name, q.data, arch.head_dim))
+            else:
+                q = to_gguf(fam, arch_name, name, q, arch.head_dim)
             kind = add_tensor(writer, name, q)
             counts[kind] = counts.get(kind, 0) + 1
 
-        def add_norm(name: str, weight: torch.Tensor) -> None:
-            add(name, weight.detach().to("cpu", torch.float32).numpy())
+        def add_norms(i: int, kind: str) -> None:
+            block = base.model.layers[i]
+            for short, module, _ in arch.norms(kind):
+                add(f"blk.{i}.{short}.weight", _floats(block.get_submodule(module).weight))
 
-        layers = base.model.layers
+        gate: QuantizedTensor | None = None
         for gguf_name, module, variant in quantized_tensors(base, arch, plan, stats, cache):
             q = variant.parts["weight"]
             if merged is not None and gguf_name.startswith("blk."):
                 q = merged(f"{module}.weight", q)
-            if gguf_name.endswith(("attn_q", "attn_k")):
-                q = QuantizedTensor(q.type, q.shape, rope_permute(q.data, arch.head_dim))
-            # Each present sublayer's norm goes before its first weight; a removed one has none.
+            # Each present sublayer's norms go before its first weight; a removed one has none.
+            i = int(gguf_name.split(".")[1]) if gguf_name.startswith("blk.") else -1
             if gguf_name.endswith("attn_q"):
-                i = int(gguf_name.split(".")[1])
-                add_norm(f"blk.{i}.attn_norm.weight", layers[i].input_layernorm.weight)
+                add_norms(i, "attn")
             elif gguf_name.endswith("ffn_gate"):
-                i = int(gguf_name.split(".")[1])
-                add_norm(f"blk.{i}.ffn_norm.weight", layers[i].post_attention_layernorm.weight)
+                add_norms(i, "ffn")
+            if fam.fused_gate_up and gguf_name.endswith(("ffn_gate", "ffn_up")):
+                if gguf_name.endswith("ffn_gate"):
+                    gate = q
+                    continue
+                q = _stacked(gate, q, gguf_name)
             add(f"{gguf_name}.weight", q)
-            bias = variant.parts.get("bias")  # Qwen2's q/k/v: F32, q/k's in the rows' interleaved order
+            bias = variant.parts.get("bias")  # Qwen2's q/k/v: F32
             if bias is not None:
-                bias = bias.numpy()
-                add(
-                    f"{gguf_name}.bias",
-                    rope_permute(bias, arch.head_dim) if gguf_name.endswith(("attn_q", "attn_k")) else bias,
-                )
-        add_norm("output_norm.weight", base.model.norm.weight)
+                add(f"{gguf_name}.bias", bias.numpy())
+        add("output_norm.weight", _floats(base.model.norm.weight))
     return counts
 
 
-def _write_header(
-    writer: GGUFWriter, spec: str, base, arch: Arch, arch_name: str, widths: list, heads: list, kv_heads: list
-) -> None:
-    """The model's hyperparameters (per layer for `deci`) and the tokenizer copied from the source GGUF."""
-    per_layer = arch_name != "llama"
-    writer.add_name(f"{getattr(base.config, 'name_or_path', '') or spec} (autosquash)")
-    writer.add_context_length(int(base.config.max_position_embeddings))
-    writer.add_embedding_length(arch.hidden_size)
-    writer.add_block_count(arch.n_layers)
-    writer.add_feed_forward_length(widths if per_layer else widths[0])
-    writer.add_head_count(heads if per_layer else heads[0])
-    writer.add_head_count_kv(kv_heads if per_layer else kv_heads[0])
-    writer.add_rope_freq_base(_rope_theta(base.config))
-    writer.add_rope_dimension_count(arch.head_dim)
-    # Stated, not left to llama.cpp's n_embd / n_head of block 0, which is wrong when block 0's heads are pruned.
-    writer.add_key_length(arch.head_dim)
-    writer.add_value_length(arch.head_dim)
-    writer.add_layer_norm_rms_eps(float(base.config.rms_norm_eps))
-    writer.add_vocab_size(arch.vocab_size)
-    writer.add_quantization_version(2)
+def _floats(weight: torch.Tensor) -> np.ndarray:
+    return weight.detach().to("cpu", torch.float32).numpy()
+
+
+def _stacked(gate: QuantizedTensor | None, up: QuantizedTensor, name: str) -> QuantizedTensor:
+    """Phi-3's ffn_up: the gate rows, then the up rows, one tensor of one type."""
+    if gate is None or gate.type != up.type:
+        raise AutosquashError(
+            f"{name}: phi3 holds gate and up as one tensor, so both must take one type "
+            f"({gate.type if gate else 'none'} and {up.type})"
+        )
+    return QuantizedTensor(up.type, (gate.shape[0] + up.shape[0], up.shape[1]), np.concatenate([gate.data, up.data]))
+
+
+def _write_tokenizer(writer: GGUFWriter, spec: str) -> None:
+    """The tokenizer copied from the source GGUF, or written from a Hugging Face model's tokenizer.json."""
     source = _tokenizer_gguf(resolve(spec))
     if source is not None:
         copy_tokenizer(writer, source)

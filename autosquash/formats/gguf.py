@@ -1,8 +1,7 @@
-"""GGUF files: reading tensors and hyperparameters, the q/k row layout, and writing a file in ggml's order.
+"""GGUF files: reading keys and tensors, the q/k row layout, and writing a file in ggml's order.
 
-Tensors are decoded by autosquash's own dequantizer (the arithmetic a trial evaluates). A `llama` or `deci`
-file's hyperparameters become a LlamaConfig holding every block's widest shape, with the per-block FFN
-widths and KV-head counts beside it (deci files hold per-layer shapes; DESIGN.md §2).
+Tensors are decoded by autosquash's own dequantizer (the arithmetic a trial evaluates). What a file's keys mean
+for each model family is models.gguf_family's business; this module knows the format only.
 """
 
 from __future__ import annotations
@@ -24,9 +23,6 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from autosquash.errors import AutosquashError
 from autosquash.files import atomic_path
 from autosquash.formats.codecs import QUANTIZABLE_TYPES, QuantizedTensor, dequantize
-
-READABLE_ARCHS = ("llama", "deci")
-
 
 # GGUF's fixed-size value types as little-endian struct formats; strings and arrays are read apart.
 _SCALARS = {
@@ -208,76 +204,6 @@ def read_tensor(t) -> torch.Tensor:
 
         w = torch.from_numpy(gguf_dequantize(data, t.tensor_type).astype(np.float32)).reshape(rows, cols)
     return w.reshape(cols) if len(t.shape) == 1 else w
-
-
-def _per_layer(value, n_layers: int) -> list[int]:
-    """A GGUF hyperparameter that is one number for all blocks (llama) or one per block (deci)."""
-    return [int(v) for v in value] if isinstance(value, list) else [int(value)] * n_layers
-
-
-def _config(reader: GGUFFile):
-    """A LlamaConfig holding every block's widest shape (narrower blocks get their own linears), and the
-    per-block FFN widths and KV-head counts."""
-    from transformers import LlamaConfig
-
-    arch_name = str(reader.fields["general.architecture"].contents())
-    if arch_name not in READABLE_ARCHS:
-        raise AutosquashError(f"GGUF architecture {arch_name!r}; autosquash reads {', '.join(READABLE_ARCHS)}")
-
-    def kv(key: str, default=None):
-        field = reader.fields.get(f"{arch_name}.{key}")
-        if field is None and default is None:
-            raise AutosquashError(f"GGUF file lacks {arch_name}.{key}")
-        return default if field is None else field.contents()
-
-    n_layers = int(kv("block_count"))
-    hidden = int(kv("embedding_length"))
-    widths = _per_layer(kv("feed_forward_length"), n_layers)
-    heads = _per_layer(kv("attention.head_count"), n_layers)
-    kv_heads = _per_layer(kv("attention.head_count_kv"), n_layers)
-    head_dim = int(kv("rope.dimension_count", hidden // max(max(heads), 1)))
-
-    def token(key: str) -> int | None:
-        field = reader.fields.get(f"tokenizer.ggml.{key}")
-        return None if field is None else int(field.contents())
-
-    config = LlamaConfig(
-        vocab_size=_vocab(reader),
-        hidden_size=hidden,
-        intermediate_size=max(widths) or hidden,
-        num_hidden_layers=n_layers,
-        num_attention_heads=max(heads) or 1,
-        num_key_value_heads=max(kv_heads) or 1,
-        head_dim=head_dim,
-        max_position_embeddings=int(kv("context_length")),
-        rms_norm_eps=float(kv("attention.layer_norm_rms_epsilon")),
-        rope_parameters={"rope_type": "default", "rope_theta": float(kv("rope.freq_base", 10000.0))},
-        tie_word_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
-        bos_token_id=token("bos_token_id"),
-        eos_token_id=token("eos_token_id"),
-        pad_token_id=token("padding_token_id"),
-    )
-    return config, widths, kv_heads
-
-
-def _vocab(reader: GGUFFile) -> int:
-    """Rows of the embedding table (GGUF shapes list the row length first)."""
-    embd = [t for t in reader.tensors if t.name == "token_embd.weight"]
-    if not embd:
-        raise AutosquashError("GGUF file lacks token_embd.weight")
-    return int(embd[0].shape[1])
-
-
-def read_gguf_config(path: str | Path):
-    """The LlamaConfig of a `llama` or `deci` GGUF file (widest block shapes), without decoding its tensors."""
-    return _config(open_gguf(path))[0]
-
-
-def read_gguf_layout(path: str | Path):
-    """(LlamaConfig, per-block FFN widths, per-block KV-head counts, tensors by name) of a `llama`/`deci` file."""
-    reader = open_gguf(path)
-    config, widths, kv_heads = _config(reader)
-    return config, widths, kv_heads, {t.name: t for t in reader.tensors}
 
 
 def gguf_tokens(path: str | Path) -> list[str]:

@@ -10,11 +10,8 @@ from typing import Any
 from autosquash.errors import AutosquashError
 
 # Llama-style decoders: the same linears (q/k/v/o, gate/up/down); their blocks differ in their RMS norms.
-# phi3 loads as the Llama it is (models/phi3.py); its config.json prices as that Llama.
+# phi3 loads as the Llama it is (models/phi3.py), its config tagged `autosquash_family: phi3`.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
-# Families whose blocks llama.cpp's `llama` (and `deci`) architecture runs as written: two norms, and at most
-# biases on q/k/v (Qwen2's), which its graph adds where a file holds them.
-LLAMA_GRAPH_TYPES = ("llama", "mistral", "qwen2")
 
 # Every norm weight of a block, by the sublayer it belongs to (a removed sublayer deploys none of them):
 # (GGUF short name as llama.cpp names it, module path inside the block, "hidden" or "head" sized).
@@ -92,7 +89,8 @@ class Arch:
     def from_config(cls, config: Any) -> Arch:
         """Build from a transformers config object or a config.json dict."""
         cfg = config if isinstance(config, dict) else config.to_dict()
-        model_type = cfg.get("model_type")
+        # Phi-3 runs as the Llama it is (models/phi3.py); its config still says which family it exports as.
+        model_type = cfg.get("autosquash_family") or cfg.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise AutosquashError(
                 f"model_type {model_type!r} is not supported; expected one of {', '.join(SUPPORTED_MODEL_TYPES)}"

@@ -1,9 +1,10 @@
 """The one loader: a model spec (shipped name, GGUF file, local folder, config.json, hub id, or a file in
 autosquash's torch format) to a model.
 
-Nothing here reaches a model hub unless the spec is a hub id; shipped assets load offline. GGUF files
-of the `deci` architecture (autosquash's per-layer-pruned exports), which transformers refuses, are built
-here from autosquash's own GGUF reader. A torch-format file is a compressed model whose linears only the
+Nothing here reaches a model hub unless the spec is a hub id; shipped assets load offline. A GGUF file of any
+family autosquash reads (models.gguf_family), `deci` (autosquash's per-layer-pruned exports) included, is read by
+autosquash's own reader: its header once for the config, its tensors decoded by autosquash's dequantizer; only its
+tokenizer goes through transformers. A torch-format file is a compressed model whose linears only the
 compression operators know: its config and tokenizer are read here, its model by
 autosquash.export.torch_file.load.
 """
@@ -23,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
 from huggingface_hub.errors import StrictDataclassError
 
@@ -32,7 +32,8 @@ from autosquash.files import cache_dir
 from autosquash.formats import gguf
 from autosquash.formats import torch_file as torch_format
 from autosquash.models import phi3
-from autosquash.models.arch import ATTN_LINEARS, FFN_LINEARS, Arch
+from autosquash.models.arch import Arch
+from autosquash.models.gguf_family import Layout, hf_state, read_layout
 from autosquash.models.layers import RemovedAttention, RemovedMLP, linear_with, with_bias
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -105,16 +106,10 @@ def _path(src: ModelSource) -> Path:
     return Path(src.location, src.gguf_file or "")
 
 
-def _is_deci(src: ModelSource) -> bool:
-    """A GGUF file transformers cannot read: per-layer shapes (autosquash's pruned exports)."""
-    return src.kind == "gguf" and gguf.gguf_architecture(_path(src)) == "deci"
-
-
 def _converted(src: ModelSource, part: str) -> Path:
-    """Where a part ("config", "tokenizer", "model") of a GGUF model read by transformers is kept converted:
-    transformers' GGUF reader parses the header value by value (SmolLM2's 49,152 tokens and 48,900 merges:
-    about 8 s per config or tokenizer, 30 s per model on 2 cores), the converted folder loads in about one.
-    Keyed by the file (path, size, mtime) and transformers' version; each part written once, whole."""
+    """Where the tokenizer of a GGUF model is kept, as transformers converts it (it parses the header value by
+    value: seconds for a real vocabulary), so the next load reads a tokenizer.json instead. Keyed by the file
+    (path, size, mtime) and transformers' version; written once, whole."""
     import transformers
 
     digest = hashlib.sha256(f"{src.key}:{transformers.__version__}".encode()).hexdigest()[:24]
@@ -145,15 +140,6 @@ def _keep(src: ModelSource, part: str, write) -> None:
             logging.getLogger(__name__).warning("could not keep the converted %s in %s: %s", part, folder, e)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _write_model(model: torch.nn.Module):
-    def write(folder: Path) -> None:
-        model.config.save_pretrained(folder)
-        # transformers saves no model it read from GGUF: its dequantized float weights, as they are
-        safetensors.torch.save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
-
-    return write
 
 
 @contextlib.contextmanager
@@ -192,27 +178,26 @@ def _read_error(src: ModelSource, e: Exception, what: str) -> AutosquashError:
 
 
 def load_config(src: ModelSource) -> Any:
-    """The transformers config of a source, without weights."""
+    """The transformers config of a source, without weights (a GGUF file's from its header alone)."""
     from transformers import AutoConfig
 
     if src.kind == "torch":
         return torch_format.read_config(torch_format.read_metadata(_path(src)))
-    if _is_deci(src):
-        return gguf.read_gguf_config(_path(src))
-    if cached := _cached(src, "config"):
-        return AutoConfig.from_pretrained(cached)
+    if src.kind == "gguf":
+        return gguf_layout(_path(src)).config
     try:
         with _quiet():
-            if src.kind == "gguf":
-                config = AutoConfig.from_pretrained(src.location, gguf_file=src.gguf_file)
-                _keep(src, "config", config.save_pretrained)
-                return config
             if src.kind == "config":
                 data = json.loads(Path(src.location, src.gguf_file or "config.json").read_text())
                 return AutoConfig.for_model(**data)
             return AutoConfig.from_pretrained(src.location, trust_remote_code=False)
     except READ_ERRORS as e:
         raise _read_error(src, e, "config") from None
+
+
+def gguf_layout(path: str | Path) -> Layout:
+    """A GGUF model file's family, config, per-block shapes and tensors (mapped, not decoded)."""
+    return read_layout(gguf.open_gguf(path), str(path))
 
 
 def load_arch(spec: str) -> Arch:
@@ -230,8 +215,6 @@ def load_tokenizer(spec: str) -> Any:
     src = resolve(spec)
     if src.kind == "torch":
         return load_tokenizer(torch_format.read_metadata(_path(src))["base_model"])
-    if _is_deci(src):
-        return _deci_tokenizer(_path(src))
     if src.kind == "config":
         return load_tokenizer(DEFAULT_MODEL)
     tok = load_tokenizer_from(src)
@@ -249,23 +232,16 @@ def load_tokenizer_from(src: ModelSource) -> Any:
             if cached := _cached(src, "tokenizer"):
                 return AutoTokenizer.from_pretrained(cached)
             if src.kind == "gguf":
-                tok = AutoTokenizer.from_pretrained(src.location, gguf_file=src.gguf_file)
+                # transformers picks a GGUF tokenizer's class from the file's architecture, and knows no `deci`:
+                # that one (the llama graph's) is built as a `llama` file's would be, by the generic backend class.
+                deci = gguf.gguf_architecture(_path(src)) == "deci"
+                kind = {"tokenizer_type": "mistral"} if deci else {}
+                tok = AutoTokenizer.from_pretrained(src.location, gguf_file=src.gguf_file, **kind)
                 _keep(src, "tokenizer", tok.save_pretrained)
                 return tok
             return AutoTokenizer.from_pretrained(src.location, trust_remote_code=False)
     except READ_ERRORS as e:
         raise _read_error(src, e, "tokenizer") from None
-
-
-def _deci_tokenizer(path: Path) -> Any:
-    """The tokenizer of a `deci` GGUF file: transformers reads no deci tokenizer, so the default model's,
-    after checking that the file's vocabulary is exactly that one."""
-    tok = load_tokenizer(DEFAULT_MODEL)
-    if not gguf.tokens_match(tok, gguf.gguf_tokens(path)):
-        raise AutosquashError(
-            f"{path}: a deci GGUF file's tokenizer is read only when it is {DEFAULT_MODEL}'s, and this one is not"
-        )
-    return tok
 
 
 def load_model(spec: str, seed: int = 0) -> torch.nn.Module:
@@ -278,20 +254,13 @@ def load_model(spec: str, seed: int = 0) -> torch.nn.Module:
             f"{spec} is a compressed model in autosquash's torch format, not a base model; "
             "read it with autosquash.export.torch_file.load (autosquash eval --model does)"
         )
-    if _is_deci(src):
+    if src.kind == "gguf":
         return read_gguf_model(_path(src))
-    cached = _cached(src, "model")
-    if src.kind == "gguf" and not cached:
-        gguf.open_gguf(_path(src))  # a truncated or corrupt file: one line naming it, before transformers reads it
     try:
         with _quiet():
-            if cached:
-                model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32, use_safetensors=True)
-            elif src.kind == "config":
+            if src.kind == "config":
                 torch.manual_seed(seed)
                 model = AutoModelForCausalLM.from_config(load_config(src), dtype=torch.float32)
-            elif src.kind == "gguf":
-                model = AutoModelForCausalLM.from_pretrained(src.location, gguf_file=src.gguf_file, dtype=torch.float32)
             else:
                 model = AutoModelForCausalLM.from_pretrained(
                     src.location, dtype=torch.float32, trust_remote_code=False, use_safetensors=True
@@ -300,11 +269,6 @@ def load_model(spec: str, seed: int = 0) -> torch.nn.Module:
         if src.kind == "hub":
             raise _hub_error(src.location, e) from None
         raise AutosquashError(f"cannot load model {spec}: {str(e).splitlines()[0]}") from None
-    # The GGUF loader leaves a quantization_config behind although the weights are dequantized floats.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    if src.kind == "gguf" and not cached:
-        _keep(src, "model", _write_model(model))
     if model.config.model_type == "phi3":
         model = phi3.as_llama(model)  # its fused projections split: a Llama to everything downstream
     Arch.from_config(model.config)  # fail early on unsupported architectures
@@ -313,45 +277,71 @@ def load_model(spec: str, seed: int = 0) -> torch.nn.Module:
 
 
 def read_gguf_model(path: str | Path) -> torch.nn.Module:
-    """The float32 LlamaForCausalLM (eval mode) of a `llama` or `deci` GGUF file, per-layer shapes included.
+    """The float32 causal LM (eval mode) of a GGUF model file of any family autosquash reads, per-layer shapes
+    (`deci`) included: every tensor decoded by autosquash's dequantizer, renamed and transformed back to the
+    family's transformers layout (models.gguf_family). A pruned block's narrower linears and removed sublayers are
+    built as compress() builds them. A tensor the header's shapes contradict is a one-line error."""
+    layout = gguf_layout(path)
+    return _build(layout, hf_state(layout, gguf.read_tensor), str(path))
 
-    Each block's narrower linears and removed sublayers are built as compress() builds them, q/k rows put
-    back in Hugging Face's order.
-    """
-    from transformers import LlamaForCausalLM
 
-    config, widths, kv_heads, tensors = gguf.read_gguf_layout(path)
-    model = LlamaForCausalLM(config).to(torch.float32)
-    with torch.no_grad():
-        for i, block in enumerate(model.model.layers):
-            _fill_block(block, i, tensors, config.head_dim, widths[i], kv_heads[i])
-        model.model.embed_tokens.weight.data = gguf.read_tensor(tensors["token_embd.weight"])
-        if not config.tie_word_embeddings:
-            model.lm_head.weight.data = gguf.read_tensor(tensors["output.weight"])
-        model.model.norm.weight.data = gguf.read_tensor(tensors["output_norm.weight"])
+def _build(layout: Layout, state: dict[str, torch.Tensor], where: str) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    config = layout.config
+    with no_init_weights(), _quiet():  # every weight is set below: no random initialisation to throw away
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _shape_blocks(model, layout)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for name, w in state.items():
+        path, attr = name.rsplit(".", 1)
+        parts.setdefault(path, {})[attr] = w
+    for path, tensors in parts.items():
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            raise AutosquashError(f"{where}: tensor {path} belongs to a sublayer the header removes") from None
+        weight = tensors["weight"]
+        if isinstance(module, torch.nn.Linear) and module.weight.shape != weight.shape and layout.gguf_arch == "deci":
+            parent, attr = path.rsplit(".", 1)  # a pruned block's narrower linear
+            model.get_submodule(parent).register_module(attr, with_bias(linear_with(weight), tensors.get("bias")))
+            continue
+        for attr, w in tensors.items():
+            current = getattr(module, attr, None)
+            if current is not None and current.shape != w.shape:
+                raise AutosquashError(
+                    f"{where}: tensor {path}.{attr} has shape {tuple(w.shape)} where the header's sizes give "
+                    f"{tuple(current.shape)}"
+                )
+            setattr(module, attr, torch.nn.Parameter(w.contiguous()))
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    missing = [n for n, _ in model.named_parameters() if _unset(n, state, config)]
+    if missing:
+        raise AutosquashError(f"{where} lacks the tensor(s) for {', '.join(missing[:4])}")
     return model.eval()
 
 
-def _fill_block(block, i: int, tensors: dict, head_dim: int, ffn_width: int, kv_heads: int) -> None:
-    """Block `i`'s norms and linears from the file; a sublayer with width 0 is removed."""
-    if kv_heads == 0:
-        block.self_attn = RemovedAttention()
-    else:
-        block.input_layernorm.weight.data = gguf.read_tensor(tensors[f"blk.{i}.attn_norm.weight"])
-    if ffn_width == 0:
-        block.mlp = RemovedMLP()
-    else:
-        block.mlp.intermediate_size = ffn_width
-        block.post_attention_layernorm.weight.data = gguf.read_tensor(tensors[f"blk.{i}.ffn_norm.weight"])
-    for name, path in ATTN_LINEARS + FFN_LINEARS:
-        t = tensors.get(f"blk.{i}.{name}.weight")
-        if t is None:
-            continue
-        w = gguf.read_tensor(t)
-        b = tensors.get(f"blk.{i}.{name}.bias")  # Qwen2's q/k/v biases
-        b = None if b is None else gguf.read_tensor(b)
-        if name in ("attn_q", "attn_k"):
-            w = gguf.rope_unpermute(w, head_dim)
-            b = None if b is None else gguf.rope_unpermute(b, head_dim)
-        parent, attr = path.rsplit(".", 1)
-        block.get_submodule(parent).register_module(attr, with_bias(linear_with(w.contiguous()), b))
+def _shape_blocks(model: torch.nn.Module, layout: Layout) -> None:
+    """Removed sublayers (width 0 in a deci file) replaced by their stand-ins; the file holds none of their
+    tensors, and their norms, which nothing reads, are set to ones as a fresh model has them."""
+    arch = Arch.from_config(layout.config)
+    for i, block in enumerate(model.model.layers):
+        for kind, attr, removed, gone in (
+            ("attn", "self_attn", RemovedAttention, layout.kv_heads[i] == 0),
+            ("ffn", "mlp", RemovedMLP, layout.widths[i] == 0),
+        ):
+            if gone:
+                setattr(block, attr, removed())
+                for _, norm, size in arch.norms(kind):
+                    block.get_submodule(norm).weight = torch.nn.Parameter(torch.ones(size))
+        if 0 < layout.widths[i] != layout.config.intermediate_size:
+            block.mlp.intermediate_size = layout.widths[i]
+
+
+def _unset(name: str, state: dict, config) -> bool:
+    """A parameter no tensor of the file set (a removed sublayer's norm is set apart)."""
+    if name in state or (config.tie_word_embeddings and name == "lm_head.weight"):
+        return False
+    return not name.endswith("norm.weight") or ".layers." not in name

@@ -48,6 +48,7 @@ def as_llama(model: torch.nn.Module) -> torch.nn.Module:
         attention_bias=False,
         mlp_bias=False,
         name_or_path=getattr(cfg, "name_or_path", ""),
+        autosquash_family="phi3",  # what it exports as (models.gguf_family)
     )
     if any(n.endswith(".bias") for n, _ in model.named_parameters()):
         raise AutosquashError("this phi3 model has biases, which autosquash cannot compress yet")

@@ -12,7 +12,7 @@ from typing import Any
 import optuna
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from autosquash.compress.operators import DECOMPOSITIONS, FIELDS, REGISTRY, SEARCHED_FIELDS
+from autosquash.compress.operators import DECOMPOSITIONS, FIELDS, PRUNING, REGISTRY, SEARCHED_FIELDS
 from autosquash.compress.operators.base import ChoiceField
 from autosquash.compress.plan import SUBLAYERS, LayerChoice, Plan, Target
 from autosquash.formats.gguf_types import searchable_type
@@ -101,6 +101,16 @@ class SearchSpace(BaseModel):
     def load(cls, path: str | Path) -> SearchSpace:
         """Read and validate a search-space YAML file."""
         return load_yaml_model(cls, path)
+
+    def pruned(self) -> list[str]:
+        """The structured-pruning fields this space moves off their neutral value, as `kind.field`."""
+        return [
+            f"{kind}.{f.name}"
+            for kind, _ in SUBLAYERS
+            for op in PRUNING.values()
+            for f in op.fields
+            if any(v != f.neutral for v in getattr(getattr(self, kind), f.name, [f.neutral]))
+        ]
 
     def _dims(self, arch: Arch) -> list[tuple[str, str, list]]:
         dims = []

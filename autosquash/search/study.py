@@ -196,7 +196,9 @@ def _preflight(exp: Experiment, opts: SearchOptions) -> None:
     resolve_device(exp.hardware.device)  # a device this machine lacks
     arch = load_arch(exp.model)  # the model reference: its config alone, no weights
     phone = load_device(exp.device)
-    SearchSpace.load(exp.search_space)
+    space = SearchSpace.load(exp.search_space)
+    if space.target == "gguf":
+        check_writable(arch, space.pruned())  # a front no GGUF file of this family could hold
     cells = kv_cells(exp.context_tokens)
     runtime = phone.runtime_fixed_bytes + output_buffer_bytes(arch)
     runtime += compute_buffer_bytes(arch, cells, phone.ubatch_tokens, phone.flash_attention)
@@ -237,8 +239,6 @@ def _search(
             TokenSet(exp.evaluation.source, "evaluation", inputs.held_out.tolist()),
         ]
     )
-    if space.target == "gguf":
-        check_writable(inputs.arch)  # a front no GGUF could hold: refused before any trial runs
     t0 = time.perf_counter()
     ctx = prepare_context(exp, inputs, opts.workers)
     once = {"load_s": inputs.load_s, "calibration_s": inputs.calibration_s, "reference_s": time.perf_counter() - t0}

@@ -9,9 +9,9 @@ from autosquash.errors import AutosquashError
 from autosquash.evaluate.proxy import score
 from autosquash.export.gguf_file import write_gguf
 from autosquash.export.lora import has_adapter
-from autosquash.formats.gguf import gguf_architecture, read_gguf_config, rope_permute, rope_unpermute
+from autosquash.formats.gguf import gguf_architecture, rope_permute, rope_unpermute
 from autosquash.models.layers import RemovedAttention, RemovedMLP
-from autosquash.models.load import load_arch, load_model, read_gguf_model
+from autosquash.models.load import gguf_layout, load_arch, load_model, read_gguf_model
 
 PRUNED = Plan(
     groups={
@@ -43,7 +43,7 @@ def test_deci_file_reads_back_as_the_evaluated_model(tmp_path, tiny_spec, tiny_m
         # Bitwise: same bytes, same dequantizer, q/k rows back in Hugging Face's order (1 of 2 KV groups kept).
         assert torch.equal(loaded(tiny_ref.batch).logits, evaluated(tiny_ref.batch).logits)
     assert score(loaded, tiny_ref) == score(evaluated, tiny_ref)
-    config = read_gguf_config(path)  # the widest block: what load_arch reports for a deci file
+    config = gguf_layout(path).config  # the widest block: what load_arch reports for a deci file
     assert (config.intermediate_size, config.num_key_value_heads, config.head_dim) == (256, 1, 64)
     assert load_arch(str(path)).vocab_size == tiny_arch.vocab_size
 
@@ -54,8 +54,12 @@ def test_uniformly_pruned_heads_stay_llama_and_transformers_agrees(tmp_path, tin
     path = tmp_path / "h.gguf"
     write_gguf(path, tiny_spec, tiny_model, tiny_arch, plan, {})
     assert gguf_architecture(path) == "llama"
-    theirs = dict(load_model(str(path)).named_parameters())  # transformers' GGUF reader, its own un-permutation
-    ours = dict(read_gguf_model(path).named_parameters())
+    from transformers import AutoModelForCausalLM
+
+    # transformers' own GGUF reader, its own un-permutation: an independent check of autosquash's
+    transformers_read = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+    theirs = dict(transformers_read.named_parameters())
+    ours = dict(load_model(str(path)).named_parameters())
     for name, p in compress(tiny_model, tiny_arch, plan, {}).named_parameters():
         assert torch.equal(p, theirs[name]) and torch.equal(p, ours[name]), name
 

@@ -1,4 +1,5 @@
-"""Qwen2's q/k/v biases survive compression and export: llama.cpp runs the GGUF file with them.
+"""Qwen2's q/k/v biases survive compression and export: llama.cpp runs the GGUF file with them, as its own
+`qwen2` architecture unpruned and as `deci` (the llama graph, which adds q/k/v biases) with per-layer shapes.
 
 A tiny random Qwen2 with SmolLM2's vocabulary (whose tokenizer the file copies) and biases large enough to
 move every logit; llama.cpp's logits must match autosquash's far more closely than the same model's
@@ -58,7 +59,7 @@ def test_qwen2_prices_its_biases(qwen2):
     assert pruned["blk.0.attn_k.bias"] == (arch.head_dim,)  # one of two KV heads kept: its bias rows only
 
 
-@pytest.mark.parametrize("plan", [UNIFORM, PRUNED], ids=["llama", "deci"])
+@pytest.mark.parametrize("plan", [UNIFORM, PRUNED], ids=["qwen2", "deci"])
 def test_llama_cpp_runs_the_exported_qwen2_with_its_biases(qwen2, tmp_path, plan):
     spec, model, arch = qwen2
     plan = Plan.uniform(arch, "F16") if plan == UNIFORM else plan
@@ -73,7 +74,7 @@ def test_llama_cpp_runs_the_exported_qwen2_with_its_biases(qwen2, tmp_path, plan
                 m.bias.zero_()
         unbiased = compressed(torch.tensor([ids])).logits[0].double().numpy()
     theirs = llama_cpp_logits(path, ids)
-    assert gguf_arch(arch, plan) == ("llama" if plan.groups.get("blk.0.attn").attn_keep_ratio == 1 else "deci")
+    assert gguf_arch(arch, plan) == ("qwen2" if plan.groups.get("blk.0.attn").attn_keep_ratio == 1 else "deci")
     gap, effect = np.abs(theirs - ours).max(), np.abs(unbiased - ours).max()
     # F16 weights and llama.cpp's F16 rounding of activations: about 1e-2 here; the biases move logits by ~1.
     assert gap < 0.05 * effect, f"llama.cpp differs by {gap:.4f}; the biases move logits by {effect:.4f}"

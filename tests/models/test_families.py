@@ -15,9 +15,10 @@ from autosquash.cost import estimate, load_device
 from autosquash.errors import AutosquashError
 from autosquash.evaluate.heal import HealConfig, heal
 from autosquash.evaluate.proxy import reference, score
-from autosquash.export.gguf_file import check_writable
+from autosquash.export.gguf_file import gguf_arch
 from autosquash.export.torch_file import load, save
-from autosquash.models.arch import LLAMA_GRAPH_TYPES, SUPPORTED_MODEL_TYPES, Arch
+from autosquash.models.arch import SUPPORTED_MODEL_TYPES, Arch
+from autosquash.models.gguf_family import FAMILIES as GGUF_FAMILIES
 from autosquash.models.load import load_model
 from tests.conftest import TINY_SHAPE
 
@@ -81,13 +82,19 @@ def test_a_mixed_plan_compresses_heals_scores_and_reloads(family, tmp_path):
         assert torch.equal(loaded(batch).logits, healed(batch).logits)
 
 
-def test_gguf_export_is_refused_where_llamas_graph_would_compute_something_else(family):
+def test_per_layer_shapes_go_to_deci_only_where_the_llama_graph_runs_the_family(family):
+    """Every family writes its own graph; blocks of different widths need `deci`, which only computes the families
+    llama.cpp's llama graph runs, so the others refuse such a plan in one line (and take a uniformly pruned one)."""
     _, _, arch = family
-    if arch.model_type in LLAMA_GRAPH_TYPES:
-        check_writable(arch)
+    fam = GGUF_FAMILIES[arch.model_type]
+    assert gguf_arch(arch, Plan.uniform(arch, "Q8_0")) == fam.gguf_arch
+    alike = Plan(groups={f"blk.{i}.ffn": LayerChoice(quant="Q8_0", ffn_keep_ratio=0.5) for i in range(2)})
+    assert gguf_arch(arch, alike) == fam.gguf_arch
+    if fam.llama_graph:
+        assert gguf_arch(arch, PLAN) == "deci"
     else:
-        with pytest.raises(AutosquashError, match=f"do not run {arch.model_type} blocks"):
-            check_writable(arch)
+        with pytest.raises(AutosquashError, match="sizes every block's tensors from block 0's"):
+            gguf_arch(arch, PLAN)
 
 
 @pytest.mark.parametrize("name", ["Qwen2.5-1.5B", "Qwen3-1.7B", "Gemma-2-2B", "Gemma-3-1B", "Phi-3-mini-4k"])
@@ -115,7 +122,8 @@ def test_phi3_loads_as_the_llama_it_is(tmp_path):
     from autosquash.models.phi3 import as_llama
 
     llama = as_llama(phi3)
-    assert type(llama).__name__ == "LlamaForCausalLM" and Arch.from_config(llama.config).model_type == "llama"
+    # It computes as a Llama and exports as phi3 (its config keeps the family).
+    assert type(llama).__name__ == "LlamaForCausalLM" and Arch.from_config(llama.config).model_type == "phi3"
     ids = torch.randint(3, 512, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(llama(ids).logits, phi3(ids).logits, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,343 @@
+"""Each model family as llama.cpp holds it: the GGUF architecture its graph runs under, the hyperparameter keys that
+graph reads, and how the family's tensors differ from Hugging Face's (names, q/k row order, norm offsets, fused
+projections).
+
+One table, read both ways: `read_layout` turns a GGUF file's keys into the family's transformers config, and
+`write_hparams` writes a config's keys for export; tensors go through `hf_name`/`to_gguf` and their inverses. The
+keys and tensors are those llama.cpp's converter (convert_hf_to_gguf.py, in the pinned llama-cpp-python sdist)
+writes and its loader (src/models/<arch>.cpp) reads; they are written here rather than by importing the
+converter, which is a script over a folder of Hugging Face files, not a library over an in-memory model.
+
+Per-layer FFN widths and KV-head counts: of these graphs only llama.cpp's `deci` creates each block's tensors from
+its own width (checked in llama.cpp's sources and with llama-cpp-python 0.3.36: the others size every block's
+tensors from block 0's). So a plan whose blocks differ in shape is written as `deci`, which computes the llama
+graph: possible for the families that graph runs (Llama, Mistral, Qwen2, whose q/k biases it adds), refused for
+the rest. A plan that prunes every block alike keeps its family's own graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGUFWriter, RopeScalingType
+
+from autosquash.errors import AutosquashError
+from autosquash.formats.gguf import GGUFFile, Tensor, rope_permute, rope_unpermute
+from autosquash.models.arch import ATTN_LINEARS, BLOCK_NORMS, FFN_LINEARS, Arch
+
+
+@dataclass(frozen=True)
+class Family:
+    """How llama.cpp holds one transformers model type."""
+
+    model_type: str  # transformers' model_type of the family
+    gguf_arch: str  # llama.cpp's architecture for it (general.architecture)
+    norm_shift: float = 0.0  # Gemma: transformers computes x * (1 + w), llama.cpp x * w, so files hold w + 1
+    fused_gate_up: bool = False  # Phi-3: ffn_up holds the gate rows, then the up rows
+    sliding: bool = False  # Gemma 2/3: sliding-window layers, with their own rope base (Gemma 3)
+    softcaps: bool = False  # Gemma 2: attention and final logits soft-capped
+    llama_graph: bool = False  # llama.cpp's llama graph computes it, so per-layer shapes can go to `deci`
+
+
+FAMILIES: dict[str, Family] = {
+    f.model_type: f
+    for f in (
+        Family("llama", "llama", llama_graph=True),
+        Family("mistral", "llama", llama_graph=True),
+        Family("qwen2", "qwen2", llama_graph=True),
+        Family("qwen3", "qwen3"),
+        Family("gemma2", "gemma2", norm_shift=1.0, sliding=True, softcaps=True),
+        Family("gemma3_text", "gemma3", norm_shift=1.0, sliding=True),
+        Family("phi3", "phi3", fused_gate_up=True),
+    )
+}
+# What a GGUF architecture reads back as: `deci` (per-layer shapes) is the llama graph.
+READ_AS = {"llama": "llama", "deci": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2"}
+READ_AS |= {"gemma3": "gemma3_text", "phi3": "phi3"}
+# Graphs that rotate interleaved pairs (llama.cpp's LLAMA_ROPE_TYPE_NORM): their files hold q/k rows permuted from
+# Hugging Face's rotate-half order. Every other graph here uses the NEOX order, Hugging Face's own.
+PERMUTED_QK = ("llama", "deci")
+# llama.cpp's default for Gemma 3 files that name no pattern: every 6th block global, the rest sliding.
+GEMMA3_PATTERN = 6
+
+
+def family(model_type: str) -> Family:
+    """The family of a transformers model type, or a one-line refusal naming those autosquash writes."""
+    if model_type not in FAMILIES:
+        raise AutosquashError(f"model type {model_type!r} has no GGUF family; autosquash knows {', '.join(FAMILIES)}")
+    return FAMILIES[model_type]
+
+
+def permutes_qk(gguf_arch: str) -> bool:
+    """Whether a file of this GGUF architecture holds q/k rows (and their biases, LoRA B rows) interleaved."""
+    return gguf_arch in PERMUTED_QK
+
+
+# ---- hyperparameters ---------------------------------------------------------------------------------------------
+
+
+def _rope(config: Any) -> dict:
+    """The full-attention rope parameters of a config (Gemma 3 keeps one set per layer type)."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    return dict(params.get("full_attention", params))
+
+
+def _layer_types(config: Any, n_layers: int) -> list[str]:
+    return list(getattr(config, "layer_types", None) or ["full_attention"] * n_layers)
+
+
+def write_hparams(
+    writer: GGUFWriter, fam: Family, gguf_arch: str, config: Any, arch: Arch, widths: list, heads: list, kv: list
+) -> None:
+    """The hyperparameters llama.cpp's graph for `gguf_arch` reads, from a transformers config and the plan's
+    per-block FFN widths and head counts (lists for `deci`, one number otherwise)."""
+    per_layer = gguf_arch == "deci"
+    writer.add_context_length(int(config.max_position_embeddings))
+    writer.add_embedding_length(arch.hidden_size)
+    writer.add_block_count(arch.n_layers)
+    writer.add_feed_forward_length(widths if per_layer else widths[0])
+    writer.add_head_count(heads if per_layer else heads[0])
+    writer.add_head_count_kv(kv if per_layer else kv[0])
+    writer.add_rope_dimension_count(arch.head_dim)
+    # Stated, not left to llama.cpp's n_embd / n_head of block 0, which is wrong when block 0's heads are pruned.
+    writer.add_key_length(arch.head_dim)
+    writer.add_value_length(arch.head_dim)
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(arch.vocab_size)
+    rope = _rope(config)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    kind = rope.get("rope_type", "default")
+    if kind == "linear":
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    elif kind == "yarn":
+        writer.add_rope_scaling_type(RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+    elif kind != "default":
+        raise AutosquashError(f"GGUF export writes default, linear and yarn rope; this model's is {kind!r}")
+    if fam.sliding:
+        _write_sliding(writer, fam, config, arch)
+    if fam.softcaps:
+        writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping or 0.0))
+    if getattr(config, "final_logit_softcapping", None):
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+
+
+def _write_sliding(writer: GGUFWriter, fam: Family, config: Any, arch: Arch) -> None:
+    """Gemma's sliding-window layers: the window, which blocks use it, and (Gemma 3) their rope base."""
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    if scalar is not None and int(scalar) != arch.head_dim:
+        # llama.cpp scales Gemma's attention by 1/sqrt(head_dim) (all sizes but Gemma-3-27B's).
+        raise AutosquashError(
+            f"query_pre_attn_scalar {scalar} differs from head_dim {arch.head_dim}; llama.cpp's graph would "
+            "scale this model's attention otherwise"
+        )
+    sliding = [t == "sliding_attention" for t in _layer_types(config, arch.n_layers)]
+    if any(sliding):
+        writer.add_sliding_window(int(config.sliding_window))
+        writer.add_sliding_window_pattern(sliding)
+    local = dict(getattr(config, "rope_parameters", None) or {}).get("sliding_attention")
+    if fam.gguf_arch == "gemma3" and local:
+        writer.add_rope_freq_base_swa(float(local.get("rope_theta", 10000.0)))
+
+
+def _per_layer(value: Any, n_layers: int) -> list[int]:
+    """A GGUF hyperparameter that is one number for all blocks, or one per block (deci)."""
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)] * n_layers
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A GGUF model file as autosquash reads it: its family, the transformers config of its widest block, each
+    block's FFN width and KV-head count (0 for a removed sublayer; they differ only in `deci` files), and its tensors
+    by name."""
+
+    gguf_arch: str
+    family: Family
+    config: Any
+    widths: list[int]
+    kv_heads: list[int]
+    tensors: dict[str, Tensor]
+
+
+def read_layout(reader: GGUFFile, where: str = "GGUF file") -> Layout:
+    """A GGUF file's family, config and per-block shapes; a family autosquash does not read is one line naming
+    those it does."""
+    name = reader.fields.get("general.architecture")
+    arch_name = str(name.value) if name is not None else None
+    if arch_name not in READ_AS:
+        raise AutosquashError(
+            f"{where}: GGUF architecture {arch_name!r}; autosquash reads {', '.join(sorted(READ_AS))} "
+            f"(the families {', '.join(FAMILIES)})"
+        )
+    fam = FAMILIES[READ_AS[arch_name]]
+    tensors = {t.name: t for t in reader.tensors}
+
+    def kv(key: str, default: Any = None) -> Any:
+        field = reader.fields.get(f"{arch_name}.{key}")
+        if field is None and default is None:
+            raise AutosquashError(f"{where} lacks {arch_name}.{key}")
+        return default if field is None else field.value
+
+    n_layers = int(kv("block_count"))
+    hidden = int(kv("embedding_length"))
+    widths = _per_layer(kv("feed_forward_length"), n_layers)
+    heads = _per_layer(kv("attention.head_count"), n_layers)
+    kv_heads = _per_layer(kv("attention.head_count_kv", heads), n_layers)
+    head_dim = int(kv("attention.key_length", 0) or kv("rope.dimension_count", hidden // max(max(heads), 1)))
+    if "token_embd.weight" not in tensors:
+        raise AutosquashError(f"{where} lacks token_embd.weight")
+    widths = _gate_up_widths(fam, tensors, widths)
+
+    def token(key: str) -> int | None:
+        field = reader.fields.get(f"tokenizer.ggml.{key}")
+        return None if field is None else int(field.value)
+
+    cfg: dict[str, Any] = dict(
+        vocab_size=int(tensors["token_embd.weight"].shape[1]),
+        hidden_size=hidden,
+        intermediate_size=max(widths) or hidden,
+        num_hidden_layers=n_layers,
+        num_attention_heads=max(heads) or 1,
+        num_key_value_heads=max(kv_heads) or 1,
+        head_dim=head_dim,
+        max_position_embeddings=int(kv("context_length")),
+        rms_norm_eps=float(kv("attention.layer_norm_rms_epsilon")),
+        tie_word_embeddings="output.weight" not in tensors,
+        bos_token_id=token("bos_token_id"),
+        eos_token_id=token("eos_token_id"),
+        pad_token_id=token("padding_token_id"),
+    )
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(kv("rope.freq_base", 10000.0))}
+    scaling = kv("rope.scaling.type", "none")
+    if scaling in ("linear", "yarn"):
+        rope |= {"rope_type": scaling, "factor": float(kv("rope.scaling.factor"))}
+        if scaling == "yarn":
+            rope["original_max_position_embeddings"] = int(kv("rope.scaling.original_context_length"))
+    elif scaling != "none":
+        raise AutosquashError(f"{where}: rope scaling {scaling!r}; autosquash reads linear and yarn")
+    if "rope_freqs.weight" in tensors:
+        raise AutosquashError(f"{where} holds per-frequency rope factors (Llama 3.1's); not read yet")
+    cfg["rope_parameters"] = rope
+    if fam.llama_graph and any(f"blk.{i}.attn_q.bias" in tensors for i in range(n_layers)):
+        if fam.model_type == "llama":  # a deci/llama file with q/k/v biases is a pruned Qwen2
+            fam = FAMILIES["qwen2"]
+    if fam.sliding:
+        _read_sliding(cfg, fam, kv, n_layers)
+    if fam.softcaps:
+        cfg["attn_logit_softcapping"] = float(kv("attn_logit_softcapping", 0.0)) or None
+    if fam.sliding or fam.softcaps:
+        cfg["final_logit_softcapping"] = float(kv("final_logit_softcapping", 0.0)) or None
+        cfg["query_pre_attn_scalar"] = head_dim
+    if fam.model_type == "phi3":
+        cfg["autosquash_family"] = "phi3"  # loads as the Llama it is (models/phi3.py), exports as phi3
+        model_type = "llama"
+    else:
+        model_type = fam.model_type
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type, **cfg)
+    return Layout(arch_name, fam, config, widths, kv_heads, tensors)
+
+
+def _gate_up_widths(fam: Family, tensors: dict[str, Tensor], widths: list[int]) -> list[int]:
+    """Phi-3's fused ffn_up is 2 x the FFN width; a check that the file says what its tensors hold."""
+    if fam.fused_gate_up and "blk.0.ffn_up.weight" in tensors:
+        rows = int(tensors["blk.0.ffn_up.weight"].shape[1])
+        if rows != 2 * widths[0]:
+            raise AutosquashError(f"phi3 file: ffn_up has {rows} rows; expected 2 x {widths[0]}")
+    return widths
+
+
+def _read_sliding(cfg: dict, fam: Family, kv, n_layers: int) -> None:
+    """Gemma's layer types from the window pattern (llama.cpp's default when the file names none)."""
+    window = int(kv("attention.sliding_window", 0))
+    pattern = kv("attention.sliding_window_pattern", 0)
+    if isinstance(pattern, list):
+        sliding = [bool(p) for p in pattern]
+    else:
+        n = int(pattern) or (GEMMA3_PATTERN if fam.gguf_arch == "gemma3" else 2)
+        sliding = [i % n < n - 1 for i in range(n_layers)]
+    if window == 0:
+        sliding = [False] * n_layers
+    cfg["sliding_window"] = window or None
+    cfg["layer_types"] = ["sliding_attention" if s else "full_attention" for s in sliding]
+    if fam.gguf_arch == "gemma3":
+        full = cfg.pop("rope_parameters")
+        local = {"rope_type": "default", "rope_theta": float(kv("rope.freq_base_swa", 10000.0))}
+        cfg["rope_parameters"] = {"full_attention": full, "sliding_attention": local}
+
+
+# ---- tensors -----------------------------------------------------------------------------------------------------
+
+_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def block_tensor_paths(arch: Arch) -> dict[str, str]:
+    """GGUF short name -> module path inside a block, for every linear and norm a block of `arch` holds."""
+    paths = dict(ATTN_LINEARS + FFN_LINEARS)
+    for kind in ("attn", "ffn"):
+        paths |= {name: path for name, path, _ in BLOCK_NORMS[arch.model_type][kind]}
+    return paths
+
+
+def is_norm(gguf_name: str) -> bool:
+    """Whether a GGUF tensor is a norm weight (Gemma's files hold those shifted by one)."""
+    return gguf_name.endswith("norm.weight")
+
+
+def to_gguf(fam: Family, gguf_arch: str, name: str, data: np.ndarray, head_dim: int) -> np.ndarray:
+    """A float tensor (or rows of quantized blocks) as the file of `gguf_arch` holds it: q/k rows interleaved for
+    the llama graph, norms shifted for Gemma."""
+    if permutes_qk(gguf_arch) and name.split(".")[-2] in ("attn_q", "attn_k"):
+        data = rope_permute(data, head_dim)
+    if fam.norm_shift and is_norm(name):
+        data = data + np.float32(fam.norm_shift)
+    return data
+
+
+def from_gguf(fam: Family, gguf_arch: str, name: str, w: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The inverse of `to_gguf` on a decoded tensor."""
+    if permutes_qk(gguf_arch) and name.split(".")[-2] in ("attn_q", "attn_k"):
+        w = rope_unpermute(w, head_dim)
+    if fam.norm_shift and is_norm(name):
+        w = w - fam.norm_shift
+    return w
+
+
+def hf_state(layout: Layout, read) -> dict[str, torch.Tensor]:
+    """The transformers state dict of a uniform (non-deci) file: every tensor decoded by `read`, named and
+    transformed as the family's transformers model holds it; Phi-3's fused projections split."""
+    config = layout.config
+    arch = Arch.from_config(config)
+    head_dim = arch.head_dim
+    paths = block_tensor_paths(arch)
+    state: dict[str, torch.Tensor] = {}
+    for name, t in layout.tensors.items():
+        parts = name.split(".")
+        w = from_gguf(layout.family, layout.gguf_arch, name, read(t), head_dim)
+        if parts[0] in _TOP:
+            state[f"{_TOP[parts[0]]}.{parts[-1]}"] = w
+            continue
+        if parts[0] != "blk" or len(parts) != 4:
+            raise AutosquashError(f"GGUF tensor {name} is not one autosquash reads for {layout.gguf_arch}")
+        prefix, short, kind = f"model.layers.{parts[1]}", parts[2], parts[3]
+        if short == "attn_qkv":
+            sizes = [arch.n_heads * head_dim, arch.n_kv_heads * head_dim, arch.n_kv_heads * head_dim]
+            for proj, piece in zip(("q_proj", "k_proj", "v_proj"), w.split(sizes), strict=True):
+                state[f"{prefix}.self_attn.{proj}.{kind}"] = piece
+        elif short == "ffn_up" and layout.family.fused_gate_up:
+            gate, up = w.chunk(2, dim=0)
+            state[f"{prefix}.mlp.gate_proj.{kind}"] = gate
+            state[f"{prefix}.mlp.up_proj.{kind}"] = up
+        elif short in paths:
+            state[f"{prefix}.{paths[short]}.{kind}"] = w
+        else:
+            raise AutosquashError(f"GGUF tensor {name} is not one autosquash reads for {layout.gguf_arch}")
+    if arch.tied_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
