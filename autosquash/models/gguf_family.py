@@ -191,7 +191,6 @@ def read_layout(reader: GGUFFile, where: str = "GGUF file") -> Layout:
     head_dim = int(kv("attention.key_length", 0) or kv("rope.dimension_count", hidden // max(max(heads), 1)))
     if "token_embd.weight" not in tensors:
         raise AutosquashError(f"{where} lacks token_embd.weight")
-    widths = _gate_up_widths(fam, tensors, widths)
 
     def token(key: str) -> int | None:
         field = reader.fields.get(f"tokenizer.ggml.{key}")
@@ -241,16 +240,40 @@ def read_layout(reader: GGUFFile, where: str = "GGUF file") -> Layout:
     from transformers import AutoConfig
 
     config = AutoConfig.for_model(model_type, **cfg)
-    return Layout(arch_name, fam, config, widths, kv_heads, tensors)
+    layout = Layout(arch_name, fam, config, widths, kv_heads, tensors)
+    _check_shapes(layout, heads, where)
+    return layout
 
 
-def _gate_up_widths(fam: Family, tensors: dict[str, Tensor], widths: list[int]) -> list[int]:
-    """Phi-3's fused ffn_up is 2 x the FFN width; a check that the file says what its tensors hold."""
-    if fam.fused_gate_up and "blk.0.ffn_up.weight" in tensors:
-        rows = int(tensors["blk.0.ffn_up.weight"].shape[1])
-        if rows != 2 * widths[0]:
-            raise AutosquashError(f"phi3 file: ffn_up has {rows} rows; expected 2 x {widths[0]}")
-    return widths
+def _expected_shapes(layout: Layout, heads: list[int]) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape as the header's sizes give it, in ggml's order (the row length first)."""
+    cfg, arch = layout.config, Arch.from_config(layout.config)
+    e, d = arch.hidden_size, arch.head_dim
+    out = {"token_embd.weight": (e, arch.vocab_size), "output.weight": (e, arch.vocab_size), "output_norm.weight": (e,)}
+    for i in range(cfg.num_hidden_layers):
+        q, kv, ff = heads[i] * d, layout.kv_heads[i] * d, layout.widths[i]
+        linears = {"attn_q": (e, q), "attn_k": (e, kv), "attn_v": (e, kv), "attn_output": (q, e)}
+        linears |= {"attn_qkv": (e, q + 2 * kv), "ffn_gate": (e, ff), "ffn_down": (ff, e)}
+        linears["ffn_up"] = (e, 2 * ff if layout.family.fused_gate_up else ff)
+        for short, shape in linears.items():
+            out[f"blk.{i}.{short}.weight"] = shape
+            out[f"blk.{i}.{short}.bias"] = shape[1:]
+        for kind in ("attn", "ffn"):
+            out |= {f"blk.{i}.{n}.weight": (size,) for n, _, size in arch.norms(kind)}
+    return out
+
+
+def _check_shapes(layout: Layout, heads: list[int], where: str) -> None:
+    """A header that contradicts the file's tensors (a width edited, a tensor of another model) is one line here,
+    before anything is priced or loaded: llama.cpp would refuse the file."""
+    expected = _expected_shapes(layout, heads)
+    for name, t in layout.tensors.items():
+        want = expected.get(name)
+        if want is not None and tuple(int(n) for n in t.shape) != want:
+            raise AutosquashError(
+                f"{where}: tensor {name} has shape {tuple(int(n) for n in t.shape)} (ggml order) where the header's "
+                f"sizes give {want}; the header and the tensors disagree"
+            )
 
 
 def _read_sliding(cfg: dict, fam: Family, kv, n_layers: int) -> None:
