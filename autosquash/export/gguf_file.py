@@ -27,7 +27,7 @@ from autosquash.formats.codecs import QuantizedTensor, quantize
 from autosquash.formats.gguf import add_tensor, copy_tokenizer, gguf_writer
 from autosquash.formats.hf_vocab import add_hf_tokenizer
 from autosquash.models.arch import Arch
-from autosquash.models.gguf_family import family, to_gguf, write_hparams
+from autosquash.models.gguf_family import extra_tensors, family, to_gguf, write_hparams
 from autosquash.models.load import DEFAULT_MODEL, ModelSource, load_tokenizer, resolve
 
 
@@ -148,6 +148,8 @@ def write_gguf(
             if bias is not None:
                 add(f"{gguf_name}.bias", bias.numpy())
         add("output_norm.weight", _floats(base.model.norm.weight))
+        for name, data in extra_tensors(base.config, arch).items():
+            add(name, data)
     return counts
 
 

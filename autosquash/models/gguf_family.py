@@ -117,8 +117,8 @@ def write_hparams(
         writer.add_rope_scaling_type(RopeScalingType.YARN)
         writer.add_rope_scaling_factor(float(rope["factor"]))
         writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
-    elif kind != "default":
-        raise AutosquashError(f"GGUF export writes default, linear and yarn rope; this model's is {kind!r}")
+    elif kind not in ("default", "llama3"):  # llama3's frequencies go in the rope_freqs tensor (extra_tensors)
+        raise AutosquashError(f"GGUF export writes default, linear, yarn and llama3 rope; this model's is {kind!r}")
     if fam.sliding:
         _write_sliding(writer, fam, config, arch)
     if fam.softcaps:
@@ -143,6 +143,39 @@ def _write_sliding(writer: GGUFWriter, fam: Family, config: Any, arch: Arch) -> 
     local = dict(getattr(config, "rope_parameters", None) or {}).get("sliding_attention")
     if fam.gguf_arch == "gemma3" and local:
         writer.add_rope_freq_base_swa(float(local.get("rope_theta", 10000.0)))
+
+
+# Llama 3.1 and 3.2 ship these rope parameters (their config.json); a rope_freqs tensor is matched against them.
+_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def _rope_factors(rope: dict, head_dim: int) -> torch.Tensor:
+    """llama.cpp's rope_freqs of a `llama3` rope: each frequency's divisor, default over scaled (transformers'
+    own computation of the scaled frequencies)."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = LlamaConfig(head_dim=head_dim, num_attention_heads=1, hidden_size=head_dim, rope_parameters=rope)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    default = 1.0 / (rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    return (default / scaled).float()
+
+
+def extra_tensors(config: Any, arch: Arch) -> dict[str, np.ndarray]:
+    """Tensors a family's graph reads beyond the weights: Llama 3.1's per-frequency rope divisors."""
+    rope = _rope(config)
+    if rope.get("rope_type") != "llama3":
+        return {}
+    return {"rope_freqs.weight": _rope_factors(rope, arch.head_dim).numpy()}
+
+
+def _llama3_rope(rope: dict, factors: torch.Tensor, head_dim: int, where: str) -> dict:
+    """The `llama3` rope parameters that give a file's rope_freqs (Llama 3.1/3.2's, with their scaling factor);
+    other divisors are refused rather than guessed."""
+    guess = {**rope, "rope_type": "llama3", "factor": float(factors.max()), **_LLAMA3_ROPE}
+    if factors.shape == (head_dim // 2,) and torch.allclose(_rope_factors(guess, head_dim), factors, rtol=1e-4):
+        return guess
+    raise AutosquashError(f"{where}: its rope_freqs are not Llama 3's rope scaling; autosquash cannot read them")
 
 
 def _per_layer(value: Any, n_layers: int) -> list[int]:
@@ -220,7 +253,9 @@ def read_layout(reader: GGUFFile, where: str = "GGUF file") -> Layout:
     elif scaling != "none":
         raise AutosquashError(f"{where}: rope scaling {scaling!r}; autosquash reads linear and yarn")
     if "rope_freqs.weight" in tensors:
-        raise AutosquashError(f"{where} holds per-frequency rope factors (Llama 3.1's); not read yet")
+        from autosquash.formats.gguf import read_tensor
+
+        rope = _llama3_rope(rope, read_tensor(tensors.pop("rope_freqs.weight")), head_dim, where)
     cfg["rope_parameters"] = rope
     if fam.llama_graph and any(f"blk.{i}.attn_q.bias" in tensors for i in range(n_layers)):
         if fam.model_type == "llama":  # a deci/llama file with q/k/v biases is a pruned Qwen2

@@ -20,7 +20,7 @@ from autosquash.evaluate.heal import HealConfig, heal
 from autosquash.evaluate.proxy import reference
 from autosquash.export.gguf_file import gguf_arch, write_gguf
 from autosquash.export.lora import adapter_weights, apply_adapter, lora_path, read_gguf_lora, write_gguf_lora
-from autosquash.formats.gguf import gguf_architecture
+from autosquash.formats.gguf import gguf_architecture, open_gguf, read_tensor
 from autosquash.models.arch import Arch
 from autosquash.models.gguf_family import FAMILIES, READ_AS
 from autosquash.models.load import load_arch, load_model
@@ -42,8 +42,21 @@ PLAN = Plan(
 )
 
 
+# Llama 3.1/3.2's rope: llama.cpp reads its scaled frequencies from a rope_freqs tensor.
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
 def _tiny(tmp_path, model_type: str):
     cfg = {**TINY_SHAPE, "model_type": model_type, "vocab_size": VOCAB, "bos_token_id": 1, "eos_token_id": 2}
+    if model_type == "llama3":
+        cfg |= {"model_type": "llama", "rope_parameters": LLAMA3_ROPE}
     if model_type.startswith("gemma"):
         cfg |= {"query_pre_attn_scalar": TINY_SHAPE["head_dim"], "sliding_window": 16}  # windows inside the text
     spec = tmp_path / "config.json"
@@ -71,9 +84,10 @@ def _nll(logits: np.ndarray, ids: list[int]) -> float:
 IDS = torch.randint(3, VOCAB, (48,), generator=torch.Generator().manual_seed(3)).tolist()
 
 
-@pytest.mark.parametrize("model_type", list(FAMILIES))
+@pytest.mark.parametrize("model_type", [*FAMILIES, "llama3"])
 def test_llama_cpp_scores_each_family_as_autosquash_does(tmp_path, model_type):
     spec, model, arch = _tiny(tmp_path, model_type)
+    model_type = arch.model_type
     path = tmp_path / "m.gguf"
     write_gguf(path, spec, model, arch, PLAN, {})
     assert gguf_architecture(path) == FAMILIES[model_type].gguf_arch == gguf_arch(arch, PLAN)
@@ -89,6 +103,15 @@ def test_llama_cpp_scores_each_family_as_autosquash_does(tmp_path, model_type):
     back = load_model(str(path))
     read_arch = load_arch(str(path))  # Mistral's file is a `llama` one, as llama.cpp's converter writes it
     assert read_arch == dataclasses.replace(arch, model_type=READ_AS[FAMILIES[model_type].gguf_arch])
+    rope = dict(back.config.rope_parameters)
+    assert rope.get("rope_type") == model.config.rope_parameters.get("rope_type")
+    if rope.get("rope_type") == "llama3":
+        # llama.cpp divides each frequency by rope_freqs: the file must give the frequencies the trial rotated by
+        # (on 48 tokens Llama 3's scaling, which starts at 2048-token wavelengths, barely moves the logits).
+        (freqs,) = [t for t in open_gguf(path).tensors if t.name == "rope_freqs.weight"]
+        inv = model.model.rotary_emb.inv_freq
+        default = 1.0 / (rope["rope_theta"] ** (torch.arange(0, arch.head_dim, 2, dtype=torch.float32) / arch.head_dim))
+        torch.testing.assert_close(default / read_tensor(freqs), inv, rtol=1e-6, atol=0)
     with torch.no_grad():
         again = back(torch.tensor([IDS])).logits[0].double().numpy()
     np.testing.assert_allclose(again, ours, atol=1e-4)
