@@ -238,11 +238,8 @@ def _eval(args: argparse.Namespace) -> int:
 
         batch = token_block(tok, load_texts(args.text), args.tokens, args.seq_len)
         first = 0
-        if args.score == "second-half":  # llama-perplexity's windows: a BOS first where the model wants one
+        if args.score == "second-half":  # llama-perplexity's windows (a BOS first where the model wants one)
             first = args.seq_len // 2
-            bos = tok.bos_token_id if getattr(tok, "add_bos_token", False) else None
-            if bos is not None:
-                batch[:, 0] = bos
         scored = batch.shape[0] * (args.seq_len - 1 - first)
         result.update(perplexity=perplexity(model, batch, first), tokens=int(batch.numel()), scored=scored)
     result.update(model=args.model, limit=args.limit)

@@ -100,3 +100,28 @@ def test_texts_join_with_bos_where_there_is_no_eos_and_a_tokenizer_with_neither_
         token_block(tok, ("a b c d",) * 4, 8, 4)
     tok.bos_token_id = 99
     assert token_block(tok, ("a bb ccc",) * 4, 8, 4).flatten().tolist() == [1, 2, 3, 99, 1, 2, 3, 99]
+
+
+def _word_tokenizer(bos_first: bool):
+    """A word-level tokenizer over a small vocabulary; with `bos_first`, it starts every encoding with <s>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<s>", "</s>", "<unk>", *"the cat sat on a mat and ran far away".split()]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    if bos_first:
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_rows_start_with_bos_where_the_tokenizer_starts_encodings_with_it():
+    """As llama.cpp's perplexity scores a BOS model (Gemma's perplexity is ~20x higher without its BOS)."""
+    from autosquash.evaluate.texts import adds_bos
+
+    texts = ("the cat sat on a mat and ran far away " * 8,)
+    plain, with_bos = _word_tokenizer(False), _word_tokenizer(True)
+    assert not adds_bos(plain) and adds_bos(with_bos)
+    a, b = token_block(plain, texts, 40, 8), token_block(with_bos, texts, 40, 8)
+    assert (b[:, 0] == 0).all() and not (a[:, 0] == 0).any()
+    assert torch.equal(a[:, 1:], b[:, 1:])  # the same text, only each row's first token replaced
