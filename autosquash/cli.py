@@ -86,18 +86,33 @@ def _store_error(e) -> str:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from autosquash.search.experiment import load_experiment
+    from autosquash.search.experiment import load_experiment, resolve_path
+    from autosquash.search.model_experiment import model_experiment, write_space
     from autosquash.search.outputs import print_front
     from autosquash.search.study import SearchOptions, run_search
 
-    exp = load_experiment(args.experiment)
-    if args.model:
-        exp = exp.model_copy(update={"model": args.model})
-    if args.sampler:
-        exp = exp.model_copy(update={"sampler": args.sampler})
-    out = _writable_folder(Path(args.out or Path("runs") / exp.name), "--out", create=False)
     if args.force and not args.resume:
         raise AutosquashError("--force only applies to --resume (it resumes a search whose settings changed)")
+    made = None
+    if args.experiment:
+        exp = load_experiment(args.experiment)
+        given = {"model": args.model, "phone": args.phone}
+        exp = exp.model_copy(update={k: resolve_path(v, Path.cwd()) for k, v in given.items() if v})
+    elif args.model:
+        made = model_experiment(args.model, args.phone)
+        exp = made.experiment
+    else:
+        raise AutosquashError(
+            "search needs an experiment file (e.g. experiments/smoke.yaml) or --model M [--phone P] (the default "
+            "experiment's settings for your model and phone)"
+        )
+    out = _writable_folder(Path(args.out or Path("runs") / exp.name), "--out", create=False)
+    if made is not None and made.space is not None:
+        exp = made.in_folder(out)
+        print(made.note, flush=True)
+        write_space(made, out)  # in the output folder, where --resume finds the same space
+    if args.sampler:
+        exp = exp.model_copy(update={"sampler": args.sampler})
     opts = SearchOptions(
         out_dir=out,
         trials=args.trials or exp.trials,
@@ -516,12 +531,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="autosquash", description="Search per-layer compression plans for phones.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("search", help="run a multi-objective compression search (Optuna trials on Ray)")
-    s.add_argument("experiment", help="experiment YAML file, e.g. experiments/smoke.yaml")
+    s = sub.add_parser(
+        "search",
+        help="run a multi-objective compression search (Optuna trials on Ray)",
+        description="Search an experiment file's model on its phone, or, with --model M --phone P and no file, your "
+        "model on your phone with the default experiment's settings (experiments/smollm2-135m-iphone16.yaml) over "
+        "the search space the model's widths and family take.",
+    )
+    s.add_argument(
+        "experiment", nargs="?", help="experiment YAML file, e.g. experiments/smoke.yaml (or leave out: --model)"
+    )
     s.add_argument("--trials", type=_count, help="trials to finish in total (default: the experiment's)")
     s.add_argument("--workers", type=_count, help="trials in flight at once (default: the experiment's)")
     s.add_argument("--out", help="output folder (default: runs/<experiment name>)")
-    s.add_argument("--model", help="override the experiment's model")
+    s.add_argument("--model", help="the model to search (overrides an experiment file's)")
+    s.add_argument(
+        "--phone",
+        help="phone profile name (see `phones`) or YAML file (overrides an experiment file's; without one: iphone-16)",
+    )
     s.add_argument(
         "--sampler",
         choices=["sensitivity", "tpe", "nsga2", "random", "gp"],
@@ -670,7 +697,7 @@ def _one_line_deprecations(show):
 
     def shown(message, category, filename, lineno, file=None, line=None) -> None:
         if issubclass(category, DeprecatedInput):
-            print(f"autosquash: deprecated: {message}", file=sys.stderr)
+            print(f"autosquash: warning: {message}", file=sys.stderr)
         else:
             show(message, category, filename, lineno, file, line)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -129,10 +130,7 @@ class Experiment(BaseModel):
         A value that names no existing file there (a shipped model, phone or text) stays as it is.
         """
 
-        def fix(value: str) -> str:
-            p = folder / value
-            return str(p.resolve()) if not Path(value).is_absolute() and p.exists() else value
-
+        fix = partial(resolve_path, folder=folder)
         return self.model_copy(
             update={
                 "model": fix(self.model),
@@ -143,6 +141,13 @@ class Experiment(BaseModel):
                 "test": None if self.test is None else self.test.model_copy(update={"source": fix(self.test.source)}),
             }
         )
+
+
+def resolve_path(value: str, folder: Path) -> str:
+    """`value` as an absolute path when it names an existing file or folder relative to `folder`, else as it is
+    (a shipped name, a hub id, an absolute path)."""
+    p = folder / value
+    return str(p.resolve()) if not Path(value).is_absolute() and p.exists() else value
 
 
 def load_experiment(path: str | Path) -> Experiment:
