@@ -1,4 +1,4 @@
-"""The `autosquash` command: search, estimate, devices, fetch, eval, export, pull, report, ui."""
+"""The `autosquash` command: search, estimate, phones, fetch, eval, export, pull, report, ui."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from autosquash.errors import AutosquashError, forget_sigterm, on_sigterm, was_terminated
+from autosquash.errors import AutosquashError, DeprecatedInput, forget_sigterm, on_sigterm, was_terminated
 from autosquash.files import cache_dir
 
 CACHE_DIR = cache_dir()
@@ -86,18 +86,33 @@ def _store_error(e) -> str:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from autosquash.search.experiment import load_experiment
+    from autosquash.search.experiment import load_experiment, resolve_path
+    from autosquash.search.model_experiment import model_experiment, write_space
     from autosquash.search.outputs import print_front
     from autosquash.search.study import SearchOptions, run_search
 
-    exp = load_experiment(args.experiment)
-    if args.model:
-        exp = exp.model_copy(update={"model": args.model})
-    if args.sampler:
-        exp = exp.model_copy(update={"sampler": args.sampler})
-    out = _writable_folder(Path(args.out or Path("runs") / exp.name), "--out", create=False)
     if args.force and not args.resume:
         raise AutosquashError("--force only applies to --resume (it resumes a search whose settings changed)")
+    made = None
+    if args.experiment:
+        exp = load_experiment(args.experiment)
+        given = {"model": args.model, "phone": args.phone}
+        exp = exp.model_copy(update={k: resolve_path(v, Path.cwd()) for k, v in given.items() if v})
+    elif args.model:
+        made = model_experiment(args.model, args.phone)
+        exp = made.experiment
+    else:
+        raise AutosquashError(
+            "search needs an experiment file (e.g. experiments/smoke.yaml) or --model M [--phone P] (the default "
+            "experiment's settings for your model and phone)"
+        )
+    out = _writable_folder(Path(args.out or Path("runs") / exp.name), "--out", create=False)
+    if made is not None and made.space is not None:
+        exp = made.in_folder(out)
+        print(made.note, flush=True)
+        write_space(made, out)  # in the output folder, where --resume finds the same space
+    if args.sampler:
+        exp = exp.model_copy(update={"sampler": args.sampler})
     opts = SearchOptions(
         out_dir=out,
         trials=args.trials or exp.trials,
@@ -111,11 +126,11 @@ def _search(args: argparse.Namespace) -> int:
     front = run_search(exp, opts)
     print_front(front, exp, out)
     if not front:
-        raise AutosquashError(_why_no_front(out, exp.device))
+        raise AutosquashError(_why_no_front(out, exp.phone))
     return 0
 
 
-def _why_no_front(out: Path, device: str) -> str:
+def _why_no_front(out: Path, phone: str) -> str:
     """Why a finished search has an empty front: every trial failed, or no plan fits the phone."""
     import csv
 
@@ -128,7 +143,7 @@ def _why_no_front(out: Path, device: str) -> str:
         return f"every one of the {len(rows)} trials failed (first error: {first}); see {out / 'trials.csv'}"
     smallest = min(done, key=lambda r: float(r["memory_mb"]))
     return (
-        f"no plan of the {len(done)} finished trials fits {device}: the smallest needs "
+        f"no plan of the {len(done)} finished trials fits {phone}: the smallest needs "
         f"{float(smallest['memory_mb']):.0f} MB at run time (trial {smallest['trial']}); choose a phone with more "
         "memory, a shorter context_tokens or a space with smaller types"
     )
@@ -136,12 +151,16 @@ def _why_no_front(out: Path, device: str) -> str:
 
 def _estimate(args: argparse.Namespace) -> int:
     from autosquash.compress.plan import Plan, check_plan, deployed_tensors, kv_heads_per_layer
-    from autosquash.cost import estimate, file_tensors, format_report, load_device
+    from autosquash.cost import estimate, file_tensors, format_report, load_phone
     from autosquash.formats.gguf_types import tensor_type
     from autosquash.models.load import load_arch, resolve
     from autosquash.yaml_io import load_yaml_model
 
-    device = load_device(args.device)
+    if args.old_device:
+        warnings.warn(
+            "estimate --device is deprecated: it names the phone; write --phone", DeprecatedInput, stacklevel=2
+        )
+    phone = load_phone(args.phone or args.old_device)
     src = resolve(args.model)
     if src.kind == "gguf" and not args.plan and not args.uniform:
         # A GGUF file is priced as it is stored: its own tensors and types, its blocks' KV heads.
@@ -153,12 +172,12 @@ def _estimate(args: argparse.Namespace) -> int:
         else:
             plan = Plan.uniform(arch, tensor_type(args.uniform or "F16").name)
         tensors, kv_heads = deployed_tensors(arch, plan), kv_heads_per_layer(arch, plan)
-    report = estimate(arch, tensors, device, context_tokens=args.context, kv_heads_per_layer=kv_heads)
+    report = estimate(arch, tensors, phone, context_tokens=args.context, kv_heads_per_layer=kv_heads)
     if args.json:
         _print_json(report.to_dict(), indent=2)
     else:
         _check_finite(report.to_dict())
-        print(format_report(report, device))
+        print(format_report(report, phone))
     return 0
 
 
@@ -169,20 +188,27 @@ def _check_finite(obj) -> None:
         raise AutosquashError(f"not a finite number: {', '.join(bad)} (NaN or infinite weights?)")
 
 
-def _devices(args: argparse.Namespace) -> int:
-    from autosquash.cost import list_devices
+def _phones(args: argparse.Namespace) -> int:
+    from autosquash.cost import list_phones
 
-    devices = list_devices()
+    phones = list_phones()
     if args.json:
-        print(json.dumps([d.model_dump(mode="json") for d in devices], indent=2))
+        print(json.dumps([p.model_dump(mode="json") for p in phones], indent=2))
         return 0
     print(f"{'name':20s} {'DRAM':>7s} {'app limit':>10s} {'bandwidth':>11s} {'battery':>9s}")
-    for d in devices:
+    for p in phones:
         print(
-            f"{d.name:20s} {d.dram_bytes / 2**30:5.1f} GiB {d.app_memory_limit_bytes / 2**30:6.1f} GiB "
-            f"{d.peak_bandwidth_bytes_per_s / 1e9:7.1f} GB/s {d.battery_j / 1e3:6.1f} kJ"
+            f"{p.name:20s} {p.dram_bytes / 2**30:5.1f} GiB {p.app_memory_limit_bytes / 2**30:6.1f} GiB "
+            f"{p.peak_bandwidth_bytes_per_s / 1e9:7.1f} GB/s {p.battery_j / 1e3:6.1f} kJ"
         )
     return 0
+
+
+def _devices(args: argparse.Namespace) -> int:
+    warnings.warn(
+        "`autosquash devices` is deprecated: it lists phones; write `autosquash phones`", DeprecatedInput, stacklevel=2
+    )
+    return _phones(args)
 
 
 def _fetch(args: argparse.Namespace) -> int:
@@ -377,7 +403,7 @@ def _register(args: argparse.Namespace, exp, plan_file: Path, files: list[Path],
         tags["lora_adapter"] = healing
     tags.update(
         {
-            "device": exp.device,
+            "phone": exp.phone,
             "model": exp.model,
             "search": exp.name,
             "trial": str(args.trial),
@@ -502,12 +528,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="autosquash", description="Search per-layer compression plans for phones.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("search", help="run a multi-objective compression search (Optuna trials on Ray)")
-    s.add_argument("experiment", help="experiment YAML file, e.g. experiments/smoke.yaml")
+    s = sub.add_parser(
+        "search",
+        help="run a multi-objective compression search (Optuna trials on Ray)",
+        description="Search an experiment file's model on its phone, or, with --model M --phone P and no file, your "
+        "model on your phone with the default experiment's settings (experiments/smollm2-135m-iphone16.yaml) over "
+        "the search space the model's widths and family take.",
+    )
+    s.add_argument(
+        "experiment", nargs="?", help="experiment YAML file, e.g. experiments/smoke.yaml (or leave out: --model)"
+    )
     s.add_argument("--trials", type=_count, help="trials to finish in total (default: the experiment's)")
     s.add_argument("--workers", type=_count, help="trials in flight at once (default: the experiment's)")
     s.add_argument("--out", help="output folder (default: runs/<experiment name>)")
-    s.add_argument("--model", help="override the experiment's model")
+    s.add_argument("--model", help="the model to search (overrides an experiment file's)")
+    s.add_argument(
+        "--phone",
+        help="phone profile name (see `phones`) or YAML file (overrides an experiment file's; without one: iphone-16)",
+    )
     s.add_argument(
         "--sampler",
         choices=["sensitivity", "tpe", "nsga2", "random", "gp"],
@@ -530,7 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="shipped name, .gguf (priced as stored: its own tensor types), config.json, folder or hub id",
     )
-    e.add_argument("--device", required=True, help="device profile name (see `devices`) or YAML file")
+    phone = e.add_mutually_exclusive_group(required=True)
+    phone.add_argument("--phone", help="phone profile name (see `phones`) or YAML file")
+    phone.add_argument("--device", dest="old_device", help=argparse.SUPPRESS)  # the old name of --phone
     g = e.add_mutually_exclusive_group()
     g.add_argument("--plan", help="plan YAML file (e.g. a trial's plans/trial-0007.yaml)")
     g.add_argument(
@@ -540,7 +580,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(fn=_estimate)
 
-    d = sub.add_parser("devices", help="list the shipped phone profiles")
+    d = sub.add_parser("phones", help="list the shipped phone profiles")
+    d.add_argument("--json", action="store_true", help="print JSON")
+    d.set_defaults(fn=_phones)
+    d = sub.add_parser("devices", description="The old name of `autosquash phones`.")
     d.add_argument("--json", action="store_true", help="print JSON")
     d.set_defaults(fn=_devices)
 
@@ -646,6 +689,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_deprecations(show):
+    """`show` (a warnings.showwarning) with an input spelled the old way shown in one line on stderr."""
+
+    def shown(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, DeprecatedInput):
+            print(f"autosquash: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return shown
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one-line errors and a non-zero exit for bad input, never a bare traceback."""
     args = build_parser().parse_args(argv)
@@ -660,7 +715,10 @@ def main(argv: list[str] | None = None) -> int:
     from sqlalchemy.exc import OperationalError  # Optuna's and MLflow's stores: a database they cannot use
 
     try:
-        return args.fn(args)
+        with warnings.catch_warnings():  # restores the caller's warning display when the command ends
+            warnings.simplefilter("always", DeprecatedInput)
+            warnings.showwarning = _one_line_deprecations(warnings.showwarning)
+            return args.fn(args)
     except AutosquashError as e:
         print(f"autosquash: error: {e}", file=sys.stderr)
         return 2

@@ -1,10 +1,15 @@
-"""The one error type the CLI turns into a one-line message and a non-zero exit."""
+"""The one error type the CLI turns into a one-line message and a non-zero exit, and the one warning type it
+prints in one line."""
 
 import threading
 
 
 class AutosquashError(Exception):
     """Bad input or an unmet precondition, stated in one line for the user."""
+
+
+class DeprecatedInput(UserWarning):
+    """An input spelled the old way (a renamed field, flag or command): it still works, announced in one line."""
 
 
 class Terminated(KeyboardInterrupt):

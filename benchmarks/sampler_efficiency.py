@@ -1,7 +1,7 @@
 """Search efficiency: hypervolume of (memory, perplexity) against trials for each sampler, at equal budget.
 
 Each (sampler, seed) runs an Optuna study in this process (no Ray, no MLflow) over the experiment's
-search space and objectives, with the device-fit constraint as in a search, but without the enqueued
+search space and objectives, with the phone-fit constraint as in a search, but without the enqueued
 uniform baselines: the samplers are measured alone. (The sensitivity sampler aims its first proposals
 at the baselines' sizes, as it does in a search; it never evaluates them.) A trial is the plan compressed
 (one variant cache for every run) and scored on the experiment's held-out text, without healing: healing
@@ -201,7 +201,7 @@ def report(result: dict) -> None:
         f"mean (min..max) over seeds {','.join(map(str, seeds))}"
     )
     print(
-        "objectives as the experiment's, with the device-fit constraint; no healing (the same for every sampler);"
+        "objectives as the experiment's, with the phone-fit constraint; no healing (the same for every sampler);"
         f" reference point ({ref[0]:.1f} MB, {ref[1]:.2f}) = 1.05 x the uniform baselines' largest"
     )
     rows = []

@@ -22,10 +22,10 @@ def _run(capsys, *argv) -> tuple[int, str, str]:
     "argv, message",
     [
         (["search", "no/such/experiment.yaml"], "cannot read no/such/experiment.yaml"),
-        (["estimate", "--model", "no-such-model", "--device", "iphone-16"], "neither a shipped name"),
-        (["estimate", "--model", "experiments/tiny-llama.json", "--device", "nokia-3310"], "nokia-3310"),
+        (["estimate", "--model", "no-such-model", "--phone", "iphone-16"], "neither a shipped name"),
+        (["estimate", "--model", "experiments/tiny-llama.json", "--phone", "nokia-3310"], "nokia-3310"),
         (
-            ["estimate", "--model", "experiments/tiny-llama.json", "--device", "iphone-16", "--uniform", "Q9_0"],
+            ["estimate", "--model", "experiments/tiny-llama.json", "--phone", "iphone-16", "--uniform", "Q9_0"],
             "unknown GGUF tensor type",
         ),
         (["export", "--out", "x.gguf"], "export needs --run DIR --trial N"),
@@ -54,7 +54,7 @@ def test_bad_input_is_one_line(capsys, monkeypatch, argv, message):
         (["search", "experiments/smoke.yaml", "--workers", "two"], "expected a whole number, got 'two'"),
         (["ui", "--port", "70000"], "a TCP port is at most 65535"),
         (["eval", "--model", "m", "--tokens", "-5"], "argument --tokens: must be at least 1"),
-        (["estimate", "--device", "iphone-16"], "the following arguments are required: --model"),
+        (["estimate", "--phone", "iphone-16"], "the following arguments are required: --model"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
 )
@@ -67,7 +67,7 @@ def test_bad_arguments_are_one_line(capsys, argv, message):
 
 
 def test_bad_experiment_field_is_named(capsys, tmp_path):
-    (tmp_path / "e.yaml").write_text("name: x\nmodel: m\ndevice: iphone-16\nsearch_space: s.yaml\ntrials: -3\n")
+    (tmp_path / "e.yaml").write_text("name: x\nmodel: m\nphone: iphone-16\nsearch_space: s.yaml\ntrials: -3\n")
     code, _, err = _run(capsys, "search", str(tmp_path / "e.yaml"))
     assert code == 2 and "e.yaml" in err and "'trials'" in err
 
@@ -75,7 +75,7 @@ def test_bad_experiment_field_is_named(capsys, tmp_path):
 def test_estimate_json_from_a_config(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     code, out, _ = _run(
-        capsys, "estimate", "--model", "tests/cost/configs/Llama-3.1-8B/config.json", "--device", "iphone-16", "--json"
+        capsys, "estimate", "--model", "tests/cost/configs/Llama-3.1-8B/config.json", "--phone", "iphone-16", "--json"
     )
     report = json.loads(out)
     assert code == 0
@@ -83,14 +83,45 @@ def test_estimate_json_from_a_config(capsys, monkeypatch):
     assert 0.6 <= report["dram_energy_j_per_token"] <= 1.0 < report["energy_j_per_token"]
 
 
-def test_devices_lists_the_shipped_phones(capsys):
-    code, out, _ = _run(capsys, "devices", "--json")
+def test_phones_lists_the_shipped_phones_and_devices_still_does_with_a_note(capsys):
+    code, out, err = _run(capsys, "phones", "--json")
     names = {d["name"] for d in json.loads(out)}
-    assert code == 0 and {"iphone-16", "pixel-9-pro", "galaxy-s24-ultra", "midrange-6gb"} <= names
+    assert code == 0 and {"iphone-16", "pixel-9-pro", "galaxy-s24-ultra", "midrange-6gb"} <= names and not err
+    code, old, err = _run(capsys, "devices", "--json")
+    assert code == 0 and old == out
+    assert err.count("\n") == 1 and "deprecated" in err and "autosquash phones" in err
+
+
+def test_estimate_takes_phone_and_the_old_device_flag_with_a_note(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    args = ["estimate", "--model", "experiments/tiny-llama.json", "--uniform", "Q4_0"]
+    code, out, err = _run(capsys, *args, "--phone", "pixel-9-pro")
+    assert code == 0 and out.startswith("phone    pixel-9-pro") and not err
+    code, old, err = _run(capsys, *args, "--device", "pixel-9-pro")
+    assert code == 0 and old == out and err.count("\n") == 1 and "--device is deprecated" in err and "--phone" in err
+    with pytest.raises(SystemExit):
+        main([*args, "--phone", "iphone-16", "--device", "pixel-9-pro"])
+    assert "not allowed with argument --phone" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(args)
+    err = capsys.readouterr().err
+    assert "one of the arguments --phone is required" in err and "--device" not in err
+
+
+def test_an_experiment_file_with_the_old_device_field_loads_with_a_note(capsys, tmp_path):
+    fields = "name: x\nmodel: m\nsearch_space: s.yaml\ntrials: -3\n"
+    (tmp_path / "e.yaml").write_text(fields + "device: iphone-16\n")
+    code, _, err = _run(capsys, "search", str(tmp_path / "e.yaml"))
+    note, error = err.splitlines()
+    assert code == 2 and "'trials'" in error  # it loaded on to the next check
+    assert f"{tmp_path / 'e.yaml'}: field 'device' is deprecated" in note and "write 'phone: iphone-16'" in note
+    (tmp_path / "e.yaml").write_text(fields + "device: iphone-16\nphone: iphone-16\n")
+    code, _, err = _run(capsys, "search", str(tmp_path / "e.yaml"))
+    assert code == 2 and err.count("\n") == 1 and "fields 'phone' and 'device' both given" in err
 
 
 def test_every_subcommand_has_help():
-    for sub in ("search", "estimate", "devices", "fetch", "eval", "export", "pull", "report", "ui"):
+    for sub in ("search", "estimate", "phones", "devices", "fetch", "eval", "export", "pull", "report", "ui"):
         r = subprocess.run([sys.executable, "-m", "autosquash", sub, "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "usage: autosquash" in r.stdout, sub
 
@@ -138,9 +169,9 @@ def test_sigterm_ends_a_command_as_ctrl_c_does_with_exit_143(capsys, monkeypatch
         os.kill(os.getpid(), signal.SIGTERM)
         raise AssertionError("SIGTERM did not stop the command")
 
-    monkeypatch.setattr(cli, "_devices", stopped)
+    monkeypatch.setattr(cli, "_phones", stopped)
     before = signal.getsignal(signal.SIGTERM)
-    code, _, err = _run(capsys, "devices")
+    code, _, err = _run(capsys, "phones")
     assert code == 143 and "interrupted; finished trials are stored" in err
     assert signal.getsignal(signal.SIGTERM) is before  # put back for whoever called main
 
@@ -164,10 +195,10 @@ def test_sigterm_reraised_as_a_plain_keyboard_interrupt_still_exits_143(capsys, 
     def ctrl_c(args):
         raise KeyboardInterrupt()
 
-    monkeypatch.setattr(cli, "_devices", waits)
-    assert _run(capsys, "devices")[0] == 143
-    monkeypatch.setattr(cli, "_devices", ctrl_c)
-    assert _run(capsys, "devices")[0] == 130
+    monkeypatch.setattr(cli, "_phones", waits)
+    assert _run(capsys, "phones")[0] == 143
+    monkeypatch.setattr(cli, "_phones", ctrl_c)
+    assert _run(capsys, "phones")[0] == 130
 
 
 def test_report_of_a_folder_without_a_finished_search_is_one_line(capsys, tmp_path):
@@ -221,11 +252,11 @@ def test_a_plan_for_another_model_is_refused_by_estimate_and_export(capsys, tmp_
     config.write_text(tiny_config().to_json_string())
     plan = tmp_path / "plan.yaml"
     plan.write_text(yaml.safe_dump({"groups": {"blk.7.attn": {"quant": "Q4_0"}}}))
-    for cmd in (["estimate", "--device", "iphone-16"], ["export", "--out", str(tmp_path / "m.gguf")]):
+    for cmd in (["estimate", "--phone", "iphone-16"], ["export", "--out", str(tmp_path / "m.gguf")]):
         code, _, err = _run(capsys, *cmd, "--model", str(config), "--plan", str(plan))
         assert code == 2 and "'blk.7.attn' is past the model's 2 blocks" in err, cmd
     plan.write_text(yaml.safe_dump({"groups": {"blk.0.attn": {"quant": "Q4_0", "tensor_quant": {"ffn_up": "Q8_0"}}}}))
-    code, _, err = _run(capsys, "estimate", "--device", "iphone-16", "--model", str(config), "--plan", str(plan))
+    code, _, err = _run(capsys, "estimate", "--phone", "iphone-16", "--model", str(config), "--plan", str(plan))
     assert code == 2 and "blk.0.attn names tensors of another sublayer: ffn_up" in err
 
 
@@ -248,7 +279,7 @@ def test_corrupt_model_files_are_one_line_errors(capsys, tmp_path):
     cut = tmp_path / "cut.gguf"
     with open(Path(folder, file), "rb") as f:
         cut.write_bytes(f.read(100_000))  # inside the header's vocabulary
-    for cmd in (["estimate", "--device", "iphone-16"], ["eval", "--text", "lambada"]):
+    for cmd in (["estimate", "--phone", "iphone-16"], ["eval", "--text", "lambada"]):
         code, _, err = _run(capsys, *cmd, "--model", str(cut))
         assert code == 2 and f"{cut}: a truncated or corrupt GGUF file" in err and err.count("\n") == 1, cmd
     base = {"model_type": "llama", "num_hidden_layers": 2, "intermediate_size": 64, "vocab_size": 100}
@@ -259,5 +290,5 @@ def test_corrupt_model_files_are_one_line_errors(capsys, tmp_path):
     ):
         config = tmp_path / "config.json"
         config.write_text(json.dumps({**base, **extra}))
-        code, _, err = _run(capsys, "estimate", "--device", "iphone-16", "--model", str(config))
+        code, _, err = _run(capsys, "estimate", "--phone", "iphone-16", "--model", str(config))
         assert code == 2 and msg in err, extra

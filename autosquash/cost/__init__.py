@@ -1,16 +1,16 @@
-"""Phone cost: device profiles (YAML, every constant sourced) and the memory/speed/energy model."""
+"""Phone cost: phone profiles (YAML, every constant sourced) and the memory/speed/energy model."""
 
-from autosquash.cost.device import DeviceProfile, list_devices, load_device, shipped_device_names
 from autosquash.cost.model import CostReport, estimate, file_tensors, format_report, kv_cache_bytes_per_token
+from autosquash.cost.phone import PhoneProfile, list_phones, load_phone, shipped_phone_names
 
 __all__ = [
     "CostReport",
-    "DeviceProfile",
+    "PhoneProfile",
     "estimate",
     "file_tensors",
     "format_report",
     "kv_cache_bytes_per_token",
-    "list_devices",
-    "load_device",
-    "shipped_device_names",
+    "list_phones",
+    "load_phone",
+    "shipped_phone_names",
 ]

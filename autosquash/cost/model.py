@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from autosquash.compress.plan import TensorSpec
-from autosquash.cost.device import DeviceProfile
+from autosquash.cost.phone import PhoneProfile
 from autosquash.errors import AutosquashError
 from autosquash.formats.gguf_types import tensor_type
 from autosquash.models.arch import Arch
@@ -113,12 +113,12 @@ def output_buffer_bytes(arch: Arch) -> int:
     return 4 * arch.vocab_size
 
 
-def _duplicated_head_bytes(tensors: Sequence[TensorSpec], device: DeviceProfile) -> int:
+def _duplicated_head_bytes(tensors: Sequence[TensorSpec], phone: PhoneProfile) -> int:
     """A tied token table llama.cpp holds twice: with the file read into its own buffers (not mapped), the
     output head is a second copy of the table in the matmul weights' buffer (measured on three phones: every
     tied model's model buffer exceeds its file's tensors by exactly the table; pocketpal-ai's sweep,
     autosquash/cost/measurements.yaml). A mapped file shares its pages."""
-    if device.mmap_weights or any(t.name == "output.weight" for t in tensors):
+    if phone.mmap_weights or any(t.name == "output.weight" for t in tensors):
         return 0
     return sum(t.nbytes for t in tensors if t.name == "token_embd.weight")
 
@@ -126,13 +126,13 @@ def _duplicated_head_bytes(tensors: Sequence[TensorSpec], device: DeviceProfile)
 def estimate(
     arch: Arch,
     tensors: Sequence[TensorSpec],
-    device: DeviceProfile,
+    phone: PhoneProfile,
     context_tokens: int = 2048,
     prompt_tokens: int = 512,
     kv_type: str = "F16",
     kv_heads_per_layer: Sequence[int] | None = None,
 ) -> CostReport:
-    """Price `tensors` (from `deployed_tensors(arch, plan)`) on `device` for one conversation.
+    """Price `tensors` (from `deployed_tensors(arch, plan)`) on `phone` for one conversation.
 
     The KV cache is allocated for `context_tokens`; decoding runs from the end of a `prompt_tokens`
     prompt to the end of the context, so per-token figures are taken at the average position.
@@ -143,16 +143,16 @@ def estimate(
             f"prompt_tokens ({prompt_tokens}) must be positive and at most context_tokens ({context_tokens})"
         )
     weights_bytes = sum(t.nbytes for t in tensors)
-    model_bytes = weights_bytes + _duplicated_head_bytes(tensors, device)
+    model_bytes = weights_bytes + _duplicated_head_bytes(tensors, phone)
     kv_heads = list(kv_heads_per_layer) if kv_heads_per_layer is not None else [arch.n_kv_heads] * arch.n_layers
     kv_per_position = kv_cache_bytes_per_token(arch, kv_type, kv_heads)
     cells = kv_cells(context_tokens)
     kv_cache_bytes = kv_per_position * cells
-    compute_bytes = compute_buffer_bytes(arch, cells, device.ubatch_tokens, device.flash_attention)
+    compute_bytes = compute_buffer_bytes(arch, cells, phone.ubatch_tokens, phone.flash_attention)
     output_bytes = output_buffer_bytes(arch)
-    runtime_bytes = device.runtime_fixed_bytes + compute_bytes + output_bytes
+    runtime_bytes = phone.runtime_fixed_bytes + compute_bytes + output_bytes
     peak_memory_bytes = model_bytes + kv_cache_bytes + runtime_bytes
-    app_memory_limit_bytes = device.app_memory_limit_bytes
+    app_memory_limit_bytes = phone.app_memory_limit_bytes
 
     avg_position = (prompt_tokens + context_tokens) / 2
     # Scores q·k and the weighted sum of values: head_dim MACs each, per query head and position.
@@ -162,20 +162,20 @@ def estimate(
     bytes_read = weights_read + kv_per_position * avg_position
     macs = linear_macs + attn_macs_per_position * avg_position
 
-    bandwidth = device.bandwidth_efficiency * device.peak_bandwidth_bytes_per_s
-    decode_s = bytes_read / bandwidth + device.fixed_overhead_s_per_token
+    bandwidth = phone.bandwidth_efficiency * phone.peak_bandwidth_bytes_per_s
+    decode_s = bytes_read / bandwidth + phone.fixed_overhead_s_per_token
     # Prefill multiplies the whole prompt at once, so compute bounds it, but the weights still
     # have to come from DRAM at least once.
     prefill_macs = prompt_tokens * linear_macs + attn_macs_per_position * prompt_tokens**2 / 2
-    prefill_s = max(prefill_macs / device.peak_macs_per_s, weights_read / bandwidth)
+    prefill_s = max(prefill_macs / phone.peak_macs_per_s, weights_read / bandwidth)
 
-    dram_j = bytes_read * device.dram_energy_j_per_byte
-    compute_j = macs * device.mac_energy_j
-    sustained_s = decode_s / device.sustained_speed_factor
-    static_j = device.static_power_w * sustained_s
+    dram_j = bytes_read * phone.dram_energy_j_per_byte
+    compute_j = macs * phone.mac_energy_j
+    sustained_s = decode_s / phone.sustained_speed_factor
+    static_j = phone.static_power_w * sustained_s
     energy_j = dram_j + compute_j + static_j
     tokens_per_s = 1.0 / decode_s
-    battery_j = device.battery_j
+    battery_j = phone.battery_j
 
     matrices = [t for t in tensors if len(t.shape) == 2]
     blocks = [t for t in matrices if t.name.startswith("blk.")]
@@ -218,19 +218,19 @@ def _bits_per_value(matrices) -> float:
     return 8.0 * sum(t.nbytes for t in matrices) / values if values else 0.0
 
 
-def format_report(report: CostReport, device: DeviceProfile) -> str:
-    """A readable multi-line breakdown of `report` on `device`, for a terminal."""
+def format_report(report: CostReport, phone: PhoneProfile) -> str:
+    """A readable multi-line breakdown of `report` on `phone`, for a terminal."""
     r = report
     verdict = "fits" if r.fits else "does NOT fit"
     return "\n".join(
         [
-            f"device   {device.name}" + (f" ({device.description})" if device.description else ""),
+            f"phone    {phone.name}" + (f" ({phone.description})" if phone.description else ""),
             f"memory   weights {r.weights_bytes / GIB:.2f} GiB + KV cache {r.kv_cache_bytes / GIB:.2f} GiB "
             f"({r.context_tokens} tokens) + runtime {r.runtime_overhead_bytes / GIB:.2f} GiB "
             f"(compute buffer {r.compute_buffer_bytes / 2**20:.0f} MiB) "
             f"= {r.peak_memory_bytes / GIB:.2f} GiB",
             f"         {verdict}: app limit {r.app_memory_limit_bytes / GIB:.2f} GiB "
-            f"({device.app_memory_fraction:.0%} of {device.dram_bytes / GIB:.1f} GiB DRAM)",
+            f"({phone.app_memory_fraction:.0%} of {phone.dram_bytes / GIB:.1f} GiB DRAM)",
             f"weights  {r.bits_per_weight:.2f} bits per weight ({r.block_bits_per_weight:.2f} in the blocks)",
             f"decode   {r.bytes_read_per_token / 1e6:,.0f} MB read and {r.macs_per_token / 1e9:.2f} GMAC per token "
             f"-> {r.decode_tokens_per_s:.1f} tok/s ({r.decode_s_per_token * 1e3:.1f} ms/token); "

@@ -19,8 +19,8 @@ import yaml
 
 from autosquash.compress.plan import Plan, deployed_tensors
 from autosquash.compress.recipes import llama_cpp_mixture
-from autosquash.cost.device import load_device
 from autosquash.cost.model import CostReport, estimate
+from autosquash.cost.phone import load_phone
 from autosquash.models.arch import Arch
 
 MAC_ENERGY_J = 5.0e-13  # the profiles' arithmetic energy (Horowitz, ISSCC 2014, scaled to 3-4 nm)
@@ -61,7 +61,7 @@ def price(row: dict, models: dict) -> CostReport:
     return estimate(
         arch,
         deployed_tensors(arch, plan),
-        load_device("iphone-16"),
+        load_phone("iphone-16"),
         context_tokens=row.get("context_tokens") or DEFAULT_CONTEXT,
         prompt_tokens=row.get("prompt_tokens") or DEFAULT_PROMPT,
     )

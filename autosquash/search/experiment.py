@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from autosquash.errors import AutosquashError
+from autosquash.errors import AutosquashError, DeprecatedInput
 from autosquash.yaml_io import read_yaml, validate
 
 Objective = Literal["perplexity", "kl", "memory", "energy"]
@@ -92,7 +94,7 @@ class Experiment(BaseModel):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     model: str
-    device: str
+    phone: str  # a phone profile name or YAML file (autosquash.cost); where trials compute is hardware.device
     search_space: str
     objectives: list[Objective] = Field(default_factory=lambda: ["perplexity", "memory"], min_length=2)
     trials: int = Field(24, gt=0)
@@ -125,17 +127,14 @@ class Experiment(BaseModel):
     def resolved(self, folder: Path) -> Experiment:
         """The same experiment with paths relative to `folder` (its file's folder) made absolute.
 
-        A value that names no existing file there (a shipped model, device or text) stays as it is.
+        A value that names no existing file there (a shipped model, phone or text) stays as it is.
         """
 
-        def fix(value: str) -> str:
-            p = folder / value
-            return str(p.resolve()) if not Path(value).is_absolute() and p.exists() else value
-
+        fix = partial(resolve_path, folder=folder)
         return self.model_copy(
             update={
                 "model": fix(self.model),
-                "device": fix(self.device),
+                "phone": fix(self.phone),
                 "search_space": fix(self.search_space),
                 "calibration": self.calibration.model_copy(update={"source": fix(self.calibration.source)}),
                 "evaluation": self.evaluation.model_copy(update={"source": fix(self.evaluation.source)}),
@@ -144,9 +143,16 @@ class Experiment(BaseModel):
         )
 
 
+def resolve_path(value: str, folder: Path) -> str:
+    """`value` as an absolute path when it names an existing file or folder relative to `folder`, else as it is
+    (a shipped name, a hub id, an absolute path)."""
+    p = folder / value
+    return str(p.resolve()) if not Path(value).is_absolute() and p.exists() else value
+
+
 def load_experiment(path: str | Path) -> Experiment:
     """Read and validate an experiment YAML file; relative paths in it are taken from its folder."""
-    exp = validate(Experiment, read_yaml(path), str(path), Path(path))
+    exp = validate(Experiment, _renamed_fields(read_yaml(path), path), str(path), Path(path))
     quality = [o for o in exp.objectives if o in ("perplexity", "kl")]
     if len(quality) != 1 or "memory" not in exp.objectives or len(set(exp.objectives)) != len(exp.objectives):
         raise AutosquashError(
@@ -158,3 +164,20 @@ def load_experiment(path: str | Path) -> Experiment:
     if exp.calibration.source == exp.evaluation.source:
         raise AutosquashError(f"{path}: field 'evaluation.source': must differ from calibration.source")
     return exp
+
+
+def _renamed_fields(data, path: str | Path):
+    """`data` with the phone under its field's old name, `device:`, moved to `phone:` (announced: `device` now
+    means only the torch device, `hardware.device`)."""
+    if not isinstance(data, dict) or "device" not in data:
+        return data
+    if "phone" in data:
+        raise AutosquashError(
+            f"{path}: fields 'phone' and 'device' both given; 'device' is the old name of 'phone': keep only 'phone'"
+        )
+    warnings.warn(
+        f"{path}: field 'device' is deprecated (it names the phone profile); write 'phone: {data['device']}'",
+        DeprecatedInput,
+        stacklevel=3,
+    )
+    return {("phone" if k == "device" else k): v for k, v in data.items()}

@@ -195,7 +195,7 @@ def write_tables(study: optuna.Study, out_dir: Path) -> tuple[list[dict], list[d
     """Rewrite trials.csv and pareto.csv from the study; returns (rows, front rows).
 
     The front is Optuna's (`study.best_trials`): the non-dominated completed trials among those that fit
-    the device (the memory constraint each trial sets); the others stay in trials.csv.
+    the phone (the memory constraint each trial sets); the others stay in trials.csv.
     """
     rows = [_row(t) for t in counted_trials(study)]
     front = [_row(t) for t in study.best_trials]
@@ -275,7 +275,7 @@ def write_plots_and_artifacts(
 
 def write_front_plots(rows: list[dict], front: list[dict], exp: Experiment, limit_mb: float, out: Path) -> None:
     """pareto.png and pareto.html in `out`, with the peer files of its peers.csv where there is one."""
-    title = f"{exp.name}: {exp.quality_objective} against size on {exp.device}"
+    title = f"{exp.name}: {exp.quality_objective} against size on {exp.phone}"
     peers = read_peers(out)
     front_png(rows, front, exp.quality_objective, limit_mb, title, out / "pareto.png", peers)
     front_html(rows, front, exp.quality_objective, limit_mb, title, out / "pareto.html", peers)
@@ -319,7 +319,7 @@ def write_layer_maps(arch: Arch, trial: int, out: Path) -> list[Path]:
 def front_markdown(front: list[dict], exp: Experiment, out: Path) -> str:
     """The parent run's description: the front as a table, the phone, and how to take a plan out."""
     lines = [
-        f"**{exp.name}**: {exp.model} on **{exp.device}**, {len(front)} plans on the Pareto front "
+        f"**{exp.name}**: {exp.model} on **{exp.phone}**, {len(front)} plans on the Pareto front "
         f"({', '.join(exp.objectives)} minimised).",
         "",
         "| " + " | ".join(h for _, h, _ in FRONT_TABLE) + " |",

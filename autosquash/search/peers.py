@@ -32,7 +32,7 @@ PEER_COLUMNS = [
 def score_files(run: Path, files: list[tuple[str, Path]]) -> list[dict]:
     """Each (name, GGUF file) scored on the evaluation tokens of the search in `run` (its quality metrics,
     against its base model) and priced on its phone as stored; one row per file, PEER_COLUMNS."""
-    from autosquash.cost import estimate, file_tensors, load_device
+    from autosquash.cost import estimate, file_tensors, load_phone
     from autosquash.evaluate.proxy import reference, score
     from autosquash.models.load import load_model, load_tokenizer, read_gguf_model
     from autosquash.search.experiment import load_experiment
@@ -45,7 +45,7 @@ def score_files(run: Path, files: list[tuple[str, Path]]) -> list[dict]:
     ref = reference(base, held_out, exp.topk)
     vocab = base.config.vocab_size
     del base
-    phone = load_device(exp.device)
+    phone = load_phone(exp.phone)
     rows = []
     for name, path in files:
         arch, tensors, kv_heads = file_tensors(path)
@@ -88,7 +88,7 @@ def read_peers(run: Path) -> list[dict]:
 def add_peers(run: Path, files: list[tuple[str, Path]]) -> list[dict]:
     """Score `files` for the search in `run`, keep them as its peers.csv, and re-draw its front plots with them
     (in the folder, and on the search's MLflow run where its store is at hand)."""
-    from autosquash.cost import load_device
+    from autosquash.cost import load_phone
     from autosquash.search.experiment import load_experiment
     from autosquash.search.outputs import write_front_plots
     from autosquash.track.mlflow_store import log_to_search_run, search_tracking_uri
@@ -100,7 +100,7 @@ def add_peers(run: Path, files: list[tuple[str, Path]]) -> list[dict]:
         trials = list(csv.DictReader(f))
     with (run / "pareto.csv").open(newline="") as f:
         front = list(csv.DictReader(f))
-    write_front_plots(trials, front, exp, load_device(exp.device).app_memory_limit_bytes / 1e6, run)
+    write_front_plots(trials, front, exp, load_phone(exp.phone).app_memory_limit_bytes / 1e6, run)
     uri = search_tracking_uri(run)
     if uri is not None:
         files = [run / f for f in ("pareto.png", "pareto.html", PEERS_FILE)]

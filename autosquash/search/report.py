@@ -95,18 +95,18 @@ def build_report(run: Path) -> str:
     """The report page of the search in `run`, as HTML text."""
     if not (run / "experiment.yaml").is_file() or not (run / "pareto.csv").is_file():
         raise AutosquashError(f"{run} holds no finished search (no experiment.yaml or pareto.csv)")
-    from autosquash.cost import load_device
+    from autosquash.cost import load_phone
     from autosquash.models.load import load_arch
 
     exp: Experiment = load_experiment(run / "experiment.yaml")
     rows, front = _rows(run / "trials.csv"), _rows(run / "pareto.csv")
     arch = load_arch(exp.model)
-    phone = load_device(exp.device)
+    phone = load_phone(exp.phone)
     limit_mb = phone.app_memory_limit_bytes / 1e6
     uri = search_tracking_uri(run)
     parts = [
         f"<h1>{html.escape(exp.name)}</h1>",
-        f"<p>{html.escape(exp.model)} on <b>{html.escape(exp.device)}</b>: {len(rows)} trials, {len(front)} plans "
+        f"<p>{html.escape(exp.model)} on <b>{html.escape(exp.phone)}</b>: {len(rows)} trials, {len(front)} plans "
         f"on the Pareto front ({html.escape(', '.join(exp.objectives))} minimised). Quality is measured on "
         f"held-out {html.escape(exp.evaluation.source)} text ({exp.evaluation.tokens} tokens), against the "
         "uncompressed model.</p>",
@@ -138,7 +138,7 @@ def build_report(run: Path) -> str:
                 f"<p>{html.escape(exp.quality_objective)} {table_cell('{:.4f}', r[exp.quality_objective])}, "
                 f"{table_cell('{:.1f}', r['weights_mb'])} MB of weights, "
                 f"plan <code>{html.escape(r['plan'])}</code></p>",
-                f"<h3>Cost on {html.escape(exp.device)}</h3>",
+                f"<h3>Cost on {html.escape(exp.phone)}</h3>",
                 _table([h for h, _ in breakdown], [[v for _, v in breakdown]]),
                 "<h3>Where the bits went</h3>",
                 _img(png, f"layer map of trial {trial}"),

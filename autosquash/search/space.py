@@ -112,6 +112,15 @@ class SearchSpace(BaseModel):
             if any(v != f.neutral for v in getattr(getattr(self, kind), f.name, [f.neutral]))
         ]
 
+    def without_pruning(self) -> SearchSpace:
+        """This space with every structured-pruning field (those `pruned` lists) held at its neutral value,
+        named `<name>-no-pruning`: for a family whose llama.cpp graph cannot take per-block shapes."""
+        neutral = {f.name: [f.neutral] for op in PRUNING.values() for f in op.fields}
+        data = self.model_dump()
+        for kind, _ in SUBLAYERS:
+            data[kind] |= {k: v for k, v in neutral.items() if k in data[kind]}
+        return SearchSpace.model_validate({**data, "name": f"{self.name}-no-pruning"})
+
     def _dims(self, arch: Arch) -> list[tuple[str, str, list]]:
         dims = []
         for i in range(arch.n_layers):

@@ -83,7 +83,7 @@ class SearchOptions:
 
 
 def make_sampler(exp: Experiment, budget: int, offset: int = 0) -> optuna.samplers.BaseSampler:
-    """The experiment's sampler, sized for a search of `budget` trials; each honours the device-fit
+    """The experiment's sampler, sized for a search of `budget` trials; each honours the phone-fit
     constraint set on its trials.
 
     Optuna's defaults (TPE: 10 random start-up trials; NSGA-II: generations of 50) assume hundreds of
@@ -152,7 +152,7 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
         f"search-{exp.name}",
         {
             "model": exp.model,
-            "device": exp.device,
+            "phone": exp.phone,
             "search_space": space.name,
             "target": space.target,
             "objectives": ",".join(exp.objectives),
@@ -190,12 +190,12 @@ def _mark(tracker: SearchTracker, status: str) -> None:
 
 def _preflight(exp: Experiment, opts: SearchOptions) -> None:
     """Everything a search can check before it writes or loads anything (see search/preflight.py)."""
-    from autosquash.cost import load_device
+    from autosquash.cost import load_phone
     from autosquash.models.load import load_arch
 
     resolve_device(exp.hardware.device)  # a device this machine lacks
     arch = load_arch(exp.model)  # the model reference: its config alone, no weights
-    phone = load_device(exp.device)
+    phone = load_phone(exp.phone)
     space = SearchSpace.load(exp.search_space)
     if space.target == "gguf":
         check_writable(arch, space.pruned())  # a front no GGUF file of this family could hold
@@ -204,7 +204,7 @@ def _preflight(exp: Experiment, opts: SearchOptions) -> None:
     runtime += compute_buffer_bytes(arch, cells, phone.ubatch_tokens, phone.flash_attention)
     if runtime >= phone.app_memory_limit_bytes:
         raise AutosquashError(
-            f"{exp.device} cannot hold this model at any size: llama.cpp's runtime buffers alone take "
+            f"{exp.phone} cannot hold this model at any size: llama.cpp's runtime buffers alone take "
             f"{runtime / 1e6:.0f} MB at {exp.context_tokens} tokens of context, the app may hold "
             f"{phone.app_memory_limit_bytes / 1e6:.0f} MB"
         )
@@ -292,7 +292,7 @@ def _search(
     finally:
         ray.shutdown()
     tracker.mark_front({int(r["trial"]) for r in front})
-    limit_mb = ctx.device.app_memory_limit_bytes / 1e6
+    limit_mb = ctx.phone.app_memory_limit_bytes / 1e6
     driver = {**once, "peak_driver_rss_bytes": peak_rss_bytes()}
     write_plots_and_artifacts(rows, front, exp, limit_mb, tracker, out, setup_s, driver, ctx.arch)
     tracker.finish()

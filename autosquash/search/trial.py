@@ -28,7 +28,7 @@ from autosquash.compress.apply import VariantCache, compress
 from autosquash.compress.calibrate import Compensation, Stats, cached_covariances, cached_stats
 from autosquash.compress.plan import Plan, deployed_tensors, kv_heads_per_layer
 from autosquash.compress.store import VariantStore, scope_digest
-from autosquash.cost import DeviceProfile, estimate, load_device
+from autosquash.cost import PhoneProfile, estimate, load_phone
 from autosquash.errors import AutosquashError
 from autosquash.evaluate.heal import HealConfig, adapter_tensors, heal
 from autosquash.evaluate.proxy import Reference, reference, score
@@ -147,7 +147,7 @@ class TrialContext:
     stats: Stats
     calib_ref: Reference
     eval_ref: Reference
-    device: DeviceProfile
+    phone: PhoneProfile
     heal: HealConfig
     context_tokens: int
     threads_per_worker: int
@@ -163,7 +163,7 @@ class TrialContext:
 
 
 def prepare_context(exp: Experiment, inputs: SearchInputs, workers: int) -> TrialContext:
-    """What every trial of `exp` reads (base model, reference logits, device, healing); also what an
+    """What every trial of `exp` reads (base model, reference logits, phone, healing); also what an
     export or a benchmark needs to rebuild a trial exactly as the search ran it."""
     return TrialContext(
         base=inputs.base,
@@ -171,7 +171,7 @@ def prepare_context(exp: Experiment, inputs: SearchInputs, workers: int) -> Tria
         stats=inputs.stats,
         calib_ref=reference(inputs.base, inputs.calib, exp.topk),
         eval_ref=reference(inputs.base, inputs.held_out, exp.topk),
-        device=load_device(exp.device),
+        phone=load_phone(exp.phone),
         heal=HealConfig(**exp.heal.model_dump()),
         context_tokens=exp.context_tokens,
         threads_per_worker=max(1, (os.cpu_count() or 1) // workers),
@@ -284,7 +284,7 @@ def evaluate_plan(ctx: TrialContext, plan: Plan, seed: int, cache: VariantCache 
     cost = estimate(
         ctx.arch,
         tensors,
-        ctx.device,
+        ctx.phone,
         context_tokens=ctx.context_tokens,
         kv_heads_per_layer=kv_heads_per_layer(ctx.arch, plan),
     )

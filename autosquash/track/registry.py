@@ -139,7 +139,9 @@ def write_readme(out_dir: Path, title: str, tags: dict[str, str]) -> Path:
     mem, tps, jpt = (_num(tags, k) for k in ("peak_memory_bytes", "decode_tokens_per_s", "energy_j_per_token"))
     hours = _num(tags, "hours_continuous_generation")
     if any(v is not None for v in (mem, tps, jpt, hours)):
-        lines += [f"## On {tags.get('device', 'the phone')} (autosquash's cost model)", ""]
+        # Versions registered before the phone's tag was renamed call it `device`.
+        phone = tags.get("phone") or tags.get("device", "the phone")
+        lines += [f"## On {phone} (autosquash's cost model)", ""]
         lines += ["| peak memory | decode | energy | battery, generating without pause |", "|---|---|---|---|"]
         cells = [
             "-" if mem is None else f"{mem / 1e6:.0f} MB",

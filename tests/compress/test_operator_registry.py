@@ -67,7 +67,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from autosquash.compress.apply import VariantCache, compress
 from autosquash.compress.calibrate import collect_stats
 from autosquash.compress.plan import deployed_tensors
-from autosquash.cost import estimate, load_device
+from autosquash.cost import estimate, load_phone
 from autosquash.evaluate.proxy import reference
 from autosquash.export.torch_file import load, save
 from autosquash.models.arch import Arch
@@ -92,8 +92,8 @@ cache = VariantCache()
 built = compress(model, arch, plan, stats, cache)
 assert type(built.model.layers[0].mlp.up_proj).__name__ == "ScaledLinear"
 unscaled = deployed_tensors(arch, space.sample(optuna.trial.FixedTrial({k: 0 for k in params}), arch))
-cost = estimate(arch, list(tensors.values()), load_device("iphone-16"), context_tokens=1024)
-plain = estimate(arch, unscaled, load_device("iphone-16"), context_tokens=1024)
+cost = estimate(arch, list(tensors.values()), load_phone("iphone-16"), context_tokens=1024)
+plain = estimate(arch, unscaled, load_phone("iphone-16"), context_tokens=1024)
 # The scales are priced: F32 per output row of gate (512), up (512) and down (256) in both blocks.
 assert cost.weights_bytes - plain.weights_bytes == 2 * (512 + 512 + 256) * 4
 save("toy.safetensors", "tiny", model, arch, plan, stats, cache)

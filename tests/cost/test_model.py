@@ -6,7 +6,7 @@ import pytest
 
 from autosquash.compress.plan import Plan, deployed_tensors
 from autosquash.compress.recipes import llama_cpp_mixture
-from autosquash.cost import estimate, format_report, kv_cache_bytes_per_token, load_device
+from autosquash.cost import estimate, format_report, kv_cache_bytes_per_token, load_phone
 from autosquash.cost.model import CostReport
 from autosquash.errors import AutosquashError
 from autosquash.models.arch import Arch
@@ -20,9 +20,9 @@ def arch(name: str) -> Arch:
     return Arch.from_json(CONFIGS / name)
 
 
-def report(name: str, plan_of, device: str, **kw) -> CostReport:
+def report(name: str, plan_of, phone: str, **kw) -> CostReport:
     a = arch(name)
-    return estimate(a, deployed_tensors(a, plan_of(a)), load_device(device), **kw)
+    return estimate(a, deployed_tensors(a, plan_of(a)), load_phone(phone), **kw)
 
 
 def f16(a: Arch) -> Plan:
@@ -51,14 +51,14 @@ def test_llama_8b_f16_on_iphone_16() -> None:
 
 def test_q8_0_is_about_0_53_of_f16() -> None:
     a = arch("Llama-3.1-8B")
-    device = load_device("iphone-16")
-    f16_bytes = estimate(a, deployed_tensors(a, f16(a)), device).weights_bytes
-    q8 = estimate(a, deployed_tensors(a, Plan.uniform(a, "Q8_0")), device)
+    phone = load_phone("iphone-16")
+    f16_bytes = estimate(a, deployed_tensors(a, f16(a)), phone).weights_bytes
+    q8 = estimate(a, deployed_tensors(a, Plan.uniform(a, "Q8_0")), phone)
     # 8.5 / 16 = 0.531 bits ratio; ±0.01 for the F32 norms, which stay unquantized.
     assert q8.weights_bytes / f16_bytes == pytest.approx(8.5 / 16, abs=0.01)
     assert q8.bits_per_weight == 8.5  # every row of this model is a whole number of Q8_0 blocks: exact
     # F16 embedding and output tables raise the whole model's average but not the blocks'.
-    mixed = estimate(a, deployed_tensors(a, Plan.uniform(a, "Q4_0", embed_quant="F16")), device)
+    mixed = estimate(a, deployed_tensors(a, Plan.uniform(a, "Q4_0", embed_quant="F16")), phone)
     assert mixed.block_bits_per_weight == 4.5 < mixed.bits_per_weight
 
 
@@ -114,29 +114,29 @@ def test_calibration_oneplus_12(model: str, tokens_per_s: float, peak_mib: float
 
 
 def test_decode_reads_one_embedding_row_but_a_whole_tied_head() -> None:
-    device = load_device("iphone-16")
+    phone = load_phone("iphone-16")
     untied = arch("Llama-3.1-8B")
     tensors = deployed_tensors(untied, f16(untied))
     embd = next(t for t in tensors if t.name == "token_embd.weight")
-    r = estimate(untied, tensors, device, context_tokens=1, prompt_tokens=1)
+    r = estimate(untied, tensors, phone, context_tokens=1, prompt_tokens=1)
     # One 4096-wide F16 row (8 KiB) of the table, plus the KV cache of one position: exact.
     assert r.bytes_read_per_token == r.weights_bytes - embd.nbytes + 8192 + 128 * 1024
     tied = arch("Qwen2-0.5B")
-    r = estimate(tied, deployed_tensors(tied, f16(tied)), device, context_tokens=1, prompt_tokens=1)
+    r = estimate(tied, deployed_tensors(tied, f16(tied)), phone, context_tokens=1, prompt_tokens=1)
     # The tied table is also the output head, so every token reads all of it: exact.
     assert r.bytes_read_per_token == r.weights_bytes + kv_cache_bytes_per_token(tied)
 
 
 def test_prefill_never_beats_reading_the_weights_once() -> None:
     a = arch("Qwen2-0.5B")
-    device = load_device("oneplus-12")
+    phone = load_phone("oneplus-12")
     tensors = deployed_tensors(a, f16(a))
     weights_read_s = sum(t.bytes_read_per_token for t in tensors) / (
-        device.bandwidth_efficiency * device.peak_bandwidth_bytes_per_s
+        phone.bandwidth_efficiency * phone.peak_bandwidth_bytes_per_s
     )
-    short = estimate(a, tensors, device, context_tokens=64, prompt_tokens=1)
+    short = estimate(a, tensors, phone, context_tokens=64, prompt_tokens=1)
     assert short.prefill_s == pytest.approx(weights_read_s)  # one token: memory-bound, exact
-    long = estimate(a, tensors, device, context_tokens=4096, prompt_tokens=4096)
+    long = estimate(a, tensors, phone, context_tokens=4096, prompt_tokens=4096)
     # A long prompt is compute-bound: 4096 tokens of MACs take far longer than one weight read.
     assert long.prefill_s > 100 * weights_read_s
 
@@ -164,11 +164,11 @@ def test_prompt_longer_than_context_is_refused() -> None:
 
 
 def test_to_dict_and_format_report() -> None:
-    device = load_device("iphone-16")
+    phone = load_phone("iphone-16")
     r = report("Llama-3.1-8B", f16, "iphone-16")
     d = r.to_dict()
     assert d["weights_bytes"] == r.weights_bytes and d["fits"] is False
     assert all(type(v) in (int, float, bool) for v in d.values())
-    text = format_report(r, device)
+    text = format_report(r, phone)
     assert "iphone-16" in text and "does NOT fit" in text and "J/token" in text and "tok/s" in text
-    assert "fits:" in format_report(report("Qwen2-0.5B", q4_k_m, "iphone-16"), device)
+    assert "fits:" in format_report(report("Qwen2-0.5B", q4_k_m, "iphone-16"), phone)

@@ -62,8 +62,8 @@ def test_llama_cpps_buffers_on_the_phone_check_the_memory_estimate(data):
     """The sweep's load logs: an untied model's weights, a full-attention model's KV cache and a Llama/Qwen
     compute buffer are what the cost model sizes, a tied table held twice when the file is not mapped."""
     from autosquash.compress.plan import deployed_tensors
-    from autosquash.cost.device import load_device
     from autosquash.cost.model import compute_buffer_bytes, estimate, kv_cache_bytes_per_token, kv_cells
+    from autosquash.cost.phone import load_phone
 
     rows = {(r["model"], r["quant"]): r for r in data["rows"] if r["source"] == "pocketpal_sweep"}
     mib = 2**20
@@ -74,7 +74,7 @@ def test_llama_cpps_buffers_on_the_phone_check_the_memory_estimate(data):
     # Weights: the file's tensors, a tied table twice (the sweep read files into llama.cpp's buffers, not mapped).
     # Qwen3-1.7B's files store an output tensor of their own although its config ties it; Phi's Q4_K_M files
     # keep their fused QKV matrix at Q5_K, which the recipe (written for split q/k/v) does not know.
-    unmapped = load_device("pixel-9-pro").model_copy(update={"mmap_weights": False})
+    unmapped = load_phone("pixel-9-pro").model_copy(update={"mmap_weights": False})
     checked = 0
     for (model, quant), r in rows.items():
         if model == "Qwen3-1.7B" or (model.startswith("Phi") and quant == "Q4_K_M") or quant == "Q4_0":

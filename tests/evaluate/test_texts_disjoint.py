@@ -88,7 +88,7 @@ def test_load_inputs_refuses_the_same_file_under_two_paths(tmp_path, capsys):
     exp = Experiment(
         name="same-text",
         model=str(ROOT / "experiments/tiny-llama.json"),
-        device="iphone-16",
+        phone="iphone-16",
         search_space=str(ROOT / "search_spaces/torch-small.yaml"),
         calibration=TextSpec(source=str(text), tokens=256, seq_len=128),
         evaluation=TextSpec(source=str(tmp_path / "link.txt"), tokens=256, seq_len=128),

@@ -36,7 +36,7 @@ def compensated(tmp_path_factory):
     experiment = {
         "name": "gptq-check",
         "model": str(ROOT / "experiments/tiny-llama.json"),
-        "device": "iphone-16",
+        "phone": "iphone-16",
         "search_space": str(ROOT / "search_spaces/gguf-mixed.yaml"),
         "context_tokens": 512,
         "calibration": {

@@ -38,7 +38,7 @@ def search(tmp_path_factory):
     experiment = {
         "name": "export-check",
         "model": str(ROOT / "experiments/tiny-llama.json"),
-        "device": "iphone-16",
+        "phone": "iphone-16",
         "search_space": "space.yaml",
         "objectives": ["perplexity", "memory"],
         "trials": 6,

@@ -95,7 +95,7 @@ def test_an_ffn_removed_alone_is_refused(tiny, tmp_path):
 @pytest.mark.parametrize("which", ["mixed", "pruned"])
 def test_a_file_is_priced_as_the_plan_it_was_written_from(tiny, tmp_path, which):
     from autosquash.compress.plan import deployed_tensors, kv_heads_per_layer
-    from autosquash.cost import estimate, file_tensors, load_device
+    from autosquash.cost import estimate, file_tensors, load_phone
 
     base, arch = tiny
     plan = _mixed(arch)
@@ -103,7 +103,7 @@ def test_a_file_is_priced_as_the_plan_it_was_written_from(tiny, tmp_path, which)
         plan.groups["blk.0.ffn"] = LayerChoice(quant="Q4_0", ffn_keep_ratio=0.5)
         plan.groups["blk.1.attn"] = LayerChoice(quant="Q4_0", attn_keep_ratio=0.5)
     write_gguf(tmp_path / "m.gguf", TINY, base, arch, plan, {})
-    phone = load_device("iphone-16")
+    phone = load_phone("iphone-16")
     planned = estimate(arch, deployed_tensors(arch, plan), phone, kv_heads_per_layer=kv_heads_per_layer(arch, plan))
     file_arch, tensors, kv_heads = file_tensors(tmp_path / "m.gguf")
     stored = estimate(file_arch, tensors, phone, kv_heads_per_layer=kv_heads)
@@ -122,6 +122,6 @@ def test_estimate_prices_a_gguf_file_as_stored_unless_told_a_type(tiny, tmp_path
     stored = sum(int(t.n_bytes) for t in open_gguf(tmp_path / "m.gguf").tensors)
     reports = {}
     for extra in ([], ["--uniform", "F16"]):
-        assert main(["estimate", "--model", str(tmp_path / "m.gguf"), "--device", "iphone-16", "--json", *extra]) == 0
+        assert main(["estimate", "--model", str(tmp_path / "m.gguf"), "--phone", "iphone-16", "--json", *extra]) == 0
         reports[bool(extra)] = json.loads(capsys.readouterr().out)
     assert reports[False]["weights_bytes"] == stored < reports[True]["weights_bytes"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from autosquash.compress.plan import Plan
-from autosquash.cost import estimate, file_tensors, load_device
+from autosquash.cost import estimate, file_tensors, load_phone
 from autosquash.cost.model import kv_cells
 from autosquash.export.gguf_file import write_gguf
 from autosquash.models.arch import Arch
@@ -78,7 +78,7 @@ def llama_cpp_buffers(path: Path, log: Path, n_ctx: int, flash_attn: bool) -> di
 @pytest.mark.parametrize(("context", "flash_attn"), [(1000, True), (2048, False)])  # rounding; attention branch
 def test_estimate_sizes_memory_as_llama_cpp_allocates_it(exports, tmp_path, kind, context, flash_attn):
     path = exports[kind]
-    phone = load_device("iphone-16").model_copy(update={"flash_attention": flash_attn, "ubatch_tokens": 512})
+    phone = load_phone("iphone-16").model_copy(update={"flash_attention": flash_attn, "ubatch_tokens": 512})
     arch, tensors, kv_heads = file_tensors(path)
     ours = estimate(arch, tensors, phone, context_tokens=context, prompt_tokens=min(512, context))
     theirs = llama_cpp_buffers(path, tmp_path / "load.log", context, flash_attn)

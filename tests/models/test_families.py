@@ -11,7 +11,7 @@ import torch
 
 from autosquash.compress.apply import VariantCache, compress
 from autosquash.compress.plan import LayerChoice, Plan, deployed_tensors
-from autosquash.cost import estimate, load_device
+from autosquash.cost import estimate, load_phone
 from autosquash.errors import AutosquashError
 from autosquash.evaluate.heal import HealConfig, heal
 from autosquash.evaluate.proxy import reference, score
@@ -108,7 +108,7 @@ def test_estimate_from_a_real_config(name):
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
     tensors = deployed_tensors(arch, Plan.uniform(arch, "Q4_K"))
     assert sum(math.prod(t.shape) for t in tensors) == sum(p.numel() for p in model.parameters())
-    report = estimate(arch, tensors, load_device("pixel-9-pro"), context_tokens=2048)
+    report = estimate(arch, tensors, load_phone("pixel-9-pro"), context_tokens=2048)
     assert report.weights_bytes < sum(p.numel() for p in model.parameters())  # Q4_K: under a byte a weight
     assert report.decode_tokens_per_s > 0
 

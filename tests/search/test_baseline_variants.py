@@ -24,7 +24,7 @@ def searched(tmp_path):
     experiment = {
         "name": "baseline-layers",
         "model": str(ROOT / "experiments/tiny-llama.json"),
-        "device": "iphone-16",
+        "phone": "iphone-16",
         "search_space": str(ROOT / "search_spaces/gguf-mixed.yaml"),
         "context_tokens": 512,
         "calibration": {"source": "wikipedia", "tokens": 512, "seq_len": 128},

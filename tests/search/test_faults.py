@@ -36,7 +36,7 @@ def _experiment(tmp_path: Path, model: str, space: dict, trials: int, workers: i
     exp = {
         "name": "faults",
         "model": model,
-        "device": "iphone-16",
+        "phone": "iphone-16",
         "search_space": "space.yaml",
         "objectives": ["perplexity", "memory"],
         "trials": trials,

@@ -88,7 +88,7 @@ def _experiment(tasks: list[str]) -> Experiment:
     return Experiment(
         name="demo",
         model="tiny-llama.json",
-        device="iphone-16",
+        phone="iphone-16",
         search_space="s.yaml",
         benchmark=BenchmarkSpec(tasks=tasks, limit=5),
     )

@@ -112,12 +112,12 @@ def test_a_server_of_another_kind_is_refused_at_once(web_server):
 def test_a_phone_that_cannot_hold_the_runtime_is_refused_before_anything_loads(tmp_path, capsys):
     import yaml
 
-    from autosquash.cost import load_device
+    from autosquash.cost import load_phone
 
-    phone = load_device("iphone-16").model_dump(mode="json") | {"name": "tiny", "dram_bytes": 100_000_000}
+    phone = load_phone("iphone-16").model_dump(mode="json") | {"name": "tiny", "dram_bytes": 100_000_000}
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(phone))
     exp = yaml.safe_load(Path(SMOKE).read_text())
-    exp.update(device=str(tmp_path / "tiny.yaml"), model=str(Path(SMOKE).parent / exp["model"]))
+    exp.update(phone=str(tmp_path / "tiny.yaml"), model=str(Path(SMOKE).parent / exp["model"]))
     exp.update(search_space=str((Path(SMOKE).parent / exp["search_space"]).resolve()))
     (tmp_path / "e.yaml").write_text(yaml.safe_dump(exp))
     assert main(["search", str(tmp_path / "e.yaml"), "--out", str(tmp_path / "run")]) == 2

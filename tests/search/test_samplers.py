@@ -19,7 +19,7 @@ BITS = {"Q8_0": 8.5, "Q4_0": 4.5, "Q2_K": 2.625}
 
 def _search(name: str, arch, constrained: bool, trials: int = 16) -> list[float]:
     """The plan sizes a sampler proposes in a toy ask/tell search, where plans above 15 do not fit."""
-    exp = Experiment(name="x", model="m", device="d", search_space="s", sampler=name, seed=0)
+    exp = Experiment(name="x", model="m", phone="d", search_space="s", sampler=name, seed=0)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=make_sampler(exp, trials))
     study.enqueue_trial(SPACE.baseline_params(arch, "Q8_0"))
@@ -38,7 +38,7 @@ def _search(name: str, arch, constrained: bool, trials: int = 16) -> list[float]
 
 @pytest.mark.parametrize("name", ["tpe", "nsga2", "gp"])
 def test_model_based_samplers_steer_by_the_fit_constraint(name, tiny_arch):
-    """The device-fit constraint a trial sets reaches the sampler: after its random start-up it proposes
+    """The phone-fit constraint a trial sets reaches the sampler: after its random start-up it proposes
     other plans than without it, and no fewer that fit (seeded, so the comparison is exact)."""
     free, constrained = _search(name, tiny_arch, False), _search(name, tiny_arch, True)
     startup = 4  # make_sampler's start-up / first generation at a 16-trial budget
@@ -55,7 +55,7 @@ def test_random_sampler_runs_ask_tell(tiny_arch):
 @pytest.mark.parametrize(("budget", "generation", "startup"), [(8, 4, 4), (24, 6, 6), (400, 50, 10)])
 def test_samplers_are_sized_for_the_budget(budget, generation, startup):
     def make(name):
-        return make_sampler(Experiment(name="x", model="m", device="d", search_space="s", sampler=name), budget)
+        return make_sampler(Experiment(name="x", model="m", phone="d", search_space="s", sampler=name), budget)
 
     # NSGA-II's default generation of 50 would leave a few-dozen-trial search random throughout.
     assert make("nsga2")._population_size == generation

@@ -129,7 +129,7 @@ def test_export_register_and_pull_a_trial(smoke_run, tmp_path, monkeypatch, caps
     _run_readme_command(pulled)
     client = MlflowClient(default_tracking_uri(smoke_run))
     version = client.get_model_version("tiny-phone", "1")
-    assert version.tags["device"] == "iphone-16" and version.tags["trial"] == "0"
+    assert version.tags["phone"] == "iphone-16" and version.tags["trial"] == "0"
     # The smoke trials heal; the tag says where trial 0's adapter went, or is absent where the check dropped it.
     kept = find_trial_run(default_tracking_uri(smoke_run), "smoke", 0).data.metrics["heal_kept"]
     assert ("lora_adapter" in version.tags) == bool(kept)

@@ -287,7 +287,7 @@ def test_a_resumed_search_proposes_no_plan_it_has_evaluated(measured, name):
     from autosquash.search.study import ask_new, make_sampler
 
     _, arch, _, _, profile = measured
-    exp = Experiment(name="x", model="m", device="d", search_space="s", sampler=name, seed=0)
+    exp = Experiment(name="x", model="m", phone="d", search_space="s", sampler=name, seed=0)
     sizes = [profile.size(*profile.picks_of(SPACE.baseline_params(arch, b))) for b in SPACE.baselines]
 
     def sampler(offset: int):

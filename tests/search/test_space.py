@@ -78,3 +78,19 @@ def test_iq4_types_can_be_searched_and_others_are_named(tiny_arch):
     # A GGUF type autosquash does not write is refused by name.
     with pytest.raises(ValueError, match="IQ2_XS is not a searchable type"):
         SearchSpace.model_validate({**SPACE, "attn": {"quant": ["IQ2_XS"]}})
+
+
+def test_without_pruning_holds_every_pruning_field_neutral_and_keeps_the_rest():
+    space = SearchSpace.model_validate(
+        {
+            **SPACE,
+            "attn": {**SPACE["attn"], "attn_keep_ratio": [1.0, 0.5]},
+            "ffn": {**SPACE["ffn"], "ffn_keep_ratio": [1.0, 0.5, 0.0]},
+        }
+    )
+    assert space.pruned() == ["attn.attn_keep_ratio", "ffn.ffn_keep_ratio"]
+    kept = space.without_pruning()
+    assert kept.pruned() == [] and kept.name == "t-no-pruning"
+    assert kept.attn.attn_keep_ratio == kept.ffn.ffn_keep_ratio == [1.0]
+    assert kept.attn.rank_ratio == [0.0, 0.25] and kept.ffn.quant == space.ffn.quant
+    assert (kept.embed_quant, kept.baselines, kept.target) == (space.embed_quant, space.baselines, space.target)

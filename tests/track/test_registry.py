@@ -102,10 +102,13 @@ def test_the_readme_runs_the_model_with_its_adapter_and_states_the_phone_estimat
 
     _file(tmp_path / "m.gguf", b"x")
     _file(tmp_path / "trial-0003.yaml", b"groups: {}")
-    tags = {"device": "pixel-9", "peak_memory_bytes": "5.2e8", "decode_tokens_per_s": "41.5", "kl": "0.05"}
+    tags = {"phone": "pixel-9", "peak_memory_bytes": "5.2e8", "decode_tokens_per_s": "41.5", "kl": "0.05"}
     text = write_readme(tmp_path, "tiny version 2", tags).read_text()
     assert "    llama-cli -m m.gguf -p" in text and "--lora" not in text
     assert "## On pixel-9" in text and "520 MB" in text and "41.5 tokens/s" in text and "| - |" in text
+    # a version registered when the phone's tag was still called `device`
+    old = {"device": "pixel-9", "peak_memory_bytes": "5.2e8"}
+    assert "## On pixel-9" in write_readme(tmp_path, "tiny version 1", old).read_text()
     assert "kl 0.05" in text and "`trial-0003.yaml`" in text
     _file(tmp_path / "m.lora.gguf", b"y")
     assert run_commands(tmp_path)[0].startswith("llama-cli -m m.gguf --lora m.lora.gguf ")

@@ -1,11 +1,11 @@
-"""Device profiles: the shipped ones load, and a malformed user file names its file and field."""
+"""Phone profiles: the shipped ones load, and a malformed user file names its file and field."""
 
 from pathlib import Path
 
 import pytest
 import yaml
 
-from autosquash.cost import DeviceProfile, list_devices, load_device, shipped_device_names
+from autosquash.cost import PhoneProfile, list_phones, load_phone, shipped_phone_names
 from autosquash.errors import AutosquashError
 from autosquash.yaml_io import dump_yaml_model
 
@@ -13,21 +13,21 @@ SHIPPED = {"iphone-16", "pixel-9-pro", "galaxy-s24-ultra", "galaxy-s25-ultra", "
 
 
 def test_every_shipped_profile_loads_with_its_own_name() -> None:
-    assert SHIPPED <= set(shipped_device_names())
-    for device in list_devices():
-        assert isinstance(device, DeviceProfile)
-        assert device.name in shipped_device_names()
-        assert load_device(device.name) == device
+    assert SHIPPED <= set(shipped_phone_names())
+    for phone in list_phones():
+        assert isinstance(phone, PhoneProfile)
+        assert phone.name in shipped_phone_names()
+        assert load_phone(phone.name) == phone
 
 
 def test_battery_energy_of_iphone_16() -> None:
     # DESIGN.md §4: 3561 mAh is about 49 kJ; 2 % covers the nominal-voltage choice (3.85 V).
-    assert load_device("iphone-16").battery_j == pytest.approx(49_000, rel=0.02)
+    assert load_phone("iphone-16").battery_j == pytest.approx(49_000, rel=0.02)
 
 
 def test_unknown_name_lists_the_shipped_profiles() -> None:
     with pytest.raises(AutosquashError) as e:
-        load_device("nokia-3310")
+        load_phone("nokia-3310")
     assert "nokia-3310" in str(e.value)
     for name in SHIPPED:
         assert name in str(e.value)
@@ -35,7 +35,7 @@ def test_unknown_name_lists_the_shipped_profiles() -> None:
 
 def _user_profile(tmp_path: Path, edit: dict) -> Path:
     """A copy of the iPhone 16 profile with some fields changed (None removes one)."""
-    data = load_device("iphone-16").model_dump() | {"name": "my-phone"}
+    data = load_phone("iphone-16").model_dump() | {"name": "my-phone"}
     for key, value in edit.items():
         if value is None:
             del data[key]
@@ -48,15 +48,15 @@ def _user_profile(tmp_path: Path, edit: dict) -> Path:
 
 def test_user_profile_loads_from_a_path(tmp_path: Path) -> None:
     path = _user_profile(tmp_path, {"dram_bytes": 12 * 2**30})
-    device = load_device(str(path))
-    assert device.name == "my-phone" and device.dram_bytes == 12 * 2**30
-    assert load_device(path) == device
+    phone = load_phone(str(path))
+    assert phone.name == "my-phone" and phone.dram_bytes == 12 * 2**30
+    assert load_phone(path) == phone
 
 
 def test_profile_round_trips_through_yaml(tmp_path: Path) -> None:
-    device = load_device("galaxy-s25-ultra")
-    dump_yaml_model(device, tmp_path / "copy.yaml")
-    assert load_device(str(tmp_path / "copy.yaml")) == device
+    phone = load_phone("galaxy-s25-ultra")
+    dump_yaml_model(phone, tmp_path / "copy.yaml")
+    assert load_phone(str(tmp_path / "copy.yaml")) == phone
 
 
 @pytest.mark.parametrize(
@@ -72,18 +72,18 @@ def test_profile_round_trips_through_yaml(tmp_path: Path) -> None:
 def test_malformed_profile_names_file_and_field(tmp_path: Path, edit: dict, field: str) -> None:
     path = _user_profile(tmp_path, edit)
     with pytest.raises(AutosquashError) as e:
-        load_device(str(path))
+        load_phone(str(path))
     assert str(path) in str(e.value)
     assert repr(field) in str(e.value)
 
 
 def test_missing_source_names_the_constant(tmp_path: Path) -> None:
-    sources = dict(load_device("iphone-16").sources)
+    sources = dict(load_phone("iphone-16").sources)
     del sources["battery_mah"]
     with pytest.raises(AutosquashError, match="battery_mah"):
-        load_device(str(_user_profile(tmp_path, {"sources": sources})))
+        load_phone(str(_user_profile(tmp_path, {"sources": sources})))
 
 
 def test_missing_file_is_an_autosquash_error(tmp_path: Path) -> None:
     with pytest.raises(AutosquashError, match="nothing.yaml"):
-        load_device(str(tmp_path / "nothing.yaml"))
+        load_phone(str(tmp_path / "nothing.yaml"))

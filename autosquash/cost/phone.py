@@ -15,7 +15,7 @@ from autosquash.yaml_io import load_yaml_model
 _UNSOURCED = {"name", "description", "sources", "flash_attention", "ubatch_tokens", "mmap_weights"}
 
 
-class DeviceProfile(BaseModel):
+class PhoneProfile(BaseModel):
     """One phone: memory, bandwidth, compute, energy and battery constants (DESIGN.md §4)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -80,22 +80,24 @@ def _profiles_dir() -> Path:
     return Path(str(resources.files("autosquash.cost") / "profiles"))
 
 
-def shipped_device_names() -> list[str]:
+def shipped_phone_names() -> list[str]:
     """Names of the profiles that ship with autosquash, e.g. 'iphone-16'."""
     return sorted(p.stem for p in _profiles_dir().glob("*.yaml"))
 
 
-def load_device(name_or_path: str | Path) -> DeviceProfile:
-    """A shipped profile by name, or a user profile from a YAML file path."""
+def load_phone(name_or_path: str | Path) -> PhoneProfile:
+    """A shipped phone profile by name, or a user's phone profile from a YAML file path."""
     text = str(name_or_path)
     if text.endswith((".yaml", ".yml")) or Path(text).is_file():
-        return load_yaml_model(DeviceProfile, text)
-    names = shipped_device_names()
+        return load_yaml_model(PhoneProfile, text)
+    names = shipped_phone_names()
     if text not in names:
-        raise AutosquashError(f"unknown device {text!r}; expected a YAML file path or one of {', '.join(names)}")
-    return load_yaml_model(DeviceProfile, _profiles_dir() / f"{text}.yaml")
+        raise AutosquashError(
+            f"unknown phone {text!r}; expected a phone profile name ({', '.join(names)}) or a YAML file path"
+        )
+    return load_yaml_model(PhoneProfile, _profiles_dir() / f"{text}.yaml")
 
 
-def list_devices() -> list[DeviceProfile]:
-    """Every shipped profile, by name."""
-    return [load_device(n) for n in shipped_device_names()]
+def list_phones() -> list[PhoneProfile]:
+    """Every shipped phone profile, by name."""
+    return [load_phone(n) for n in shipped_phone_names()]
