@@ -75,13 +75,13 @@ def test_bad_files_of_each_family_are_one_line_errors(tmp_path, capsys, model_ty
     path, _, _ = _export(tmp_path, model_type)
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(path.read_bytes()[:-1000])
-    estimate = ["estimate", "--model", str(cut), "--device", "iphone-16"]
+    estimate = ["estimate", "--model", str(cut), "--phone", "iphone-16"]
     for argv in (estimate, ["eval", "--model", str(cut), "--text", "lambada"]):
         _fails(capsys, argv, "truncated or corrupt GGUF file")
     arch = FAMILIES[model_type].gguf_arch
     wide = tmp_path / "wide.gguf"  # the header's FFN width edited: llama.cpp would refuse to load the file
     _rewrite(path, wide, fields={f"{arch}.feed_forward_length": 768})
-    _fails(capsys, ["estimate", "--model", str(wide), "--device", "iphone-16"], "the header and the tensors disagree")
+    _fails(capsys, ["estimate", "--model", str(wide), "--phone", "iphone-16"], "the header and the tensors disagree")
     with pytest.raises(AutosquashError, match="disagree"):
         load_model(str(wide))
 
@@ -94,7 +94,7 @@ def test_an_architecture_autosquash_does_not_read_names_those_it_does(tmp_path, 
     at = data.index(b"llama")  # general.architecture's value, the file's first key
     data[at : at + 5] = b"bertz"
     other.write_bytes(bytes(data))
-    _fails(capsys, ["estimate", "--model", str(other), "--device", "iphone-16"], "GGUF architecture 'bertz'")
+    _fails(capsys, ["estimate", "--model", str(other), "--phone", "iphone-16"], "GGUF architecture 'bertz'")
 
 
 def test_a_phi3_file_with_fused_qkv_reads_as_the_converter_writes_it(tmp_path):
