@@ -222,6 +222,12 @@ def read_layout(reader: GGUFFile, where: str = "GGUF file") -> Layout:
     heads = _per_layer(kv("attention.head_count"), n_layers)
     kv_heads = _per_layer(kv("attention.head_count_kv", heads), n_layers)
     head_dim = int(kv("attention.key_length", 0) or kv("rope.dimension_count", hidden // max(max(heads), 1)))
+    if int(kv("rope.dimension_count", head_dim)) != head_dim:
+        # Phi-4-mini's partial rotary dimensions: refused rather than rotated over the whole head.
+        raise AutosquashError(
+            f"{where}: rope turns {kv('rope.dimension_count')} of each head's {head_dim} dimensions; autosquash reads "
+            "models whose rope turns the whole head"
+        )
     if "token_embd.weight" not in tensors:
         raise AutosquashError(f"{where} lacks token_embd.weight")
 

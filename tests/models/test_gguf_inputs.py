@@ -123,3 +123,11 @@ def test_a_phi3_file_with_fused_qkv_reads_as_the_converter_writes_it(tmp_path):
     with torch.no_grad():
         want = compress(model, arch, Plan.uniform(arch, "Q8_0"), {})(ids).logits
         assert torch.equal(load_model(str(fused))(ids).logits, want)
+
+
+def test_partial_rotary_files_are_refused_rather_than_rotated_whole(tmp_path, capsys):
+    """Phi-4-mini turns 3/4 of each head; read as Phi-3 it would be rotated whole: refused in one line."""
+    path, _, _ = _export(tmp_path, "phi3")
+    partial = tmp_path / "partial.gguf"
+    _rewrite(path, partial, fields={"phi3.rope.dimension_count": 48})
+    _fails(capsys, ["estimate", "--model", str(partial), "--phone", "iphone-16"], "rope turns 48 of each head's 64")
