@@ -6,9 +6,10 @@ importance-weighted error, side by side in one process.
 Data: a Student-t(5) matrix (heavy tails, like trained weights) and Qwen2.5-Coder-1.5B's blk.5.ffn_down.weight (its
 Q6_K values, 1536 x 8960), each with a log-normal importance per input channel (like an imatrix's mean squared
 activations), seeded. The error is sum(imp * (w - deq(q(w)))^2) / sum(imp * w^2), every side's bytes decoded by
-autosquash's decoder (bit-exact with gguf-py's). Speeds are the best of `--reps` runs after a warm-up, which on a
-shared machine measures the code rather than its neighbours; ggml on 1 thread and on 2 (two halves of the rows,
-as llama-quantize splits rows), autosquash on 1 and on 2 torch threads.
+autosquash's decoder (bit-exact with gguf-py's). Speeds are the best of `--reps` rounds that each time every
+quantizer once (the error pass before them is the warm-up), which on a shared machine measures the code rather
+than its neighbours; ggml on 1 thread and on 2 (two halves of the rows, as llama-quantize splits rows), autosquash
+on 1 and on 2 torch threads.
 
     .venv/bin/python benchmarks/iq_lattice.py            # writes benchmarks/results/iq_lattice.txt/json
 """
@@ -20,7 +21,6 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,16 +36,6 @@ from benchmarks.codec_speed import _ggml  # noqa: E402
 TYPES = ("IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "Q3_K", "Q2_K")
 QWEN = Path.home() / ".cache/autosquash/assets/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
 TENSOR = "blk.5.ffn_down.weight"
-
-
-def _best(fn: Callable[[], object], reps: int) -> float:
-    fn()  # warm-up (and the lattice tables, built once per process)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def _datasets(rows: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -69,7 +59,7 @@ def run(reps: int, rows: int, types: tuple[str, ...] = TYPES) -> list[dict]:
 
     data = _datasets(rows)
     lib = _ggml()
-    results = []
+    results, timed = [], {}  # timed: (type, quantizer) -> function of no arguments
     for name in types:
         gt = int(gguf.GGMLQuantizationType[name])
         lib.ggml_quantize_init(gt)
@@ -89,23 +79,35 @@ def run(reps: int, rows: int, types: tuple[str, ...] = TYPES) -> list[dict]:
             chunk(0, n_rows)
             row[f"{label}_ggml_error"] = weighted_error(out)
             row[f"{label}_ours_error"] = weighted_error(quantize(x, name, imp).data)
-            if label != "student_t":
-                continue  # speeds on the Student-t matrix only
-            half = n_rows // 2
-            mvals = x.numel() / 1e6
+            if label == "student_t":  # speeds on the Student-t matrix only
 
-            def two_threads(chunk=chunk, half=half, n_rows=n_rows) -> None:
-                with ThreadPoolExecutor(2) as pool:
-                    list(pool.map(lambda r: chunk(*r), [(0, half), (half, n_rows)]))
+                def ours(threads: int, x=x, imp=imp, name=name) -> None:
+                    torch.set_num_threads(threads)
+                    quantize(x, name, imp)
 
-            for threads in (1, 2):
-                torch.set_num_threads(threads)
-                ours = _best(lambda x=x, imp=imp, name=name: quantize(x, name, imp), reps)
-                row[f"ours_{threads}t_mvals_per_s"] = mvals / ours
-            row["ggml_1t_mvals_per_s"] = mvals / _best(lambda chunk=chunk, n_rows=n_rows: chunk(0, n_rows), reps)
-            row["ggml_2t_mvals_per_s"] = mvals / _best(two_threads, reps)
+                def two_threads(chunk=chunk, n_rows=n_rows) -> None:
+                    with ThreadPoolExecutor(2) as pool:
+                        list(pool.map(lambda r: chunk(*r), [(0, n_rows // 2), (n_rows // 2, n_rows)]))
+
+                mvals = x.numel() / 1e6
+                timed[name, "ours_1t"] = mvals, lambda ours=ours: ours(1)
+                timed[name, "ours_2t"] = mvals, lambda ours=ours: ours(2)
+                timed[name, "ggml_1t"] = mvals, lambda chunk=chunk, n_rows=n_rows: chunk(0, n_rows)
+                timed[name, "ggml_2t"] = mvals, two_threads
         results.append(row)
         print(json.dumps(row), flush=True)
+    # Timed in rounds, every quantizer once per round, the best of each kept: load from other work on a shared
+    # machine then slows all of them alike rather than whichever ran when it came.
+    best = {key: float("inf") for key in timed}
+    for _ in range(reps):
+        for key, (_, fn) in timed.items():
+            t0 = time.perf_counter()
+            fn()
+            best[key] = min(best[key], time.perf_counter() - t0)
+    for row in results:
+        for who in ("ours_1t", "ours_2t", "ggml_1t", "ggml_2t"):
+            mvals, _ = timed[row["type"], who]
+            row[f"{who}_mvals_per_s"] = mvals / best[row["type"], who]
     return results
 
 
@@ -138,15 +140,15 @@ def report(rows: list[dict], header: str) -> str:
         for r in rows
     ]
     note = (
-        "Speeds in millions of values per second on the Student-t matrix, best of the runs; errors: importance-weighted"
-        " squared error over the weighted energy, both sides' bytes decoded by autosquash."
+        "Speeds in millions of values per second on the Student-t matrix, the best of the timing rounds; errors:"
+        " importance-weighted squared error over the weighted energy, both sides' bytes decoded by autosquash."
     )
     return header + "\n\n" + table(head, body) + "\n\n" + note + "\n"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--reps", type=int, default=3, help="timed runs per quantizer, the best kept (default 3)")
+    p.add_argument("--reps", type=int, default=5, help="timing rounds, the best of each quantizer kept (default 5)")
     p.add_argument("--rows", type=int, default=1024, help="rows of the 4096-wide Student-t matrix (default 1024)")
     p.add_argument("--types", nargs="+", default=list(TYPES), help="GGUF types to compare (default: all listed)")
     p.add_argument("--results", default=str(ROOT / "benchmarks/results"), help="folder for iq_lattice.txt/json")
