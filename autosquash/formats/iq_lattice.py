@@ -17,11 +17,11 @@ the implementation our own, vectorised over super-blocks in torch):
 3. the sub-block steps are quantized to d * unit * (1, 3, .., 31) by a weighted least-squares search for d;
 4. every group is projected once more against the step the block stores (ggml keeps the points it chose for
    the unquantized steps).
-Projection: the level nearest each coordinate gives a point of the full product of levels; ggml's grid holds about
-a third of the ones met in practice. The 8 grid points nearest that point (a table built once) are scored by the
-weighted squared error and the best taken: exact for a point on the grid, and within about 1 % of the exhaustive
-search's error elsewhere (ggml searches a similar neighbour list, unweighted distances 1 and 2 away).
-Weights: with importance, the ones `codecs.quantize` forms for every type; without, llama.cpp's defaults, x^2 for
+Projection: the level nearest each coordinate gives a point of the full product of levels; ggml's grid holds a
+quarter to a half of the ones met in practice. The 8 grid points nearest that point (a table built once) are scored
+by the weighted squared error and the best taken: exact for a point on the grid, and 0.5-1 % above the exhaustive
+search's error on heavy-tailed values (ggml searches a similar neighbour list, unweighted distances 1 and 2 away).
+Weights: with importance, llama.cpp's for these types (`lattice_weights`); without, its defaults, x^2 for
 IQ3 (quantize_row_iq3_xxs_ref) and 0.25 sigma^2 + x^2 for IQ2 (quantize_row_iq2_s_ref; llama.cpp refuses IQ2_XXS
 and IQ2_XS without an imatrix, and they take IQ2_S's default here).
 """
@@ -37,13 +37,14 @@ import torch
 from torch import Tensor
 
 QK_K = 256
-# Grid points scored per group: 8 for the codes stored, 4 while searching steps (within 0.5 % of the error with 8
+# Grid points scored per group: 8 for the codes stored, 4 while searching steps (0.3-0.8 % more error than 8
 # throughout, 25 % faster). At most 8: the argmin below packs a candidate's number in 3 bits.
 _NEIGHBOURS = 8
 _SEARCH_NEIGHBOURS = 4
 # Candidate steps: a sub-block's largest value mapped to these fractions of the grid's largest level, then each
-# refit. On Student-t(5) rows and Qwen2.5's ffn_down (benchmarks/iq_lattice.py) three did as well as seven at
-# ggml's spacing (within 0.5 %), and the one beyond the top level (clipping the largest value) mattered most.
+# refit. On Student-t(5) rows and Qwen2.5's ffn_down (benchmarks/iq_lattice.py's data) three cost 0-1.4 % more
+# error than seven from 0.8 to 1.2 at under half the time; without the one beyond the top level (clipping the
+# largest value) IQ2 lost 1-3 %.
 _STEP_RATIOS = (0.9, 1.05, 1.2)
 # Candidate d: the largest sub-block step mapped to these odd levels (1 .. 31), then refit twice.
 _D_LEVELS = (27.0, 29.0, 31.0, 33.0)
@@ -227,9 +228,8 @@ def _super_scale(steps: Tensor, weight: Tensor) -> Tensor:
 
 
 def _step(d: Tensor, s: Tensor, lat: Lattice) -> Tensor:
-    """Each sub-block's float32 step from f16 d and its codes s (float), in gguf.quants' order of operations."""
-    if lat.name == "IQ3_S":
-        return d * (1 + 2 * s)
+    """Each sub-block's float32 step from f16 d and its codes s (float), in gguf.quants' order of operations: one
+    rounding, of d * (0.5 + s), then an exact power-of-two factor (IQ3_S's d * (1 + 2 s) is the same number)."""
     return d * (0.5 + s) * (2 * lat.unit)
 
 

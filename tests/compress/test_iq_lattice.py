@@ -4,7 +4,6 @@ encoder weighs importance, and its error is at most ggml's own quantizer's at th
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterator
 from pathlib import Path
 
 import gguf.quants
@@ -17,17 +16,9 @@ from autosquash.errors import AutosquashError
 from autosquash.formats import iq_lattice
 from autosquash.formats.codecs import QuantizedTensor, dequantize, fake_quantize, quantize
 from autosquash.formats.gguf_types import legal_type, tensor_type
+from tests.compress.test_quant import _one_thread  # noqa: F401  (autouse: one torch thread here too, as there)
 
 LATTICE = ("IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """One thread, as in test_quant.py: two contended threads' barriers slow these many mid-sized ops 20x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _seeded_t(rows: int, cols: int, seed: int) -> torch.Tensor:
