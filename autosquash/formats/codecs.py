@@ -23,6 +23,7 @@ from torch import Tensor
 
 from autosquash.errors import AutosquashError
 from autosquash.formats.gguf_types import tensor_type
+from autosquash.formats.iq_lattice import LATTICE_CODECS, lattice_weights
 
 QK_K = 256  # values per K-quant / ternary super-block
 # Values quantized per step: big enough to amortize the ~500 small torch calls per step, small enough that
@@ -823,6 +824,7 @@ _CODECS: dict[str, tuple[Encoder, Decoder]] = {
     "TQ1_0": (_encode_tq1_0, _decode_tq1_0),
     "IQ4_NL": (_IQ4_NL.encode, _decode_iq4_nl),
     "IQ4_XS": (_IQ4_XS.encode, _decode_iq4_xs),
+    **LATTICE_CODECS,  # IQ3_S .. IQ2_XXS: codes chosen group by group, so no Grid (autosquash.formats.iq_lattice)
 }
 QUANTIZABLE_TYPES: tuple[str, ...] = tuple(_CODECS)
 # The importance-weighted quantizer of every block type, in two steps (what `quantize` runs with importance).
@@ -912,7 +914,12 @@ def quantize(weight: Tensor, type_name: str, importance: Tensor | None = None) -
     chunks = []
     for start in range(0, rows, step):
         xr = x[start : start + step].contiguous()
-        w = None if imp is None else search_weights(imp, xr.square().mean(-1, keepdim=True), xr)
+        if imp is None:
+            w = None
+        elif name in LATTICE_CODECS:  # llama.cpp weights these by each super-block's mean square, not the row's
+            w = lattice_weights(name, imp, xr)
+        else:
+            w = search_weights(imp, xr.square().mean(-1, keepdim=True), xr)
         if w is not None:
             w = w.reshape(-1, t.block_size)
         chunks.append(encode(xr.reshape(-1, t.block_size), w).reshape(xr.shape[0], -1))

@@ -25,17 +25,27 @@ SEARCHABLE_TYPES: tuple[str, ...] = (
     "IQ4_NL",
     "IQ4_XS",
     "Q3_K",
+    "IQ3_S",
+    "IQ3_XXS",
     "Q2_K",
+    "IQ2_S",
+    "IQ2_XS",
+    "IQ2_XXS",
     "TQ2_0",
     "TQ1_0",
 )
 
 # What llama.cpp's quantize (llama-quant.cpp, llama-cpp-python 0.3.36) stores when a row is not a multiple of
-# the asked type's block length.
+# the asked type's block length (tensor_type_fallback: every IQ type on 256-value super-blocks takes IQ4_NL).
 LLAMA_CPP_FALLBACK: dict[str, str] = {
     "Q2_K": "Q4_0",
     "Q3_K": "Q4_0",
     "IQ4_XS": "IQ4_NL",
+    "IQ3_S": "IQ4_NL",
+    "IQ3_XXS": "IQ4_NL",
+    "IQ2_S": "IQ4_NL",
+    "IQ2_XS": "IQ4_NL",
+    "IQ2_XXS": "IQ4_NL",
     "Q4_K": "Q5_0",
     "Q5_K": "Q5_1",
     "Q6_K": "Q8_0",

@@ -92,13 +92,14 @@ def quantize_compensated(
     columns not yet coded through `hessian` (in, in), the inputs' E[x x^T] (any positive multiple will do).
 
     `importance` (in,) weights the scale search as in `codecs.quantize`; by default diag(hessian), the
-    inputs' mean squares. F32 and F16 have no grid and are written as `quantize` writes them. Runs on the
-    weight's device; the bytes come back to host memory.
+    inputs' mean squares. F32 and F16 have no grid and are written as `quantize` writes them; the lattice types
+    (IQ3_S .. IQ2_XXS) code 4 or 8 columns jointly, not one at a time, and are written as `quantize` writes them
+    with that importance, uncompensated. Runs on the weight's device; the bytes come back to host memory.
     """
     g = grid(type_name)
     name = tensor_type(type_name).name
     if g is None:
-        return quantize(weight, name)
+        return quantize(weight, name, hessian.diagonal() if importance is None else importance)
     x = checked_weight(weight, name)
     rows, cols = x.shape
     u = _inverse_cholesky(hessian, cols, damp, x.device)

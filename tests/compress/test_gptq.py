@@ -156,6 +156,16 @@ def test_float_types_are_written_as_quantize_writes_them() -> None:
         np.testing.assert_array_equal(quantize_compensated(w, t, h).data, quantize(w, t).data)
 
 
+def test_lattice_types_are_written_as_quantize_writes_them_with_the_importance() -> None:
+    """IQ3_S .. IQ2_XXS code groups of 4 or 8 columns jointly: no column-by-column compensation, but the
+    importance (by default diag(H)) still weighs their search."""
+    w, h = _weight(), _hessian(_inputs(correlated=True))
+    for t in ("IQ3_S", "IQ2_XXS"):
+        np.testing.assert_array_equal(quantize_compensated(w, t, h).data, quantize(w, t, h.diagonal()).data)
+        imp = torch.rand(COLS)
+        np.testing.assert_array_equal(quantize_compensated(w, t, h, imp).data, quantize(w, t, imp).data)
+
+
 def test_bad_hessians_are_refused() -> None:
     w = _weight()
     with pytest.raises(AutosquashError, match="shape"):

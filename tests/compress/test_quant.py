@@ -139,8 +139,8 @@ def test_illegal_row_length_is_refused() -> None:
 
 def test_bad_inputs_are_refused() -> None:
     w = _weight(4, 256)
-    with pytest.raises(AutosquashError, match="IQ2_XS"):
-        quantize(w, "IQ2_XS")
+    with pytest.raises(AutosquashError, match="IQ1_M"):
+        quantize(w, "IQ1_M")
     with pytest.raises(AutosquashError, match="2-D"):
         quantize(w.reshape(-1), "Q8_0")
     with pytest.raises(AutosquashError, match="importance"):

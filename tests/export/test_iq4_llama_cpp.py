@@ -1,7 +1,9 @@
-"""llama.cpp runs GGUF files holding autosquash's IQ4_NL and IQ4_XS tensors as autosquash decodes them.
+"""llama.cpp runs GGUF files holding autosquash's IQ4_NL and IQ4_XS tensors, and its lattice IQ3_S .. IQ2_XXS
+ones, as autosquash decodes them.
 
 The tiny random Llama (SmolLM2's vocabulary, whose tokenizer the file copies) exported with every matrix in
-one of the two types, with and without importance statistics. llama.cpp multiplies by its own dequantized
+one of the two IQ4 types, with and without importance statistics, or with each lattice type in some matrices
+(with importance). llama.cpp multiplies by its own dequantized
 weights (activations rounded to 8 bits), autosquash's model by its decoded ones: their logits must agree far
 more closely than either agrees with the float model, so a file whose bytes llama.cpp read differently from
 autosquash (a nibble order, a scale's bits) fails.
@@ -56,13 +58,27 @@ def _mixed() -> Plan:
     )
 
 
+def _lattice() -> Plan:
+    return Plan(
+        embed_quant="IQ3_S",
+        groups={
+            "blk.0.attn": LayerChoice(quant="IQ3_S", tensor_quant={"attn_v": "IQ3_XXS"}),
+            "blk.0.ffn": LayerChoice(quant="IQ2_S", tensor_quant={"ffn_down": "IQ2_XXS"}),
+            "blk.1.attn": LayerChoice(quant="IQ2_XS"),
+            "blk.1.ffn": LayerChoice(quant="IQ3_XXS", tensor_quant={"ffn_up": "IQ2_S"}),
+        },
+    )
+
+
 @pytest.mark.parametrize(
-    ("which", "importance"), [("IQ4_NL", False), ("IQ4_XS", True), ("mixed", True)], ids=["nl", "xs", "mixed"]
+    ("which", "importance"),
+    [("IQ4_NL", False), ("IQ4_XS", True), ("mixed", True), ("lattice", True)],
+    ids=["nl", "xs", "mixed", "lattice"],
 )
 def test_llama_cpp_runs_iq4_tensors_as_autosquash_decodes_them(tiny, tmp_path, which, importance):
     base, arch, stats = tiny
     stats = stats if importance else {}
-    plan = _mixed() if which == "mixed" else Plan.uniform(arch, which)
+    plan = {"mixed": _mixed, "lattice": _lattice}.get(which, lambda: Plan.uniform(arch, which))()
     path = tmp_path / "m.gguf"
     cache = VariantCache(max_bytes=1 << 62)  # the file's tensors are the ones scored below, quantized once
     write_gguf(path, TINY, base, arch, plan, stats, cache)
@@ -70,6 +86,10 @@ def test_llama_cpp_runs_iq4_tensors_as_autosquash_decodes_them(tiny, tmp_path, w
     if which == "mixed":
         assert types["blk.0.attn_q.weight"] == "IQ4_XS" and types["blk.0.attn_v.weight"] == "IQ4_NL"
         assert types["blk.1.ffn_up.weight"] == "IQ4_XS" and types["token_embd.weight"] == "IQ4_NL"
+    elif which == "lattice":
+        assert types["token_embd.weight"] == "IQ3_S" and types["blk.0.attn_v.weight"] == "IQ3_XXS"
+        assert types["blk.0.ffn_down.weight"] == "IQ2_XXS" and types["blk.1.attn_q.weight"] == "IQ2_XS"
+        assert types["blk.1.ffn_up.weight"] == "IQ2_S"
     else:
         assert {t for n, t in types.items() if n.endswith("weight") and "norm" not in n} == {which}
     ids = torch.randint(3, arch.vocab_size, (32,), generator=torch.Generator().manual_seed(3)).tolist()
@@ -80,9 +100,10 @@ def test_llama_cpp_runs_iq4_tensors_as_autosquash_decodes_them(tiny, tmp_path, w
     gap, effect = np.abs(theirs - ours).max(), np.abs(exact - ours).max()
     # Measured gaps 0.017 (IQ4_NL, its activations in Q8_0 blocks) to 0.025 (IQ4_XS, Q8_K), as for Q4_0 (0.019)
     # and Q4_K (0.026) on this model, against 0.32-0.36 for quantization; a decoder of ours that read IQ4_NL's
-    # nibbles or IQ4_XS's scale nibbles in the wrong order left gaps of 2.5 and 1.4.
+    # nibbles or IQ4_XS's scale nibbles in the wrong order left gaps of 2.5 and 1.4. The lattice types: gap 0.021
+    # (activations in Q8_K blocks) against 0.77 for quantization.
     assert gap < 0.15 * effect, f"llama.cpp differs by {gap:.5f}; quantization moves logits by {effect:.5f}"
-    if which == "mixed":  # autosquash reads the file back to the weights it scored (eval --model on a GGUF)
+    if which in ("mixed", "lattice"):  # autosquash reads the file back to the weights it scored (eval --model)
         with torch.no_grad():
             back = read_gguf_model(path)(torch.tensor([ids])).logits[0].double().numpy()
         assert np.abs(back - ours).max() < 1e-4

@@ -75,9 +75,11 @@ def test_iq4_types_can_be_searched_and_others_are_named(tiny_arch):
     assert space.embed_quant == ["IQ4_NL"] and space.attn.quant == ["IQ4_XS", "Q4_0"]
     plan = space.sample(optuna.create_study().ask(), tiny_arch)
     assert plan.embed_quant == "IQ4_NL" and plan.choice("blk.0.attn").quant in ("IQ4_XS", "Q4_0")
+    lattice = SearchSpace.model_validate({**SPACE, "attn": {"quant": ["iq3_s", "IQ2_XS"]}, "baselines": []})
+    assert lattice.attn.quant == ["IQ3_S", "IQ2_XS"]
     # A GGUF type autosquash does not write is refused by name.
-    with pytest.raises(ValueError, match="IQ2_XS is not a searchable type"):
-        SearchSpace.model_validate({**SPACE, "attn": {"quant": ["IQ2_XS"]}})
+    with pytest.raises(ValueError, match="IQ1_M is not a searchable type"):
+        SearchSpace.model_validate({**SPACE, "attn": {"quant": ["IQ1_M"]}})
 
 
 def test_without_pruning_holds_every_pruning_field_neutral_and_keeps_the_rest():
