@@ -20,6 +20,7 @@ import argparse
 import functools
 import importlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -192,10 +193,12 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
+    load_before = os.getloadavg()[0]
     rows = run(shapes, args.types, args.baseline, args.baseline_rows, args.table)
+    load = f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     command = " ".join([".venv/bin/python benchmarks/table_speed.py", *sys.argv[1:]])
-    header = f"# {command}  (commit {commit.stdout.strip()}, {args.threads} torch threads)"
+    header = f"# {command}  (commit {commit.stdout.strip()}, {args.threads} torch threads, {load})"
     note = (
         "Seconds per table, this tree on the whole table; old: the baseline revision on its first "
         f"{args.baseline_rows} rows, scaled to the table's rows. same rows: the share of those rows whose bytes "
