@@ -874,7 +874,8 @@ def importance_floor(importance: Tensor, cols: int, device: torch.device) -> Ten
 
 
 def checked_weight(weight: Tensor, name: str) -> Tensor:
-    """`weight` as float32 after the checks every quantizer makes (2-D, non-empty, finite, rows of whole blocks)."""
+    """`weight`, detached, after the checks every quantizer makes (2-D, non-empty, finite, rows of whole blocks);
+    quantizers take it to float32 a slice of rows at a time (a bfloat16 table is not copied whole)."""
     if weight.ndim != 2:
         raise AutosquashError(f"quantize expects a 2-D weight; got shape {tuple(weight.shape)}")
     rows, cols = (int(s) for s in weight.shape)
@@ -883,7 +884,7 @@ def checked_weight(weight: Tensor, name: str) -> Tensor:
     t = tensor_type(name)
     if not t.fits_row(cols):
         raise AutosquashError(f"{name} needs rows that are a multiple of {t.block_size} values; got a row of {cols}")
-    x = weight.detach().to(torch.float32)
+    x = weight.detach()
     if not bool(torch.isfinite(x).all()):
         raise AutosquashError(f"cannot quantize a weight with NaN or infinite values to {name}")
     return x
@@ -942,7 +943,7 @@ def quantize(weight: Tensor, type_name: str, importance: Tensor | None = None) -
     data = np.empty((rows, t.nbytes((1, cols))), np.uint8)
 
     def work(a: int, b: int) -> None:
-        xr = x[a:b].contiguous()
+        xr = x[a:b].to(torch.float32).contiguous()
         w = None if imp is None else search_weights(imp, xr.square().mean(-1, keepdim=True), xr)
         if w is not None:
             w = w.reshape(-1, t.block_size)
@@ -990,7 +991,7 @@ def quantize_no_worse(weight: Tensor, type_name: str, importance: Tensor) -> Qua
     data = np.empty((rows, tensor_type(name).nbytes((1, cols))), np.uint8)
 
     def work(a: int, b: int) -> None:
-        data[a:b] = no_worse_rows(x[a:b], name, imp)[0].cpu().numpy()
+        data[a:b] = no_worse_rows(x[a:b].to(torch.float32), name, imp)[0].cpu().numpy()
 
     for_each_slice(x.device, rows, chunk_rows(x.device, cols), work)
     return QuantizedTensor(type=name, shape=(rows, cols), data=data)

@@ -17,6 +17,8 @@ With a diagonal H nothing is spread and the bytes are exactly `quantize(W, type,
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -135,10 +137,8 @@ def _sweep(g: Grid, x: Tensor, u: Tensor, imp: Tensor) -> tuple[Tensor, Tensor]:
                     c = g.nearest(torch.mul(v, inv_step[k], out=q))
                     if c is not q:
                         q.copy_(c)
-                    value = g.levels(q) * step[k]
-                    if offset is not None:
-                        value += offset[k]
-                    torch.sub(col, value, out=err[j]).div_(u_diag[j])
+                    # The error x - (level * step + offset), as (x - offset) - level * step: one pass fewer.
+                    torch.addcmul(v, g.levels(q), step[k], value=-1, out=err[j]).div_(u_diag[j])
                     if j + 1 < s1:
                         xt[j + 1 : s1].addr_(u[j, j + 1 : s1], err[j], alpha=-1)
                 if s1 < b1:
@@ -158,6 +158,33 @@ def _lower_product_norms(e: Tensor, low: Tensor) -> Tensor:
     return out
 
 
+def _compensated(
+    weight: Tensor,
+    type_name: str,
+    hessian: Tensor,
+    importance: Tensor | None,
+    damp: float,
+    code: Callable[[Tensor, Grid, str, tuple[Tensor, Tensor, Tensor], Tensor], Tensor],
+) -> QuantizedTensor:
+    """What both compensated quantizers share: checks, H's factors (`_inverse_cholesky`), the importance, and
+    code(rows, grid, type, factors, importance) -> their bytes, on each slice of rows (`for_each_slice`)."""
+    g = grid(type_name)
+    name = tensor_type(type_name).name
+    if g is None:
+        return quantize(weight, name)
+    x = checked_weight(weight, name)
+    rows, cols = x.shape
+    factors = _inverse_cholesky(hessian, cols, damp, x.device)
+    imp = importance_floor(hessian.diagonal() if importance is None else importance, cols, x.device)
+    data = np.empty((rows, tensor_type(name).nbytes((1, cols))), np.uint8)
+
+    def work(a: int, b: int) -> None:
+        data[a:b] = code(x[a:b].to(torch.float32), g, name, factors, imp).cpu().numpy()
+
+    for_each_slice(x.device, rows, _sweep_rows(x.device, rows, cols), work)
+    return QuantizedTensor(type=name, shape=(rows, cols), data=data)
+
+
 def quantize_compensated(
     weight: Tensor,
     type_name: str,
@@ -172,21 +199,11 @@ def quantize_compensated(
     inputs' mean squares. F32 and F16 have no grid and are written as `quantize` writes them. Runs on the
     weight's device; the bytes come back to host memory.
     """
-    g = grid(type_name)
-    name = tensor_type(type_name).name
-    if g is None:
-        return quantize(weight, name)
-    x = checked_weight(weight, name)
-    rows, cols = x.shape
-    u = _inverse_cholesky(hessian, cols, damp, x.device)[0]
-    imp = importance_floor(hessian.diagonal() if importance is None else importance, cols, x.device)
-    data = np.empty((rows, tensor_type(name).nbytes((1, cols))), np.uint8)
 
-    def work(a: int, b: int) -> None:
-        data[a:b] = _sweep(g, x[a:b], u, imp)[0].cpu().numpy()
+    def code(x: Tensor, g: Grid, name: str, factors: tuple[Tensor, Tensor, Tensor], imp: Tensor) -> Tensor:
+        return _sweep(g, x, factors[0], imp)[0]
 
-    for_each_slice(x.device, rows, _sweep_rows(x.device, rows, cols), work)
-    return QuantizedTensor(type=name, shape=(rows, cols), data=data)
+    return _compensated(weight, type_name, hessian, importance, damp, code)
 
 
 def quantize_compensated_no_worse(
@@ -206,31 +223,21 @@ def quantize_compensated_no_worse(
     to host memory. A slice whose `quantize_no_worse` encoding errs less than `min_error` relative to the
     weights, both by diag(H) (sum_j H_jj e_j² over sum_j H_jj w_j²), keeps that encoding uncompensated.
     """
-    g = grid(type_name)
-    name = tensor_type(type_name).name
-    if g is None:
-        return quantize(weight, name)
-    x = checked_weight(weight, name)
-    rows, cols = x.shape
-    u, low, added = _inverse_cholesky(hessian, cols, damp, x.device)
-    imp = importance_floor(importance, cols, x.device)
-    h_diag = hessian.detach().diagonal().to(x.device, torch.float32)
-    data = np.empty((rows, tensor_type(name).nbytes((1, cols))), np.uint8)
+    h_diag = hessian.detach().diagonal()
 
-    def work(a: int, b: int) -> None:
-        xr = x[a:b]
-        plain, plain_values = no_worse_rows(xr, name, imp)
-        e = plain_values.sub_(xr)
-        if float(e.square().mv(h_diag).sum()) < min_error * float(xr.square().mv(h_diag).sum()):
-            data[a:b] = plain.cpu().numpy()
-            return
-        comp, comp_err = _sweep(g, xr, u, imp)
+    def code(x: Tensor, g: Grid, name: str, factors: tuple[Tensor, Tensor, Tensor], imp: Tensor) -> Tensor:
+        u, low, added = factors
+        plain, plain_values = no_worse_rows(x, name, imp)
+        e = plain_values.sub_(x)
+        d = h_diag.to(x.device, torch.float32)
+        if float(e.square().mv(d).sum()) < min_error * float(x.square().mv(d).sum()):
+            return plain
+        comp, comp_err = _sweep(g, x, u, imp)
         # Both errors by the damped H, less what damping added to its diagonal: e H eᵀ. The compensated one
         # comes with the sweep; the plain one is |e L|², L lower-triangular.
         plain_err = _lower_product_norms(e, low) - e.square_().mv(added)
-        e = decode_rows(comp, name, cols).sub_(xr)
+        e = decode_rows(comp, name, x.shape[1]).sub_(x)
         comp_err -= e.square_().mv(added)
-        data[a:b] = torch.where((comp_err < plain_err).unsqueeze(-1), comp, plain).cpu().numpy()
+        return torch.where((comp_err < plain_err).unsqueeze(-1), comp, plain)
 
-    for_each_slice(x.device, rows, _sweep_rows(x.device, rows, cols), work)
-    return QuantizedTensor(type=name, shape=(rows, cols), data=data)
+    return _compensated(weight, type_name, hessian, importance, damp, code)
