@@ -9,13 +9,17 @@ GGUF blocks, unchanged: when the sweep reaches a block (32 values, or a K-quant 
 scales are chosen from the error-updated weights of that block by the same importance-weighted search as
 `codecs.quantize` (codecs.Grid), and its values are then coded against those scales column by column.
 Columns are updated lazily (GPTQ's lazy batches): one by one within a run of 32, the rest of a batch of 128
-(or of a super-block) by one matrix product per run, the columns beyond the batch by one per batch.
+(or of a super-block) by one matrix product per run, the columns beyond the batch by one per batch. Rows are
+independent: they go through a slice at a time, so that a table of 150k rows needs no copy of itself.
 
 With a diagonal H nothing is spread and the bytes are exactly `quantize(W, type, diag(H))`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -26,23 +30,34 @@ from autosquash.formats.codecs import (
     Scales,
     checked_weight,
     chunk_rows,
-    dequantize,
+    decode_rows,
+    for_each_slice,
     grid,
     importance_floor,
+    no_worse_rows,
     quantize,
-    quantize_no_worse,
+    reciprocal,
     search_weights,
 )
 from autosquash.formats.gguf_types import tensor_type
 
 _LAZY = 32  # columns updated one by one at a time, the rest of their batch by one matrix product per 32
 _BATCH = 128  # columns (or one K-quant super-block) coded before the columns after them are updated
-_ERROR_CHUNK_VALUES = 1 << 21  # weights per slice compared: a matrix product of 1,024 rows at 2,048 inputs
+# Weights one sweep takes at once, and the fewest rows worth a slice of their own. Each column's coding is a
+# handful of torch calls on a slice's rows: a GPU's slices are big, for few kernel launches. A CPU's slices run
+# one per torch thread (codecs.for_each_slice), and every call hands the GIL to the other thread: with one of
+# the 2 cores taken by another process, 2^24-value slices of a 87,381 x 1,536 Q4_0 table took 33 s against
+# 21 s on one thread, 2^26-value ones 25 s against 22 s. 2^25 values keep a slice's copies (weights, errors,
+# decoded values) about 128 MB each.
+_SWEEP_VALUES = 1 << 25
+_SWEEP_VALUES_GPU = 1 << 26
+_MIN_SLICE_ROWS = 8192
 DAMP = 0.01  # dampening added to H's diagonal, as a share of its mean diagonal (GPTQ's default)
 
 
-def _inverse_cholesky(hessian: Tensor, cols: int, damp: float, device: torch.device) -> Tensor:
-    """U, the upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, in float32 on `device`.
+def _inverse_cholesky(hessian: Tensor, cols: int, damp: float, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """U, the upper Cholesky factor of the damped H^-1, (H + damp * mean(diag H) * I)^-1; L, the lower one of
+    the damped H itself; and what was added to H's diagonal to damp it (cols,): all float32 on `device`.
 
     Inputs never seen in calibration (a zero row and column of H) get a unit diagonal: they take and give
     no error. Where rounding leaves the damped H short of positive definite, the dampening grows tenfold.
@@ -60,13 +75,14 @@ def _inverse_cholesky(hessian: Tensor, cols: int, damp: float, device: torch.dev
     diag[dead] = 1
     mean = float(diag[~dead].mean()) if bool((~dead).any()) else 1.0
     for attempt in range(4):
-        damped = h + (damp * 10**attempt * mean) * torch.eye(cols, dtype=h.dtype, device=device)
+        added = damp * 10**attempt * mean
+        damped = h + added * torch.eye(cols, dtype=h.dtype, device=device)
         chol, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0:
             inv = torch.cholesky_inverse(chol)
             u, info = torch.linalg.cholesky_ex(inv, upper=True)
             if int(info) == 0:
-                return u.to(torch.float32)
+                return u.to(torch.float32), chol.to(torch.float32), (added + dead.to(h.dtype)).to(torch.float32)
     raise AutosquashError("hessian is not positive semi-definite (its damped Cholesky failed)")
 
 
@@ -79,6 +95,94 @@ def _scales(g: Grid, x: Tensor, w: Tensor) -> Scales:
         return g.scales(x, w)
     parts = [g.scales(x[a : a + step], w[a : a + step]) for a in range(0, x.shape[0], step)]
     return tuple(torch.cat(fields) for fields in zip(*parts, strict=True))
+
+
+def _sweep_rows(device: torch.device, rows: int, cols: int) -> int:
+    """Rows of `cols` values one sweep takes: on a CPU, a share of the rows for each of torch's threads (but
+    at least _MIN_SLICE_ROWS: a block linear's few rows go through whole)."""
+    if device.type != "cpu":
+        return max(1, _SWEEP_VALUES_GPU // cols)
+    share = -(-rows // torch.get_num_threads())
+    return max(_MIN_SLICE_ROWS, min(_SWEEP_VALUES // cols, share))
+
+
+def _sweep(g: Grid, x: Tensor, u: Tensor, imp: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows x (r, cols) coded column by column with their errors spread through U: the bytes (r, row bytes)
+    and each row's sum of squared scaled errors, which is its output error by the damped H (w - ŵ = e U, so
+    (w - ŵ) U^-1 U^-T (w - ŵ)ᵀ = e eᵀ)."""
+    rows, cols = x.shape
+    row_mean_sq = x.square().mean(-1, keepdim=True)
+    # Worked on transposed, one input column per (contiguous) row, so that coding a column and the rank-one
+    # update of those after it read and write whole rows of memory.
+    xt = x.T.contiguous()
+    err = torch.empty_like(xt)  # each column's error, scaled by 1 / U[j, j]
+    u_diag = u.diagonal().tolist()
+    batch = max(g.block, _BATCH)
+    blocks = []
+    for b0 in range(0, cols, batch):
+        b1 = min(b0 + batch, cols)
+        for c0 in range(b0, b1, g.block):
+            c1 = c0 + g.block
+            xb = xt[c0:c1].T.contiguous()
+            scales = _scales(g, xb, search_weights(imp[c0:c1], row_mean_sq, xb))
+            step, offset = (None if a is None else a.T.contiguous() for a in g.affine(scales))
+            inv_step = reciprocal(step)
+            codes = torch.empty_like(xt[c0:c1])
+            for s0 in range(c0, c1, _LAZY):
+                s1 = min(s0 + _LAZY, c1)
+                for j in range(s0, s1):
+                    k = (j - c0) // g.sub
+                    col, q = xt[j], codes[j - c0]
+                    v = col if offset is None else col - offset[k]
+                    c = g.nearest(torch.mul(v, inv_step[k], out=q))
+                    if c is not q:
+                        q.copy_(c)
+                    # The error x - (level * step + offset), as (x - offset) - level * step: one pass fewer.
+                    torch.addcmul(v, g.levels(q), step[k], value=-1, out=err[j]).div_(u_diag[j])
+                    if j + 1 < s1:
+                        xt[j + 1 : s1].addr_(u[j, j + 1 : s1], err[j], alpha=-1)
+                if s1 < b1:
+                    xt[s1:b1].addmm_(u[s0:s1, s1:b1].T, err[s0:s1], alpha=-1)
+            blocks.append(g.pack(scales, codes.T.contiguous()).view(rows, -1))
+        if b1 < cols:
+            xt[b1:].addmm_(u[b0:b1, b1:].T, err[b0:b1], alpha=-1)
+    return torch.cat(blocks, dim=-1), err.square_().sum(0)
+
+
+def _lower_product_norms(e: Tensor, low: Tensor) -> Tensor:
+    """|e L|² per row of e for lower-triangular L, a column block of L at a time from its diagonal down: the
+    zeros above it are skipped, half the work of e @ L (and twice as fast as a triangular solve on 2 cores)."""
+    out = torch.zeros(e.shape[0], dtype=e.dtype, device=e.device)
+    for k0 in range(0, e.shape[1], _BATCH):
+        out += (e[:, k0:] @ low[k0:, k0 : k0 + _BATCH]).square_().sum(-1)
+    return out
+
+
+def _compensated(
+    weight: Tensor,
+    type_name: str,
+    hessian: Tensor,
+    importance: Tensor | None,
+    damp: float,
+    code: Callable[[Tensor, Grid, str, tuple[Tensor, Tensor, Tensor], Tensor], Tensor],
+) -> QuantizedTensor:
+    """What both compensated quantizers share: checks, H's factors (`_inverse_cholesky`), the importance, and
+    code(rows, grid, type, factors, importance) -> their bytes, on each slice of rows (`for_each_slice`)."""
+    g = grid(type_name)
+    name = tensor_type(type_name).name
+    if g is None:  # F32/F16, and the lattice types, which code 4 or 8 columns jointly: uncompensated
+        return quantize(weight, name, hessian.diagonal() if importance is None else importance)
+    x = checked_weight(weight, name)
+    rows, cols = x.shape
+    factors = _inverse_cholesky(hessian, cols, damp, x.device)
+    imp = importance_floor(hessian.diagonal() if importance is None else importance, cols, x.device)
+    data = np.empty((rows, tensor_type(name).nbytes((1, cols))), np.uint8)
+
+    def work(a: int, b: int) -> None:
+        data[a:b] = code(x[a:b].to(torch.float32), g, name, factors, imp).cpu().numpy()
+
+    for_each_slice(x.device, rows, _sweep_rows(x.device, rows, cols), work)
+    return QuantizedTensor(type=name, shape=(rows, cols), data=data)
 
 
 def quantize_compensated(
@@ -96,70 +200,45 @@ def quantize_compensated(
     (IQ3_S .. IQ2_XXS) code 4 or 8 columns jointly, not one at a time, and are written as `quantize` writes them
     with that importance, uncompensated. Runs on the weight's device; the bytes come back to host memory.
     """
-    g = grid(type_name)
-    name = tensor_type(type_name).name
-    if g is None:
-        return quantize(weight, name, hessian.diagonal() if importance is None else importance)
-    x = checked_weight(weight, name)
-    rows, cols = x.shape
-    u = _inverse_cholesky(hessian, cols, damp, x.device)
-    imp = importance_floor(hessian.diagonal() if importance is None else importance, cols, x.device)
-    row_mean_sq = x.square().mean(-1, keepdim=True)
-    # Worked on transposed, one input column per (contiguous) row, so that coding a column and the rank-one
-    # update of those after it read and write whole rows of memory.
-    xt = x.T.contiguous()
-    err = torch.empty_like(xt)  # each column's error, scaled by 1 / U[j, j]
-    batch = max(g.block, _BATCH)
-    blocks = []
-    for b0 in range(0, cols, batch):
-        b1 = min(b0 + batch, cols)
-        for c0 in range(b0, b1, g.block):
-            c1 = c0 + g.block
-            xb = xt[c0:c1].T.contiguous()
-            scales = _scales(g, xb, search_weights(imp[c0:c1], row_mean_sq, xb))
-            step, offset = (None if a is None else a.T.contiguous() for a in g.affine(scales))
-            codes = torch.empty_like(xt[c0:c1])
-            for s0 in range(c0, c1, _LAZY):
-                s1 = min(s0 + _LAZY, c1)
-                for j in range(s0, s1):
-                    k = (j - c0) // g.sub
-                    col = xt[j].unsqueeze(-1)
-                    s, o = step[k].unsqueeze(-1), None if offset is None else offset[k].unsqueeze(-1)
-                    q = g.codes(col, s, o)
-                    codes[j - c0] = q.squeeze(-1)
-                    e = (col - g.values(q, s, o)).squeeze(-1) / u[j, j]
-                    err[j] = e
-                    if j + 1 < s1:
-                        xt[j + 1 : s1].addr_(u[j, j + 1 : s1], e, alpha=-1)
-                if s1 < b1:
-                    xt[s1:b1].addmm_(u[s0:s1, s1:b1].T, err[s0:s1], alpha=-1)
-            blocks.append(g.pack(scales, codes.T.contiguous()))
-        if b1 < cols:
-            xt[b1:].addmm_(u[b0:b1, b1:].T, err[b0:b1], alpha=-1)
-    data = torch.cat(blocks, dim=-1).cpu().numpy()
-    return QuantizedTensor(type=name, shape=(rows, cols), data=data)
+
+    def code(x: Tensor, g: Grid, name: str, factors: tuple[Tensor, Tensor, Tensor], imp: Tensor) -> Tensor:
+        return _sweep(g, x, factors[0], imp)[0]
+
+    return _compensated(weight, type_name, hessian, importance, damp, code)
 
 
 def quantize_compensated_no_worse(
-    weight: Tensor, type_name: str, hessian: Tensor, importance: Tensor, damp: float = DAMP
+    weight: Tensor,
+    type_name: str,
+    hessian: Tensor,
+    importance: Tensor,
+    damp: float = DAMP,
+    min_error: float = 0.0,
 ) -> QuantizedTensor:
     """`quantize_compensated`, each row then the better, by its output error (w - ŵ) H (w - ŵ)ᵀ, of that and
     `codecs.quantize_no_worse`'s row: a weight already on the type's grid comes back exactly, and no row errs
     more than without compensation. Rows are coded independently, so any mix of the two is a valid tensor.
-    Compared a slice of rows at a time in host memory."""
-    plain = quantize_no_worse(weight, type_name, importance)
-    comp = quantize_compensated(weight, type_name, hessian, importance, damp)
-    rows, cols = comp.shape
-    h = hessian.detach().to("cpu", torch.float32)
-    data = plain.data.copy()
-    step = max(1, _ERROR_CHUNK_VALUES // cols)
-    for a in range(0, rows, step):
-        x = weight[a : a + step].detach().to("cpu", torch.float32)
+    Inputs calibration never saw (zero diagonal of H) count nothing.
 
-        def errors(q: QuantizedTensor, a=a, x=x) -> Tensor:
-            e = dequantize(QuantizedTensor(q.type, (x.shape[0], cols), q.data[a : a + x.shape[0]])) - x
-            return ((e @ h) * e).sum(-1)
+    Runs on the weight's device a slice of rows at a time (`codecs.for_each_slice`); only the bytes come back
+    to host memory. A slice whose `quantize_no_worse` encoding errs less than `min_error` relative to the
+    weights, both by diag(H) (sum_j H_jj e_j² over sum_j H_jj w_j²), keeps that encoding uncompensated.
+    """
+    h_diag = hessian.detach().diagonal()
 
-        better = (errors(comp) < errors(plain)).numpy()
-        data[a : a + x.shape[0]][better] = comp.data[a : a + x.shape[0]][better]
-    return QuantizedTensor(type=comp.type, shape=comp.shape, data=data)
+    def code(x: Tensor, g: Grid, name: str, factors: tuple[Tensor, Tensor, Tensor], imp: Tensor) -> Tensor:
+        u, low, added = factors
+        plain, plain_values = no_worse_rows(x, name, imp)
+        e = plain_values.sub_(x)
+        d = h_diag.to(x.device, torch.float32)
+        if float(e.square().mv(d).sum()) < min_error * float(x.square().mv(d).sum()):
+            return plain
+        comp, comp_err = _sweep(g, x, u, imp)
+        # Both errors by the damped H, less what damping added to its diagonal: e H eᵀ. The compensated one
+        # comes with the sweep; the plain one is |e L|², L lower-triangular.
+        plain_err = _lower_product_norms(e, low) - e.square_().mv(added)
+        e = decode_rows(comp, name, x.shape[1]).sub_(x)
+        comp_err -= e.square_().mv(added)
+        return torch.where((comp_err < plain_err).unsqueeze(-1), comp, plain)
+
+    return _compensated(weight, type_name, hessian, importance, damp, code)

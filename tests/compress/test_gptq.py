@@ -22,7 +22,7 @@ from autosquash.compress.calibrate import (
     compensation_of,
 )
 from autosquash.errors import AutosquashError
-from autosquash.formats import codecs
+from autosquash.formats import codecs, gptq
 from autosquash.formats.codecs import dequantize, quantize, quantize_no_worse
 from autosquash.formats.gptq import quantize_compensated, quantize_compensated_no_worse
 
@@ -104,19 +104,60 @@ def _row_errors(w: torch.Tensor, q, h: torch.Tensor) -> torch.Tensor:
     return ((e @ h) * e).sum(-1)
 
 
-@pytest.mark.parametrize("type_name", ["Q8_0", "Q5_1", "Q4_0", "IQ4_NL"])
-def test_no_worse_compensation_takes_the_better_row(type_name: str, monkeypatch) -> None:
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q5_1", "Q4_0", "IQ4_NL", "Q4_K"])
+@pytest.mark.parametrize("unseen_input", [False, True])
+def test_no_worse_compensation_takes_the_better_row(type_name: str, unseen_input: bool, monkeypatch) -> None:
     # Each row is compensated or not, whichever has the lower output error by H; on correlated inputs most
     # rows gain. Compared in slices of 5 rows (as a 1B model's table is, in bigger ones), across their ends.
+    # The compensated rows' errors come from the sweep (w - ŵ = e U) and the plain ones' from the Cholesky
+    # factor of the damped H, each less the damping; an input calibration never fed counts nothing, as by H.
     monkeypatch.setattr(codecs, "_CHUNK_VALUES", 5 * COLS)
-    monkeypatch.setattr("autosquash.formats.gptq._ERROR_CHUNK_VALUES", 5 * COLS)
-    w, h = _weight(), _hessian(_inputs(correlated=True))
+    monkeypatch.setattr("autosquash.formats.gptq._SWEEP_VALUES", 5 * COLS)
+    monkeypatch.setattr("autosquash.formats.gptq._MIN_SLICE_ROWS", 1)
+    x = _inputs(correlated=True)
+    if unseen_input:
+        x[:, 40] = 0
+    w, h = _weight(), _hessian(x)
     imp = h.diagonal()
     best = quantize_compensated_no_worse(w, type_name, h, imp)
     plain, comp = quantize_no_worse(w, type_name, imp), quantize_compensated(w, type_name, h, imp)
     got, e_plain, e_comp = (_row_errors(w, q, h) for q in (best, plain, comp))
     torch.testing.assert_close(got, torch.minimum(e_plain, e_comp), rtol=0, atol=0)
     assert float(got.sum()) < 0.9 * float(e_plain.sum())
+
+
+def test_slices_that_err_little_by_the_weighted_encoding_keep_it(monkeypatch) -> None:
+    """`min_error`: a slice whose weighted encoding errs less than that share of its energy, by diag(H), is not
+    compensated (a Q8_0 table errs about 1e-5; compensation would save little); the others are."""
+    monkeypatch.setattr("autosquash.formats.gptq._SWEEP_VALUES", 8 * COLS)
+    monkeypatch.setattr("autosquash.formats.gptq._MIN_SLICE_ROWS", 1)
+    w, h = _weight(), _hessian(_inputs(correlated=True))
+    w[8:16] = dequantize(quantize(w[8:16], "Q4_0"))  # one slice of 8 rows already on the grid: it errs 0
+    imp = h.diagonal()
+    plain, comp = quantize_no_worse(w, "Q4_0", imp), quantize_compensated_no_worse(w, "Q4_0", h, imp)
+    swept = []
+    sweep = gptq._sweep
+    monkeypatch.setattr(gptq, "_sweep", lambda g, x, *a: swept.append(x[:, 0].clone()) or sweep(g, x, *a))
+    got = quantize_compensated_no_worse(w, "Q4_0", h, imp, min_error=1e-12)
+    assert torch.equal(torch.cat(swept), torch.cat([w[:8, 0], w[16:, 0]]))  # all slices but the one on the grid
+    np.testing.assert_array_equal(got.data, comp.data)
+    np.testing.assert_array_equal(got.data[8:16], plain.data[8:16])
+    np.testing.assert_array_equal(quantize_compensated_no_worse(w, "Q4_0", h, imp, min_error=1.0).data, plain.data)
+
+
+def test_slices_on_two_threads_give_the_bytes_of_one(monkeypatch) -> None:
+    """A table's slices run one per torch thread (codecs.for_each_slice); rows are independent, so the bytes
+    are those of one thread taking the same slices in turn."""
+    monkeypatch.setattr("autosquash.formats.gptq._SWEEP_VALUES", 8 * COLS)
+    monkeypatch.setattr("autosquash.formats.gptq._MIN_SLICE_ROWS", 1)
+    w, h = _weight(), _hessian(_inputs(correlated=True))
+    one = quantize_compensated_no_worse(w, "IQ4_NL", h, h.diagonal())
+    torch.set_num_threads(2)
+    try:
+        two = quantize_compensated_no_worse(w, "IQ4_NL", h, h.diagonal())
+    finally:
+        torch.set_num_threads(1)
+    np.testing.assert_array_equal(one.data, two.data)
 
 
 @pytest.mark.parametrize("type_name", ["Q8_0", "Q5_1", "Q4_0"])

@@ -11,11 +11,13 @@ import torch
 from gguf.constants import GGMLQuantizationType
 
 from autosquash.errors import AutosquashError
+from autosquash.formats import codecs
 from autosquash.formats.codecs import (
     QUANTIZABLE_TYPES,
     QuantizedTensor,
     dequantize,
     fake_quantize,
+    for_each_slice,
     quantize,
     quantize_no_worse,
 )
@@ -327,3 +329,28 @@ def test_no_worse_quantization_keeps_the_better_block_of_weighted_and_reference(
         # A weight already on a legacy grid (what a quantized base model's file holds) comes back exactly. (A
         # K-quant's reference search need not find its own grid again: one super-block of 1100 rows here did not.)
         torch.testing.assert_close(dequantize(quantize_no_worse(x_ref, type_name, imp)), x_ref, rtol=0, atol=0)
+
+
+def test_slices_run_one_per_thread_on_one_torch_thread_each_and_give_one_threads_bytes(monkeypatch) -> None:
+    # OpenMP barriers after every call stall when a core is shared (two threads were 10x slower than one), so
+    # with two torch threads the slices run on two Python threads of one torch thread each; the bytes do not
+    # change, and the caller's thread count comes back.
+    monkeypatch.setattr(codecs, "_CHUNK_VALUES", 8 * 512)
+    w, imp = _weight(), _skewed_importance(512)
+
+    def made() -> list[np.ndarray]:
+        return [quantize(w, "Q4_K", imp).data, quantize_no_worse(w, "Q4_K", imp).data, quantize(w, "Q4_0").data]
+
+    one = made()
+    seen = []
+    torch.set_num_threads(2)
+    try:
+        for_each_slice(torch.device("cpu"), 10, 3, lambda a, b: seen.append((a, b, torch.get_num_threads())))
+        assert torch.get_num_threads() == 2
+        two = made()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    assert sorted(seen) == [(0, 3, 1), (3, 6, 1), (6, 9, 1), (9, 10, 1)]
+    for a, b in zip(one, two, strict=True):
+        np.testing.assert_array_equal(a, b)
