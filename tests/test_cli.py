@@ -292,3 +292,35 @@ def test_corrupt_model_files_are_one_line_errors(capsys, tmp_path):
         config.write_text(json.dumps({**base, **extra}))
         code, _, err = _run(capsys, "estimate", "--phone", "iphone-16", "--model", str(config))
         assert code == 2 and msg in err, extra
+
+
+def test_a_plan_that_leaves_groups_out_is_refused_by_estimate_export_and_a_trial_rebuild(capsys, tmp_path):
+    """A plan priced or exported as if its missing groups were F16 is a silent wrong result: a plan names every
+    group of the model it is applied to, or it is refused in one line, before any weight loads."""
+    from autosquash.compress.plan import Plan
+    from autosquash.models.arch import Arch
+    from autosquash.search.experiment import load_experiment
+    from autosquash.yaml_io import dump_yaml_model
+    from tests.conftest import tiny_config
+
+    model = str(ROOT / "tests/cost/configs/Llama-3.2-1B/config.json")  # 16 blocks, 32 groups
+    tiny = tmp_path / "tiny-plan.yaml"
+    dump_yaml_model(Plan.uniform(Arch.from_config(tiny_config()), "Q4_0"), tiny)  # the 2-block model's plan
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("groups: {}\n")
+    out = tmp_path / "m.gguf"
+    for plan, msg in ((tiny, "no choice for 28 of the model's 32 groups (blk.2.attn"), (empty, "no choice for 32 of")):
+        for cmd in (["estimate", "--phone", "iphone-16"], ["export", "--out", str(out)]):
+            code, _, err = _run(capsys, *cmd, "--model", model, "--plan", str(plan))
+            assert code == 2 and f"{plan}: {msg}" in err and err.count("\n") == 1, (cmd, err)
+    assert not out.exists()
+
+    # A search's trial whose plan file was cut down by hand: refused before the trial is rebuilt.
+    run = tmp_path / "run"
+    (run / "plans").mkdir(parents=True)
+    dump_yaml_model(load_experiment(ROOT / "experiments/smoke.yaml"), run / "experiment.yaml")  # the tiny model
+    (run / "plans/trial-0000.yaml").write_text("groups:\n  blk.0.attn: {quant: Q4_0}\n  blk.0.ffn: {quant: Q4_0}\n")
+    (run / "trials.csv").write_text("trial,state,error\n0,COMPLETE,\n")
+    code, _, err = _run(capsys, "export", "--run", str(run), "--trial", "0", "--out", str(out))
+    assert code == 2 and "trial-0000.yaml: no choice for 2 of the model's 4 groups (blk.1.attn, blk.1.ffn)" in err
+    assert not out.exists() and not (run / "cache").exists()  # nothing loaded, nothing calibrated
