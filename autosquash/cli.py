@@ -152,7 +152,6 @@ def _why_no_front(out: Path, phone: str) -> str:
 def _estimate(args: argparse.Namespace) -> int:
     from autosquash.compress.plan import Plan, check_plan, deployed_tensors, kv_heads_per_layer
     from autosquash.cost import estimate, file_tensors, format_report, load_phone
-    from autosquash.formats.gguf_types import tensor_type
     from autosquash.models.load import load_arch, resolve
     from autosquash.yaml_io import load_yaml_model
 
@@ -162,7 +161,7 @@ def _estimate(args: argparse.Namespace) -> int:
         )
     phone = load_phone(args.phone or args.old_device)
     src = resolve(args.model)
-    if src.kind == "gguf" and not args.plan and not args.uniform:
+    if src.kind == "gguf" and not args.plan and args.uniform is None:
         # A GGUF file is priced as it is stored: its own tensors and types, its blocks' KV heads.
         arch, tensors, kv_heads = file_tensors(Path(src.location, src.gguf_file))
     else:
@@ -170,7 +169,7 @@ def _estimate(args: argparse.Namespace) -> int:
         if args.plan:
             plan = check_plan(load_yaml_model(Plan, args.plan), arch, args.plan)
         else:
-            plan = Plan.uniform(arch, tensor_type(args.uniform or "F16").name)
+            plan = Plan.uniform(arch, "F16" if args.uniform is None else args.uniform)
         tensors, kv_heads = deployed_tensors(arch, plan), kv_heads_per_layer(arch, plan)
     report = estimate(arch, tensors, phone, context_tokens=args.context, kv_heads_per_layer=kv_heads)
     if args.json:
@@ -325,7 +324,7 @@ def _export(args: argparse.Namespace) -> int:
             raise AutosquashError("--run needs --trial N")
         built, exp, plan_file = rebuild_trial(Path(args.run), args.trial)
     else:
-        if not args.model or not (args.plan or args.uniform):
+        if not args.model or (args.plan is None and args.uniform is None):
             raise AutosquashError("export needs --run DIR --trial N, or --model M with --plan FILE or --uniform TYPE")
         plan = args.uniform
         if args.plan:  # checked against the model's config before the weights load
@@ -508,6 +507,16 @@ def _count(text: str) -> int:
     return value
 
 
+def _gguf_type(text: str) -> str:
+    """An argparse type: a GGUF tensor type's canonical name (an empty name is no type, not a default)."""
+    from autosquash.formats.gguf_types import UnknownTypeError, tensor_type
+
+    try:
+        return tensor_type(text).name
+    except UnknownTypeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _port(text: str) -> int:
     """An argparse type: a TCP port, 1..65535."""
     value = _count(text)
@@ -574,7 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = e.add_mutually_exclusive_group()
     g.add_argument("--plan", help="plan YAML file (e.g. a trial's plans/trial-0007.yaml)")
     g.add_argument(
-        "--uniform", help="one GGUF type for every weight, e.g. Q4_0 (default F16; a .gguf model: the file's types)"
+        "--uniform",
+        type=_gguf_type,
+        help="one GGUF type for every weight, e.g. Q4_0 (default F16; a .gguf model: the file's types)",
     )
     e.add_argument("--context", type=_count, default=2048, help="context length in tokens (default 2048)")
     e.add_argument("--json", action="store_true", help="print JSON")
@@ -644,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--model", help="base model, with --plan or --uniform instead of --run")
     g = x.add_mutually_exclusive_group()
     g.add_argument("--plan", help="plan YAML file")
-    g.add_argument("--uniform", help="one GGUF type for every linear weight and the embeddings")
+    g.add_argument("--uniform", type=_gguf_type, help="one GGUF type for every linear weight and the embeddings")
     x.add_argument("--out", required=True, help="output file: M.gguf, or M.safetensors with --format torch")
     x.add_argument(
         "--format",

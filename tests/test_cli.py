@@ -24,10 +24,6 @@ def _run(capsys, *argv) -> tuple[int, str, str]:
         (["search", "no/such/experiment.yaml"], "cannot read no/such/experiment.yaml"),
         (["estimate", "--model", "no-such-model", "--phone", "iphone-16"], "neither a shipped name"),
         (["estimate", "--model", "experiments/tiny-llama.json", "--phone", "nokia-3310"], "nokia-3310"),
-        (
-            ["estimate", "--model", "experiments/tiny-llama.json", "--phone", "iphone-16", "--uniform", "Q9_0"],
-            "unknown GGUF tensor type",
-        ),
         (["export", "--out", "x.gguf"], "export needs --run DIR --trial N"),
         (["export", "--model", "m", "--uniform", "Q4_0", "--out", "x", "--register", "n"], "--register needs --run"),
         (["pull", "not-a-uri", "--out", "x"], "is not a model URI"),
@@ -54,6 +50,13 @@ def test_bad_input_is_one_line(capsys, monkeypatch, argv, message):
         (["search", "experiments/smoke.yaml", "--workers", "two"], "expected a whole number, got 'two'"),
         (["ui", "--port", "70000"], "a TCP port is at most 65535"),
         (["eval", "--model", "m", "--tokens", "-5"], "argument --tokens: must be at least 1"),
+        (
+            ["estimate", "--model", "experiments/tiny-llama.json", "--phone", "iphone-16", "--uniform", "Q9_0"],
+            "argument --uniform: unknown GGUF tensor type 'Q9_0'",
+        ),
+        # An empty type is no type (it once meant F16, silently).
+        (["estimate", "--model", "m", "--phone", "iphone-16", "--uniform", ""], "unknown GGUF tensor type ''"),
+        (["export", "--model", "m", "--uniform", "", "--out", "x.gguf"], "argument --uniform: unknown GGUF tensor"),
         (["estimate", "--phone", "iphone-16"], "the following arguments are required: --model"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
