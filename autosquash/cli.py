@@ -241,6 +241,12 @@ def _eval(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     if args.tasks is not None and not tasks:
         raise AutosquashError(f"--tasks {args.tasks!r} names no task")
+    least = 3 if args.score == "second-half" else 2  # a window's first token is predicted by nothing;
+    if args.text and args.seq_len < least:  # second-half scores from position seq_len // 2 on
+        raise AutosquashError(
+            f"--seq-len {args.seq_len}: a window must hold at least {least} tokens to score one prediction"
+            + (" with --score second-half" if args.score == "second-half" else "")
+        )
     if args.lora and not Path(args.lora).is_file():
         raise AutosquashError(f"LoRA adapter {args.lora} does not exist")
     tok = load_tokenizer(args.model)

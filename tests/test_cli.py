@@ -327,3 +327,17 @@ def test_a_plan_that_leaves_groups_out_is_refused_by_estimate_export_and_a_trial
     code, _, err = _run(capsys, "export", "--run", str(run), "--trial", "0", "--out", str(out))
     assert code == 2 and "trial-0000.yaml: no choice for 2 of the model's 4 groups (blk.1.attn, blk.1.ffn)" in err
     assert not out.exists() and not (run / "cache").exists()  # nothing loaded, nothing calibrated
+
+
+@pytest.mark.parametrize(
+    "seq_len, score, least",
+    [("1", "all", "at least 2 tokens"), ("2", "second-half", "at least 3 tokens to score one prediction with --score")],
+)
+def test_eval_refuses_a_window_that_scores_nothing_naming_the_flag(capsys, seq_len, score, least):
+    """A window of one token predicts nothing: its perplexity was NaN, blamed on the weights."""
+    code, _, err = _run(
+        capsys, "eval", "--model", str(ROOT / "experiments/tiny-llama.json"), "--text", "lambada",
+        "--seq-len", seq_len, "--score", score,
+    )  # fmt: skip
+    assert code == 2 and err.count("\n") == 1 and f"--seq-len {seq_len}: a window must hold {least}" in err
+    assert "NaN" not in err
