@@ -258,6 +258,13 @@ def load_tokenizer_from(src: ModelSource) -> Any:
             return AutoTokenizer.from_pretrained(src.location, trust_remote_code=False)
     except READ_ERRORS as e:
         raise _read_error(src, e, "tokenizer") from None
+    except AutosquashError:
+        raise
+    except Exception as e:  # the tokenizers library refuses a vocabulary with a plain Exception
+        if src.kind == "hub":
+            raise _hub_error(src.location, e) from None
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise AutosquashError(f"{_path(src)}: its tokenizer cannot be built ({why})") from None
 
 
 def load_model(spec: str, seed: int = 0) -> torch.nn.Module:

@@ -123,3 +123,16 @@ def test_a_phi3_file_with_fused_qkv_reads_as_the_converter_writes_it(tmp_path):
     with torch.no_grad():
         want = compress(model, arch, Plan.uniform(arch, "Q8_0"), {})(ids).logits
         assert torch.equal(load_model(str(fused))(ids).logits, want)
+
+
+def test_a_gguf_whose_tokenizer_cannot_be_built_is_one_line_naming_the_file(tmp_path, capsys):
+    """Merges naming tokens the vocabulary lacks: the tokenizers library raises a bare Exception, once a traceback."""
+    path, _, _ = _export(tmp_path, "llama")
+    merges = open_gguf(path).fields["tokenizer.ggml.merges"].value
+    broken = tmp_path / "broken.gguf"
+    _rewrite(path, broken, fields={"tokenizer.ggml.merges": ["zzqq xxyy", *merges]})
+    _fails(
+        capsys,
+        ["eval", "--model", str(broken), "--text", "lambada"],
+        f"{broken}: its tokenizer cannot be built (Error while initializing BPE: Token `zzqq` out of vocabulary)",
+    )
