@@ -341,3 +341,55 @@ def test_eval_refuses_a_window_that_scores_nothing_naming_the_flag(capsys, seq_l
     )  # fmt: skip
     assert code == 2 and err.count("\n") == 1 and f"--seq-len {seq_len}: a window must hold {least}" in err
     assert "NaN" not in err
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("optuna", [False, True], ids=["mlflow", "optuna-dashboard"])
+def test_ctrl_c_stops_ui_quietly_with_exit_130(tmp_path, optuna):
+    """Ctrl-C reaches the terminal's whole foreground process group: MLflow's workers and job runners each printed
+    a traceback, and ui exited 0. Now only autosquash gets it and stops the server itself."""
+    import os
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    from mlflow.tracking import MlflowClient
+
+    if optuna:
+        import optuna as optuna_lib
+
+        optuna_lib.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    else:
+        MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "autosquash", "ui", "--out", str(tmp_path), "--port", str(port)]
+    # Its own process group, as a shell runs a foreground job: the group is what a terminal's Ctrl-C signals.
+    proc = subprocess.Popen(
+        [*cmd, *(["--optuna"] if optuna else [])],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5)
+                break
+            except OSError:
+                time.sleep(0.5)
+        time.sleep(3)  # MLflow starts its job runners once it serves
+        assert proc.poll() is None, proc.communicate()
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in out + err and "KeyboardInterrupt" not in out + err, err[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # the server is gone: its port is free again
