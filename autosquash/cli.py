@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 from autosquash.errors import AutosquashError, DeprecatedInput, forget_sigterm, on_sigterm, was_terminated
-from autosquash.files import cache_dir
+from autosquash.files import cache_dir, check_creatable
 
 CACHE_DIR = cache_dir()
 
@@ -37,15 +37,7 @@ def _finite(obj):
 def _writable_folder(folder: Path, what: str, create: bool = True) -> Path:
     """`folder`, created if missing (or, with create=False, creatable: its nearest existing parent writable);
     refused in one line when it, or a parent, is a file or cannot be written to."""
-    import os
-
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise AutosquashError(f"{what} {folder}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise AutosquashError(f"{what} {folder}: {existing} is not writable")
+    check_creatable(folder, f"{what} {folder}")
     if create:
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -88,7 +80,7 @@ def _store_error(e) -> str:
 
 def _search(args: argparse.Namespace) -> int:
     from autosquash.search.experiment import load_experiment, resolve_path
-    from autosquash.search.model_experiment import model_experiment, write_space
+    from autosquash.search.model_experiment import model_experiment, remove_space, write_space
     from autosquash.search.outputs import print_front
     from autosquash.search.study import SearchOptions, run_search
 
@@ -108,6 +100,7 @@ def _search(args: argparse.Namespace) -> int:
             "experiment's settings for your model and phone)"
         )
     out = _writable_folder(Path(args.out or Path("runs") / exp.name), "--out", create=False)
+    fresh = not out.exists()
     if made is not None and made.space is not None:
         exp = made.in_folder(out)
         print(made.note, flush=True)
@@ -124,7 +117,12 @@ def _search(args: argparse.Namespace) -> int:
         tracking_uri=args.tracking_uri,
         storage=args.storage,
     )
-    front = run_search(exp, opts)
+    try:
+        front = run_search(exp, opts)
+    except BaseException:
+        if fresh and made is not None:
+            remove_space(made, out)  # written before the search's own checks, which read it
+        raise
     print_front(front, exp, out)
     if not front:
         raise AutosquashError(_why_no_front(out, exp.phone))
