@@ -393,3 +393,27 @@ def test_ctrl_c_stops_ui_quietly_with_exit_130(tmp_path, optuna):
     assert "Traceback" not in out + err and "KeyboardInterrupt" not in out + err, err[-3000:]
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))  # the server is gone: its port is free again
+
+
+def test_a_model_too_large_for_this_machine_is_refused_before_it_loads(capsys, monkeypatch, tmp_path):
+    """search, export and eval of a config, a folder or a GGUF model: one line with what it needs and what there
+    is, before a weight is read or a folder made."""
+    import autosquash.models.device as device
+
+    monkeypatch.setattr(device, "available_memory_bytes", lambda: 50_000_000)
+    tiny = str(ROOT / "experiments/tiny-llama.json")  # 13.8M parameters: 55 MB in float32, 69 MB to load
+    need = f"model {tiny} needs about 69 MB in float32 (14M parameters, 25% more to load them); this machine has 50 MB"
+    out = tmp_path / "m.gguf"
+    for argv in (
+        ["eval", "--model", tiny, "--text", "lambada"],
+        ["export", "--model", tiny, "--uniform", "Q8_0", "--out", str(out)],
+        ["search", str(ROOT / "experiments/smoke.yaml"), "--out", str(tmp_path / "run")],
+    ):
+        code, _, err = _run(capsys, *argv)
+        assert code == 2 and err.count("\n") == 1 and need in err and "AUTOSQUASH_IGNORE_MEMORY=1" in err, argv
+    assert not out.exists() and not (tmp_path / "run").exists()
+    code, _, err = _run(capsys, "eval", "--model", "smollm2-135m", "--text", "lambada")  # a GGUF: its header only
+    assert code == 2 and "model smollm2-135m needs about 673 MB in float32 (135M parameters" in err
+    monkeypatch.setenv("AUTOSQUASH_IGNORE_MEMORY", "1")
+    code, text, err = _run(capsys, "eval", "--model", tiny, "--text", "lambada", "--tokens", "64", "--seq-len", "32")
+    assert code == 0 and text.startswith("perplexity"), err

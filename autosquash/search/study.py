@@ -29,7 +29,7 @@ from autosquash.errors import AutosquashError, on_sigterm
 from autosquash.evaluate.benchmark import contamination_notes, mean_accuracy, mean_accuracy_stderr, ranks_plans
 from autosquash.export.gguf_file import check_writable
 from autosquash.files import write_text
-from autosquash.models.device import peak_rss_bytes, resolve_device
+from autosquash.models.device import check_host_memory, peak_rss_bytes, resolve_device
 from autosquash.models.load import resolve
 from autosquash.models.ship import Shipped
 from autosquash.search.experiment import Experiment
@@ -196,6 +196,7 @@ def _preflight(exp: Experiment, opts: SearchOptions) -> None:
 
     resolve_device(exp.hardware.device)  # a device this machine lacks
     arch = load_arch(exp.model)  # the model reference: its config alone, no weights
+    check_host_memory(arch, exp.model)  # before a folder is made, not minutes into loading
     phone = load_phone(exp.phone)
     space = SearchSpace.load(exp.search_space)
     if space.target == "gguf":
