@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import signal
@@ -11,7 +12,7 @@ import warnings
 from pathlib import Path
 
 from autosquash.errors import AutosquashError, DeprecatedInput, forget_sigterm, on_sigterm, was_terminated
-from autosquash.files import cache_dir
+from autosquash.files import cache_dir, check_creatable
 
 CACHE_DIR = cache_dir()
 
@@ -36,15 +37,7 @@ def _finite(obj):
 def _writable_folder(folder: Path, what: str, create: bool = True) -> Path:
     """`folder`, created if missing (or, with create=False, creatable: its nearest existing parent writable);
     refused in one line when it, or a parent, is a file or cannot be written to."""
-    import os
-
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise AutosquashError(f"{what} {folder}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise AutosquashError(f"{what} {folder}: {existing} is not writable")
+    check_creatable(folder, f"{what} {folder}")
     if create:
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -87,7 +80,7 @@ def _store_error(e) -> str:
 
 def _search(args: argparse.Namespace) -> int:
     from autosquash.search.experiment import load_experiment, resolve_path
-    from autosquash.search.model_experiment import model_experiment, write_space
+    from autosquash.search.model_experiment import model_experiment, remove_space, write_space
     from autosquash.search.outputs import print_front
     from autosquash.search.study import SearchOptions, run_search
 
@@ -107,6 +100,7 @@ def _search(args: argparse.Namespace) -> int:
             "experiment's settings for your model and phone)"
         )
     out = _writable_folder(Path(args.out or Path("runs") / exp.name), "--out", create=False)
+    fresh = not out.exists()
     if made is not None and made.space is not None:
         exp = made.in_folder(out)
         print(made.note, flush=True)
@@ -123,7 +117,12 @@ def _search(args: argparse.Namespace) -> int:
         tracking_uri=args.tracking_uri,
         storage=args.storage,
     )
-    front = run_search(exp, opts)
+    try:
+        front = run_search(exp, opts)
+    except BaseException:
+        if fresh and made is not None:
+            remove_space(made, out)  # written before the search's own checks, which read it
+        raise
     print_front(front, exp, out)
     if not front:
         raise AutosquashError(_why_no_front(out, exp.phone))
@@ -152,7 +151,6 @@ def _why_no_front(out: Path, phone: str) -> str:
 def _estimate(args: argparse.Namespace) -> int:
     from autosquash.compress.plan import Plan, check_plan, deployed_tensors, kv_heads_per_layer
     from autosquash.cost import estimate, file_tensors, format_report, load_phone
-    from autosquash.formats.gguf_types import tensor_type
     from autosquash.models.load import load_arch, resolve
     from autosquash.yaml_io import load_yaml_model
 
@@ -162,7 +160,7 @@ def _estimate(args: argparse.Namespace) -> int:
         )
     phone = load_phone(args.phone or args.old_device)
     src = resolve(args.model)
-    if src.kind == "gguf" and not args.plan and not args.uniform:
+    if src.kind == "gguf" and not args.plan and args.uniform is None:
         # A GGUF file is priced as it is stored: its own tensors and types, its blocks' KV heads.
         arch, tensors, kv_heads = file_tensors(Path(src.location, src.gguf_file))
     else:
@@ -170,7 +168,7 @@ def _estimate(args: argparse.Namespace) -> int:
         if args.plan:
             plan = check_plan(load_yaml_model(Plan, args.plan), arch, args.plan)
         else:
-            plan = Plan.uniform(arch, tensor_type(args.uniform or "F16").name)
+            plan = Plan.uniform(arch, "F16" if args.uniform is None else args.uniform)
         tensors, kv_heads = deployed_tensors(arch, plan), kv_heads_per_layer(arch, plan)
     report = estimate(arch, tensors, phone, context_tokens=args.context, kv_heads_per_layer=kv_heads)
     if args.json:
@@ -242,6 +240,12 @@ def _eval(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     if args.tasks is not None and not tasks:
         raise AutosquashError(f"--tasks {args.tasks!r} names no task")
+    least = 3 if args.score == "second-half" else 2  # a window's first token is predicted by nothing;
+    if args.text and args.seq_len < least:  # second-half scores from position seq_len // 2 on
+        raise AutosquashError(
+            f"--seq-len {args.seq_len}: a window must hold at least {least} tokens to score one prediction"
+            + (" with --score second-half" if args.score == "second-half" else "")
+        )
     if args.lora and not Path(args.lora).is_file():
         raise AutosquashError(f"LoRA adapter {args.lora} does not exist")
     tok = load_tokenizer(args.model)
@@ -325,7 +329,7 @@ def _export(args: argparse.Namespace) -> int:
             raise AutosquashError("--run needs --trial N")
         built, exp, plan_file = rebuild_trial(Path(args.run), args.trial)
     else:
-        if not args.model or not (args.plan or args.uniform):
+        if not args.model or (args.plan is None and args.uniform is None):
             raise AutosquashError("export needs --run DIR --trial N, or --model M with --plan FILE or --uniform TYPE")
         plan = args.uniform
         if args.plan:  # checked against the model's config before the weights load
@@ -437,8 +441,6 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    import subprocess
-
     from autosquash.track.mlflow_store import default_tracking_uri, runs_page
 
     out = Path(args.out)
@@ -450,40 +452,67 @@ def _ui(args: argparse.Namespace) -> int:
         _check_port_free(args.host, port)
         serve = "import sys, optuna_dashboard as d; d.run_server(sys.argv[1], host=sys.argv[2], port=int(sys.argv[3]))"
         cmd = [sys.executable, "-c", serve, f"sqlite:///{study.resolve()}", args.host, str(port)]
-        page = f"http://{args.host}:{port}"
-        print(f"optuna-dashboard on {page} (Ctrl-C stops it)", flush=True)
-        # Its server prints a traceback when Ctrl-C lands mid-request: it ignores SIGINT and is stopped from here.
-        server = subprocess.Popen(cmd, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-        try:
-            return server.wait()
-        except KeyboardInterrupt:
-            server.terminate()
-            server.wait()
-            return 0
+        print(f"optuna-dashboard on http://{args.host}:{port} (Ctrl-C stops it)", flush=True)
     else:
         if not (out / "mlflow.db").exists():
             raise AutosquashError(f"{out} holds no search (no mlflow.db); pass the search's --out folder")
         port = args.port or 5000
         _check_port_free(args.host, port)
         uri = default_tracking_uri(out)
-        cmd = [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "ui",
-            "--backend-store-uri",
-            uri,
-            "--host",
-            args.host,
-            "--port",
-            str(port),
-        ]
+        cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host]
+        cmd += ["--port", str(port)]
         # The runs table in autosquash's view: metric columns, sorted by KL (the trials nested under the search).
         print(f"MLflow UI on {runs_page(uri, f'http://{args.host}:{port}')} (Ctrl-C stops it)", flush=True)
+    return _serve(cmd)
+
+
+SERVER_STOP_S = 10.0  # how long a stopped server may take to shut down before it is killed
+
+
+def _serve(cmd: list[str]) -> int:
+    """Run a server until it ends (its exit status) or Ctrl-C (130; 143 for SIGTERM).
+
+    It runs in a session of its own, so a terminal's Ctrl-C reaches this process only: sent to the server's
+    processes too (MLflow's web workers and job runners), each would print its own traceback. It is stopped from
+    here, its whole process group with SIGTERM, and what it prints while shutting down is not shown.
+    """
+    import os
+    import subprocess
+    import threading
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # its lines as it writes them, through the pipes
+    pipe = subprocess.PIPE
+    server = subprocess.Popen(cmd, start_new_session=True, stdout=pipe, stderr=pipe, env=env)
+    stopping = threading.Event()
+
+    def relay(source, stream) -> None:
+        for line in iter(source.readline, b""):
+            if not stopping.is_set():
+                stream.write(line.decode(errors="replace"))
+                stream.flush()
+
+    relays = [
+        threading.Thread(target=relay, args=(server.stdout, sys.stdout), daemon=True),
+        threading.Thread(target=relay, args=(server.stderr, sys.stderr), daemon=True),
+    ]
+    for t in relays:
+        t.start()
     try:
-        return subprocess.call(cmd)
-    except KeyboardInterrupt:
-        return 0
+        code = server.wait()
+    except KeyboardInterrupt as e:
+        stopping.set()
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=SERVER_STOP_S)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):  # workers that outlived their parent, or did not stop
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        return 143 if was_terminated(e) else 130
+    for t in relays:
+        t.join()
+    return code
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -506,6 +535,16 @@ def _count(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _gguf_type(text: str) -> str:
+    """An argparse type: a GGUF tensor type's canonical name (an empty name is no type, not a default)."""
+    from autosquash.formats.gguf_types import UnknownTypeError, tensor_type
+
+    try:
+        return tensor_type(text).name
+    except UnknownTypeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _port(text: str) -> int:
@@ -574,7 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = e.add_mutually_exclusive_group()
     g.add_argument("--plan", help="plan YAML file (e.g. a trial's plans/trial-0007.yaml)")
     g.add_argument(
-        "--uniform", help="one GGUF type for every weight, e.g. Q4_0 (default F16; a .gguf model: the file's types)"
+        "--uniform",
+        type=_gguf_type,
+        help="one GGUF type for every weight, e.g. Q4_0 (default F16; a .gguf model: the file's types)",
     )
     e.add_argument("--context", type=_count, default=2048, help="context length in tokens (default 2048)")
     e.add_argument("--json", action="store_true", help="print JSON")
@@ -644,7 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--model", help="base model, with --plan or --uniform instead of --run")
     g = x.add_mutually_exclusive_group()
     g.add_argument("--plan", help="plan YAML file")
-    g.add_argument("--uniform", help="one GGUF type for every linear weight and the embeddings")
+    g.add_argument("--uniform", type=_gguf_type, help="one GGUF type for every linear weight and the embeddings")
     x.add_argument("--out", required=True, help="output file: M.gguf, or M.safetensors with --format torch")
     x.add_argument(
         "--format",

@@ -7,6 +7,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from autosquash.errors import AutosquashError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -37,3 +39,15 @@ def write_text(path: str | Path, text: str) -> None:
 def cache_dir() -> Path:
     """autosquash's cache folder: `$AUTOSQUASH_CACHE_DIR`, else ~/.cache/autosquash."""
     return Path(os.environ.get("AUTOSQUASH_CACHE_DIR") or Path.home() / ".cache" / "autosquash")
+
+
+def check_creatable(folder: Path, where: str) -> None:
+    """Refuse in one line (starting with `where`) a folder that could not be made or written: a file where it or a
+    parent must be, or a nearest existing parent this user may not write. Makes nothing."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise AutosquashError(f"{where}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise AutosquashError(f"{where}: {existing} is not writable")

@@ -76,6 +76,30 @@ def tiny_batch() -> torch.Tensor:
     return torch.randint(0, 512, (4, 64), generator=g)
 
 
+def write_experiment(folder, model: str, space: dict, trials: int, workers: int = 1, name: str = "faults"):
+    """An experiment file (and its space.yaml) in `folder` for a search of seconds a trial: small token sets,
+    no healing, perplexity and memory the objectives; its path."""
+    import yaml
+
+    (folder / "space.yaml").write_text(yaml.safe_dump(space))
+    exp = {
+        "name": name,
+        "model": model,
+        "phone": "iphone-16",
+        "search_space": "space.yaml",
+        "objectives": ["perplexity", "memory"],
+        "trials": trials,
+        "workers": workers,
+        "context_tokens": 512,
+        "calibration": {"source": "wikipedia", "tokens": 256, "seq_len": 128},
+        "evaluation": {"source": "lambada", "tokens": 256, "seq_len": 128},
+        "topk": 8,
+        "heal": {"steps": 0},
+    }
+    (folder / "exp.yaml").write_text(yaml.safe_dump(exp))
+    return folder / "exp.yaml"
+
+
 SMOKE_TRIALS = 6
 
 

@@ -24,10 +24,6 @@ def _run(capsys, *argv) -> tuple[int, str, str]:
         (["search", "no/such/experiment.yaml"], "cannot read no/such/experiment.yaml"),
         (["estimate", "--model", "no-such-model", "--phone", "iphone-16"], "neither a shipped name"),
         (["estimate", "--model", "experiments/tiny-llama.json", "--phone", "nokia-3310"], "nokia-3310"),
-        (
-            ["estimate", "--model", "experiments/tiny-llama.json", "--phone", "iphone-16", "--uniform", "Q9_0"],
-            "unknown GGUF tensor type",
-        ),
         (["export", "--out", "x.gguf"], "export needs --run DIR --trial N"),
         (["export", "--model", "m", "--uniform", "Q4_0", "--out", "x", "--register", "n"], "--register needs --run"),
         (["pull", "not-a-uri", "--out", "x"], "is not a model URI"),
@@ -54,6 +50,13 @@ def test_bad_input_is_one_line(capsys, monkeypatch, argv, message):
         (["search", "experiments/smoke.yaml", "--workers", "two"], "expected a whole number, got 'two'"),
         (["ui", "--port", "70000"], "a TCP port is at most 65535"),
         (["eval", "--model", "m", "--tokens", "-5"], "argument --tokens: must be at least 1"),
+        (
+            ["estimate", "--model", "experiments/tiny-llama.json", "--phone", "iphone-16", "--uniform", "Q9_0"],
+            "argument --uniform: unknown GGUF tensor type 'Q9_0'",
+        ),
+        # An empty type is no type (it once meant F16, silently).
+        (["estimate", "--model", "m", "--phone", "iphone-16", "--uniform", ""], "unknown GGUF tensor type ''"),
+        (["export", "--model", "m", "--uniform", "", "--out", "x.gguf"], "argument --uniform: unknown GGUF tensor"),
         (["estimate", "--phone", "iphone-16"], "the following arguments are required: --model"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
@@ -292,3 +295,125 @@ def test_corrupt_model_files_are_one_line_errors(capsys, tmp_path):
         config.write_text(json.dumps({**base, **extra}))
         code, _, err = _run(capsys, "estimate", "--phone", "iphone-16", "--model", str(config))
         assert code == 2 and msg in err, extra
+
+
+def test_a_plan_that_leaves_groups_out_is_refused_by_estimate_export_and_a_trial_rebuild(capsys, tmp_path):
+    """A plan priced or exported as if its missing groups were F16 is a silent wrong result: a plan names every
+    group of the model it is applied to, or it is refused in one line, before any weight loads."""
+    from autosquash.compress.plan import Plan
+    from autosquash.models.arch import Arch
+    from autosquash.search.experiment import load_experiment
+    from autosquash.yaml_io import dump_yaml_model
+    from tests.conftest import tiny_config
+
+    model = str(ROOT / "tests/cost/configs/Llama-3.2-1B/config.json")  # 16 blocks, 32 groups
+    tiny = tmp_path / "tiny-plan.yaml"
+    dump_yaml_model(Plan.uniform(Arch.from_config(tiny_config()), "Q4_0"), tiny)  # the 2-block model's plan
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("groups: {}\n")
+    out = tmp_path / "m.gguf"
+    for plan, msg in ((tiny, "no choice for 28 of the model's 32 groups (blk.2.attn"), (empty, "no choice for 32 of")):
+        for cmd in (["estimate", "--phone", "iphone-16"], ["export", "--out", str(out)]):
+            code, _, err = _run(capsys, *cmd, "--model", model, "--plan", str(plan))
+            assert code == 2 and f"{plan}: {msg}" in err and err.count("\n") == 1, (cmd, err)
+    assert not out.exists()
+
+    # A search's trial whose plan file was cut down by hand: refused before the trial is rebuilt.
+    run = tmp_path / "run"
+    (run / "plans").mkdir(parents=True)
+    dump_yaml_model(load_experiment(ROOT / "experiments/smoke.yaml"), run / "experiment.yaml")  # the tiny model
+    (run / "plans/trial-0000.yaml").write_text("groups:\n  blk.0.attn: {quant: Q4_0}\n  blk.0.ffn: {quant: Q4_0}\n")
+    (run / "trials.csv").write_text("trial,state,error\n0,COMPLETE,\n")
+    code, _, err = _run(capsys, "export", "--run", str(run), "--trial", "0", "--out", str(out))
+    assert code == 2 and "trial-0000.yaml: no choice for 2 of the model's 4 groups (blk.1.attn, blk.1.ffn)" in err
+    assert not out.exists() and not (run / "cache").exists()  # nothing loaded, nothing calibrated
+
+
+@pytest.mark.parametrize(
+    "seq_len, score, least",
+    [("1", "all", "at least 2 tokens"), ("2", "second-half", "at least 3 tokens to score one prediction with --score")],
+)
+def test_eval_refuses_a_window_that_scores_nothing_naming_the_flag(capsys, seq_len, score, least):
+    """A window of one token predicts nothing: its perplexity was NaN, blamed on the weights."""
+    code, _, err = _run(
+        capsys, "eval", "--model", str(ROOT / "experiments/tiny-llama.json"), "--text", "lambada",
+        "--seq-len", seq_len, "--score", score,
+    )  # fmt: skip
+    assert code == 2 and err.count("\n") == 1 and f"--seq-len {seq_len}: a window must hold {least}" in err
+    assert "NaN" not in err
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("optuna", [False, True], ids=["mlflow", "optuna-dashboard"])
+def test_ctrl_c_stops_ui_quietly_with_exit_130(tmp_path, optuna):
+    """Ctrl-C reaches the terminal's whole foreground process group: MLflow's workers and job runners each printed
+    a traceback, and ui exited 0. Now only autosquash gets it and stops the server itself."""
+    import os
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    from mlflow.tracking import MlflowClient
+
+    if optuna:
+        import optuna as optuna_lib
+
+        optuna_lib.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    else:
+        MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "autosquash", "ui", "--out", str(tmp_path), "--port", str(port)]
+    # Its own process group, as a shell runs a foreground job: the group is what a terminal's Ctrl-C signals.
+    proc = subprocess.Popen(
+        [*cmd, *(["--optuna"] if optuna else [])],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5)
+                break
+            except OSError:
+                time.sleep(0.5)
+        time.sleep(3)  # MLflow starts its job runners once it serves
+        assert proc.poll() is None, proc.communicate()
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in out + err and "KeyboardInterrupt" not in out + err, err[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # the server is gone: its port is free again
+
+
+def test_a_model_too_large_for_this_machine_is_refused_before_it_loads(capsys, monkeypatch, tmp_path):
+    """search, export and eval of a config, a folder or a GGUF model: one line with what it needs and what there
+    is, before a weight is read or a folder made."""
+    import autosquash.models.device as device
+
+    monkeypatch.setattr(device, "available_memory_bytes", lambda: 50_000_000)
+    tiny = str(ROOT / "experiments/tiny-llama.json")  # 13.8M parameters: 55 MB in float32, 69 MB to load
+    need = f"model {tiny} needs about 69 MB in float32 (14M parameters, 25% more to load them); this machine has 50 MB"
+    out = tmp_path / "m.gguf"
+    for argv in (
+        ["eval", "--model", tiny, "--text", "lambada"],
+        ["export", "--model", tiny, "--uniform", "Q8_0", "--out", str(out)],
+        ["search", str(ROOT / "experiments/smoke.yaml"), "--out", str(tmp_path / "run")],
+    ):
+        code, _, err = _run(capsys, *argv)
+        assert code == 2 and err.count("\n") == 1 and need in err and "AUTOSQUASH_IGNORE_MEMORY=1" in err, argv
+    assert not out.exists() and not (tmp_path / "run").exists()
+    code, _, err = _run(capsys, "eval", "--model", "smollm2-135m", "--text", "lambada")  # a GGUF: its header only
+    assert code == 2 and "model smollm2-135m needs about 673 MB in float32 (135M parameters" in err
+    monkeypatch.setenv("AUTOSQUASH_IGNORE_MEMORY", "1")
+    code, text, err = _run(capsys, "eval", "--model", tiny, "--text", "lambada", "--tokens", "64", "--seq-len", "32")
+    assert code == 0 and text.startswith("perplexity"), err

@@ -106,8 +106,9 @@ class Plan(BaseModel):
 
 
 def check_plan(plan: Plan, arch: Arch, source: str) -> Plan:
-    """`plan`, refused in one line (naming `source`) when it names groups `arch` does not have (a plan made for
-    another model), or per-tensor types for linears its groups do not hold."""
+    """`plan`, refused in one line (naming `source`) unless it names a choice for every group of `arch` and no
+    other (a plan made for another model: a group it leaves out would deploy uncompressed, unnoticed), with
+    per-tensor types only for linears its groups hold. Plans a search writes always name every group."""
     kinds = {kind: {name for name, _ in linears} for kind, linears in SUBLAYERS}
     for group, choice in plan.groups.items():
         parts = group.split(".")
@@ -120,6 +121,14 @@ def check_plan(plan: Plan, arch: Arch, source: str) -> Plan:
         stray = set(choice.tensor_quant) - kinds[parts[2]]
         if stray:
             raise AutosquashError(f"{source}: {group} names tensors of another sublayer: {', '.join(sorted(stray))}")
+    groups = [f"blk.{i}.{kind}" for i in range(arch.n_layers) for kind, _ in SUBLAYERS]
+    missing = [g for g in groups if g not in plan.groups]
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise AutosquashError(
+            f"{source}: no choice for {len(missing)} of the model's {len(groups)} groups ({shown}); a plan names "
+            f"blk.<i>.attn and blk.<i>.ffn for each of its model's {arch.n_layers} blocks (a plan for another model?)"
+        )
     return plan
 
 

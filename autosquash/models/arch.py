@@ -85,6 +85,17 @@ class Arch:
         size = {"hidden": self.hidden_size, "head": self.head_dim}
         return [(name, path, size[dim]) for name, path, dim in BLOCK_NORMS[self.model_type][kind]]
 
+    @property
+    def n_params(self) -> int:
+        """Parameters of the uncompressed model: embeddings (and the output head when untied), every block's
+        linears, their biases and norms, the final norm."""
+        h, i = self.hidden_size, self.intermediate_size
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        rows = {"attn_q": q, "attn_k": kv, "attn_v": kv, "attn_output": h, "ffn_gate": i, "ffn_up": i, "ffn_down": h}
+        linears = (q + 2 * kv) * h + h * q + 3 * h * i
+        block = linears + sum(rows[n] for n in self.biased) + sum(n for k in ("attn", "ffn") for *_, n in self.norms(k))
+        return self.vocab_size * h * (1 if self.tied_embeddings else 2) + self.n_layers * block + h
+
     @classmethod
     def from_config(cls, config: Any) -> Arch:
         """Build from a transformers config object or a config.json dict."""

@@ -7,10 +7,12 @@ import gc
 import os
 import resource
 import sys
+from pathlib import Path
 
 import torch
 
 from autosquash.errors import AutosquashError
+from autosquash.models.arch import Arch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,6 +48,56 @@ def peak_rss_bytes() -> int:
 def host_memory_bytes() -> int:
     """Physical memory of this machine."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+# What loading a model holds beyond its float32 parameters (the decoded tensors in flight, the interpreter and
+# its libraries), as a share of them.
+LOAD_MARGIN = 0.25
+IGNORE_MEMORY = "AUTOSQUASH_IGNORE_MEMORY"  # set to 1: load whatever the check says
+
+
+def available_memory_bytes() -> int | None:
+    """Memory a new allocation can have without swapping: Linux's MemAvailable, within this process's cgroup
+    (v2) limit where it has one; psutil's figure elsewhere; None when neither says."""
+    found = None
+    try:
+        with open("/proc/meminfo") as f:
+            found = next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")), None)
+    except OSError:
+        pass
+    if found is None:
+        try:
+            import psutil
+        except ImportError:
+            return None
+        found = int(psutil.virtual_memory().available)
+    cgroup = Path("/sys/fs/cgroup")
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            found = min(found, int(limit) - int((cgroup / "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return found
+
+
+def check_host_memory(arch: Arch, model: str) -> None:
+    """Refuse, before its weights load, a model whose float32 parameters and LOAD_MARGIN exceed the memory this
+    machine has available (nothing to refuse where that is unknown, or where AUTOSQUASH_IGNORE_MEMORY=1)."""
+    if os.environ.get(IGNORE_MEMORY) == "1":
+        return
+    available = available_memory_bytes()
+    need = int(arch.n_params * 4 * (1 + LOAD_MARGIN))
+    if available is not None and need > available:
+        raise AutosquashError(
+            f"model {model} needs about {_size(need)} in float32 ({arch.n_params / 1e6:.0f}M parameters, "
+            f"{LOAD_MARGIN:.0%} more to load them); this machine has {_size(max(available, 0))} available "
+            f"({IGNORE_MEMORY}=1 loads it anyway)"
+        )
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 1e9:.1f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.0f} MB"
 
 
 def release_freed_memory() -> None:

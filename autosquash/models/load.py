@@ -35,6 +35,7 @@ from autosquash.formats import torch_file as torch_format
 from autosquash.models import phi3
 from autosquash.models.arch import Arch
 from autosquash.models.assets import ASSETS, asset_path
+from autosquash.models.device import check_host_memory
 from autosquash.models.gguf_family import Layout, hf_state, read_layout
 from autosquash.models.layers import RemovedAttention, RemovedMLP, linear_with, with_bias
 
@@ -258,6 +259,13 @@ def load_tokenizer_from(src: ModelSource) -> Any:
             return AutoTokenizer.from_pretrained(src.location, trust_remote_code=False)
     except READ_ERRORS as e:
         raise _read_error(src, e, "tokenizer") from None
+    except AutosquashError:
+        raise
+    except Exception as e:  # the tokenizers library refuses a vocabulary with a plain Exception
+        if src.kind == "hub":
+            raise _hub_error(src.location, e) from None
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise AutosquashError(f"{_path(src)}: its tokenizer cannot be built ({why})") from None
 
 
 def load_model(spec: str, seed: int = 0) -> torch.nn.Module:
@@ -271,12 +279,15 @@ def load_model(spec: str, seed: int = 0) -> torch.nn.Module:
             "read it with autosquash.export.torch_file.load (autosquash eval --model does)"
         )
     if src.kind == "gguf":
-        return read_gguf_model(_path(src))
+        return read_gguf_model(_path(src), spec)
+    config = None if src.kind == "hub" else load_config(src)  # a hub model's: from_pretrained fetches it
+    if config is not None:
+        check_host_memory(Arch.from_config(config), spec)  # the config the model is built from, defaults and all
     try:
         with _quiet():
             if src.kind == "config":
                 torch.manual_seed(seed)
-                model = AutoModelForCausalLM.from_config(load_config(src), dtype=torch.float32)
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
             else:
                 model = AutoModelForCausalLM.from_pretrained(
                     src.location, dtype=torch.float32, trust_remote_code=False, use_safetensors=True
@@ -292,12 +303,14 @@ def load_model(spec: str, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def read_gguf_model(path: str | Path) -> torch.nn.Module:
+def read_gguf_model(path: str | Path, name: str | None = None) -> torch.nn.Module:
     """The float32 causal LM (eval mode) of a GGUF model file of any family autosquash reads, per-layer shapes
     (`deci`) included: every tensor decoded by autosquash's dequantizer, renamed and transformed back to the
     family's transformers layout (models.gguf_family). A pruned block's narrower linears and removed sublayers are
-    built as compress() builds them. A tensor the header's shapes contradict is a one-line error."""
+    built as compress() builds them. A tensor the header's shapes contradict is a one-line error; a model this
+    machine's memory cannot hold is refused, by `name` (else the path), before a tensor is decoded."""
     layout = gguf_layout(path)
+    check_host_memory(Arch.from_config(layout.config), name or str(path))
     return _build(layout, hf_state(layout, gguf.read_tensor), str(path))
 
 

@@ -106,3 +106,11 @@ def write_space(made: ModelExperiment, out_dir: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(made.space.model_dump(mode="json"), sort_keys=False)
     write_text(path, f"# {made.space.name}: {made.note}\n{text}")
+
+
+def remove_space(made: ModelExperiment, out_dir: Path) -> None:
+    """Undo `write_space` where the folder holds nothing else (a start refused before its search began), the
+    folder with it: a refused start leaves no folder behind."""
+    if made.space is not None and out_dir.is_dir() and [p.name for p in out_dir.iterdir()] == [DERIVED_SPACE]:
+        (out_dir / DERIVED_SPACE).unlink()
+        out_dir.rmdir()

@@ -9,6 +9,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from autosquash.errors import AutosquashError
+from autosquash.files import check_creatable
 
 CONNECT_TIMEOUT_S = 5.0
 
@@ -79,10 +80,34 @@ def check_tracking_uri(uri: str) -> None:
             f"--tracking-uri {uri}: MLflow stores runs in {', '.join(TRACKING_SCHEMES)} (scheme://...), "
             f"not {parts.scheme}://"
         )
+    if parts.scheme.split("+")[0] == "sqlite" and _new_sqlite_file("--tracking-uri", uri):
+        return  # MLflow makes it, and its folders, when the search starts: a check makes nothing
     try:
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as e:  # MLflow raises many kinds for a store it cannot open
         raise AutosquashError(f"--tracking-uri {uri}: MLflow cannot open it ({_why(e, uri)})") from None
+
+
+def _new_sqlite_file(option: str, url: str) -> bool:
+    """Whether the SQLite database file `url` names is still to be made; refused in one line where it cannot be
+    (the path a folder, a file where a folder must be, a folder this user may not write)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return False  # the store's own check names what is wrong with it
+    db = parsed.database
+    if not db or db == ":memory:":
+        return False
+    path = Path(db.removeprefix("file:") if parsed.query.get("uri") == "true" else db).expanduser()
+    if db.endswith("/") or path.is_dir():
+        raise AutosquashError(f"{option} {url}: names a folder, not a database file (e.g. {path / 'mlflow.db'})")
+    if path.exists():
+        return False
+    check_creatable(path.parent, f"{option} {url}")
+    return True
 
 
 def _mlflow_answers(uri: str) -> None:

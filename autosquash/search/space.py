@@ -6,6 +6,8 @@ each operator says which targets and sublayer kinds its fields may move off neut
 
 from __future__ import annotations
 
+import math
+import random
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +144,36 @@ class SearchSpace(BaseModel):
             embed_quant=trial.suggest_categorical("embed_quant", embed) if len(embed) > 1 else embed[0],
             groups={g: LayerChoice(**v) for g, v in values.items()},
         )
+
+    def options(self, arch: Arch) -> dict[str, list]:
+        """The choices `sample` asks a trial for, by Optuna parameter name (those with one option are not asked)."""
+        asked = {f"{group}.{field}": choices for group, field, choices in self._dims(arch) if len(choices) > 1}
+        return asked | ({"embed_quant": self.embed_quant} if len(self.embed_quant) > 1 else {})
+
+    def plan_count(self, arch: Arch) -> int:
+        """How many distinct plans the space holds for `arch`."""
+        return math.prod(len(choices) for choices in self.options(arch).values())
+
+    def holds(self, key: tuple, arch: Arch) -> bool:
+        """Whether a trial's `params_key` is a plan of this space (a study resumed with --force mixes spaces)."""
+        options = self.options(arch)
+        values = dict(key)
+        return values.keys() == options.keys() and all(v in map(str, options[k]) for k, v in values.items())
+
+    def untried_params(self, arch: Arch, tried: set[tuple], rng: random.Random) -> dict[str, object] | None:
+        """The parameters of a plan whose `params_key` is not in `tried`, from a random place in the space on;
+        None when every plan has been tried."""
+        options = list(self.options(arch).items())
+        count = self.plan_count(arch)
+        start = rng.randrange(count)
+        for step in range(min(count, len(tried) + 1)):  # of len(tried) + 1 plans in a row one is untried
+            index, params = (start + step) % count, {}
+            for name, choices in options:  # the index in mixed radix: one digit per parameter
+                index, digit = divmod(index, len(choices))
+                params[name] = choices[digit]
+            if params_key(params) not in tried:
+                return params
+        return None
 
     def baseline_params(self, arch: Arch, quant: str) -> dict[str, object]:
         """Optuna parameters of the uniform plan with every group in `quant`, for `enqueue_trial`."""

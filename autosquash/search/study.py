@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import logging
 import math
+import random
 import signal
 import sys
 import threading
@@ -28,7 +29,7 @@ from autosquash.errors import AutosquashError, on_sigterm
 from autosquash.evaluate.benchmark import contamination_notes, mean_accuracy, mean_accuracy_stderr, ranks_plans
 from autosquash.export.gguf_file import check_writable
 from autosquash.files import write_text
-from autosquash.models.device import peak_rss_bytes, resolve_device
+from autosquash.models.device import check_host_memory, peak_rss_bytes, resolve_device
 from autosquash.models.load import resolve
 from autosquash.models.ship import Shipped
 from autosquash.search.experiment import Experiment
@@ -195,6 +196,7 @@ def _preflight(exp: Experiment, opts: SearchOptions) -> None:
 
     resolve_device(exp.hardware.device)  # a device this machine lacks
     arch = load_arch(exp.model)  # the model reference: its config alone, no weights
+    check_host_memory(arch, exp.model)  # before a folder is made, not minutes into loading
     phone = load_phone(exp.phone)
     space = SearchSpace.load(exp.search_space)
     if space.target == "gguf":
@@ -455,20 +457,32 @@ def _loop(
     )
     progress = Progress(opts.trials, _finished(study))
     try:
-        _run_trials(study, space, exp, ctx, ctx_box, tracker, opts, task, progress)
+        exhausted = _run_trials(study, space, exp, ctx, ctx_box, tracker, opts, task, progress)
     finally:
         progress.close()
+    if exhausted:
+        print(
+            f"the search space holds only {space.plan_count(ctx.arch)} distinct plans, every one tried: the search "
+            f"stops after {_finished(study)} of its {opts.trials} trials",
+            flush=True,
+        )
     return setup_s
 
 
-def _run_trials(study, space, exp, ctx, ctx_box, tracker, opts, task, progress: Progress) -> None:
-    """Ask, run and record trials, `opts.workers` at a time, until the budget is spent."""
+def _run_trials(study, space, exp, ctx, ctx_box, tracker, opts, task, progress: Progress) -> bool:
+    """Ask, run and record trials, `opts.workers` at a time, until the budget is spent or the space holds no
+    plan not tried yet; whether the space ran out."""
     import ray
 
     pending: dict = {}
-    while _finished(study) + len(pending) < opts.trials or pending:
-        while len(pending) < opts.workers and _finished(study) + len(pending) < opts.trials:
-            trial, plan = ask_new(study, space, ctx.arch, [t for t, _ in pending.values()])
+    exhausted = False
+    while not exhausted and _finished(study) + len(pending) < opts.trials or pending:
+        while not exhausted and len(pending) < opts.workers and _finished(study) + len(pending) < opts.trials:
+            asked = ask_new(study, space, ctx.arch, [t for t, _ in pending.values()])
+            if asked is None:
+                exhausted = True
+                break
+            trial, plan = asked
             plan_rel = _plan_rel(trial.number)
             dump_yaml_model(plan, opts.out_dir / plan_rel)
             trial.set_user_attr("plan", plan_rel)
@@ -480,6 +494,8 @@ def _run_trials(study, space, exp, ctx, ctx_box, tracker, opts, task, progress: 
                 trial.set_user_attr(k, v)
             seed = trial_seed(exp.seed, trial.number)
             pending[task.remote(ctx_box, plan.model_dump(mode="json"), seed)] = (trial, plan)
+        if not pending:
+            break
         (ref,), _ = ray.wait(list(pending), num_returns=1)
         trial, plan = pending.pop(ref)
         try:
@@ -493,27 +509,42 @@ def _run_trials(study, space, exp, ctx, ctx_box, tracker, opts, task, progress: 
         _, front = write_tables(study, opts.out_dir)
         progress.trial(_finished(study), trial.number, trial.user_attrs["origin"], metrics, error, len(front))
         progress.front(_finished(study), front)
+    return exhausted
 
 
-MAX_REDRAWS = 50  # repeats in a row after which the space is taken as exhausted
+MAX_REDRAWS = 50  # repeats in a row after which a plan not tried yet is drawn at random instead
 
 
-def ask_new(study: optuna.Study, space: SearchSpace, arch, running: list) -> tuple:
-    """A trial and its plan that no completed or running trial holds.
+def tried_plans(study: optuna.Study, running: list) -> set[tuple]:
+    """The `params_key` of every plan a counted trial (completed or failed) or a running one holds."""
+    return {params_key(t.params) for t in [*counted_trials(study), *running]}
+
+
+def ask_new(study: optuna.Study, space: SearchSpace, arch, running: list) -> tuple | None:
+    """A trial and its plan that no completed or running trial holds; None when the space holds no plan that
+    has not been tried (completed, failed or running): the search has nothing new to ask.
 
     Samplers repeat themselves (TPE re-proposes a plan it likes; a sampler re-created on resume replays its
     draws): a repeat is told PRUNED, which neither the budget nor the tables count, and the sampler asked
-    again. After MAX_REDRAWS repeats in a row the last one is evaluated: the space has nothing new left.
+    again. After MAX_REDRAWS repeats in a row (and once no enqueued trial waits) a plan not tried yet is
+    enqueued, drawn at random, so a small space is searched to its end rather than redrawn for ever.
     """
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     held = {params_key(t.params) for t in [*done, *running]}
-    for _ in range(MAX_REDRAWS):
+    tried = tried_plans(study, running)
+    if sum(space.holds(k, arch) for k in tried) >= space.plan_count(arch):
+        return None
+    waiting, repeats = (optuna.trial.TrialState.WAITING,), 0
+    while True:
         trial = study.ask()
         plan = space.sample(trial, arch)
         if params_key(trial.params) not in held:
             return trial, plan
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-    return trial, plan
+        repeats += 1
+        if repeats >= MAX_REDRAWS and not study.get_trials(deepcopy=False, states=waiting):
+            params = space.untried_params(arch, tried, random.Random(len(study.trials)))
+            study.enqueue_trial(params, user_attrs={"origin": "random"})
 
 
 def _score_front(

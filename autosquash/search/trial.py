@@ -26,7 +26,7 @@ import torch
 
 from autosquash.compress.apply import VariantCache, compress
 from autosquash.compress.calibrate import Compensation, Stats, cached_covariances, cached_stats
-from autosquash.compress.plan import Plan, deployed_tensors, kv_heads_per_layer
+from autosquash.compress.plan import Plan, check_plan, deployed_tensors, kv_heads_per_layer
 from autosquash.compress.store import VariantStore, scope_digest
 from autosquash.cost import PhoneProfile, estimate, load_phone
 from autosquash.errors import AutosquashError
@@ -43,7 +43,7 @@ from autosquash.models.device import (
     release_freed_memory,
     resolve_device,
 )
-from autosquash.models.load import load_model, load_tokenizer, resolve
+from autosquash.models.load import load_arch, load_model, load_tokenizer, resolve
 from autosquash.search.experiment import Experiment, TextSpec
 from autosquash.yaml_io import load_yaml_model
 
@@ -407,7 +407,7 @@ def rebuild_trial(run: Path, number: int) -> tuple[BuiltModel, Experiment, Path]
         raise AutosquashError(f"{run} holds no trial {number} ({plan_file} is missing)")
     _check_finished(run, number)
     exp = load_experiment(run / "experiment.yaml")
-    plan = load_yaml_model(Plan, plan_file)
+    plan = check_plan(load_yaml_model(Plan, plan_file), load_arch(exp.model), str(plan_file))  # before the weights
     inputs = load_inputs(exp, run)
     ctx = prepare_context(exp, inputs, workers=1)  # the trial's context: healing batch and config
     # The search's store holds the very bytes the trial was scored with, whichever worker made them.

@@ -16,9 +16,12 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from autosquash.compress.plan import Plan, check_plan
 from autosquash.errors import AutosquashError
 from autosquash.files import write_text
+from autosquash.models.load import load_arch
 from autosquash.track.mlflow_store import search_tracking_uri
+from autosquash.yaml_io import load_yaml_model
 
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
 
@@ -96,12 +99,27 @@ def pull(model_uri: str, out_dir: Path, tracking_uri: str | None = None, runs_di
     except MlflowException as e:
         raise AutosquashError(f"cannot pull {model_uri} from {uri}: {str(e).splitlines()[0]}") from None
     got_path = Path(got)
+    pulled = sorted(got_path.iterdir()) if got_path.is_dir() else [got_path]
     if got_path.is_dir() and got_path != out_dir:  # flatten NAME/ folders some stores add
-        for f in got_path.iterdir():
+        for f in pulled:
             shutil.move(str(f), out_dir / f.name)
         got_path.rmdir()
+        pulled = [out_dir / f.name for f in pulled]
+    check_pulled_plan(pulled, model_uri)
     write_readme(out_dir, f"{m['name']} version {version.version}", dict(version.tags))
     return sorted(out_dir.iterdir())
+
+
+def check_pulled_plan(files: list[Path], model_uri: str) -> None:
+    """A version's plan file must name every group of the model file it came with, and no other (a version
+    registered by hand may pair a plan with another model's file); refused in one line naming both."""
+    models = [f for f in files if f.suffix in (".gguf", ".safetensors") and not f.name.endswith(".lora.gguf")]
+    plans = [f for f in files if f.name.startswith("trial-") and f.suffix == ".yaml"]
+    if len(models) != 1 or not plans:
+        return
+    arch = load_arch(str(models[0]))
+    for plan in plans:
+        check_plan(load_yaml_model(Plan, plan), arch, f"{model_uri}: {plan.name} (for {models[0].name})")
 
 
 def _num(tags: dict[str, str], key: str) -> float | None:

@@ -77,7 +77,8 @@ def test_check_plan_refuses_groups_the_model_lacks_in_one_line():
     from tests.conftest import tiny_config
 
     arch = Arch.from_config(tiny_config())
-    ok = Plan(groups={"blk.1.ffn": LayerChoice(quant="Q4_0", tensor_quant={"ffn_down": "Q8_0"})})
+    every = {f"blk.{i}.{k}": LayerChoice(quant="Q8_0") for i in range(2) for k in ("attn", "ffn")}
+    ok = Plan(groups=every | {"blk.1.ffn": LayerChoice(quant="Q4_0", tensor_quant={"ffn_down": "Q8_0"})})
     assert check_plan(ok, arch, "p.yaml") is ok
     for groups, msg in (
         ({"blk.2.attn": LayerChoice()}, "past the model's 2 blocks"),
@@ -86,5 +87,26 @@ def test_check_plan_refuses_groups_the_model_lacks_in_one_line():
         ({"blk.0.ffn": LayerChoice(tensor_quant={"attn_v": "Q8_0"})}, "names tensors of another sublayer: attn_v"),
     ):
         with pytest.raises(AutosquashError, match=msg) as e:
-            check_plan(Plan(groups=groups), arch, "p.yaml")
+            check_plan(Plan(groups=every | groups), arch, "p.yaml")
         assert str(e.value).startswith("p.yaml: ") and "\n" not in str(e.value)
+
+
+def test_check_plan_refuses_a_plan_that_leaves_groups_of_the_model_out():
+    """A group a plan leaves out would deploy at F16, priced and exported without a word: refused instead."""
+    from autosquash.compress.plan import check_plan
+    from tests.conftest import tiny_config
+
+    two_blocks = Plan.uniform(Arch.from_config(tiny_config()), "Q4_0")  # a plan of the 2-block tiny model
+    with pytest.raises(AutosquashError) as e:
+        check_plan(two_blocks, SMOLLM2, "tiny.yaml")  # applied to SmolLM2's 30 blocks
+    msg = str(e.value)
+    assert msg.startswith("tiny.yaml: no choice for 56 of the model's 60 groups (blk.2.attn, blk.2.ffn, ")
+    assert "and 52 more" in msg and "\n" not in msg
+    with pytest.raises(AutosquashError, match="no choice for 60 of the model's 60 groups"):
+        check_plan(Plan(groups={}), SMOLLM2, "empty.yaml")
+    missing_one = dict(Plan.uniform(SMOLLM2, "Q4_0").groups)
+    del missing_one["blk.29.ffn"]
+    with pytest.raises(AutosquashError, match=r"no choice for 1 of the model's 60 groups \(blk\.29\.ffn\)"):
+        check_plan(Plan(groups=missing_one), SMOLLM2, "p.yaml")
+    whole = Plan.uniform(SMOLLM2, "Q4_0")
+    assert check_plan(whole, SMOLLM2, "p.yaml") is whole

@@ -131,3 +131,16 @@ def test_partial_rotary_files_are_refused_rather_than_rotated_whole(tmp_path, ca
     partial = tmp_path / "partial.gguf"
     _rewrite(path, partial, fields={"phi3.rope.dimension_count": 48})
     _fails(capsys, ["estimate", "--model", str(partial), "--phone", "iphone-16"], "rope turns 48 of each head's 64")
+
+
+def test_a_gguf_whose_tokenizer_cannot_be_built_is_one_line_naming_the_file(tmp_path, capsys):
+    """Merges naming tokens the vocabulary lacks: the tokenizers library raises a bare Exception, once a traceback."""
+    path, _, _ = _export(tmp_path, "llama")
+    merges = open_gguf(path).fields["tokenizer.ggml.merges"].value
+    broken = tmp_path / "broken.gguf"
+    _rewrite(path, broken, fields={"tokenizer.ggml.merges": ["zzqq xxyy", *merges]})
+    _fails(
+        capsys,
+        ["eval", "--model", str(broken), "--text", "lambada"],
+        f"{broken}: its tokenizer cannot be built (Error while initializing BPE: Token `zzqq` out of vocabulary)",
+    )

@@ -79,7 +79,9 @@ def _small_vocab_model(folder: Path) -> str:
     return str(folder)
 
 
-def test_a_gguf_model_is_read_once_then_from_its_converted_copy(tmp_path, monkeypatch, caplog):
+def test_a_gguf_tokenizer_is_converted_once_and_its_model_read_by_autosquash(tmp_path, monkeypatch, caplog):
+    """transformers converts a GGUF file's tokenizer (seconds on a real vocabulary) once, kept in the cache; the
+    config and weights are autosquash's own reads of the file (its header, its tensors), not transformers'."""
     import torch
 
     from autosquash.compress.plan import Plan
@@ -93,16 +95,20 @@ def test_a_gguf_model_is_read_once_then_from_its_converted_copy(tmp_path, monkey
     path = tmp_path / "m.gguf"
     write_gguf(path, spec, base, arch, Plan.uniform(arch, "F16"), {})
     monkeypatch.setenv("AUTOSQUASH_CACHE_DIR", str(tmp_path / "cache"))
-    first = (load.load_config(resolve(str(path))), load.load_tokenizer(str(path)), load_model(str(path)))
-    kept = sorted(p.name for p in (tmp_path / "cache" / "models").glob("*/*"))
-    assert kept == ["config", "model", "tokenizer"]
 
-    def no_gguf(*a, **k):
-        raise AssertionError("read the GGUF file again")
+    def no_transformers_gguf(*a, **k):
+        raise AssertionError("transformers read the GGUF file's weights or config")
 
-    # transformers' GGUF conversion (seconds per part on SmolLM2) is not repeated; autosquash's own header read
-    # (tens of milliseconds: is it a deci file?) is.
-    monkeypatch.setattr("transformers.modeling_gguf_pytorch_utils.load_gguf_checkpoint", no_gguf)
+    with monkeypatch.context() as m:
+        m.setattr("transformers.modeling_gguf_pytorch_utils.load_gguf_checkpoint", no_transformers_gguf)
+        config, model = load.load_config(resolve(str(path))), load_model(str(path))
+    first = (config, load.load_tokenizer(str(path)), model)
+    assert sorted(p.name for p in (tmp_path / "cache" / "models").glob("*/*")) == ["tokenizer"]
+
+    def no_gguf_tokenizer(*a, **k):
+        raise AssertionError("converted the GGUF file's tokenizer again")
+
+    monkeypatch.setattr("transformers.integrations.gguf.get_gguf_tokenizer", no_gguf_tokenizer)
     again = (load.load_config(resolve(str(path))), load.load_tokenizer(str(path)), load_model(str(path)))
 
     def fields(config):
@@ -118,16 +124,17 @@ def test_a_gguf_model_is_read_once_then_from_its_converted_copy(tmp_path, monkey
     )
     for (n, p), (m, q) in zip(first[2].state_dict().items(), again[2].state_dict().items(), strict=True):
         assert n == m and torch.equal(p, q)
-    assert not hasattr(again[2].config, "quantization_config")
+    with torch.no_grad():  # the weights the file holds: F16 of the base model's
+        assert torch.equal(again[2].lm_head.weight, base.lm_head.weight.half().float())
 
-    monkeypatch.undo()  # a changed file is read again, into its own copy
+    monkeypatch.undo()  # a changed file's tokenizer is converted again, into its own copy
     monkeypatch.setenv("AUTOSQUASH_CACHE_DIR", str(tmp_path / "cache"))
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 2 * 10**9))
-    load_model(str(path))
+    load.load_tokenizer(str(path))
     assert len(list((tmp_path / "cache" / "models").iterdir())) == 2
 
-    # A cache that cannot be written only costs time: the model still loads, with a warning.
+    # A cache that cannot be written only costs time: the tokenizer still loads, with a warning.
     monkeypatch.setenv("AUTOSQUASH_CACHE_DIR", str(path))  # a file, not a folder
     with caplog.at_level("WARNING"):
-        assert torch.equal(load_model(str(path)).lm_head.weight, first[2].lm_head.weight)
-    assert "could not keep the converted model" in caplog.text
+        assert load.load_tokenizer(str(path))(text)["input_ids"] == first[1](text)["input_ids"]
+    assert "could not keep the converted tokenizer" in caplog.text

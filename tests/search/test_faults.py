@@ -9,13 +9,13 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-import yaml
 from mlflow.tracking import MlflowClient
 from transformers import LlamaForCausalLM
 
 from autosquash.cli import main
 from autosquash.models.load import load_model, load_tokenizer
 from autosquash.track.mlflow_store import default_tracking_uri
+from tests.conftest import write_experiment
 
 ROOT = Path(__file__).parents[2]
 pytestmark = pytest.mark.integration
@@ -31,26 +31,6 @@ def _measured(rows: list[dict]) -> list[tuple]:
     return [(r["trial"], r["state"], r["perplexity"], r["kl"], r["memory_mb"], r["plan"]) for r in rows]
 
 
-def _experiment(tmp_path: Path, model: str, space: dict, trials: int, workers: int = 1) -> Path:
-    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
-    exp = {
-        "name": "faults",
-        "model": model,
-        "phone": "iphone-16",
-        "search_space": "space.yaml",
-        "objectives": ["perplexity", "memory"],
-        "trials": trials,
-        "workers": workers,
-        "context_tokens": 512,
-        "calibration": {"source": "wikipedia", "tokens": 256, "seq_len": 128},
-        "evaluation": {"source": "lambada", "tokens": 256, "seq_len": 128},
-        "topk": 8,
-        "heal": {"steps": 0},
-    }
-    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp))
-    return tmp_path / "exp.yaml"
-
-
 # Two types per group on the tiny random Llama: trials of a few seconds.
 SMALL = {
     "name": "small",
@@ -63,7 +43,7 @@ SMALL = {
 
 def _small_search(tmp_path: Path, trials: int, *args: str) -> tuple[Path, Path, subprocess.Popen]:
     """(experiment, out folder, the running driver) of a search of SMALL on the tiny Llama."""
-    exp = _experiment(tmp_path, str(ROOT / "experiments/tiny-llama.json"), SMALL, trials)
+    exp = write_experiment(tmp_path, str(ROOT / "experiments/tiny-llama.json"), SMALL, trials)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "autosquash", "search", str(exp), "--out", str(out), *args]
     return exp, out, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -96,7 +76,7 @@ def test_failing_trial_is_recorded_with_its_reason(tmp_path):
         "baselines": ["F16", "Q8_0"],
     }
     out = tmp_path / "out"
-    assert main(["search", str(_experiment(tmp_path, str(tmp_path / "huge"), space, 2)), "--out", str(out)]) == 0
+    assert main(["search", str(write_experiment(tmp_path, str(tmp_path / "huge"), space, 2)), "--out", str(out)]) == 0
     rows = _rows(out)
     assert [r["state"] for r in rows] == ["FAIL", "COMPLETE"]  # the F16 baseline fails, Q8_0 does not
     assert "not finite" in rows[0]["error"]

@@ -134,3 +134,36 @@ def test_a_read_only_store_is_one_line(tmp_path, capsys):
     assert main(["search", SMOKE, "--out", str(tmp_path / "out"), "--storage", url]) == 1
     err = capsys.readouterr().err
     assert "a search database is read-only" in err and err.count("\n") == 1
+
+
+def test_a_tracking_uri_check_makes_nothing_and_a_refused_one_leaves_no_folder(tmp_path, capsys):
+    """Checking an SQLite tracking URI made its database and folders (MLflow makes them on opening): a search
+    refused afterwards (here by its --storage) left a new folder behind. A URI naming a folder, or under a file,
+    is refused in one line; a new database file is made by the search itself, not by its check."""
+    out = tmp_path / "run"
+    check_tracking_uri(f"sqlite:///{out / 'sub' / 'mlflow.db'}")
+    assert not out.exists()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    for uri, message in (
+        (f"sqlite:///{out}/mlflow.db", "--storage notaurl: Optuna cannot open it"),
+        (f"sqlite:///{out}/", f"--tracking-uri sqlite:///{out}/: names a folder, not a database file"),
+        (f"sqlite:///{blocker}/mlflow.db", f"{blocker} is a file, not a folder"),
+    ):
+        argv = ["search", SMOKE, "--trials", "2", "--out", str(out), "--tracking-uri", uri, "--storage", "notaurl"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert not out.exists(), uri
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_a_refused_search_of_a_model_leaves_no_folder_for_its_derived_space(tmp_path, capsys):
+    """search --model M writes the space it derives for M into the output folder before the search's checks,
+    which read it there: a start they refuse takes it, and the folder, away again."""
+    qwen3 = str(Path(__file__).parents[2] / "tests/cost/configs/Qwen3-1.7B/config.json")  # a derived space
+    out = tmp_path / "run"
+    assert main(["search", "--model", qwen3, "--out", str(out), "--tracking-uri", "bogus://x"]) == 2
+    err = capsys.readouterr().err
+    assert "--tracking-uri bogus://x: MLflow stores runs in" in err
+    assert not out.exists()

@@ -124,3 +124,42 @@ def test_a_moved_search_folder_reads_its_own_store_not_the_old_path(tmp_path, no
     (tmp_path / "server/tracking_uri.txt").write_text("http://127.0.0.1:5000\n")
     assert search_tracking_uri(tmp_path / "server") == "http://127.0.0.1:5000"
     assert search_tracking_uri(tmp_path / "nothing") is None
+
+
+def test_a_pulled_plan_that_does_not_cover_its_model_file_is_refused_in_one_line(tmp_path, no_env_store):
+    """A version pairs its model file with the plan it was built from; a plan for another model (registered by
+    hand) would describe blocks the file does not have, or leave some of its blocks out."""
+    import json
+
+    from autosquash.compress.plan import Plan
+    from autosquash.export.gguf_file import write_gguf
+    from autosquash.models.arch import Arch
+    from autosquash.models.load import load_model
+    from autosquash.yaml_io import dump_yaml_model
+    from tests.conftest import TINY_SHAPE
+
+    spec = tmp_path / "config.json"
+    spec.write_text(json.dumps({**TINY_SHAPE, "model_type": "llama", "vocab_size": 49152, "eos_token_id": 2}))
+    model = load_model(str(spec))
+    arch = Arch.from_config(model.config)
+    plan = Plan.uniform(arch, "F16")
+    gguf = tmp_path / "f/m.gguf"
+    gguf.parent.mkdir()
+    write_gguf(gguf, str(spec), model, arch, plan, {})
+    dump_yaml_model(plan, tmp_path / "f/trial-0001.yaml")
+    half = Plan(groups={g: c for g, c in plan.groups.items() if g.startswith("blk.0.")})
+    (tmp_path / "g").mkdir()
+    dump_yaml_model(half, tmp_path / "g/trial-0002.yaml")
+    uri, run_id = _search_store(tmp_path / "runs/s")
+    register(uri, "whole", [gguf, tmp_path / "f/trial-0001.yaml"], run_id, {"trial": "1"})
+    files = pull("models:/whole/1", tmp_path / "ok", tracking_uri=uri)
+    assert [f.name for f in files] == ["README.md", "m.gguf", "trial-0001.yaml"]
+    uri, run_id = _search_store(tmp_path / "runs/t")  # a run's export/ artifacts hold one version's files
+    register(uri, "half", [gguf, tmp_path / "g/trial-0002.yaml"], run_id, {"trial": "2"})
+    with pytest.raises(AutosquashError) as e:
+        pull("models:/half/1", tmp_path / "bad", tracking_uri=uri)
+    assert str(e.value) == (
+        "models:/half/1: trial-0002.yaml (for m.gguf): no choice for 2 of the model's 4 groups (blk.1.attn, "
+        "blk.1.ffn); a plan names blk.<i>.attn and blk.<i>.ffn for each of its model's 2 blocks (a plan for another "
+        "model?)"
+    )
