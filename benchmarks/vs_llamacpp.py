@@ -10,6 +10,15 @@ plan no larger, with the KL ratio (front / peer; below 1 the front wins).
 
     .venv/bin/python benchmarks/vs_llamacpp.py --run runs/smollm2-135m-iphone16   # a finished search
     .venv/bin/python benchmarks/vs_llamacpp.py --run DIR --recipes Q4_K_M,Q4_0 --no-front
+    .venv/bin/python benchmarks/vs_llamacpp.py --run DIR --allocator ~/tools/allocator --damage-model
+
+`--allocator DIR` adds llama.cpp's per-tensor allocator (`llama-quantize --target-size`, PR 15550, from branch
+`quantize` of github.com/EAddario/llama.cpp; DIR holds that branch's llama-quantize and llama-imatrix, which
+autosquash does not build): asked for each front plan's exact file size (its adapter included), with its own
+branch's importance matrix on the same calibration text, and compared at that size. `--damage-model` adds, at
+each front plan's size, the plan autosquash's damage model alone picks for it (the sensitivity profile the search
+measured, its knapsack at that plan's size: no trials, no healing), so the table shows what the measured trials,
+healing and pruning add over a one-shot allocation.
 
 The tools come from scripts/llama_tools.sh (built once from the pinned llama-cpp-python sdist, or found on
 PATH). Writes benchmarks/results/vs_llamacpp.txt and .json. The recipes made with the importance matrix are
@@ -155,6 +164,73 @@ def _tensor_mb(path: Path) -> float:
     return sum(int(t.n_bytes) for t in open_gguf(path).tensors) / 1e6
 
 
+def allocator_files(tools: Path, base: Path, calib: Path, front: list[dict], work: Path, seq_len: int) -> list[dict]:
+    """The allocator's file at each front plan's size (bytes, adapter included), with its own importance matrix."""
+    threads = str(os.cpu_count() or 1)
+    imatrix = work / "allocator-imatrix.gguf"
+    if not imatrix.exists():
+        cmd = [tools / "llama-imatrix", "-m", base, "-f", calib, "-o", imatrix, "-c", seq_len, "-t", threads]
+        _run(cmd, work / "allocator-imatrix.log")
+    out = []
+    for f in front:
+        size = int(round(f["mb"] * 1e6))
+        path = work / f"allocator-{f['trial']:04d}.gguf"
+        if not path.exists():
+            cmd = [tools / "llama-quantize", "--imatrix", imatrix, "--target-size", f"{size}b", base, path, "Q8_0"]
+            _run([*cmd, threads], path.with_suffix(".quantize.log"))
+        out.append({"trial": f["trial"], "path": path})
+    return out
+
+
+def damage_model_files(run: Path, exp, front: list[dict], work: Path) -> list[dict]:
+    """At each front plan's size (as the damage model prices it), the plan the damage model alone picks, exported."""
+    import optuna
+
+    from autosquash.compress.plan import Plan
+    from autosquash.models.load import load_arch
+    from autosquash.search.sensitivity import Profile, best_under
+    from autosquash.search.space import SearchSpace
+    from autosquash.yaml_io import dump_yaml_model, load_yaml_model
+
+    found = sorted((run / "cache").glob("sensitivity-*.json"), key=lambda p: p.stat().st_mtime)
+    profile = Profile.from_json(found[-1].read_text()) if found else None
+    if profile is None:
+        sys.exit(f"vs_llamacpp: {run}/cache holds no sensitivity profile of this version (a sensitivity search's)")
+    space, arch = SearchSpace.load(exp.search_space), load_arch(exp.model)
+    out = []
+    for f in front:
+        plan = load_yaml_model(Plan, run / "plans" / f"trial-{f['trial']:04d}.yaml")
+        params = {f"{g}.{k}": v for g, c in plan.groups.items() for k, v in c.model_dump().items()}
+        params["embed_quant"] = plan.embed_quant
+        budget = profile.size(*profile.picks_of(params))
+        picks = best_under(profile, budget)
+        if picks is None:
+            continue
+        one_shot = space.sample(optuna.trial.FixedTrial(profile.params(*picks)), arch)
+        plan_file, path = work / f"damage-{f['trial']:04d}.yaml", work / f"damage-{f['trial']:04d}.gguf"
+        dump_yaml_model(one_shot, plan_file)
+        if not path.exists():
+            cmd = [sys.executable, "-m", "autosquash", "export", "--model", exp.model, "--plan", plan_file]
+            _run([*cmd, "--out", path], path.with_suffix(".export.log"))
+        out.append({"trial": f["trial"], "path": path})
+    return out
+
+
+def equal_size_report(front: list[dict], allocator: dict[int, dict], damage: dict[int, dict]) -> str:
+    """Each front plan beside the allocator's file and the damage model's one-shot plan at its size."""
+    head = ["trial", "MB", "KL", "allocator MB", "its KL", "ratio", "damage model MB", "its KL", "ratio"]
+    body = []
+    for f in sorted(front, key=lambda f: f["mb"]):
+        row = [f["trial"], f"{f['mb']:.2f}", f"{f['kl']:.4f}"]
+        for other in (allocator.get(f["trial"]), damage.get(f["trial"])):
+            if other is None:
+                row += ["", "", ""]
+            else:
+                row += [f"{other['mb']:.2f}", f"{other['kl']:.4f}", f"{f['kl'] / max(other['kl'], 1e-12):.2f}"]
+        body.append(row)
+    return table(head, body)
+
+
 def report(peers: list[dict], front: list[dict], base: dict) -> str:
     head = ["peer file", "imatrix", "MB", "KL", "ppl", "same top %", "best front <= MB", "its MB", "its KL", "KL ratio"]
     body = []
@@ -212,6 +288,8 @@ def main() -> None:
         action="store_true",
         help="export and score only the front plans the table compares (per peer, the three largest no larger)",
     )
+    p.add_argument("--allocator", help="folder of the --target-size branch's llama-quantize and llama-imatrix")
+    p.add_argument("--damage-model", action="store_true", help="score the damage model's one-shot plan per size")
     p.add_argument(
         "--reuse-peers",
         action="store_true",
@@ -314,12 +392,38 @@ def main() -> None:
             front.append({"trial": f["trial"], "mb": _mb(f["path"], f["lora"]), "lora": bool(f["lora"]), **stats})
             print(f"front trial {f['trial']:4d} {front[-1]['mb']:7.1f} MB  KL {stats['kl']:.4f}", flush=True)
     text = report(peers, front, base_stats)
+    allocator, damage = {}, {}
+    if front and args.allocator:
+        for a in allocator_files(Path(args.allocator), base, calib, front, work, exp.calibration.seq_len):
+            got = {"mb": _mb(a["path"]), **score(bin_dir, a["path"], test, kld_base, a["path"].with_suffix(".log"))}
+            allocator[a["trial"]] = got
+            print(f"allocator at trial {a['trial']:4d}'s size: {got['mb']:7.2f} MB  KL {got['kl']:.4f}", flush=True)
+    if front and args.damage_model:
+        for d in damage_model_files(run, exp, front, work):
+            damage[d["trial"]] = {
+                "mb": _mb(d["path"]),
+                **score(bin_dir, d["path"], test, kld_base, d["path"].with_suffix(".log")),
+            }
+    if allocator or damage:
+        text += "\n\nat each front plan's size: llama.cpp's allocator (--target-size) and the damage model alone\n"
+        text += equal_size_report(front, allocator, damage)
     print(text)
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     (results / "vs_llamacpp.txt").write_text(text + "\n")
     (results / "vs_llamacpp.json").write_text(
-        json.dumps({"base": base_stats, "peers": peers, "front": front, "run": str(run)}, indent=2) + "\n"
+        json.dumps(
+            {
+                "base": base_stats,
+                "peers": peers,
+                "front": front,
+                "allocator": allocator,
+                "damage_model": damage,
+                "run": str(run),
+            },
+            indent=2,
+        )
+        + "\n"
     )
     print(f"wrote {results / 'vs_llamacpp.txt'} and .json")
 
