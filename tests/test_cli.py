@@ -392,7 +392,10 @@ def test_ctrl_c_stops_ui_quietly_with_exit_130(tmp_path, optuna):
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in out + err and "KeyboardInterrupt" not in out + err, err[-3000:]
     with socket.socket() as s:
-        s.bind(("127.0.0.1", port))  # the server is gone: its port is free again
+        # The server is gone: its port binds again (SO_REUSEADDR lets the closed test request's TIME_WAIT pass, never
+        # a socket still listening).
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
 
 
 def test_a_model_too_large_for_this_machine_is_refused_before_it_loads(capsys, monkeypatch, tmp_path):

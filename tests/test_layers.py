@@ -11,21 +11,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "autosquash"
 
 # Lower rank = lower layer. A module may import its own package and any package of a lower rank; packages
-# of the same rank stay apart. The top-level helpers (errors and files, then yaml_io) sit at the bottom.
+# of the same rank stay apart. The top-level helpers (errors, then files, then yaml_io) sit at the bottom.
 RANK = {
     "errors": 0,
-    "files": 0,
-    "yaml_io": 1,
-    "formats": 1,
-    "models": 2,
-    "compress": 3,
-    "cost": 4,
-    "evaluate": 4,
-    "export": 5,
-    "track": 5,
-    "search": 6,
-    "cli": 7,
-    "__main__": 8,
+    "files": 1,
+    "yaml_io": 2,
+    "formats": 2,
+    "models": 3,
+    "compress": 4,
+    "cost": 5,
+    "evaluate": 5,
+    "export": 6,
+    "track": 6,
+    "search": 7,
+    "cli": 8,
+    "__main__": 9,
 }
 
 

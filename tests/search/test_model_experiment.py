@@ -120,7 +120,7 @@ def test_search_takes_model_and_phone_without_an_experiment_file(tmp_path, capsy
     ran = {}
 
     def stop(exp, opts):
-        ran.update(exp=exp, opts=opts)
+        ran.update(exp=exp, opts=opts, space=SearchSpace.load(exp.search_space) if exp.search_space else None)
         raise AutosquashError("stopped before the search")
 
     monkeypatch.setattr(study_module, "run_search", stop)
@@ -130,7 +130,8 @@ def test_search_takes_model_and_phone_without_an_experiment_file(tmp_path, capsy
     assert code == 2
     exp, opts = ran["exp"], ran["opts"]
     assert (exp.name, exp.phone, opts.trials, opts.out_dir) == ("tiny-qwen3-pixel-9-pro", "pixel-9-pro", 3, out)
-    assert SearchSpace.load(exp.search_space).pruned() == [] and Path(exp.search_space).parent == out
+    assert ran["space"].pruned() == [] and Path(exp.search_space).parent == out
+    assert not out.exists()  # a start refused before its search began leaves no folder
     printed = capsys.readouterr().out
     assert printed.count("\n") == 1 and "pruning (ffn.ffn_keep_ratio) left out of gguf-full-ladder" in printed
 

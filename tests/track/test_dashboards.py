@@ -72,7 +72,7 @@ def test_ui_optuna_serves_the_study_on_localhost_and_stops_on_ctrl_c(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0
+    assert proc.returncode == 130  # a Ctrl-C'd command's exit, as a shell reports it
     assert f"optuna-dashboard on http://127.0.0.1:{port}" in text and "Traceback" not in text
 
 
