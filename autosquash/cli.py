@@ -645,7 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--model",
         required=True,
-        help="shipped name, .gguf (llama or deci), torch-format file, config.json, folder or hub id",
+        help="shipped name, .gguf file (llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3), torch-format file, "
+        "config.json, folder or hub id",
     )
     v.add_argument("--text", help="text file, or a shipped source: wikipedia, lambada")
     v.add_argument(
@@ -691,8 +692,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         choices=("gguf", "torch"),
         default="gguf",
-        help="gguf (default: llama.cpp; llama or deci architecture); torch: safetensors that also hold SVD and "
-        "Kronecker factors, for autosquash's own loader",
+        help="gguf (default: llama.cpp, the family's own architecture; deci for blocks of different widths); "
+        "torch: safetensors that also hold SVD and Kronecker factors, for autosquash's own loader",
     )
     x.add_argument(
         "--register", metavar="NAME", help="register the file(s) as a new version of model NAME (with --run)"

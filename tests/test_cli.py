@@ -420,3 +420,29 @@ def test_a_model_too_large_for_this_machine_is_refused_before_it_loads(capsys, m
     monkeypatch.setenv("AUTOSQUASH_IGNORE_MEMORY", "1")
     code, text, err = _run(capsys, "eval", "--model", tiny, "--text", "lambada", "--tokens", "64", "--seq-len", "32")
     assert code == 0 and text.startswith("perplexity"), err
+
+
+def test_a_plan_the_familys_llama_cpp_graph_cannot_run_is_one_line_and_no_file(capsys, tmp_path):
+    """Qwen3's llama.cpp graph sizes every block from block 0's: export refuses a plan that prunes one block's FFN
+    (the file would not load in llama.cpp) in one line, before anything is written."""
+    from autosquash.compress.plan import LayerChoice, Plan
+    from autosquash.models.arch import Arch
+    from autosquash.models.load import load_arch
+    from autosquash.yaml_io import dump_yaml_model
+
+    config = tmp_path / "tiny-qwen3" / "config.json"
+    config.parent.mkdir()
+    config.write_text(
+        json.dumps(json.loads((ROOT / "experiments/tiny-llama.json").read_text()) | {"model_type": "qwen3"})
+    )
+    arch: Arch = load_arch(str(config))
+    plan = Plan.uniform(arch, "Q8_0")
+    groups = dict(plan.groups) | {"blk.1.ffn": LayerChoice(quant="Q8_0", ffn_keep_ratio=0.75)}
+    dump_yaml_model(plan.model_copy(update={"groups": groups}), tmp_path / "plan.yaml")
+    out = tmp_path / "m.gguf"
+    code, _, err = _run(
+        capsys, "export", "--model", str(config), "--plan", str(tmp_path / "plan.yaml"), "--out", str(out)
+    )
+    assert code == 2 and err.count("\n") == 1, err
+    assert "qwen3 plan whose blocks differ in FFN width or KV heads cannot be written as GGUF" in err
+    assert not out.exists() and not list(tmp_path.glob("*.gguf*"))
