@@ -14,6 +14,7 @@ from pathlib import Path
 
 from autosquash.compress.operators import PRUNING, deploy_linear
 from autosquash.compress.plan import SUBLAYERS, Plan
+from autosquash.files import atomic_path, write_text
 from autosquash.models.arch import Arch
 
 # Columns: the block's linears in the order a forward pass meets them.
@@ -90,7 +91,8 @@ def layer_map_png(arch: Arch, plan: Plan, title: str, path: Path) -> None:
     ax.xaxis.tick_top()
     fig.colorbar(im, ax=ax, label="bits per original weight")
     ax.set_title(title, fontsize=9, pad=18)
-    fig.savefig(path, bbox_inches="tight")
+    with atomic_path(path) as tmp:  # written whole, as every output file
+        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", bbox_inches="tight")
     plt.close(fig)
 
 
@@ -115,4 +117,4 @@ def layer_map_html(arch: Arch, plan: Plan, title: str, path: Path) -> None:
         )
     )
     fig.update_layout(title=html.escape(title), yaxis={"autorange": "reversed"}, template="plotly_white")
-    fig.write_html(path, include_plotlyjs=True, full_html=True)
+    write_text(path, fig.to_html(include_plotlyjs=True, full_html=True))  # written whole

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from autosquash.files import atomic_path, write_text
+
 BASELINE, SEARCHED = "baseline", "searched"  # searched: every origin but the seeded uniform baselines
 # (column, axis title) of each 2-D view
 VIEWS = (("weights_mb", "weights (MB)"), ("memory_mb", "peak memory on the phone (MB)"))
@@ -93,7 +95,8 @@ def front_png(
     if done and sc is not None:
         fig.colorbar(sc, ax=axes, label="energy (mJ/token)")
     fig.suptitle(f"{title}  (red rings: the search's Pareto front)", fontsize=10)
-    fig.savefig(path, bbox_inches="tight")
+    with atomic_path(path) as tmp:  # written whole, as every output file
+        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", bbox_inches="tight")
     plt.close(fig)
 
 
@@ -207,4 +210,4 @@ def front_html(
         coloraxis={"colorscale": "Viridis", "colorbar": {"title": "mJ/token", "x": 1.02}},
         legend={"orientation": "h", "y": -0.2},
     )
-    fig.write_html(path, include_plotlyjs=True, full_html=True)
+    write_text(path, fig.to_html(include_plotlyjs=True, full_html=True))  # written whole
