@@ -374,7 +374,8 @@ def main() -> None:
             print(f"{recipe:8s} imatrix={use_imatrix!s:5s} {peers[-1]['mb']:7.1f} MB  KL {stats['kl']:.4f}", flush=True)
     # The recipes with the importance matrix (the stronger peer) scored as the search scores its trials, for
     # its plots and report (peers.csv in the run's folder).
-    from autosquash.search.peers import add_peers, read_peers
+    from autosquash.search.outputs import read_peers
+    from autosquash.search.peers import add_peers
 
     marked = [(p["recipe"], work / f"peer-{p['recipe']}-imatrix.gguf") for p in peers if p["imatrix"]]
     if reuse and {r["name"] for r in read_peers(run)} == {name for name, _ in marked}:

@@ -34,14 +34,29 @@ def _package(module: str) -> str:
     return parts[1] if len(parts) > 1 else ""
 
 
-def _imports(path: Path) -> list[tuple[int, str]]:
-    """(line, autosquash module) of every import in the file, wherever it stands."""
+def _module_name(path: Path) -> str:
+    """The dotted name of a module of the package (a package's __init__.py: the package's)."""
+    return ".".join(["autosquash", *path.relative_to(ROOT).with_suffix("").parts]).removesuffix(".__init__")
+
+
+def _imports(path: Path, module: str | None = None) -> list[tuple[int, str]]:
+    """(line, autosquash module) of every import in the file, wherever it stands: absolute, relative (`from . import
+    x`, `from ..models import y`, resolved from `module`, the file's dotted name) and `from autosquash import x`
+    (each name a module of its own)."""
+    module = module or _module_name(path)
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
     out = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             out += [(node.lineno, a.name) for a in node.names if a.name.startswith("autosquash.")]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("autosquash."):
-            out.append((node.lineno, node.module))
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: the file's package, one package up per further dot
+                base = ".".join([*package[: len(package) - node.level + 1], *([base] if base else [])])
+            if base == "autosquash":
+                out += [(node.lineno, f"autosquash.{a.name}") for a in node.names]
+            elif base.startswith("autosquash."):
+                out.append((node.lineno, base))
     return out
 
 
@@ -71,4 +86,22 @@ def test_the_checker_sees_lazy_imports(tmp_path):
     """A function-level import counts: the check would fail on one that reaches up."""
     f = tmp_path / "m.py"
     f.write_text("def f():\n    from autosquash.search.study import run_search\n")
-    assert _imports(f) == [(2, "autosquash.search.study")]
+    assert _imports(f, "autosquash.models.m") == [(2, "autosquash.search.study")]
+
+
+def test_the_checker_sees_relative_and_package_imports(tmp_path):
+    """`from . import x`, `from ..search import study` and `from autosquash import search` are imports too."""
+    f = tmp_path / "x.py"
+    f.write_text("from . import arch\nfrom ..search import study\nfrom autosquash import search\n")
+    assert _imports(f, "autosquash.models.x") == [
+        (1, "autosquash.models"),
+        (2, "autosquash.search"),  # as `from autosquash.search import study` is recorded: the package
+        (3, "autosquash.search"),
+    ]
+
+
+def test_no_two_modules_import_each_other():
+    """Within a package too: two modules that import each other (even lazily) are one module in two files."""
+    graph = {_module_name(p): {m for _, m in _imports(p)} for p in _modules()}
+    pairs = sorted({tuple(sorted((a, b))) for a, targets in graph.items() for b in targets if a in graph.get(b, ())})
+    assert not pairs, f"modules that import each other: {pairs}"

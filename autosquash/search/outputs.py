@@ -15,7 +15,6 @@ import optuna
 from autosquash.compress.plan import Plan
 from autosquash.models.arch import Arch
 from autosquash.search.experiment import Experiment
-from autosquash.search.peers import read_peers
 from autosquash.track.layer_map import layer_map_html, layer_map_png
 from autosquash.track.mlflow_store import SearchTracker
 from autosquash.track.plots import front_html, front_png
@@ -46,6 +45,20 @@ BENCH = "lm_eval_mean_acc"  # the front's lm-eval mean accuracy, a metric of its
 # in trials.csv for plans off the front and for searches without a test split.
 TEST_COLUMNS = ("test_perplexity", "test_kl")
 OBJECTIVE_METRIC = {"perplexity": "perplexity", "kl": "kl", "memory": "memory_mb", "energy": "energy_mj_per_token"}
+
+PEERS_FILE = "peers.csv"
+PEER_COLUMNS = [
+    "name",
+    "file",
+    "perplexity",
+    "kl",
+    "memory_mb",
+    "energy_mj_per_token",
+    "tokens_per_s",
+    "bits_per_weight",
+    "weights_mb",
+    "fits",
+]
 
 
 def metrics_row(result: dict[str, float]) -> dict[str, float]:
@@ -337,3 +350,12 @@ def front_markdown(front: list[dict], exp: Experiment, out: Path) -> str:
         f"Per-plan layer maps: the `layers/` artifacts of each front trial; a full report: `autosquash report {out}`.",
     ]
     return "\n".join(lines)
+
+
+def read_peers(run: Path) -> list[dict]:
+    """The peers.csv rows of the search in `run` (none when the peer benchmark has not run)."""
+    path = run / PEERS_FILE
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))

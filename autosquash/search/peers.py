@@ -13,20 +13,7 @@ import csv
 from pathlib import Path
 
 from autosquash.errors import AutosquashError
-
-PEERS_FILE = "peers.csv"
-PEER_COLUMNS = [
-    "name",
-    "file",
-    "perplexity",
-    "kl",
-    "memory_mb",
-    "energy_mj_per_token",
-    "tokens_per_s",
-    "bits_per_weight",
-    "weights_mb",
-    "fits",
-]
+from autosquash.search.outputs import PEER_COLUMNS, PEERS_FILE, metrics_row, write_csv, write_front_plots
 
 
 def score_files(run: Path, files: list[tuple[str, Path]]) -> list[dict]:
@@ -36,7 +23,6 @@ def score_files(run: Path, files: list[tuple[str, Path]]) -> list[dict]:
     from autosquash.evaluate.proxy import reference, score
     from autosquash.models.load import load_model, load_tokenizer, read_gguf_model
     from autosquash.search.experiment import load_experiment
-    from autosquash.search.outputs import metrics_row
     from autosquash.search.trial import text_batch
 
     exp = load_experiment(run / "experiment.yaml")
@@ -69,20 +55,9 @@ def score_files(run: Path, files: list[tuple[str, Path]]) -> list[dict]:
 
 def write_peers(run: Path, rows: list[dict]) -> Path:
     """Keep `rows` as the search's peers.csv (replaced whole)."""
-    from autosquash.search.outputs import write_csv
-
     path = run / PEERS_FILE
     write_csv(path, rows, PEER_COLUMNS)
     return path
-
-
-def read_peers(run: Path) -> list[dict]:
-    """The peers.csv rows of the search in `run` (none when the peer benchmark has not run)."""
-    path = run / PEERS_FILE
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def add_peers(run: Path, files: list[tuple[str, Path]]) -> list[dict]:
@@ -90,7 +65,6 @@ def add_peers(run: Path, files: list[tuple[str, Path]]) -> list[dict]:
     (in the folder, and on the search's MLflow run where its store is at hand)."""
     from autosquash.cost import load_phone
     from autosquash.search.experiment import load_experiment
-    from autosquash.search.outputs import write_front_plots
     from autosquash.track.mlflow_store import log_to_search_run, search_tracking_uri
 
     rows = score_files(run, files)

@@ -17,8 +17,7 @@ from pathlib import Path
 
 from autosquash.errors import AutosquashError
 from autosquash.search.experiment import Experiment, load_experiment
-from autosquash.search.outputs import FRONT_TABLE, table_cell, write_layer_maps
-from autosquash.search.peers import read_peers
+from autosquash.search.outputs import FRONT_TABLE, read_peers, table_cell, write_layer_maps
 from autosquash.track.mlflow_store import find_trial_run, search_tracking_uri
 from autosquash.track.plots import front_png
 

@@ -8,8 +8,8 @@ from mlflow.tracking import MlflowClient
 
 from autosquash.cli import main
 from autosquash.search.experiment import load_experiment
-from autosquash.search.outputs import COLUMNS
-from autosquash.search.peers import add_peers, read_peers
+from autosquash.search.outputs import COLUMNS, read_peers
+from autosquash.search.peers import add_peers
 from autosquash.track.mlflow_store import default_tracking_uri, find_trial_run
 from tests.conftest import copy_search
 
