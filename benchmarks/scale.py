@@ -19,7 +19,10 @@ search, with the trials' torch thread count.
 
     .venv/bin/python benchmarks/scale.py                       # all three sizes, CPU unless CUDA is seen
     .venv/bin/python benchmarks/scale.py --sizes 135m --trials 3 --device cpu   # a quick look
-Writes benchmarks/results/scale.txt and scale.json (one object per size).
+    .venv/bin/python benchmarks/scale.py --sizes tiny --trials 1 --experiment experiments/smoke.yaml  # plumbing
+Writes benchmarks/results/scale.txt and scale.json (one object per size). `tiny` (the tests' 2-block shape) and
+`--experiment` (another experiment's settings, its model replaced by the size's) exist for benchmarks/gpu_check.sh's
+dry run, which checks in seconds that the benchmark still runs; they measure nothing worth keeping.
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ from benchmarks._common import DEFAULT_EXPERIMENT, table  # noqa: E402
 
 VOCAB = 49152  # SmolLM2's tokenizer, which every size uses (offline)
 SIZES = {
+    "tiny": dict(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    ),
     "135m": dict(
         hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3
     ),
@@ -68,8 +74,9 @@ def _config(size: str) -> dict:
     }
 
 
-def run_one(size: str, trials: int, device: str, folder: Path) -> dict:
-    """One size's search (in this process) and its forward floor; the measurements as one object."""
+def run_one(size: str, trials: int, device: str, folder: Path, experiment: Path = DEFAULT_EXPERIMENT) -> dict:
+    """One size's search (in this process) with `experiment`'s settings, and its forward floor; the measurements
+    as one object."""
     import dataclasses
 
     import torch
@@ -86,7 +93,7 @@ def run_one(size: str, trials: int, device: str, folder: Path) -> dict:
     from autosquash.yaml_io import load_yaml_model
 
     (folder / "config.json").write_text(json.dumps(_config(size)))
-    exp = load_experiment(DEFAULT_EXPERIMENT).model_copy(
+    exp = load_experiment(experiment).model_copy(
         update={"model": str(folder / "config.json"), "name": f"scale-{size}", "benchmark": {"tasks": []}}
     )
     exp = exp.model_validate({**exp.model_dump(), "hardware": {"device": device}})
@@ -252,20 +259,23 @@ def report(rows: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated, of {', '.join(SIZES)}")
+    p.add_argument("--sizes", default="135m,360m,1.1b", help=f"comma-separated, of {', '.join(SIZES)}")
     p.add_argument("--trials", type=int, default=24, help="trials per size (default 24, as the default experiment)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--experiment", default=str(DEFAULT_EXPERIMENT), help="the settings searched (default: %(default)s)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one size in this process, print JSON
     p.add_argument("--results", default=str(ROOT / "benchmarks/results"), help="folder for scale.txt/json")
     args = p.parse_args()
     if args.one:
         with tempfile.TemporaryDirectory() as d:
-            print("SCALE " + json.dumps(run_one(args.one, args.trials, args.device, Path(d))), flush=True)
+            row = run_one(args.one, args.trials, args.device, Path(d), Path(args.experiment))
+            print("SCALE " + json.dumps(row), flush=True)
         return
     rows = []
     for size in args.sizes.split(","):
         print(f"--- {size}", flush=True)
         cmd = [sys.executable, __file__, "--one", size, "--trials", str(args.trials), "--device", args.device]
+        cmd += ["--experiment", args.experiment]
         run = subprocess.run(cmd, capture_output=True, text=True)
         line = next((x for x in run.stdout.splitlines() if x.startswith("SCALE ")), None)
         if run.returncode != 0 or line is None:

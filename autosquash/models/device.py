@@ -28,6 +28,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def driver_device(name: str) -> torch.device:
+    """Where a search's driver computes its own share (loading, calibration, reference logits) when its trials
+    run on a Ray cluster: CUDA when the experiment allows it and this machine has one, else the CPU; never an
+    error, since the GPUs a `cuda` experiment asks for may sit on other nodes (each worker resolves the
+    experiment's device on its own node, with resolve_device)."""
+    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device a model's weights sit on."""
     return next(model.parameters()).device

@@ -67,8 +67,10 @@ class BenchmarkSpec(BaseModel):
 
 
 class HardwareSpec(BaseModel):
-    """Where trials compute. `device: auto` takes CUDA when torch sees it, else the CPU (the embedded default);
-    Ray places each worker with `gpus_per_worker` GPUs (a fraction lets several share one)."""
+    """Where trials compute. Each worker resolves `device` on its own node: `auto` takes CUDA where torch sees
+    it there, else the CPU (the embedded default). Whenever the experiment may use a GPU (`cuda`, or `auto` on a
+    cluster with GPUs) each trial asks Ray for `gpus_per_worker` GPUs (a fraction lets several share one), so
+    Ray places trials on GPU nodes."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+import torch
 
 from autosquash.compress.apply import VariantCache, make_variants
 from autosquash.compress.plan import Plan
@@ -29,7 +30,7 @@ from autosquash.errors import AutosquashError, on_sigterm
 from autosquash.evaluate.benchmark import contamination_notes, mean_accuracy, mean_accuracy_stderr, ranks_plans
 from autosquash.export.gguf_file import check_writable
 from autosquash.files import write_text
-from autosquash.models.device import check_host_memory, peak_rss_bytes, resolve_device
+from autosquash.models.device import check_host_memory, driver_device, peak_rss_bytes, resolve_device
 from autosquash.models.load import resolve
 from autosquash.models.ship import Shipped
 from autosquash.search.experiment import Experiment
@@ -109,7 +110,8 @@ def make_sampler(exp: Experiment, budget: int, offset: int = 0) -> optuna.sample
 def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
     """Run (or resume) a search; returns the Pareto front rows."""
     started = time.perf_counter()
-    _preflight(exp, opts)  # nothing written, nothing loaded yet: a bad input costs seconds and leaves no trace
+    # Nothing written, nothing loaded yet: a bad input costs seconds and leaves no trace.
+    device = _preflight(exp, opts)
     out = opts.out_dir
     held = stored_trials(out)
     if held and not opts.resume:
@@ -164,7 +166,7 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
     )
     study.set_user_attr("mlflow_parent_run_id", parent)
     try:
-        return _search(exp, opts, out, study, space, tracker, started)
+        return _search(exp, opts, out, study, space, tracker, started, device)
     except KeyboardInterrupt:
         _mark(tracker, "KILLED")
         raise
@@ -189,12 +191,17 @@ def _mark(tracker: SearchTracker, status: str) -> None:
         logging.disable(logging.NOTSET)
 
 
-def _preflight(exp: Experiment, opts: SearchOptions) -> None:
-    """Everything a search can check before it writes or loads anything (see search/preflight.py)."""
+def _preflight(exp: Experiment, opts: SearchOptions) -> torch.device:
+    """Everything a search can check before it writes or loads anything (see search/preflight.py); the device
+    the driver computes its own share on (loading, calibration, references).
+
+    Without a cluster the trials run on this machine: a device it lacks is refused here. On a cluster each
+    worker resolves the experiment's device on its own node, and the driver takes what this machine has.
+    """
     from autosquash.cost import load_phone
     from autosquash.models.load import load_arch
 
-    resolve_device(exp.hardware.device)  # a device this machine lacks
+    device = driver_device(exp.hardware.device) if opts.ray_address else resolve_device(exp.hardware.device)
     arch = load_arch(exp.model)  # the model reference: its config alone, no weights
     check_host_memory(arch, exp.model)  # before a folder is made, not minutes into loading
     phone = load_phone(exp.phone)
@@ -216,6 +223,7 @@ def _preflight(exp: Experiment, opts: SearchOptions) -> None:
         check_tracking_uri(opts.tracking_uri)
     if opts.storage:
         check_storage(opts.storage)
+    return device
 
 
 def _search(
@@ -226,6 +234,7 @@ def _search(
     space: SearchSpace,
     tracker: SearchTracker,
     started: float,
+    device: torch.device,
 ) -> list[dict]:
     """The search from its inputs to its front, in an MLflow run that is open (run_search closes it)."""
     import ray
@@ -234,7 +243,7 @@ def _search(
     if resumed:
         study.sampler = make_sampler(exp, opts.trials, offset=resumed)
     _recover_stale(study, exp, tracker, out)
-    inputs = load_inputs(exp, out)
+    inputs = load_inputs(exp, out, device)
     tracker.token_sets(
         [
             TokenSet(exp.calibration.source, "calibration", inputs.calib.tolist()),
@@ -271,15 +280,23 @@ def _search(
         # Ctrl-C does instead, finished trials stored and the Ray processes shut down below.
         signal.signal(signal.SIGTERM, on_sigterm)
     try:
+        cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
+        resources = _resources(exp, cluster_gpus)
+        if resources["num_gpus"] and not cluster_gpus:
+            print(
+                "note: hardware.device is cuda and the cluster has no GPU yet: the trials wait until a GPU node "
+                "joins (an autoscaler starts one on demand)",
+                flush=True,
+            )
         ctx.base.to("cpu")  # shipped on the CPU: each worker moves it to its own device once
         # As numpy arrays: the object store keeps one copy per node, which its CPU workers share.
         ctx_box = [ray.put(dataclasses.replace(ctx, base=Shipped(ctx.base)))]
         # From here the object store holds the base model for the workers; the driver needs no copy of it.
         ctx = dataclasses.replace(ctx, base=None)
-        setup_s = _loop(study, space, exp, ctx, ctx_box, tracker, opts, started)
+        setup_s = _loop(study, space, exp, ctx, ctx_box, tracker, opts, started, resources)
         rows, front = write_tables(study, out)
         if exp.benchmark.tasks or ctx.test_ref is not None:
-            _score_front(front, exp, ctx_box, tracker, out, test=ctx.test_ref is not None)
+            _score_front(front, exp, ctx_box, tracker, out, ctx.test_ref is not None, resources)
             # The front's test-split scores and benchmark beside its proxies, in trials.csv and pareto.csv too.
             # Each front trial's scores read from MLflow once, for both tables.
             scores = {
@@ -445,11 +462,13 @@ def _loop(
     tracker: SearchTracker,
     opts: SearchOptions,
     started: float,
+    resources: dict[str, float],
 ) -> float:
-    """Keep `opts.workers` trials in flight until the budget is spent; returns the set-up time (s)."""
+    """Keep `opts.workers` trials in flight, each a Ray task asking for `resources`, until the budget is spent;
+    returns the set-up time (s)."""
     import ray
 
-    task = ray.remote(**_resources(exp), max_retries=2, retry_exceptions=False)(run_trial)
+    task = ray.remote(**resources, max_retries=2, retry_exceptions=False)(run_trial)
     setup_s = time.perf_counter() - started
     print(
         f"ready after {setup_s:.0f} s; {opts.trials - _finished(study)} trials to run on {opts.workers} workers",
@@ -499,10 +518,10 @@ def _run_trials(study, space, exp, ctx, ctx_box, tracker, opts, task, progress: 
         (ref,), _ = ray.wait(list(pending), num_returns=1)
         trial, plan = pending.pop(ref)
         try:
-            raw, worker = ray.get(ref)
-            # The worker's torch threads: SVD/Kronecker factors depend on them, so an export rebuilds with them.
-            metrics, error = {**raw, **metrics_row(raw), "torch_threads": ctx.threads_per_worker}, None
+            raw, worker, device = ray.get(ref)
+            metrics, error = {**raw, **metrics_row(raw)}, None
             trial.set_user_attr("worker", worker)
+            trial.set_user_attr("device", device)
         except Exception as e:  # a raising trial is a failed trial, recorded with its reason
             metrics, error = None, _reason(e)
         _record(study, trial, plan, metrics, error, exp, tracker, opts.out_dir)
@@ -548,7 +567,13 @@ def ask_new(study: optuna.Study, space: SearchSpace, arch, running: list) -> tup
 
 
 def _score_front(
-    front: list[dict], exp: Experiment, ctx_box: list, tracker: SearchTracker, out: Path, test: bool
+    front: list[dict],
+    exp: Experiment,
+    ctx_box: list,
+    tracker: SearchTracker,
+    out: Path,
+    test: bool,
+    resources: dict[str, float],
 ) -> None:
     """Every front plan scored on the test split (tokens the search did not select on: the numbers to report)
     and by lm-eval, in parallel on the workers, logged on each trial's run beside its proxies; a task built
@@ -574,7 +599,7 @@ def _score_front(
     texts = {"calibration": exp.calibration.source, "perplexity": exp.evaluation.source}
     for note in contamination_notes(spec.tasks, texts):
         print(f"  {note}", flush=True)
-    task = ray.remote(**_resources(exp), max_retries=2, retry_exceptions=False)(run_front_scores)
+    task = ray.remote(**resources, max_retries=2, retry_exceptions=False)(run_front_scores)
     refs = {}
     for r in todo:
         plan = load_yaml_model(Plan, out / r["plan"])
@@ -625,11 +650,12 @@ def _say_if_lm_eval_cannot_rank(front: list[dict], spec, tracker: SearchTracker)
         )
 
 
-def _resources(exp: Experiment) -> dict[str, float]:
-    """What a trial's Ray task asks for: one CPU, and its share of a GPU when trials run on CUDA (so a cluster
-    places them on GPU nodes)."""
-    gpus = exp.hardware.gpus_per_worker if resolve_device(exp.hardware.device).type == "cuda" else 0
-    return {"num_cpus": 1, "num_gpus": gpus}
+def _resources(exp: Experiment, cluster_gpus: float) -> dict[str, float]:
+    """What a trial's Ray task asks for: one CPU, and its share of a GPU whenever the experiment may use one
+    (`cuda`, or `auto` where the cluster has `cluster_gpus` > 0), so that Ray places trials on GPU nodes. The
+    driver's own machine plays no part: it may have no GPU at all."""
+    wants_gpu = exp.hardware.device == "cuda" or (exp.hardware.device == "auto" and cluster_gpus > 0)
+    return {"num_cpus": 1, "num_gpus": exp.hardware.gpus_per_worker if wants_gpu else 0}
 
 
 def _reason(e: Exception) -> str:
@@ -670,7 +696,11 @@ def _record(study, trial, plan: Plan, metrics, error, exp: Experiment, tracker: 
     trial.set_user_attr("fits", bool(metrics["fits"]))
     # Feasible when <= 0: a plan that does not fit the phone stays visible but off the front.
     trial.set_constraint("memory_over_limit_mb", float(metrics["constraint_mb"]))
-    tags = {ORIGIN: origin, "autosquash.worker": trial.user_attrs["worker"]}
+    tags = {
+        ORIGIN: origin,
+        "autosquash.worker": trial.user_attrs["worker"],
+        "autosquash.device": trial.user_attrs["device"],
+    }
     name = trial_run_name(trial.number, plan, metrics)
     tracker.log_trial(
         trial.number, plan.flat_params(), metrics, tags, out / trial.user_attrs["plan"], failed=False, run_name=name

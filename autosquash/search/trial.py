@@ -13,6 +13,7 @@ A trial is rebuilt from its search's output folder with the search's own inputs,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import math
 import os
@@ -44,7 +45,7 @@ from autosquash.models.device import (
     resolve_device,
 )
 from autosquash.models.load import load_arch, load_model, load_tokenizer, resolve
-from autosquash.search.experiment import Experiment, TextSpec
+from autosquash.search.experiment import Experiment, HardwareSpec, TextSpec
 from autosquash.yaml_io import load_yaml_model
 
 
@@ -91,8 +92,9 @@ def test_batch(tokenizer, exp: Experiment, calib: torch.Tensor, held_out: torch.
     return test
 
 
-def load_inputs(exp: Experiment, out_dir: Path) -> SearchInputs:
-    """Load the base model and tokenizer, cut the token sets, and get the (disk-cached) statistics."""
+def load_inputs(exp: Experiment, out_dir: Path, device: torch.device | None = None) -> SearchInputs:
+    """Load the base model and tokenizer, cut the token sets, and get the (disk-cached) statistics, computed on
+    `device` (None: the experiment's hardware.device, resolved on this machine)."""
     tok = load_tokenizer(exp.model)
     calib = text_batch(tok, exp.calibration)
     held_out = text_batch(tok, exp.evaluation)
@@ -107,7 +109,7 @@ def load_inputs(exp: Experiment, out_dir: Path) -> SearchInputs:
         for other in (held_out, test):
             if other is not None:
                 check_disjoint(compensation_batch, other)
-    device = resolve_device(exp.hardware.device)
+    device = device or resolve_device(exp.hardware.device)
     print(f"loading {exp.model} onto {device} ...", flush=True)
     t0 = time.perf_counter()
     base = load_model(exp.model, seed=exp.seed).to(device, DTYPES[exp.hardware.dtype])
@@ -152,7 +154,8 @@ class TrialContext:
     context_tokens: int
     threads_per_worker: int
     tokenizer: Any = None  # for lm-eval on the front
-    compute_device: str = "cpu"  # where each worker puts the base model (the experiment's hardware.device, resolved)
+    # Where the base model computes: the experiment's hardware.device as each worker resolves it on its node.
+    compute_device: str = "cpu"
     compute_dtype: str = "float32"
     variant_cache_bytes: int = 2 << 30
     variant_store: str | None = None  # folder of the variant store the workers share (None: none)
@@ -160,12 +163,16 @@ class TrialContext:
     heal_activation_bytes: int | None = None  # above it, healing checkpoints its blocks (None: heal_budget)
     memory_share_bytes: int = 8 << 30  # a worker's share of the memory its model computes in
     test_ref: Reference | None = None  # the front's report set (None: no test split)
+    hardware: HardwareSpec = HardwareSpec()  # what the experiment asks for; each worker sizes itself from it
+    workers: int = 1  # the trials a search keeps in flight, over all nodes
 
 
 def prepare_context(exp: Experiment, inputs: SearchInputs, workers: int) -> TrialContext:
     """What every trial of `exp` reads (base model, reference logits, phone, healing); also what an
-    export or a benchmark needs to rebuild a trial exactly as the search ran it."""
-    return TrialContext(
+    export or a benchmark needs to rebuild a trial exactly as the search ran it. Sized for one of `workers`
+    on this machine, computing where the inputs' base model sits (a Ray worker sizes it again for its node:
+    for_this_node)."""
+    ctx = TrialContext(
         base=inputs.base,
         arch=inputs.arch,
         stats=inputs.stats,
@@ -174,17 +181,45 @@ def prepare_context(exp: Experiment, inputs: SearchInputs, workers: int) -> Tria
         phone=load_phone(exp.phone),
         heal=HealConfig(**exp.heal.model_dump()),
         context_tokens=exp.context_tokens,
-        threads_per_worker=max(1, (os.cpu_count() or 1) // workers),
+        threads_per_worker=1,
         tokenizer=inputs.tokenizer,
-        compute_device=str(resolve_device(exp.hardware.device)),
         compute_dtype=exp.hardware.dtype,
-        variant_cache_bytes=exp.hardware.variant_cache_bytes or default_cache_bytes(inputs.base, workers),
         variant_store=None if inputs.store_dir is None else str(inputs.store_dir),
         variant_store_bytes=_store_bytes(exp, inputs),
         heal_activation_bytes=exp.hardware.heal_activation_bytes,
-        memory_share_bytes=_memory_share(exp, workers),
         test_ref=None if inputs.test is None else reference(inputs.base, inputs.test, exp.topk),
+        hardware=exp.hardware,
+        workers=workers,
     )
+    return for_this_node(ctx, workers, model_device(inputs.base))
+
+
+def for_this_node(ctx: TrialContext, workers: int, device: torch.device | None = None) -> TrialContext:
+    """`ctx` for a worker on this machine, one of `workers` sharing it: computing on `device` (None: the
+    experiment's hardware.device resolved here, an error where it asks for CUDA and this machine has none),
+    with this machine's CPUs, memory and GPU memory shared out."""
+    device = device or resolve_device(ctx.hardware.device)
+    return dataclasses.replace(
+        ctx,
+        compute_device=str(device),
+        threads_per_worker=max(1, (os.cpu_count() or 1) // workers),
+        variant_cache_bytes=ctx.hardware.variant_cache_bytes or default_cache_bytes(ctx.base, workers),
+        memory_share_bytes=_memory_share(device, ctx.hardware.gpus_per_worker, workers),
+    )
+
+
+def workers_on_node(workers: int) -> int:
+    """How many of a search's `workers` trials the Ray node running this task holds at once: one per CPU Ray
+    gives it (a trial takes one), fewer where its GPUs, at this task's share each, run out."""
+    import ray
+
+    context = ray.get_runtime_context()
+    node = next(n["Resources"] for n in ray.nodes() if n["NodeID"] == context.get_node_id())
+    slots = node.get("CPU", 1.0)
+    gpus = context.get_assigned_resources().get("GPU", 0.0)
+    if gpus:
+        slots = min(slots, node.get("GPU", 0.0) / gpus)
+    return max(1, min(workers, int(slots)))
 
 
 def default_cache_bytes(base: torch.nn.Module, workers: int) -> int:
@@ -217,12 +252,12 @@ def open_store(ctx: TrialContext) -> VariantStore | None:
         return None
 
 
-def _memory_share(exp: Experiment, workers: int) -> int:
+def _memory_share(device: torch.device, gpus_per_worker: float, workers: int) -> int:
     """A worker's share of the memory its model computes in: host memory over the workers, or on CUDA its
     fraction of one GPU."""
-    if resolve_device(exp.hardware.device).type != "cuda":
+    if device.type != "cuda":
         return host_memory_bytes() // workers
-    return int(torch.cuda.get_device_properties(0).total_memory * min(exp.hardware.gpus_per_worker, 1.0))
+    return int(torch.cuda.get_device_properties(device).total_memory * min(gpus_per_worker, 1.0))
 
 
 def heal_budget(ctx: TrialContext, cache: VariantCache) -> int:
@@ -300,7 +335,8 @@ def evaluate_plan(ctx: TrialContext, plan: Plan, seed: int, cache: VariantCache 
 
 
 def _worker_context(ctx_ref_box: list) -> tuple[TrialContext, VariantCache]:
-    """This worker process's copy of the context (fetched once per search) and its variant cache.
+    """This worker process's copy of the context (fetched once per search), sized for its node, and its
+    variant cache.
 
     `ctx_ref_box` wraps the context's ObjectRef so that Ray does not resolve it for every task.
     """
@@ -313,6 +349,8 @@ def _worker_context(ctx_ref_box: list) -> tuple[TrialContext, VariantCache]:
     if _WORKER.get("ref_hex") != ctx_ref.hex():
         _WORKER.clear()
         ctx: TrialContext = ray.get(ctx_ref)
+        # The driver sized it for the driver's machine: the device, threads and memory shares are this node's.
+        ctx = for_this_node(ctx, workers_on_node(ctx.workers))
         torch.set_num_threads(ctx.threads_per_worker)
         # The driver ships the base model on the CPU; each worker holds it once, on its own device.
         ctx.base.to(ctx.compute_device, DTYPES[ctx.compute_dtype])
@@ -327,10 +365,13 @@ def _worker_name() -> str:
     return f"{ray.get_runtime_context().get_node_id()[:12]}/{os.getpid()}"
 
 
-def run_trial(ctx_ref_box: list, plan_data: dict, seed: int) -> tuple[dict[str, float], str]:
-    """Ray task body: the trial's metrics and the worker (node/pid) that ran it."""
+def run_trial(ctx_ref_box: list, plan_data: dict, seed: int) -> tuple[dict[str, float], str, str]:
+    """Ray task body: the trial's metrics (its torch threads among them), the worker (node/pid) that ran it and
+    the device it computed on."""
     ctx, cache = _worker_context(ctx_ref_box)
-    return evaluate_plan(ctx, Plan.model_validate(plan_data), seed, cache), _worker_name()
+    metrics = evaluate_plan(ctx, Plan.model_validate(plan_data), seed, cache)
+    # SVD/Kronecker factors depend on the thread count, so an export rebuilds with the worker's.
+    return {**metrics, "torch_threads": ctx.threads_per_worker}, _worker_name(), ctx.compute_device
 
 
 def run_front_scores(ctx_ref_box: list, plan_data: dict, seed: int, tasks: list[str], limit: int | None) -> dict:

@@ -30,12 +30,16 @@ def test_default_hardware_is_auto_float32(tmp_path):
     assert (exp.hardware.device, exp.hardware.dtype, exp.hardware.gpus_per_worker) == ("auto", "float32", 1.0)
 
 
-def test_ray_asks_for_gpus_only_on_cuda(tmp_path, monkeypatch):
-    exp = _experiment(tmp_path, "{device: auto, gpus_per_worker: 0.25}")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert _resources(exp) == {"num_cpus": 1, "num_gpus": 0}
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert _resources(exp) == {"num_cpus": 1, "num_gpus": 0.25}  # four workers share one GPU
+def test_ray_asks_for_gpus_when_the_experiment_may_use_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the driver's own GPU plays no part
+    auto = _experiment(tmp_path, "{device: auto, gpus_per_worker: 0.25}")
+    assert _resources(auto, cluster_gpus=0) == {"num_cpus": 1, "num_gpus": 0}
+    assert _resources(auto, cluster_gpus=2) == {"num_cpus": 1, "num_gpus": 0.25}  # four workers share one GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only head
+    cuda = _experiment(tmp_path, "{device: cuda}")
+    assert _resources(cuda, cluster_gpus=0) == {"num_cpus": 1, "num_gpus": 1.0}  # an autoscaler adds GPU nodes
+    cpu = _experiment(tmp_path, "{device: cpu}")
+    assert _resources(cpu, cluster_gpus=2) == {"num_cpus": 1, "num_gpus": 0}
 
 
 def test_bad_hardware_is_refused_with_its_field(tmp_path):
