@@ -3,7 +3,8 @@ autosquash's uniform export beside llama.cpp's quantizer on the same file, and t
 
 Export, per type, side by side in one run (both on the machine's threads):
 - `llama-quantize --allow-requantize FILE OUT TYPE` (llama.cpp's recipe of that name: TYPE_M, no importance
-  matrix) and, with an importance matrix made first by `llama-imatrix` on the same calibration text, the same;
+  matrix) and, with an importance matrix made first by `llama-imatrix` on the same calibration text (8 chunks of
+  256 tokens: the 2,048 autosquash calibrates on), the same;
 - `autosquash export --model FILE --uniform TYPE` in a fresh process: cold (empty cache: the model read and
   decoded, its tokenizer converted, calibration statistics measured) and warm (the cache the cold run left: what
   exporting a plan of a search costs, whose statistics the search measured).
@@ -12,6 +13,15 @@ The ratio is autosquash's time over llama-quantize's. Then each table type of th
 
     .venv/bin/python benchmarks/real_models.py export [--types Q4_K,Q3_K]
 Writes benchmarks/results/real_models_export.txt and .json.
+
+Search: `autosquash search experiments/qwen2.5-coder-1.5b-bench.yaml` as a user runs it (four trials: the two
+uniform baselines, two TPE plans; one worker), its stage times and peak memory as the search recorded them in
+MLflow, then its front's smallest plan exported (`autosquash export --run --trial`) and scored by llama.cpp's
+`llama-perplexity` on test-split text: the file llama.cpp runs.
+
+    .venv/bin/python benchmarks/real_models.py search [--reuse]
+The run is kept in ~/.cache/autosquash/bench/real-models-search (--reuse reports it again without searching).
+Writes benchmarks/results/real_models_search.txt and .json.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -72,7 +83,8 @@ def export_rows(types: list[str], folder: Path) -> list[dict]:
     bins, src, threads = _tools(), _model_file(), str(os.cpu_count() or 1)
     imatrix = folder / "imatrix.gguf"
     imatrix_s = _timed(
-        [bins / "llama-imatrix", "-m", src, "-f", _calibration_text(folder), "-o", imatrix, "-c", 256, "-t", threads]
+        [bins / "llama-imatrix", "-m", src, "-f", _calibration_text(folder), "-o", imatrix, "-c", 256, "--chunks", 8]
+        + ["-t", threads]
     )
     rows = []
     for t in types:
@@ -122,6 +134,109 @@ def table_rows() -> list[dict]:
     return rows
 
 
+SEARCH_EXPERIMENT = ROOT / "experiments/qwen2.5-coder-1.5b-bench.yaml"
+
+
+def search_row(folder: Path, reuse: bool) -> dict:
+    """The four-trial search of the 1.5B, its stage times and peaks, and llama.cpp's perplexity of its smallest
+    front plan's export."""
+    import csv
+
+    from mlflow.tracking import MlflowClient
+
+    from autosquash.track.mlflow_store import search_tracking_uri
+
+    bins = _tools()
+    out = folder / "run"
+    wall = folder / "search_wall_s.txt"  # kept beside the run: --reuse reports a finished search again
+    if not (reuse and wall.is_file() and (out / "pareto.csv").is_file()):
+        shutil.rmtree(out, ignore_errors=True)
+        wall.write_text(str(_timed([sys.executable, "-m", "autosquash", "search", SEARCH_EXPERIMENT, "--out", out])))
+    wall_s = float(wall.read_text())
+    client = MlflowClient(tracking_uri=search_tracking_uri(out))
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    parent = next(r for r in runs if r.data.tags.get("autosquash.role") == "search").data.metrics
+    trials = sorted(
+        (r for r in runs if r.data.tags.get("autosquash.role") == "trial"),
+        key=lambda r: int(r.data.tags["autosquash.trial"]),
+    )
+    with open(out / "pareto.csv") as f:
+        front = list(csv.DictReader(f))
+    smallest = min(front, key=lambda r: float(r["weights_mb"]))
+    gguf = folder / "front.gguf"
+    export_s = _timed(
+        [sys.executable, "-m", "autosquash", "export", "--run", out, "--trial", smallest["trial"], "--out", gguf]
+    )
+    from autosquash.search.experiment import load_experiment
+    from benchmarks.vs_llamacpp import texts
+
+    _, text = texts(load_experiment(SEARCH_EXPERIMENT), folder)  # LAMBADA after every passage the search used
+
+    def perplexity(model: Path, lora: Path | None) -> tuple[int, str]:
+        cmd = [bins / "llama-perplexity", "-m", model, "-f", text, "-c", 256, "--chunks", 8, "-t", os.cpu_count() or 1]
+        out = subprocess.run(
+            [str(c) for c in [*cmd, *(["--lora", lora] if lora else [])]], capture_output=True, text=True
+        )
+        final = [line for line in (out.stdout + out.stderr).splitlines() if "Final estimate" in line]
+        return out.returncode, final[-1].strip() if final else (out.stderr[-300:] or "no estimate")
+
+    lora = gguf.with_suffix(".lora.gguf")
+    rc, ppl = perplexity(gguf, lora if lora.exists() else None)
+    _, base_ppl = perplexity(_model_file(), None)
+    return {
+        "wall_s": wall_s,
+        "stages": {
+            k: parent.get(k) for k in ("load_s", "calibration_s", "reference_s", "variants_s", "peak_driver_rss_bytes")
+        },
+        "trials": [
+            {"trial": int(r.data.tags["autosquash.trial"]), "name": r.info.run_name, **r.data.metrics} for r in trials
+        ],
+        "front": front,
+        "exported_trial": int(smallest["trial"]),
+        "export_s": export_s,
+        "export_mb": gguf.stat().st_size / 1e6,
+        "adapter": lora.exists(),
+        "llama_perplexity_rc": rc,
+        "llama_perplexity": ppl,
+        "base_llama_perplexity": base_ppl,
+    }
+
+
+def search_report(row: dict, commit: str) -> str:
+    gb = 1e9
+    st = row["stages"]
+    keys = ("build_s", "quantize_s", "heal_s", "eval_s", "trial_s")
+    lines = [
+        f"# .venv/bin/python benchmarks/real_models.py search  (commit {commit}, {os.cpu_count()} cores, "
+        f"load average {os.getloadavg()[0]:.1f} at the end)",
+        f"autosquash search {SEARCH_EXPERIMENT.relative_to(ROOT)}: {row['wall_s']:.0f} s in all",
+        f"once: load {st['load_s']:.1f} s, calibration {st['calibration_s']:.1f} s, reference logits "
+        f"{st['reference_s']:.1f} s, the baselines' layers {st['variants_s'] or 0:.1f} s; driver peak "
+        f"{st['peak_driver_rss_bytes'] / gb:.1f} GB",
+        table(
+            ["trial", "run", *keys, "worker peak GB", "weights MB", "kl"],
+            [
+                [
+                    t["trial"],
+                    t["name"],
+                    *(f"{t.get(k, 0.0):.1f}" for k in keys),
+                    f"{t['peak_worker_rss_bytes'] / gb:.1f}",
+                    f"{t.get('weights_mb', 0.0):.1f}",
+                    f"{t.get('kl', float('nan')):.4f}",
+                ]
+                for t in row["trials"]
+            ],
+        ),
+        "",
+        f"front: trials {', '.join(r['trial'] for r in row['front'])}; the smallest (trial {row['exported_trial']}) "
+        f"exported in {row['export_s']:.1f} s to {row['export_mb']:.1f} MB"
+        f"{' with its LoRA adapter' if row['adapter'] else ''}; llama-perplexity (exit {row['llama_perplexity_rc']}, "
+        f"8 x 256 LAMBADA tokens after all the search used): {row['llama_perplexity']}; the shipped Q4_K_M file: "
+        f"{row['base_llama_perplexity']}",
+    ]
+    return "\n".join(lines)
+
+
 def report(exports: list[dict], tables: list[dict], commit: str) -> str:
     lines = [
         f"# .venv/bin/python benchmarks/real_models.py export  (commit {commit}, {os.cpu_count()} cores, "
@@ -156,17 +271,29 @@ def report(exports: list[dict], tables: list[dict], commit: str) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["export"])
+    p.add_argument("what", choices=["export", "search"])
     p.add_argument("--types", default="Q4_K,Q3_K")
+    p.add_argument("--reuse", action="store_true", help="search: report the search the last run left, not a new one")
     p.add_argument("--results", default=str(ROOT / "benchmarks/results"))
     args = p.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    results = Path(args.results)
+    if args.what == "search":
+        from autosquash.files import cache_dir
+
+        folder = cache_dir() / "bench" / "real-models-search"  # outside the repository, kept for --reuse
+        folder.mkdir(parents=True, exist_ok=True)
+        row = search_row(folder, args.reuse)
+        text = search_report(row, commit.stdout.strip())
+        print(text)
+        (results / "real_models_search.txt").write_text(text + "\n")
+        (results / "real_models_search.json").write_text(json.dumps(row, indent=1))
+        return
     with tempfile.TemporaryDirectory(prefix="real-models-") as tmp:
         exports = export_rows(args.types.split(","), Path(tmp))
     tables = table_rows()
     text = report(exports, tables, commit.stdout.strip())
     print(text)
-    results = Path(args.results)
     (results / "real_models_export.txt").write_text(text + "\n")
     (results / "real_models_export.json").write_text(json.dumps({"export": exports, "tables": tables}, indent=1))
 
