@@ -35,14 +35,15 @@ def make_trial(tiny_model, tiny_arch, tiny_ref):
     return build
 
 
-def llama_cpp_logits(path, ids: list[int]):
-    """llama.cpp's float64 logits of every position of `ids` from a GGUF file (one thread, an F32 KV cache:
-    as torch keeps keys and values)."""
+def llama_cpp_logits(path, ids: list[int], lora=None):
+    """llama.cpp's float64 logits of every position of `ids` from a GGUF file, with a GGUF LoRA adapter where one
+    is given (one thread, an F32 KV cache: as torch keeps keys and values)."""
     import llama_cpp
     import numpy as np
 
     llm = llama_cpp.Llama(
         model_path=str(path),
+        lora_path=None if lora is None else str(lora),
         n_ctx=len(ids),
         logits_all=True,
         n_threads=1,

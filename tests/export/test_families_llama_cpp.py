@@ -138,25 +138,7 @@ def test_a_healing_adapter_runs_in_llama_cpp_for_families_outside_the_llama_grap
         # autosquash's reader of the adapter file gives back the healed model too
         read, read_alpha, _ = read_gguf_lora(lora_path(path))
         back = apply_adapter(load_model(str(path)), read, read_alpha)(torch.tensor([IDS])).logits[0].double().numpy()
-    theirs = _llama_cpp_with_lora(path, lora_path(path), IDS)
+    theirs = llama_cpp_logits(path, IDS, lora_path(path))
     gap, effect = np.abs(theirs - ours).max(), np.abs(unhealed - ours).max()
     assert gap < 0.1 * effect, f"llama.cpp differs by {gap:.4f}; healing moves logits by {effect:.4f}"
     np.testing.assert_allclose(back, ours, atol=2e-3)  # the adapter is stored in F16
-
-
-def _llama_cpp_with_lora(path, lora, ids: list[int]) -> np.ndarray:
-    llm = llama_cpp.Llama(
-        model_path=str(path),
-        lora_path=str(lora),
-        n_ctx=len(ids),
-        logits_all=True,
-        n_threads=1,
-        type_k=llama_cpp.GGML_TYPE_F32,
-        type_v=llama_cpp.GGML_TYPE_F32,
-        verbose=False,
-    )
-    try:
-        llm.eval(ids)
-        return np.array(llm.scores[: len(ids)], dtype=np.float64)
-    finally:
-        llm.close()
