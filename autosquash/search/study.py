@@ -1,9 +1,10 @@
-"""The study: Optuna storage, resume and the recovery of trials a stopped driver left running, and the
-ask/tell loop with K trials in flight on Ray, every result stored before the next ask.
+"""The study: a search from its checked inputs to its front, with the samplers, the baselines' layers made
+before the trials, and the ask/tell loop with K trials in flight on Ray, every result stored before the next ask.
 
 Optuna's storage is the source of truth: trials.csv, pareto.csv and the MLflow tags are rebuilt from
 it (search/outputs.py), so a driver killed at any point resumes with `--resume` and loses no finished
-trial. What one trial does is search/trial.py.
+trial. What is stored and how a search resumes is search/record.py; what one trial does is search/trial.py;
+the front's scores to report, search/front_scores.py.
 """
 
 from __future__ import annotations
@@ -11,10 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import math
-import random
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -27,23 +25,19 @@ from autosquash.compress.apply import VariantCache, make_variants
 from autosquash.compress.plan import Plan
 from autosquash.cost.model import compute_buffer_bytes, kv_cells, output_buffer_bytes
 from autosquash.errors import AutosquashError, on_sigterm
-from autosquash.evaluate.benchmark import contamination_notes, mean_accuracy, mean_accuracy_stderr, ranks_plans
 from autosquash.export.gguf_file import check_writable
 from autosquash.files import write_text
 from autosquash.models.device import check_host_memory, driver_device, peak_rss_bytes, resolve_device
 from autosquash.models.load import resolve
 from autosquash.models.ship import Shipped
 from autosquash.search.experiment import Experiment
+from autosquash.search.front_scores import score_front
 from autosquash.search.outputs import (
     BENCH,
     COLUMNS,
-    INTERRUPTED,
-    OBJECTIVE_METRIC,
     TEST_COLUMNS,
     Progress,
-    counted_trials,
     metrics_row,
-    trial_run_name,
     write_csv,
     write_plots_and_artifacts,
     write_tables,
@@ -55,19 +49,28 @@ from autosquash.search.preflight import (
     optuna_storage,
     stored_trials,
 )
+from autosquash.search.record import (
+    ask_new,
+    check_same_experiment,
+    failure_reason,
+    finished,
+    plan_rel,
+    record,
+    recover_stale,
+    warn_forced,
+)
 from autosquash.search.sensitivity import SensitivitySampler, cached_profile, proposal_targets
-from autosquash.search.space import SearchSpace, params_key
+from autosquash.search.space import SearchSpace
 from autosquash.search.trial import (
     TrialContext,
     load_inputs,
     open_store,
     prepare_context,
-    run_front_scores,
     run_trial,
     trial_seed,
 )
-from autosquash.track.mlflow_store import ORIGIN, SearchTracker, TokenSet, default_tracking_uri
-from autosquash.yaml_io import dump_yaml_model, load_yaml_model
+from autosquash.track.mlflow_store import SearchTracker, TokenSet, default_tracking_uri
+from autosquash.yaml_io import dump_yaml_model
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,7 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
         )
     if held == 0:
         (out / "optuna.db").unlink()  # what a start that failed before its first trial left: nothing to keep
-    changed = _check_same_experiment(exp, out, opts.force) if opts.resume else []
+    changed = check_same_experiment(exp, out, opts.force) if opts.resume else []
     (out / "plans").mkdir(parents=True, exist_ok=True)
     space = SearchSpace.load(exp.search_space)
     dump_yaml_model(exp, out / "experiment.yaml")
@@ -144,7 +147,7 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
             )
         changed.append("search space")
     if changed:
-        _warn_forced(out, changed)
+        warn_forced(out, changed)
         study.set_user_attr("forced_changes", [*study.user_attrs.get("forced_changes", []), changed])
     study.set_user_attr("search_space_sha256", space_digest)
     tracking_uri = opts.tracking_uri or default_tracking_uri(out)
@@ -242,7 +245,7 @@ def _search(
     resumed = len(study.trials)  # 0 for a new search: its samplers keep the experiment's seed
     if resumed:
         study.sampler = make_sampler(exp, opts.trials, offset=resumed)
-    _recover_stale(study, exp, tracker, out)
+    recover_stale(study, exp, tracker, out)
     inputs = load_inputs(exp, out, device)
     tracker.token_sets(
         [
@@ -260,7 +263,7 @@ def _search(
         study.set_user_attr("baselines_enqueued", True)
     t0 = time.perf_counter()
     # On a Ray cluster the workers may sit on other nodes, with stores of their own: they make their own layers.
-    if not opts.ray_address and make_baseline_variants(study, space, ctx, opts.trials - _finished(study)):
+    if not opts.ray_address and make_baseline_variants(study, space, ctx, opts.trials - finished(study)):
         once["variants_s"] = time.perf_counter() - t0
     if exp.sampler == "sensitivity":
         t0 = time.perf_counter()
@@ -296,7 +299,7 @@ def _search(
         setup_s = _loop(study, space, exp, ctx, ctx_box, tracker, opts, started, resources)
         rows, front = write_tables(study, out)
         if exp.benchmark.tasks or ctx.test_ref is not None:
-            _score_front(front, exp, ctx_box, tracker, out, ctx.test_ref is not None, resources)
+            score_front(front, exp, ctx_box, tracker, out, ctx.test_ref is not None, resources)
             # The front's test-split scores and benchmark beside its proxies, in trials.csv and pareto.csv too.
             # Each front trial's scores read from MLflow once, for both tables.
             scores = {
@@ -316,43 +319,6 @@ def _search(
     write_plots_and_artifacts(rows, front, exp, limit_mb, tracker, out, setup_s, driver, ctx.arch)
     tracker.finish()
     return front
-
-
-# What a resumed search may change: its budget and workers, and the resources a worker may use. Anything
-# else would mix trials of two experiments in one study (and `export --run` rebuilds with the stored one).
-RESUMABLE = {"trials", "workers"}
-RESUMABLE_HARDWARE = {"gpus_per_worker", "variant_cache_bytes", "variant_store_bytes", "heal_activation_bytes"}
-
-
-def _check_same_experiment(exp: Experiment, out: Path, force: bool = False) -> list[str]:
-    """Refuse to resume the search in `out` with an experiment other than the one it ran; with `force`, the
-    fields that differ."""
-    stored = out / "experiment.yaml"
-    if not stored.is_file():
-        return []
-    from autosquash.search.experiment import load_experiment
-
-    was, now = load_experiment(stored).model_dump(mode="json"), exp.model_dump(mode="json")
-    diffs = [k for k in now if k not in RESUMABLE | {"hardware"} and was.get(k) != now[k]]
-    diffs += [
-        f"hardware.{k}"
-        for k in now["hardware"]
-        if k not in RESUMABLE_HARDWARE and was["hardware"].get(k) != now["hardware"][k]
-    ]
-    if diffs and not force:
-        raise AutosquashError(
-            f"--resume: {out} was searched with another experiment ({', '.join(diffs)} differ); resume with the "
-            f"same settings ({stored} holds them), start a new --out, or pass --force to mix them"
-        )
-    return diffs
-
-
-def _warn_forced(out: Path, changed: list[str]) -> None:
-    print(
-        f"autosquash: --force: resuming {out} with {', '.join(changed)} changed; the trials stored before were "
-        "measured with the old settings, and `export --run` rebuilds every trial with the new ones",
-        file=sys.stderr,
-    )
 
 
 FRONT_STEP = 0.02  # the widest gap the sensitivity sampler leaves between plans, as a share of the base file
@@ -420,39 +386,6 @@ def sensitivity_sampler(
     return SensitivitySampler(profile, proposal_targets(profile, sizes, step), seed=exp.seed + offset, band=step)
 
 
-def _finished(study: optuna.Study) -> int:
-    return len(counted_trials(study))
-
-
-def _plan_rel(number: int) -> str:
-    """Where trial `number`'s plan file lies, relative to the output folder."""
-    return f"plans/trial-{number:04d}.yaml"
-
-
-def _recover_stale(study: optuna.Study, exp: Experiment, tracker: SearchTracker, out: Path) -> None:
-    """Settle trials a killed driver left RUNNING.
-
-    A trial whose result was already stored (it is in MLflow) is told with that result; one that was
-    still running is marked interrupted (it does not count), its plan file removed and its plan asked again
-    (as a new trial, with a file of its own).
-    """
-    interrupted = list(study.user_attrs.get(INTERRUPTED, []))
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if t.number in tracker.trial_runs and "error" not in t.user_attrs:
-            study.tell(t.number, [float(t.user_attrs[OBJECTIVE_METRIC[o]]) for o in exp.objectives])
-        elif t.number in tracker.trial_runs:
-            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-        else:
-            interrupted.append(t.number)
-            study.set_user_attr(INTERRUPTED, interrupted)
-            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-            # By its number: the driver may have died between writing the file and storing its name.
-            (out / _plan_rel(t.number)).unlink(missing_ok=True)
-            # All of an enqueued plan (a baseline's, say), not only the parameters set before the driver died.
-            params = {**t.system_attrs.get("fixed_params", {}), **t.params}
-            study.enqueue_trial(params, user_attrs={"origin": t.user_attrs.get("origin", "sampled")})
-
-
 def _loop(
     study,
     space: SearchSpace,
@@ -471,10 +404,10 @@ def _loop(
     task = ray.remote(**resources, max_retries=2, retry_exceptions=False)(run_trial)
     setup_s = time.perf_counter() - started
     print(
-        f"ready after {setup_s:.0f} s; {opts.trials - _finished(study)} trials to run on {opts.workers} workers",
+        f"ready after {setup_s:.0f} s; {opts.trials - finished(study)} trials to run on {opts.workers} workers",
         flush=True,
     )
-    progress = Progress(opts.trials, _finished(study))
+    progress = Progress(opts.trials, finished(study))
     try:
         exhausted = _run_trials(study, space, exp, ctx, ctx_box, tracker, opts, task, progress)
     finally:
@@ -482,7 +415,7 @@ def _loop(
     if exhausted:
         print(
             f"the search space holds only {space.plan_count(ctx.arch)} distinct plans, every one tried: the search "
-            f"stops after {_finished(study)} of its {opts.trials} trials",
+            f"stops after {finished(study)} of its {opts.trials} trials",
             flush=True,
         )
     return setup_s
@@ -495,16 +428,16 @@ def _run_trials(study, space, exp, ctx, ctx_box, tracker, opts, task, progress: 
 
     pending: dict = {}
     exhausted = False
-    while not exhausted and _finished(study) + len(pending) < opts.trials or pending:
-        while not exhausted and len(pending) < opts.workers and _finished(study) + len(pending) < opts.trials:
+    while not exhausted and finished(study) + len(pending) < opts.trials or pending:
+        while not exhausted and len(pending) < opts.workers and finished(study) + len(pending) < opts.trials:
             asked = ask_new(study, space, ctx.arch, [t for t, _ in pending.values()])
             if asked is None:
                 exhausted = True
                 break
             trial, plan = asked
-            plan_rel = _plan_rel(trial.number)
-            dump_yaml_model(plan, opts.out_dir / plan_rel)
-            trial.set_user_attr("plan", plan_rel)
+            rel = plan_rel(trial.number)
+            dump_yaml_model(plan, opts.out_dir / rel)
+            trial.set_user_attr("plan", rel)
             # The sensitivity sampler names each trial's origin (proposed, mutated) and proposal target.
             attrs = {"origin": trial.user_attrs.get("origin", "sampled")}
             if isinstance(study.sampler, SensitivitySampler):
@@ -523,131 +456,12 @@ def _run_trials(study, space, exp, ctx, ctx_box, tracker, opts, task, progress: 
             trial.set_user_attr("worker", worker)
             trial.set_user_attr("device", device)
         except Exception as e:  # a raising trial is a failed trial, recorded with its reason
-            metrics, error = None, _reason(e)
-        _record(study, trial, plan, metrics, error, exp, tracker, opts.out_dir)
+            metrics, error = None, failure_reason(e)
+        record(study, trial, plan, metrics, error, exp, tracker, opts.out_dir)
         _, front = write_tables(study, opts.out_dir)
-        progress.trial(_finished(study), trial.number, trial.user_attrs["origin"], metrics, error, len(front))
-        progress.front(_finished(study), front)
+        progress.trial(finished(study), trial.number, trial.user_attrs["origin"], metrics, error, len(front))
+        progress.front(finished(study), front)
     return exhausted
-
-
-MAX_REDRAWS = 50  # repeats in a row after which a plan not tried yet is drawn at random instead
-
-
-def tried_plans(study: optuna.Study, running: list) -> set[tuple]:
-    """The `params_key` of every plan a counted trial (completed or failed) or a running one holds."""
-    return {params_key(t.params) for t in [*counted_trials(study), *running]}
-
-
-def ask_new(study: optuna.Study, space: SearchSpace, arch, running: list) -> tuple | None:
-    """A trial and its plan that no completed or running trial holds; None when the space holds no plan that
-    has not been tried (completed, failed or running): the search has nothing new to ask.
-
-    Samplers repeat themselves (TPE re-proposes a plan it likes; a sampler re-created on resume replays its
-    draws): a repeat is told PRUNED, which neither the budget nor the tables count, and the sampler asked
-    again. After MAX_REDRAWS repeats in a row (and once no enqueued trial waits) a plan not tried yet is
-    enqueued, drawn at random, so a small space is searched to its end rather than redrawn for ever.
-    """
-    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    held = {params_key(t.params) for t in [*done, *running]}
-    tried = tried_plans(study, running)
-    if sum(space.holds(k, arch) for k in tried) >= space.plan_count(arch):
-        return None
-    waiting, repeats = (optuna.trial.TrialState.WAITING,), 0
-    while True:
-        trial = study.ask()
-        plan = space.sample(trial, arch)
-        if params_key(trial.params) not in held:
-            return trial, plan
-        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        repeats += 1
-        if repeats >= MAX_REDRAWS and not study.get_trials(deepcopy=False, states=waiting):
-            params = space.untried_params(arch, tried, random.Random(len(study.trials)))
-            study.enqueue_trial(params, user_attrs={"origin": "random"})
-
-
-def _score_front(
-    front: list[dict],
-    exp: Experiment,
-    ctx_box: list,
-    tracker: SearchTracker,
-    out: Path,
-    test: bool,
-    resources: dict[str, float],
-) -> None:
-    """Every front plan scored on the test split (tokens the search did not select on: the numbers to report)
-    and by lm-eval, in parallel on the workers, logged on each trial's run beside its proxies; a task built
-    from the search's own texts is flagged, since its scores are not held-out.
-
-    A plan is rebuilt exactly as its trial built it (same plan, same healing seed). Front plans that already
-    carry their scores (a resumed search) are not run again.
-    """
-    import ray
-
-    spec = exp.benchmark
-    todo = [
-        r
-        for r in front
-        if (spec.tasks and tracker.metric(int(r["trial"]), BENCH) is None)
-        or (test and tracker.metric(int(r["trial"]), "test_kl") is None)
-    ]
-    what = [
-        *(["the test split"] if test else []),
-        *([f"{', '.join(spec.tasks)} (limit {spec.limit})"] if spec.tasks else []),
-    ]
-    print(f"scoring the front: {len(todo)} plans on {' and '.join(what)} ...", flush=True)
-    texts = {"calibration": exp.calibration.source, "perplexity": exp.evaluation.source}
-    for note in contamination_notes(spec.tasks, texts):
-        print(f"  {note}", flush=True)
-    task = ray.remote(**resources, max_retries=2, retry_exceptions=False)(run_front_scores)
-    refs = {}
-    for r in todo:
-        plan = load_yaml_model(Plan, out / r["plan"])
-        seed = trial_seed(exp.seed, int(r["trial"]))
-        refs[task.remote(ctx_box, plan.model_dump(mode="json"), seed, spec.tasks, spec.limit)] = r
-    while refs:
-        (ref,), _ = ray.wait(list(refs), num_returns=1)
-        row = refs.pop(ref)
-        try:
-            scores = ray.get(ref)
-        except Exception as e:  # a scoring that fails leaves the trial's proxies as they are
-            print(f"  trial {row['trial']}: scoring failed: {_reason(e)}", flush=True)
-            continue
-        metrics = {f"test_{k}": v for k, v in (scores["test"] or {}).items()}
-        parts = [f"test KL {metrics['test_kl']:.4f}, perplexity {metrics['test_perplexity']:.3f}"] if metrics else []
-        tasks = scores["tasks"]
-        if tasks:
-            metrics.update({f"lm_eval.{t}.{m}": v for t, ms in tasks.items() for m, v in ms.items()})
-            metrics[BENCH] = mean_accuracy(tasks)
-            se = mean_accuracy_stderr(tasks)
-            if se is not None:
-                metrics[f"{BENCH}_stderr"] = se
-            parts.append(
-                f"mean accuracy {metrics[BENCH]:.3f} "
-                f"({', '.join(f'{t} {mean_accuracy({t: ms}):.3f}' for t, ms in tasks.items())})"
-            )
-        tracker.log_metrics(int(row["trial"]), metrics)
-        print(f"  trial {row['trial']:>4}: {'; '.join(parts)}", flush=True)
-    if spec.tasks:
-        _say_if_lm_eval_cannot_rank(front, spec, tracker)
-
-
-def _say_if_lm_eval_cannot_rank(front: list[dict], spec, tracker: SearchTracker) -> None:
-    """A line when the front's lm-eval accuracies differ by less than their noise: they then rank nothing."""
-    accs = []
-    for r in front:
-        acc, se = (tracker.metric(int(r["trial"]), k) for k in (BENCH, f"{BENCH}_stderr"))
-        if acc is not None and se is not None:
-            accs.append((acc, se))
-    if accs and not ranks_plans(accs):
-        lo, hi = min(a for a, _ in accs), max(a for a, _ in accs)
-        se = max(s for _, s in accs)
-        print(
-            f"  note: the front's mean accuracies ({lo:.3f} to {hi:.3f}) differ by less than two standard errors "
-            f"(each about {se:.3f}): at limit {spec.limit} lm-eval does not rank these plans; raise benchmark.limit "
-            "or compare them by KL",
-            flush=True,
-        )
 
 
 def _resources(exp: Experiment, cluster_gpus: float) -> dict[str, float]:
@@ -656,57 +470,3 @@ def _resources(exp: Experiment, cluster_gpus: float) -> dict[str, float]:
     driver's own machine plays no part: it may have no GPU at all."""
     wants_gpu = exp.hardware.device == "cuda" or (exp.hardware.device == "auto" and cluster_gpus > 0)
     return {"num_cpus": 1, "num_gpus": exp.hardware.gpus_per_worker if wants_gpu else 0}
-
-
-def _reason(e: Exception) -> str:
-    cause = getattr(e, "cause", None) or e
-    return f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"[:300]
-
-
-def _record(study, trial, plan: Plan, metrics, error, exp: Experiment, tracker: SearchTracker, out: Path) -> None:
-    """Store a finished trial: user attributes and MLflow run first, then tell, so a crash in between
-    is settled on resume from what was stored."""
-    origin = trial.user_attrs["origin"]
-    if metrics is None:
-        trial.set_user_attr("error", error)
-        tracker.log_trial(
-            trial.number,
-            plan.flat_params(),
-            {},
-            {ORIGIN: origin, "autosquash.error": error},
-            out / trial.user_attrs["plan"],
-            failed=True,
-            run_name=trial_run_name(trial.number, plan, None),
-        )
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        return
-    for k in (
-        "perplexity",
-        "kl",
-        "memory_mb",
-        "energy_mj_per_token",
-        "tokens_per_s",
-        "weights_mb",
-        "trial_s",
-        "constraint_mb",
-    ):
-        trial.set_user_attr(k, round(float(metrics[k]), 6))
-    for k in ("bits_per_weight", "block_bits_per_weight"):
-        trial.set_user_attr(k, round(float(metrics[k]), 4))
-    trial.set_user_attr("fits", bool(metrics["fits"]))
-    # Feasible when <= 0: a plan that does not fit the phone stays visible but off the front.
-    trial.set_constraint("memory_over_limit_mb", float(metrics["constraint_mb"]))
-    tags = {
-        ORIGIN: origin,
-        "autosquash.worker": trial.user_attrs["worker"],
-        "autosquash.device": trial.user_attrs["device"],
-    }
-    name = trial_run_name(trial.number, plan, metrics)
-    tracker.log_trial(
-        trial.number, plan.flat_params(), metrics, tags, out / trial.user_attrs["plan"], failed=False, run_name=name
-    )
-    values = [float(metrics[OBJECTIVE_METRIC[o]]) for o in exp.objectives]
-    if not all(math.isfinite(v) for v in values):
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-    else:
-        study.tell(trial, values)

@@ -8,8 +8,8 @@ import optuna
 import pytest
 
 from autosquash.cli import main
+from autosquash.search.record import MAX_REDRAWS, ask_new
 from autosquash.search.space import SearchSpace, params_key
-from autosquash.search.study import MAX_REDRAWS, ask_new
 from tests.conftest import write_experiment
 
 # Two plans in all: only the embedding type varies.

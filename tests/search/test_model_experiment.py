@@ -21,8 +21,9 @@ from autosquash.search.model_experiment import (
     model_experiment,
     write_space,
 )
+from autosquash.search.record import check_same_experiment
 from autosquash.search.space import SearchSpace
-from autosquash.search.study import SearchOptions, _check_same_experiment, _preflight
+from autosquash.search.study import SearchOptions, _preflight
 from autosquash.yaml_io import dump_yaml_model
 
 ROOT = Path(__file__).parents[2]
@@ -93,10 +94,10 @@ def test_resuming_a_derived_search_finds_the_same_experiment_and_space(tmp_path)
     again = model_experiment(str(config), "iphone-16")
     write_space(again, out)
     assert hashlib.sha256((out / "search_space.yaml").read_bytes()).hexdigest() == digest
-    assert _check_same_experiment(again.in_folder(out), out) == []
+    assert check_same_experiment(again.in_folder(out), out) == []
     assert load_experiment(out / "experiment.yaml") == again.in_folder(out)  # the file alone resumes it too
     other = model_experiment(str(config), "pixel-9-pro").in_folder(out)
-    assert _check_same_experiment(other, out, force=True) == ["name", "phone"]
+    assert check_same_experiment(other, out, force=True) == ["name", "phone"]
 
 
 def test_resume_from_the_command_line_passes_the_experiment_check(tmp_path, capsys):

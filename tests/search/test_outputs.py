@@ -18,7 +18,7 @@ def _rows(path: Path) -> list[dict]:
 
 
 def _complete(study: optuna.Study, ppl: float, memory_mb: float, over_limit_mb: float) -> int:
-    """One finished trial, stored as the search's `_record` stores it (user attributes, constraint, values)."""
+    """One finished trial, stored as search.record's `record` stores it (user attributes, constraint, values)."""
     trial = study.ask()
     trial.set_user_attr("origin", "sampled")
     trial.set_user_attr("plan", f"plans/trial-{trial.number:04d}.yaml")

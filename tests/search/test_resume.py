@@ -123,13 +123,13 @@ def test_a_plan_file_written_before_its_name_was_stored_is_removed_on_resume(tmp
     finds the file by the trial's number, so no file is left without a row."""
     import optuna
 
-    from autosquash.search.study import _plan_rel, _recover_stale
+    from autosquash.search.record import plan_rel, recover_stale
 
     study = optuna.create_study(directions=["minimize"])
     trial = study.ask()
     (tmp_path / "plans").mkdir()
-    (tmp_path / _plan_rel(trial.number)).write_text("target: gguf\n")
+    (tmp_path / plan_rel(trial.number)).write_text("target: gguf\n")
     tracker = type("Tracker", (), {"trial_runs": {}})()
-    _recover_stale(study, None, tracker, tmp_path)
+    recover_stale(study, None, tracker, tmp_path)
     assert list((tmp_path / "plans").iterdir()) == []
     assert study.trials[trial.number].state == optuna.trial.TrialState.FAIL

@@ -43,12 +43,12 @@ def test_resume_with_more_trials_or_workers_is_allowed_past_the_check(tmp_path, 
 
 
 def test_force_resumes_past_a_changed_experiment_naming_the_changes(tmp_path, capsys):
-    from autosquash.search.study import _check_same_experiment
+    from autosquash.search.record import check_same_experiment
 
     out = tmp_path / "run"
     _stored_search(out, sampler="random", seed=7)
-    assert _check_same_experiment(load_experiment(SMOKE), out, force=True) == ["sampler", "seed"]
-    assert _check_same_experiment(load_experiment(out / "experiment.yaml"), out) == []
+    assert check_same_experiment(load_experiment(SMOKE), out, force=True) == ["sampler", "seed"]
+    assert check_same_experiment(load_experiment(out / "experiment.yaml"), out) == []
     # --force alone is no resume: one line, nothing run.
     assert main(["search", str(SMOKE), "--out", str(tmp_path / "new"), "--force"]) == 2
     assert "--force only applies to --resume" in capsys.readouterr().err
@@ -60,7 +60,7 @@ def test_a_plan_cut_off_while_its_parameters_were_set_is_asked_again_whole(tmp_p
     # parameters set: the plan asked again is the whole enqueued one, not those parameters plus new draws.
     from types import SimpleNamespace
 
-    from autosquash.search.study import _recover_stale
+    from autosquash.search.record import recover_stale
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(directions=["minimize", "minimize"])
@@ -69,7 +69,7 @@ def test_a_plan_cut_off_while_its_parameters_were_set_is_asked_again_whole(tmp_p
     cut = study.ask()
     cut.suggest_categorical("embed_quant", ["Q8_0", "Q4_0"])  # one of three set when the driver died
     exp = load_experiment(SMOKE)
-    _recover_stale(study, exp, SimpleNamespace(trial_runs={}), tmp_path)
+    recover_stale(study, exp, SimpleNamespace(trial_runs={}), tmp_path)
     again = study.ask()
     assert again.number == 1 and again.user_attrs["origin"] == "baseline"
     for name, value in baseline.items():
