@@ -35,8 +35,8 @@ from autosquash.compress.plan import Plan
 from autosquash.models.arch import Arch
 from autosquash.search.experiment import Experiment, HealSpec, load_experiment
 from autosquash.search.outputs import OBJECTIVE_METRIC
+from autosquash.search.samplers import make_sampler, sensitivity_sampler
 from autosquash.search.space import SearchSpace
-from autosquash.search.study import make_sampler, sensitivity_sampler
 from autosquash.search.trial import TrialContext, TrialFailed
 
 matplotlib.use("Agg")

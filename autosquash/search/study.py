@@ -22,13 +22,11 @@ import optuna
 import torch
 
 from autosquash.compress.apply import VariantCache, make_variants
-from autosquash.compress.plan import Plan
 from autosquash.cost.model import compute_buffer_bytes, kv_cells, output_buffer_bytes
 from autosquash.errors import AutosquashError, on_sigterm
 from autosquash.export.gguf_file import check_writable
 from autosquash.files import write_text
 from autosquash.models.device import check_host_memory, driver_device, peak_rss_bytes, resolve_device
-from autosquash.models.load import resolve
 from autosquash.models.ship import Shipped
 from autosquash.search.experiment import Experiment
 from autosquash.search.front_scores import score_front
@@ -59,7 +57,8 @@ from autosquash.search.record import (
     recover_stale,
     warn_forced,
 )
-from autosquash.search.sensitivity import SensitivitySampler, cached_profile, proposal_targets
+from autosquash.search.samplers import make_sampler, sensitivity_sampler
+from autosquash.search.sensitivity import SensitivitySampler
 from autosquash.search.space import SearchSpace
 from autosquash.search.trial import (
     TrialContext,
@@ -85,29 +84,6 @@ class SearchOptions:
     force: bool = False  # resume although the experiment or search space changed (named in a warning)
     tracking_uri: str | None = None
     storage: str | None = None
-
-
-def make_sampler(exp: Experiment, budget: int, offset: int = 0) -> optuna.samplers.BaseSampler:
-    """The experiment's sampler, sized for a search of `budget` trials; each honours the phone-fit
-    constraint set on its trials.
-
-    Optuna's defaults (TPE: 10 random start-up trials; NSGA-II: generations of 50) assume hundreds of
-    trials: at a phone search's few dozen, NSGA-II would never leave its random first generation. So the
-    start-up and the generation are a quarter of the budget (TPE 4..10 trials, NSGA-II 4..50 plans).
-    `sensitivity` needs the base model: the study starts with TPE and `sensitivity_sampler` replaces it
-    once the inputs are loaded. `offset` (the trials a resumed study already holds) shifts the seed: a
-    sampler re-created with the experiment's own seed would draw its first plans again.
-    """
-    seed = exp.seed + offset
-    quarter = max(4, budget // 4)
-    if exp.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(population_size=min(50, quarter), seed=seed)
-    if exp.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    startup = min(10, quarter)
-    if exp.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
-    return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=startup)
 
 
 def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
@@ -321,19 +297,6 @@ def _search(
     return front
 
 
-FRONT_STEP = 0.02  # the widest gap the sensitivity sampler leaves between plans, as a share of the base file
-
-
-def base_file_bytes(spec: str, arch) -> int:
-    """The size of the model a user starts from: its GGUF file, else its F16 GGUF file."""
-    from autosquash.compress.plan import deployed_tensors
-
-    src = resolve(spec)
-    if src.kind == "gguf":
-        return Path(src.location, src.gguf_file).stat().st_size
-    return sum(t.nbytes for t in deployed_tensors(arch, Plan.uniform(arch, "F16")))
-
-
 def make_baseline_variants(study: optuna.Study, space: SearchSpace, ctx: TrialContext, budget: int, log=print) -> int:
     """Make the compressed layers of the uniform baselines still to run (the first `budget` of them: enqueued
     trials run first) into the variant store, before the sensitivity profile and the trials; how many plans
@@ -361,29 +324,6 @@ def make_baseline_variants(study: optuna.Study, space: SearchSpace, ctx: TrialCo
         make_variants(ctx.base, ctx.arch, plan, ctx.stats, cache)
         log(f"  layers: baseline {k}/{len(plans)}, {time.perf_counter() - started:.0f} s", flush=True)
     return len(plans)
-
-
-def sensitivity_sampler(
-    exp: Experiment, space: SearchSpace, ctx: TrialContext, out: Path, offset: int = 0
-) -> SensitivitySampler:
-    """The per-group damage model (measured once, cached on disk) and a sampler proposing from it."""
-    # The tables it quantizes go to the trials' variant store: the workers read them instead of making them.
-    variants = VariantCache(max_bytes=0, store=open_store(ctx))
-    profile = cached_profile(
-        ctx.base,
-        ctx.arch,
-        space,
-        ctx.stats,
-        ctx.calib_ref,
-        exp.context_tokens,
-        resolve(exp.model).key,
-        out / "cache",
-        variants,
-    )
-    sizes = [profile.size(*profile.picks_of(space.baseline_params(ctx.arch, b))) for b in space.baselines]
-    # A plan at least every 2 % of the base model's file size (targets closer, as plans land a little under).
-    step = int(FRONT_STEP * 0.8 * base_file_bytes(exp.model, ctx.arch))
-    return SensitivitySampler(profile, proposal_targets(profile, sizes, step), seed=exp.seed + offset, band=step)
 
 
 def _loop(

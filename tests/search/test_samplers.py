@@ -2,8 +2,8 @@ import optuna
 import pytest
 
 from autosquash.search.experiment import Experiment
+from autosquash.search.samplers import make_sampler
 from autosquash.search.space import SearchSpace
-from autosquash.search.study import make_sampler
 
 SPACE = SearchSpace.model_validate(
     {

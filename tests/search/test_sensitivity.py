@@ -284,8 +284,8 @@ def test_a_resumed_search_proposes_no_plan_it_has_evaluated(measured, name):
     offset by the stored trials) to 12: every evaluated plan is new, whatever the sampler."""
     from autosquash.search.experiment import Experiment
     from autosquash.search.record import ask_new
+    from autosquash.search.samplers import make_sampler
     from autosquash.search.space import params_key
-    from autosquash.search.study import make_sampler
 
     _, arch, _, _, profile = measured
     exp = Experiment(name="x", model="m", phone="d", search_space="s", sampler=name, seed=0)
