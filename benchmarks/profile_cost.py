@@ -37,7 +37,7 @@ def main() -> None:
     from autosquash.compress.calibrate import collect_stats
     from autosquash.evaluate.proxy import reference
     from autosquash.models.arch import Arch
-    from autosquash.search import sensitivity
+    from autosquash.search import profile as sensitivity  # the measurement: search/profile.py
     from autosquash.search.space import SearchSpace
     from autosquash.yaml_io import load_yaml_model
 

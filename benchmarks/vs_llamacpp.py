@@ -188,7 +188,8 @@ def damage_model_files(run: Path, exp, front: list[dict], work: Path) -> list[di
 
     from autosquash.compress.plan import Plan
     from autosquash.models.load import load_arch
-    from autosquash.search.sensitivity import Profile, best_under
+    from autosquash.search.profile import Profile
+    from autosquash.search.sensitivity import best_under
     from autosquash.search.space import SearchSpace
     from autosquash.yaml_io import dump_yaml_model, load_yaml_model
 

@@ -11,7 +11,8 @@ from autosquash.compress.apply import VariantCache
 from autosquash.compress.plan import Plan
 from autosquash.models.load import resolve
 from autosquash.search.experiment import Experiment
-from autosquash.search.sensitivity import SensitivitySampler, cached_profile, proposal_targets
+from autosquash.search.profile import cached_profile
+from autosquash.search.sensitivity import SensitivitySampler, proposal_targets
 from autosquash.search.space import SearchSpace
 from autosquash.search.trial import TrialContext, open_store
 

@@ -20,7 +20,7 @@ from autosquash.compress.calibrate import collect_stats
 from autosquash.compress.operators import PRUNING
 from autosquash.compress.plan import LayerChoice
 from autosquash.formats.codecs import QUANTIZABLE_TYPES, QuantizedTensor, dequantize, quantize
-from autosquash.search.sensitivity import relative_error
+from autosquash.search.profile import relative_error
 from tests.conftest import every_form_plan
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -71,7 +71,7 @@ from autosquash.cost import estimate, load_phone
 from autosquash.evaluate.proxy import reference
 from autosquash.export.torch_file import load, save
 from autosquash.models.arch import Arch
-from autosquash.search.sensitivity import measure_profile
+from autosquash.search.profile import measure_profile
 from autosquash.search.space import SearchSpace
 
 torch.manual_seed(0)

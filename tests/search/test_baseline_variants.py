@@ -11,7 +11,7 @@ import yaml
 from autosquash.compress.apply import VariantCache
 from autosquash.evaluate.heal import HealConfig
 from autosquash.search.experiment import load_experiment
-from autosquash.search.sensitivity import measure_profile
+from autosquash.search.profile import measure_profile
 from autosquash.search.space import SearchSpace
 from autosquash.search.study import make_baseline_variants
 from autosquash.search.trial import evaluate_plan, load_inputs, open_store, prepare_context

@@ -12,16 +12,8 @@ from autosquash.compress.calibrate import collect_stats
 from autosquash.compress.plan import Plan, deployed_tensors
 from autosquash.cost.model import kv_cache_bytes_per_token
 from autosquash.evaluate.proxy import reference, score
-from autosquash.search.sensitivity import (
-    TARGET,
-    GroupProfile,
-    Profile,
-    SensitivitySampler,
-    best_in_band,
-    best_under,
-    measure_profile,
-    proposal_targets,
-)
+from autosquash.search.profile import GroupProfile, Profile, measure_profile
+from autosquash.search.sensitivity import TARGET, SensitivitySampler, best_in_band, best_under, proposal_targets
 from autosquash.search.space import SearchSpace
 
 SPACE = SearchSpace.model_validate(
@@ -81,16 +73,16 @@ def test_pruning_and_quantization_each_take_the_gain_their_own_probe_measured(me
     """A pruning probe swaps in down_proj alone, a quantization probe every linear of the group; each option's
     damage is its quantization error at the one gain plus its pruned share at the other (SmolLM2's layer-11
     FFN, where one gain for both called pruning free, is the case)."""
-    from autosquash.search import sensitivity
+    from autosquash.search import profile as profile_module
 
     model, arch, stats, ref, _ = measured
-    monkeypatch.setattr(sensitivity, "_probe", lambda _m, _r, swaps, *a: 1.0 if len(swaps) == 1 else 0.01)
+    monkeypatch.setattr(profile_module, "_probe", lambda _m, _r, swaps, *a: 1.0 if len(swaps) == 1 else 0.01)
     profile = measure_profile(model, arch, SPACE, stats, ref, CONTEXT, log=lambda *a, **k: None)
     block = model.model.layers[0]
-    errs = sensitivity._Errors(block, 0, stats)
+    errs = profile_module._Errors(block, 0, stats)
     ffn = next(g for g in profile.groups if g.name == "blk.0.ffn")
-    choices = [c for _, c in sensitivity._options(SPACE.ffn)]
-    parts = [sensitivity._group_errors(block, 0, "ffn", arch, stats, c, errs) for c in choices]
+    choices = [c for _, c in profile_module._options(SPACE.ffn)]
+    parts = [profile_module._group_errors(block, 0, "ffn", arch, stats, c, errs) for c in choices]
     worst_quant = max(q for (q, p), c in zip(parts, choices, strict=True) if c.ffn_keep_ratio == 1.0)
     worst_share = max(p for _, p in parts)
     for (q, p), damage in zip(parts, ffn.damage, strict=True):
