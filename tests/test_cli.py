@@ -172,7 +172,7 @@ def test_sigterm_ends_a_command_as_ctrl_c_does_with_exit_143(capsys, monkeypatch
         os.kill(os.getpid(), signal.SIGTERM)
         raise AssertionError("SIGTERM did not stop the command")
 
-    monkeypatch.setattr(cli, "_phones", stopped)
+    monkeypatch.setattr(cli, "phones_command", stopped)
     before = signal.getsignal(signal.SIGTERM)
     code, _, err = _run(capsys, "phones")
     assert code == 143 and "interrupted; finished trials are stored" in err
@@ -198,9 +198,9 @@ def test_sigterm_reraised_as_a_plain_keyboard_interrupt_still_exits_143(capsys, 
     def ctrl_c(args):
         raise KeyboardInterrupt()
 
-    monkeypatch.setattr(cli, "_phones", waits)
+    monkeypatch.setattr(cli, "phones_command", waits)
     assert _run(capsys, "phones")[0] == 143
-    monkeypatch.setattr(cli, "_phones", ctrl_c)
+    monkeypatch.setattr(cli, "phones_command", ctrl_c)
     assert _run(capsys, "phones")[0] == 130
 
 

@@ -73,19 +73,19 @@ def test_a_start_that_fails_after_it_began_marks_its_run_failed_and_blocks_no_re
 
 
 def test_an_empty_front_is_explained(tmp_path):
-    from autosquash.cli import _why_no_front
+    from autosquash.cli.commands import why_no_front
     from autosquash.search.outputs import COLUMNS, write_csv
 
     failed = [
         dict.fromkeys(COLUMNS, "") | {"trial": i, "state": "FAIL", "error": "quality is not finite"} for i in (0, 1)
     ]
     write_csv(tmp_path / "trials.csv", failed, COLUMNS)
-    assert _why_no_front(tmp_path, "iphone-16").startswith("every one of the 2 trials failed (first error: quality")
+    assert why_no_front(tmp_path, "iphone-16").startswith("every one of the 2 trials failed (first error: quality")
     unfit = [
         dict.fromkeys(COLUMNS, "") | {"trial": i, "state": "COMPLETE", "memory_mb": m} for i, m in [(0, 900), (1, 700)]
     ]
     write_csv(tmp_path / "trials.csv", unfit, COLUMNS)
-    assert "the smallest needs 700 MB at run time (trial 1)" in _why_no_front(tmp_path, "tiny-phone")
+    assert "the smallest needs 700 MB at run time (trial 1)" in why_no_front(tmp_path, "tiny-phone")
 
 
 @pytest.fixture

@@ -116,7 +116,7 @@ def ui_url(search_out, tmp_path_factory) -> Iterator[str]:
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}  # the network is closed
     with log_path.open("w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "autosquash.cli", "ui", "--out", str(search_out), "--port", str(port)],
+            [sys.executable, "-m", "autosquash", "ui", "--out", str(search_out), "--port", str(port)],
             cwd=ROOT,
             env=env,
             stdout=log,
