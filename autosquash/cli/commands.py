@@ -243,7 +243,7 @@ def with_lora(model, spec: str, lora: str):
 def export_command(args: argparse.Namespace) -> int:
     from autosquash.compress.plan import Plan
     from autosquash.export.build import plan_model
-    from autosquash.search.trial import rebuild_trial
+    from autosquash.search.rebuild import rebuild_trial
     from autosquash.yaml_io import load_yaml_model
 
     if args.register and not args.run:

@@ -1,6 +1,6 @@
 """The model an export writes: a plan applied to its base model, with what the file writers read.
 
-A search's trial is rebuilt as its trial built it by autosquash.search.trial.rebuild_trial; `plan_model`
+A search's trial is rebuilt as its trial built it by autosquash.search.rebuild.rebuild_trial; `plan_model`
 applies a plan alone (no healing: no trial healed it).
 """
 

@@ -1,13 +1,13 @@
 """One trial: build the compressed model, heal it, score it, price it on the phone.
 
 The one builder of a trial's model: the Ray task bodies (`run_trial`, `run_front_scores`), the export of a
-finished trial (`rebuild_trial`) and the benchmarks all call `build_plan` / `evaluate_plan` on a context
+finished trial (search/rebuild.py) and the benchmarks all call `build_plan` / `evaluate_plan` on a context
 from `prepare_context`. The context (base model, references, calibration statistics) travels through the
 Ray object store once; each worker process deserialises it once and keeps a variant cache across trials.
 
-A trial is rebuilt from its search's output folder with the search's own inputs, the same healing seed
-(the experiment's seed plus the trial number) and the torch thread count its worker ran with (the trial's
-`torch_threads` metric): SVD and Kronecker factors depend on it in their last bits.
+A trial is rebuilt (search/rebuild.py) from its search's output folder with the search's own inputs, the same
+healing seed (the experiment's seed plus the trial number) and the torch thread count its worker ran with (the
+trial's `torch_threads` metric): SVD and Kronecker factors depend on it in their last bits.
 """
 
 from __future__ import annotations
@@ -27,14 +27,13 @@ import torch
 
 from autosquash.compress.apply import VariantCache, compress
 from autosquash.compress.calibrate import Compensation, Stats, cached_covariances, cached_stats
-from autosquash.compress.plan import Plan, check_plan, deployed_tensors, kv_heads_per_layer
+from autosquash.compress.plan import Plan, deployed_tensors, kv_heads_per_layer
 from autosquash.compress.store import VariantStore, scope_digest
 from autosquash.cost import PhoneProfile, estimate, load_phone
 from autosquash.errors import AutosquashError
 from autosquash.evaluate.heal import HealConfig, adapter_tensors, heal
 from autosquash.evaluate.proxy import Reference, reference, score
 from autosquash.evaluate.texts import check_disjoint, load_texts, token_block
-from autosquash.export.build import KEEP_ALL, BuiltModel, deploys_factors
 from autosquash.models.arch import Arch
 from autosquash.models.device import (
     DTYPES,
@@ -44,9 +43,8 @@ from autosquash.models.device import (
     release_freed_memory,
     resolve_device,
 )
-from autosquash.models.load import load_arch, load_model, load_tokenizer, resolve
+from autosquash.models.load import load_model, load_tokenizer, resolve
 from autosquash.search.experiment import Experiment, HardwareSpec, TextSpec
-from autosquash.yaml_io import load_yaml_model
 
 
 @dataclass
@@ -389,77 +387,3 @@ def run_front_scores(ctx_ref_box: list, plan_data: dict, seed: int, tasks: list[
     # worker; the driver prints one line per plan instead. Errors still come back as exceptions.
     with contextlib.redirect_stderr(io.StringIO()):
         return {"test": test, "tasks": run_tasks(model, ctx.tokenizer, tasks, limit)}
-
-
-@contextlib.contextmanager
-def _threads(n: int | None):
-    """Run with `n` torch threads (None: as is), then restore the count."""
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _trial_threads(run: Path, experiment: str, number: int) -> int | None:
-    """The torch thread count trial `number` ran with, from its MLflow run (None if not recorded)."""
-    from mlflow.exceptions import MlflowException
-
-    from autosquash.track.mlflow_store import find_trial_run, search_tracking_uri
-
-    uri = search_tracking_uri(run)
-    if uri is None:
-        return None
-    try:
-        trial_run = find_trial_run(uri, experiment, number)
-    except MlflowException:  # a tracking server out of reach: rebuild with this process's threads
-        return None
-    threads = None if trial_run is None else trial_run.data.metrics.get("torch_threads")
-    return int(threads) if threads else None
-
-
-def _check_finished(run: Path, number: int) -> None:
-    """Refuse a trial the search's table does not list as completed (failed, or still running)."""
-    import csv
-
-    table = run / "trials.csv"
-    if not table.is_file():
-        return  # a search stopped before its first trial finished: the plan file's absence is the error then
-    with table.open() as f:
-        row = next((r for r in csv.DictReader(f) if r.get("trial") == str(number)), None)
-    if row is None:
-        raise AutosquashError(f"trial {number} of {run} did not finish (trials.csv does not list it)")
-    if row.get("state") != "COMPLETE":
-        reason = f": {row['error']}" if row.get("error") else ""
-        raise AutosquashError(f"trial {number} of {run} did not finish (state {row.get('state')}{reason})")
-
-
-def rebuild_trial(run: Path, number: int) -> tuple[BuiltModel, Experiment, Path]:
-    """Trial `number` of the search in `run`, exactly as it was evaluated: (its BuiltModel, the experiment,
-    its plan file)."""
-    from autosquash.search.experiment import load_experiment
-
-    if not (run / "experiment.yaml").is_file():
-        raise AutosquashError(f"{run} is not a search's output folder (it has no experiment.yaml)")
-    plan_file = run / "plans" / f"trial-{number:04d}.yaml"
-    if not plan_file.exists():
-        raise AutosquashError(f"{run} holds no trial {number} ({plan_file} is missing)")
-    _check_finished(run, number)
-    exp = load_experiment(run / "experiment.yaml")
-    plan = check_plan(load_yaml_model(Plan, plan_file), load_arch(exp.model), str(plan_file))  # before the weights
-    inputs = load_inputs(exp, run)
-    ctx = prepare_context(exp, inputs, workers=1)  # the trial's context: healing batch and config
-    # The search's store holds the very bytes the trial was scored with, whichever worker made them.
-    cache = VariantCache(max_bytes=KEEP_ALL, store=open_store(ctx))
-    threads = _trial_threads(run, exp.name, number)
-    if threads is None and deploys_factors(inputs.arch, plan):
-        print(
-            f"note: trial {number} has no torch thread count recorded; "
-            "its SVD/Kronecker factors may differ from the trial's in their last bits"
-        )
-    with _threads(threads):
-        model, info = build_plan(ctx, plan, trial_seed(exp.seed, number), cache)
-    built = BuiltModel(exp.model, inputs.base, inputs.arch, plan, inputs.stats, model, cache, info)
-    return built, exp, plan_file
