@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -177,8 +178,8 @@ def search_row(folder: Path, reuse: bool) -> dict:
         out = subprocess.run(
             [str(c) for c in [*cmd, *(["--lora", lora] if lora else [])]], capture_output=True, text=True
         )
-        final = [line for line in (out.stdout + out.stderr).splitlines() if "Final estimate" in line]
-        return out.returncode, final[-1].strip() if final else (out.stderr[-300:] or "no estimate")
+        final = re.search(r"Final estimate: (PPL = [\d.]+ \+/- [\d.]+)", out.stdout + out.stderr)
+        return out.returncode, final.group(1) if final else (out.stderr[-300:] or "no estimate")
 
     lora = gguf.with_suffix(".lora.gguf")
     rc, ppl = perplexity(gguf, lora if lora.exists() else None)
@@ -200,6 +201,12 @@ def search_row(folder: Path, reuse: bool) -> dict:
         "llama_perplexity": ppl,
         "base_llama_perplexity": base_ppl,
     }
+
+
+def _estimate(text: str) -> str:
+    """llama-perplexity's final estimate, "PPL = x +/- y", out of its log line."""
+    m = re.search(r"PPL = [\d.]+ \+/- [\d.]+", text)
+    return m.group(0) if m else text
 
 
 def search_report(row: dict, commit: str) -> str:
@@ -231,8 +238,8 @@ def search_report(row: dict, commit: str) -> str:
         f"front: trials {', '.join(r['trial'] for r in row['front'])}; the smallest (trial {row['exported_trial']}) "
         f"exported in {row['export_s']:.1f} s to {row['export_mb']:.1f} MB"
         f"{' with its LoRA adapter' if row['adapter'] else ''}; llama-perplexity (exit {row['llama_perplexity_rc']}, "
-        f"8 x 256 LAMBADA tokens after all the search used): {row['llama_perplexity']}; the shipped Q4_K_M file: "
-        f"{row['base_llama_perplexity']}",
+        f"8 x 256 LAMBADA tokens after all the search used): {_estimate(row['llama_perplexity'])}; the shipped "
+        f"Q4_K_M file: {_estimate(row['base_llama_perplexity'])}",
     ]
     return "\n".join(lines)
 
