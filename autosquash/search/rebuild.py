@@ -77,7 +77,7 @@ def rebuild_trial(run: Path, number: int) -> tuple[BuiltModel, Experiment, Path]
     exp = load_experiment(run / "experiment.yaml")
     plan = check_plan(load_yaml_model(Plan, plan_file), load_arch(exp.model), str(plan_file))  # before the weights
     inputs = load_inputs(exp, run)
-    ctx = prepare_context(exp, inputs, workers=1)  # the trial's context: healing batch and config
+    ctx = prepare_context(exp, inputs, workers=1, test_split=False)  # the trial's context: healing batch, config
     # The search's store holds the very bytes the trial was scored with, whichever worker made them.
     cache = VariantCache(max_bytes=KEEP_ALL, store=open_store(ctx))
     threads = _trial_threads(run, exp.name, number)

@@ -165,11 +165,12 @@ class TrialContext:
     workers: int = 1  # the trials a search keeps in flight, over all nodes
 
 
-def prepare_context(exp: Experiment, inputs: SearchInputs, workers: int) -> TrialContext:
+def prepare_context(exp: Experiment, inputs: SearchInputs, workers: int, test_split: bool = True) -> TrialContext:
     """What every trial of `exp` reads (base model, reference logits, phone, healing); also what an
     export or a benchmark needs to rebuild a trial exactly as the search ran it. Sized for one of `workers`
     on this machine, computing where the inputs' base model sits (a Ray worker sizes it again for its node:
-    for_this_node)."""
+    for_this_node). `test_split` False: no reference logits for the test split, which only the front's
+    scoring reads (a rebuild for export skips that forward pass)."""
     ctx = TrialContext(
         base=inputs.base,
         arch=inputs.arch,
@@ -185,7 +186,7 @@ def prepare_context(exp: Experiment, inputs: SearchInputs, workers: int) -> Tria
         variant_store=None if inputs.store_dir is None else str(inputs.store_dir),
         variant_store_bytes=_store_bytes(exp, inputs),
         heal_activation_bytes=exp.hardware.heal_activation_bytes,
-        test_ref=None if inputs.test is None else reference(inputs.base, inputs.test, exp.topk),
+        test_ref=None if inputs.test is None or not test_split else reference(inputs.base, inputs.test, exp.topk),
         hardware=exp.hardware,
         workers=workers,
     )
