@@ -1,9 +1,13 @@
-"""Writing files whole: a crash, a full disk or a stop mid-write leaves the old file or none, never half of one."""
+"""Writing files whole: a crash, a full disk or a stop mid-write leaves the old file or none, never half of one;
+and the one way autosquash's disk caches name their entries (a hash of what the entry depends on) and write them
+(whole, a file or a folder, the first of two racing writers kept)."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +26,34 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def content_key(*parts: str | bytes, length: int = 24) -> str:
+    """A cache entry's name: the first `length` hex digits of the SHA-256 of `parts` in order (strings as UTF-8),
+    everything the entry depends on."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode() if isinstance(part, str) else part)
+    return h.hexdigest()[:length]
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """A fresh temporary folder beside `path` to fill: renamed to `path` when the block ends (where another
+    process renamed its own copy first, that one is kept and this one dropped), removed when it raises."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if not path.is_dir():  # not another writer's copy in place: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _umask() -> int:

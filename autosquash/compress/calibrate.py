@@ -7,10 +7,7 @@ Computed once per (model, calibration data) and cached on disk as safetensors (n
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +16,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from autosquash.files import atomic_folder, atomic_path, content_key
 
 # Bytes of covariance matrices one pass over the calibration tokens gathers: a model whose matrices need
 # more is measured in several passes, a group of blocks at a time, each pass stopping after its group.
@@ -172,16 +171,13 @@ def collect_inputs(model: torch.nn.Module, batch: torch.Tensor, paths: list[str]
 
 def cached_stats(model: torch.nn.Module, batch: torch.Tensor, model_key: str, cache_dir: Path) -> Stats:
     """`collect_stats`, read from `cache_dir` when this model and batch were seen before."""
-    key = f"{model_key}|{STATS_VERSION}".encode()
-    digest = hashlib.sha256(key + batch.numpy().tobytes()).hexdigest()[:24]
-    path = Path(cache_dir) / f"calib-{digest}.safetensors"
+    path = Path(cache_dir) / f"calib-{content_key(f'{model_key}|{STATS_VERSION}', batch.numpy().tobytes())}.safetensors"
     if path.exists():
         return Stats(load_file(str(path)))
     stats = collect_stats(model, batch)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(stats, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(stats, str(tmp))
     return stats
 
 
@@ -263,28 +259,23 @@ def cached_covariances(
     """`collect_covariances` of every block linear, on disk under `cache_dir` (read back when this model and
     batch were seen before). At most about `pass_bytes` of matrices are held at once: a group of blocks per
     pass over `batch`, each pass ending after its last block, its matrices written before the next."""
-    kind = b"covariances-normalized|" if token_normalized else b"covariances|"
-    digest = hashlib.sha256(kind + model_key.encode() + batch.numpy().tobytes()).hexdigest()[:24]
-    folder = Path(cache_dir) / f"cov-{digest}"
+    kind = "covariances-normalized|" if token_normalized else "covariances|"
+    folder = Path(cache_dir) / f"cov-{content_key(kind, model_key, batch.numpy().tobytes())}"
     if (folder / "index.json").exists():
         return Covariances(folder)
-    tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    index: dict[str, list[str]] = {}
-    for k, (last_block, paths) in enumerate(_block_groups(model, pass_bytes)):
-        shard = f"shard-{k}.safetensors"
-        matrices = collect_covariances(model, batch, paths, stop_after=last_block, token_normalized=token_normalized)
-        held: dict[int, str] = {}  # one entry per shared matrix, under the first linear that reads it
-        for path, m in matrices.items():
-            index[path] = [shard, held.setdefault(id(m), path)]
-        save_file({key: matrices[key].contiguous() for key in held.values()}, str(tmp / shard))
-        del matrices
-    (tmp / "index.json").write_text(json.dumps(index))
-    try:
-        tmp.rename(folder)
-    except OSError:  # another process wrote it first
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_folder(folder) as tmp:  # another process's copy, renamed first, is kept
+        index: dict[str, list[str]] = {}
+        for k, (last_block, paths) in enumerate(_block_groups(model, pass_bytes)):
+            shard = f"shard-{k}.safetensors"
+            matrices = collect_covariances(
+                model, batch, paths, stop_after=last_block, token_normalized=token_normalized
+            )
+            held: dict[int, str] = {}  # one entry per shared matrix, under the first linear that reads it
+            for path, m in matrices.items():
+                index[path] = [shard, held.setdefault(id(m), path)]
+            save_file({key: matrices[key].contiguous() for key in held.values()}, str(tmp / shard))
+            del matrices
+        (tmp / "index.json").write_text(json.dumps(index))
     return Covariances(folder)
 
 

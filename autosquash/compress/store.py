@@ -8,7 +8,6 @@ renamed, so a reader sees a whole file or none; one that fails to read is taken 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import zipfile
@@ -18,17 +17,17 @@ import numpy as np
 import torch
 
 from autosquash.compress.operators.base import Variant
+from autosquash.files import atomic_path, content_key
 from autosquash.formats.codecs import QuantizedTensor
 
 
 def scope_digest(model_key: str, seed: int, dtype: str, stats: dict[str, torch.Tensor]) -> str:
     """What the variants of a search depend on besides their keys: the base model (and its seed, for random
     weights), the dtype it is held in and the calibration statistics."""
-    h = hashlib.sha256(f"{model_key}|{seed}|{dtype}".encode())
-    for name in sorted(stats):
-        h.update(name.encode())
-        h.update(stats[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()[:24]
+    parts = [
+        (name, stats[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes()) for name in sorted(stats)
+    ]
+    return content_key(f"{model_key}|{seed}|{dtype}", *(p for pair in parts for p in pair))
 
 
 def _encode(value, arrays: list[np.ndarray]):
@@ -81,7 +80,7 @@ class VariantStore:
         return self._bytes
 
     def _path(self, key: tuple) -> Path:
-        return self.folder / f"{hashlib.sha256(repr(key).encode()).hexdigest()[:32]}.npz"
+        return self.folder / f"{content_key(repr(key), length=32)}.npz"
 
     def load(self, key: tuple):
         """The stored value of `key`, or None."""
@@ -109,13 +108,11 @@ class VariantStore:
             if self._bytes + size > self.max_bytes:
                 return False
         path = self._path(key)
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(
                 f,
                 meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
                 **{f"a{i}": a for i, a in enumerate(arrays)},
             )
-        os.replace(tmp, path)
         self._bytes += path.stat().st_size
         return True

@@ -13,13 +13,10 @@ autosquash.export.torch_file.load.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import io
 import json
 import logging
-import os
-import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +26,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 
 from autosquash.errors import AutosquashError
-from autosquash.files import cache_dir
+from autosquash.files import atomic_folder, cache_dir, content_key
 from autosquash.formats import gguf
 from autosquash.formats import torch_file as torch_format
 from autosquash.models import phi3
@@ -129,8 +126,7 @@ def _converted(src: ModelSource, part: str) -> Path:
     (path, size, mtime) and transformers' version; written once, whole."""
     import transformers
 
-    digest = hashlib.sha256(f"{src.key}:{transformers.__version__}".encode()).hexdigest()[:24]
-    return cache_dir() / "models" / digest / part
+    return cache_dir() / "models" / content_key(f"{src.key}:{transformers.__version__}") / part
 
 
 def _cached(src: ModelSource, part: str) -> Path | None:
@@ -145,18 +141,13 @@ def _keep(src: ModelSource, part: str, write) -> None:
     """`write(folder)` into a temporary folder renamed whole to the part's place; a cache that cannot be
     written (full disk, read-only home) costs the next load only its time."""
     folder = _converted(src, part)
-    tmp = folder.with_name(f".{part}.{os.getpid()}.tmp")
     try:
-        tmp.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        os.replace(tmp, folder)
-    # Another process renamed its copy first, or the disk is full (the tokenizers library's writer says so
-    # with a plain Exception, not an OSError).
+        with atomic_folder(folder) as tmp:
+            write(tmp)
+    # A full disk or a read-only home (the tokenizers library's writer says so with a plain Exception, not an
+    # OSError).
     except Exception as e:
-        if not folder.is_dir():
-            logging.getLogger(__name__).warning("could not keep the converted %s in %s: %s", part, folder, e)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        logging.getLogger(__name__).warning("could not keep the converted %s in %s: %s", part, folder, e)
 
 
 @contextlib.contextmanager

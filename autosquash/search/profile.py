@@ -16,7 +16,6 @@ cached on disk. search/sensitivity.py proposes plans from it.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import sys
@@ -34,6 +33,7 @@ from autosquash.compress.operators.base import LinearDeploy, Pruning, weight_of
 from autosquash.compress.plan import SUBLAYERS, LayerChoice, Plan, deployed_tensors, kept_kv_heads
 from autosquash.cost.model import kv_cache_bytes_per_token
 from autosquash.evaluate.proxy import Reference, score
+from autosquash.files import content_key, write_text
 from autosquash.formats.codecs import dequantize
 from autosquash.models.arch import Arch
 from autosquash.models.device import to_compute
@@ -381,9 +381,7 @@ def cached_profile(
 ) -> Profile:
     """`measure_profile` (its tables made through `variants`), read from `cache_dir` when the same model, data
     and space were measured before."""
-    digest = hashlib.sha256(
-        f"{key}|{space.model_dump_json()}|{context_tokens}|{VERSION}".encode() + ref.batch.numpy().tobytes()
-    ).hexdigest()[:24]
+    digest = content_key(f"{key}|{space.model_dump_json()}|{context_tokens}|{VERSION}", ref.batch.numpy().tobytes())
     path = Path(cache_dir) / f"sensitivity-{digest}.json"
     if path.exists():
         profile = Profile.from_json(path.read_text())
@@ -392,7 +390,5 @@ def cached_profile(
     print("measuring per-group sensitivity (once per model, calibration set and space) ...", flush=True)
     profile = measure_profile(base, arch, space, stats, ref, context_tokens, cache=variants)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(profile.to_json())
-    tmp.replace(path)
+    write_text(path, profile.to_json())
     return profile
