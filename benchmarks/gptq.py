@@ -46,12 +46,12 @@ def _label(tokens: int, damp: float, normalized: bool) -> str:
 def run(plans: tuple[str, ...], variants: tuple[tuple[int, float], ...]) -> dict:
     from autosquash.compress.apply import compress
     from autosquash.compress.calibrate import collect_covariances, collect_stats
+    from autosquash.compress.gptq import quantize_compensated
     from autosquash.compress.operators import deploy_linear
     from autosquash.compress.plan import Plan, deployed_tensors
     from autosquash.evaluate.proxy import reference, score
     from autosquash.evaluate.texts import load_texts, token_block
     from autosquash.formats.codecs import dequantize
-    from autosquash.formats.gptq import quantize_compensated
     from autosquash.models.arch import Arch
     from autosquash.models.load import load_model, load_tokenizer
     from autosquash.search.experiment import load_experiment

@@ -5,7 +5,7 @@ SmolLM2 ties its output head to the token table, so the table's error reaches th
 the final norm's output, whose channels' E[h²] differ by a factor of about 300. autosquash quantizes a
 table the head reads weighted by E[h²] from the calibration text (each block kept as the reference encoding
 where that errs less by that weight), as llama.cpp's importance matrix weighs token_embd, and spreads each
-column's error onto the columns not yet coded through E[h hᵀ] (formats.gptq; each row kept as the weighted
+column's error onto the columns not yet coded through E[h hᵀ] (compress.gptq; each row kept as the weighted
 encoding where that errs less by E[h hᵀ]). Per table type of the default search space, with every block as
 shipped: the KL to the base model on the default experiment's test split (2048 LAMBADA tokens after its
 evaluation set, never selected on), all three ways.

@@ -61,7 +61,10 @@ def revision_quantizers(rev: str) -> dict:
     sys.path.insert(0, folder)
     try:
         codecs = importlib.import_module("autosquash.formats.codecs")
-        gptq = importlib.import_module("autosquash.formats.gptq")
+        try:
+            gptq = importlib.import_module("autosquash.compress.gptq")
+        except ModuleNotFoundError:  # a revision from before GPTQ moved out of formats/
+            gptq = importlib.import_module("autosquash.formats.gptq")
     finally:
         sys.path.remove(folder)
         for k in ours():
@@ -116,9 +119,9 @@ def _timed(fn, *args):
 
 def run(shapes, types, baseline: str | None, baseline_rows: int, source: str | None) -> list[dict]:
     from autosquash.compress.apply import TABLE_DAMP, TABLE_MIN_COMPENSATED_ERROR
+    from autosquash.compress.gptq import quantize_compensated_no_worse
     from autosquash.formats.codecs import quantize, quantize_no_worse
     from autosquash.formats.gguf_types import tensor_type
-    from autosquash.formats.gptq import quantize_compensated_no_worse
 
     # As compress.apply.quantized_table quantizes a table the head reads.
     compensated = functools.partial(quantize_compensated_no_worse, min_error=TABLE_MIN_COMPENSATED_ERROR)

@@ -18,13 +18,13 @@ from functools import partial
 import torch
 
 from autosquash.compress.calibrate import HEAD, HEAD_COVARIANCE, Compensation, Stats, compensation_of
+from autosquash.compress.gptq import quantize_compensated_no_worse
 from autosquash.compress.operators import PRUNING, deploy_linear, form
 from autosquash.compress.operators.base import Variant, weight_of
 from autosquash.compress.plan import SUBLAYERS, Plan
 from autosquash.compress.store import VariantStore
 from autosquash.formats.codecs import QuantizedTensor, dequantize, quantize, quantize_no_worse
 from autosquash.formats.gguf_types import legal_type
-from autosquash.formats.gptq import quantize_compensated_no_worse
 from autosquash.models.arch import Arch
 from autosquash.models.device import model_device, to_compute
 from autosquash.models.layers import with_bias
@@ -226,7 +226,7 @@ def quantized_table(base: torch.nn.Module, arch: Arch, name: str, quant: str, st
     A table the output head reads (the head itself, or a tied token table) is quantized weighted by the head's
     input energy per channel: the logits' error is that of W h, whose channels differ by orders of magnitude
     in E[h²] (each block kept as the unweighted encoding where that errs less by this measure, so a table
-    already on the type's grid stays exact), and its error spread through E[h hᵀ] (GPTQ, formats.gptq) where
+    already on the type's grid stays exact), and its error spread through E[h hᵀ] (GPTQ, compress.gptq) where
     that lowers a row's output error and the weighted encoding errs enough for it to pay
     (TABLE_MIN_COMPENSATED_ERROR). An untied token table is only looked up, every channel alike.
     """

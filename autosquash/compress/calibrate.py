@@ -31,7 +31,7 @@ STATS_VERSION = 3  # 2: the output head's input (HEAD) too; 3: its covariance (H
 # weighs the table's quantization error, as llama.cpp's importance matrix weighs token_embd).
 HEAD = "lm_head"
 # E[h hᵀ] (hidden, hidden) of the output head's input: the token table the head reads is quantized with
-# its error spread through it (formats.gptq), which the head's output error is measured by.
+# its error spread through it (compress.gptq), which the head's output error is measured by.
 HEAD_COVARIANCE = "lm_head:covariance"
 
 
@@ -281,7 +281,7 @@ def cached_covariances(
 
 @dataclass(frozen=True)
 class Compensation:
-    """Error compensation of the quantized block linears (GPTQ, autosquash.formats.gptq): each linear's
+    """Error compensation of the quantized block linears (GPTQ, autosquash.compress.gptq): each linear's
     quantization error spread through its inputs' covariance, dampened by `damp` of its mean diagonal."""
 
     covariances: Covariances

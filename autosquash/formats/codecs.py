@@ -246,7 +246,7 @@ def _fit_affine(x: Tensor, w: Tensor, nmax: int, min_le_zero: bool) -> tuple[Ten
 
 # ---------------------------------------------------------------------------------------------------------
 # Grids: every importance-weighted encoder in two steps, scales then codes, so that error compensation
-# (autosquash.formats.gptq) can code a block's values one column at a time against the scales chosen for it.
+# (autosquash.compress.gptq) can code a block's values one column at a time against the scales chosen for it.
 
 Scales = tuple[Tensor, ...]
 

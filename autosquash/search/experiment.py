@@ -28,7 +28,7 @@ class TextSpec(BaseModel):
 
 class CalibrationSpec(TextSpec):
     """The calibration token set; and whether the quantized block linears spread their quantization error
-    through their inputs' covariance E[x xᵀ] (GPTQ, autosquash.formats.gptq), measured over the source's
+    through their inputs' covariance E[x xᵀ] (GPTQ, autosquash.compress.gptq), measured over the source's
     first `compensation_tokens` tokens (the calibration set among them) and dampened by `compensation_damp`
     of its mean diagonal. On SmolLM2-135M (benchmarks/gptq.py) these defaults lowered the KL of every uniform
     plan measured by a fifth to a third (Q2_K 0.317 -> 0.250, Q3_K 0.169 -> 0.119, Q4_0 0.133 -> 0.099, Q4_K

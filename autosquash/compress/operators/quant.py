@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import torch
 
+from autosquash.compress.gptq import quantize_compensated
 from autosquash.compress.operators.base import ChoiceField, Form, LinearDeploy, TensorSpec, matrix_spec
 from autosquash.formats.codecs import quantize
 from autosquash.formats.gguf_types import searchable_type, tensor_type
-from autosquash.formats.gptq import quantize_compensated
 from autosquash.models.arch import ATTN_LINEARS, FFN_LINEARS
 from autosquash.models.layers import linear_with
 

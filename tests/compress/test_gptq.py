@@ -1,4 +1,4 @@
-"""Error compensation inside the GGUF grids (autosquash.formats.gptq) and the covariances it weighs by."""
+"""Error compensation inside the GGUF grids (autosquash.compress.gptq) and the covariances it weighs by."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 import torch
 from gguf.constants import GGMLQuantizationType
 
+from autosquash.compress import gptq
 from autosquash.compress.calibrate import (
     HEAD,
     HEAD_COVARIANCE,
@@ -21,10 +22,10 @@ from autosquash.compress.calibrate import (
     collect_stats,
     compensation_of,
 )
+from autosquash.compress.gptq import quantize_compensated, quantize_compensated_no_worse
 from autosquash.errors import AutosquashError
-from autosquash.formats import codecs, gptq
+from autosquash.formats import codecs
 from autosquash.formats.codecs import dequantize, quantize, quantize_no_worse
-from autosquash.formats.gptq import quantize_compensated, quantize_compensated_no_worse
 
 # Every type with a grid (the block types and the K-quants; the ternary types ride along).
 TYPES = ("Q8_0", "Q6_K", "Q5_1", "Q5_K", "Q5_0", "Q4_1", "Q4_K", "Q4_0", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "TQ2_0")
@@ -112,8 +113,8 @@ def test_no_worse_compensation_takes_the_better_row(type_name: str, unseen_input
     # The compensated rows' errors come from the sweep (w - ŵ = e U) and the plain ones' from the Cholesky
     # factor of the damped H, each less the damping; an input calibration never fed counts nothing, as by H.
     monkeypatch.setattr(codecs, "_CHUNK_VALUES", 5 * COLS)
-    monkeypatch.setattr("autosquash.formats.gptq._SWEEP_VALUES", 5 * COLS)
-    monkeypatch.setattr("autosquash.formats.gptq._MIN_SLICE_ROWS", 1)
+    monkeypatch.setattr("autosquash.compress.gptq._SWEEP_VALUES", 5 * COLS)
+    monkeypatch.setattr("autosquash.compress.gptq._MIN_SLICE_ROWS", 1)
     x = _inputs(correlated=True)
     if unseen_input:
         x[:, 40] = 0
@@ -129,8 +130,8 @@ def test_no_worse_compensation_takes_the_better_row(type_name: str, unseen_input
 def test_slices_that_err_little_by_the_weighted_encoding_keep_it(monkeypatch) -> None:
     """`min_error`: a slice whose weighted encoding errs less than that share of its energy, by diag(H), is not
     compensated (a Q8_0 table errs about 1e-5; compensation would save little); the others are."""
-    monkeypatch.setattr("autosquash.formats.gptq._SWEEP_VALUES", 8 * COLS)
-    monkeypatch.setattr("autosquash.formats.gptq._MIN_SLICE_ROWS", 1)
+    monkeypatch.setattr("autosquash.compress.gptq._SWEEP_VALUES", 8 * COLS)
+    monkeypatch.setattr("autosquash.compress.gptq._MIN_SLICE_ROWS", 1)
     w, h = _weight(), _hessian(_inputs(correlated=True))
     w[8:16] = dequantize(quantize(w[8:16], "Q4_0"))  # one slice of 8 rows already on the grid: it errs 0
     imp = h.diagonal()
@@ -148,8 +149,8 @@ def test_slices_that_err_little_by_the_weighted_encoding_keep_it(monkeypatch) ->
 def test_slices_on_two_threads_give_the_bytes_of_one(monkeypatch) -> None:
     """A table's slices run one per torch thread (codecs.for_each_slice); rows are independent, so the bytes
     are those of one thread taking the same slices in turn."""
-    monkeypatch.setattr("autosquash.formats.gptq._SWEEP_VALUES", 8 * COLS)
-    monkeypatch.setattr("autosquash.formats.gptq._MIN_SLICE_ROWS", 1)
+    monkeypatch.setattr("autosquash.compress.gptq._SWEEP_VALUES", 8 * COLS)
+    monkeypatch.setattr("autosquash.compress.gptq._MIN_SLICE_ROWS", 1)
     w, h = _weight(), _hessian(_inputs(correlated=True))
     one = quantize_compensated_no_worse(w, "IQ4_NL", h, h.diagonal())
     torch.set_num_threads(2)
