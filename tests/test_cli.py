@@ -373,6 +373,9 @@ def test_ctrl_c_stops_ui_quietly_with_exit_130(tmp_path, optuna):
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        # As in a terminal: a background job of a non-interactive shell (CI, nohup) inherits SIGINT ignored, and a
+        # Python started so never turns Ctrl-C into KeyboardInterrupt (checked: under `trap '' INT` this test hung).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 180
