@@ -178,8 +178,8 @@ def search_row(folder: Path, reuse: bool) -> dict:
         out = subprocess.run(
             [str(c) for c in [*cmd, *(["--lora", lora] if lora else [])]], capture_output=True, text=True
         )
-        final = re.search(r"Final estimate: (PPL = [\d.]+ \+/- [\d.]+)", out.stdout + out.stderr)
-        return out.returncode, final.group(1) if final else (out.stderr[-300:] or "no estimate")
+        log = out.stdout + out.stderr
+        return out.returncode, _estimate(log) if "Final estimate" in log else (out.stderr[-300:] or "no estimate")
 
     lora = gguf.with_suffix(".lora.gguf")
     rc, ppl = perplexity(gguf, lora if lora.exists() else None)
@@ -204,7 +204,7 @@ def search_row(folder: Path, reuse: bool) -> dict:
 
 
 def _estimate(text: str) -> str:
-    """llama-perplexity's final estimate, "PPL = x +/- y", out of its log line."""
+    """llama-perplexity's final estimate, "PPL = x +/- y", out of its log (or a log line kept before this)."""
     m = re.search(r"PPL = [\d.]+ \+/- [\d.]+", text)
     return m.group(0) if m else text
 

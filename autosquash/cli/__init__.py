@@ -121,12 +121,13 @@ def _add_estimate(sub) -> None:
 
 def _add_phones(sub) -> None:
     """The `phones` subcommand (and `devices`, its old name)."""
-    d = sub.add_parser("phones", help="list the shipped phone profiles")
-    d.add_argument("--json", action="store_true", help="print JSON")
-    d.set_defaults(fn=phones_command)
-    d = sub.add_parser("devices", description="The old name of `autosquash phones`.")
-    d.add_argument("--json", action="store_true", help="print JSON")
-    d.set_defaults(fn=devices_command)
+    for name, fn, text in (
+        ("phones", phones_command, {"help": "list the shipped phone profiles"}),
+        ("devices", devices_command, {"description": "The old name of `autosquash phones`."}),
+    ):
+        d = sub.add_parser(name, **text)
+        d.add_argument("--json", action="store_true", help="print JSON")
+        d.set_defaults(fn=fn)
 
 
 def _add_fetch(sub) -> None:

@@ -55,10 +55,15 @@ def fit_energy(rows: list[DecodeRow], mac_energy_j: float, seconds: list[float])
     return float(j_per_byte), float(watts)
 
 
+def _decode_seconds(bytes_read: float, efficiency: float, fixed: float, peak_bandwidth: float) -> float:
+    """The cost model's decode time per token (cost.model.estimate's)."""
+    return bytes_read / (efficiency * peak_bandwidth) + fixed
+
+
 def fit_profile(rows: list[DecodeRow], peak_bandwidth: float, mac_energy_j: float) -> dict[str, float]:
     """The four fitted constants of a phone profile: speed first, then energy at the fitted decode times."""
     efficiency, fixed = fit_speed(rows, peak_bandwidth)
-    seconds = [r.bytes_read / (efficiency * peak_bandwidth) + fixed for r in rows]
+    seconds = [_decode_seconds(r.bytes_read, efficiency, fixed, peak_bandwidth) for r in rows]
     j_per_byte, watts = fit_energy(rows, mac_energy_j, seconds)
     return {
         "bandwidth_efficiency": efficiency,
@@ -70,6 +75,7 @@ def fit_profile(rows: list[DecodeRow], peak_bandwidth: float, mac_energy_j: floa
 
 def predict(row: DecodeRow, constants: dict[str, float], peak_bandwidth: float, mac_energy_j: float):
     """(tokens/s, J/token) the fitted constants give for `row`'s bytes and MACs."""
-    s = row.bytes_read / (constants["bandwidth_efficiency"] * peak_bandwidth) + constants["fixed_overhead_s_per_token"]
+    efficiency, fixed = constants["bandwidth_efficiency"], constants["fixed_overhead_s_per_token"]
+    s = _decode_seconds(row.bytes_read, efficiency, fixed, peak_bandwidth)
     joules = row.bytes_read * constants["dram_energy_j_per_byte"] + row.macs * mac_energy_j
     return 1.0 / s, joules + constants["static_power_w"] * s

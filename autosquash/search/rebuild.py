@@ -13,7 +13,7 @@ from autosquash.compress.plan import Plan, check_plan
 from autosquash.errors import AutosquashError
 from autosquash.export.build import KEEP_ALL, BuiltModel, deploys_factors
 from autosquash.models.load import load_arch
-from autosquash.search.experiment import Experiment
+from autosquash.search.experiment import Experiment, load_experiment
 from autosquash.search.trial import build_plan, load_inputs, open_store, prepare_context, trial_seed
 from autosquash.yaml_io import load_yaml_model
 
@@ -66,8 +66,6 @@ def _check_finished(run: Path, number: int) -> None:
 def rebuild_trial(run: Path, number: int) -> tuple[BuiltModel, Experiment, Path]:
     """Trial `number` of the search in `run`, exactly as it was evaluated: (its BuiltModel, the experiment,
     its plan file)."""
-    from autosquash.search.experiment import load_experiment
-
     if not (run / "experiment.yaml").is_file():
         raise AutosquashError(f"{run} is not a search's output folder (it has no experiment.yaml)")
     plan_file = run / "plans" / f"trial-{number:04d}.yaml"

@@ -14,7 +14,7 @@ import optuna
 
 from autosquash.compress.plan import Plan
 from autosquash.errors import AutosquashError
-from autosquash.search.experiment import Experiment
+from autosquash.search.experiment import Experiment, load_experiment
 from autosquash.search.outputs import INTERRUPTED, OBJECTIVE_METRIC, counted_trials, trial_run_name
 from autosquash.search.space import SearchSpace, params_key
 from autosquash.track.mlflow_store import ORIGIN, SearchTracker
@@ -33,8 +33,6 @@ def check_same_experiment(exp: Experiment, out: Path, force: bool = False) -> li
     stored = out / "experiment.yaml"
     if not stored.is_file():
         return []
-    from autosquash.search.experiment import load_experiment
-
     was, now = load_experiment(stored).model_dump(mode="json"), exp.model_dump(mode="json")
     diffs = [k for k in now if k not in RESUMABLE | {"hardware"} and was.get(k) != now[k]]
     diffs += [
