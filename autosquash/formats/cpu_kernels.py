@@ -1,0 +1,161 @@
+"""The K-quants' hot loops compiled for the CPU: the scale searches (codecs._fit_affine, _fit_scale), one
+sub-block at a time, and the Q4_K / Q6_K decoders.
+
+On a GPU the search runs as torch ops over all candidates at once. On a CPU that layout streams each
+candidate's temporaries through memory a dozen times (Q4_K of a 1.5B model: about 150 s on 2 cores, 89 %
+of it in that search); here every sub-block's candidates are tried in registers, with the same arithmetic
+(float32, candidates in the same order, ties to the first, codes rounded half to even as torch rounds), so
+the two paths choose the same scales up to the order of their sums (float64 here). The decoders compute
+exactly what the torch ones do (no fused multiply-add), about 5x as fast on one thread. tests/formats/
+test_cpu_kernels.py holds each beside its torch path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_F = np.float32
+_FAST = {"reassoc", "contract"}
+
+
+@njit(nogil=True, cache=True, fastmath=_FAST)
+def _lsq(x, w, q, xc, sw, xbar, sxx, min_le_zero, det_eps):  # pragma: no cover - compiled
+    """(scale, min, err) of the weighted least-squares fit x ~ scale * q + min for fixed codes q, with
+    codes centred on their weighted mean (codecs._lsq_affine's arithmetic)."""
+    swq = 0.0
+    for j in range(q.shape[0]):
+        swq += w[j] * q[j]
+    qbar = swq / max(sw, 1e-30)
+    sqq = 0.0
+    sxq = 0.0
+    for j in range(q.shape[0]):
+        qc = q[j] - qbar
+        wqc = w[j] * qc
+        sqq += wqc * qc
+        sxq += wqc * xc[j]
+    scale = sxq / sqq if sqq > det_eps * sw * max(qbar * qbar, 1.0) else 0.0
+    mn = xbar - scale * qbar
+    err = sxx - scale * sxq
+    if min_le_zero and mn > 0:
+        raw_qq = sqq + sw * qbar * qbar
+        raw_xq = sxq + sw * xbar * qbar
+        scale = raw_xq / max(raw_qq, 1e-30) if raw_qq > 0 else 0.0
+        err = sxx + sw * xbar * xbar - scale * raw_xq
+        mn = 0.0
+    return scale, mn, err
+
+
+@njit(nogil=True, cache=True, fastmath=_FAST)
+def _code(v, step_inv, nmax):  # pragma: no cover - compiled
+    return min(max(np.rint(v * step_inv), _F(0.0)), _F(nmax))
+
+
+@njit(nogil=True, cache=True, fastmath=_FAST)
+def fit_affine(x, w, nmax, min_le_zero, numerators, refine_steps, det_eps, scale_out, min_out):  # pragma: no cover
+    """Per row of x (rows, n) float32, weights w alike: the (scale, min) of codecs._fit_affine, written into
+    scale_out and min_out (rows,). `numerators` (C,) float32 are the candidates' nmax + offsets."""
+    rows, n = x.shape
+    xc = np.empty(n, np.float64)
+    q = np.empty(n, np.float32)
+    for r in range(rows):
+        xr, wr = x[r], w[r]
+        sw = 0.0
+        swx = 0.0
+        xmin = xr[0]
+        xmax = xr[0]
+        for j in range(n):
+            sw += wr[j]
+            swx += wr[j] * xr[j]
+            xmin = min(xmin, xr[j])
+            xmax = max(xmax, xr[j])
+        xbar = swx / max(sw, 1e-30)
+        sxx = 0.0
+        for j in range(n):
+            xc[j] = xr[j] - xbar
+            sxx += wr[j] * xc[j] * xc[j]
+        if min_le_zero:
+            xmin = min(xmin, _F(0.0))
+        ref = xmax - xmin
+        inv = _F(1.0) / ref if ref != 0 else _F(0.0)
+        best_s, best_m, best_err = 0.0, 0.0, np.inf
+        for c in range(numerators.shape[0]):
+            iscale = numerators[c] * inv
+            for j in range(n):
+                q[j] = _code(xr[j] - xmin, iscale, nmax)
+            s, m, err = _lsq(xr, wr, q, xc, sw, xbar, sxx, min_le_zero, det_eps)
+            if err < best_err or c == 0:
+                best_s, best_m, best_err = s, m, err
+        for _ in range(refine_steps):
+            step_inv = _F(1.0) / _F(best_s) if best_s != 0 else _F(0.0)
+            for j in range(n):
+                q[j] = _code(xr[j] - _F(best_m), step_inv, nmax)
+            s, m, err = _lsq(xr, wr, q, xc, sw, xbar, sxx, min_le_zero, det_eps)
+            if err < best_err:
+                best_s, best_m, best_err = s, m, err
+        scale_out[r] = best_s
+        min_out[r] = best_m
+
+
+@njit(nogil=True, cache=True, fastmath=_FAST)
+def fit_scale(x, w, lo, hi, iscales, refine_steps, scale_out):  # pragma: no cover - compiled
+    """Per row of x (rows, n) float32, weights w alike: the scale of codecs._fit_scale for integer codes in
+    [lo, hi], each candidate 1 / scale in iscales (C, rows), written into scale_out (rows,)."""
+    rows, n = x.shape
+    for r in range(rows):
+        xr, wr = x[r], w[r]
+        best, best_gain = 0.0, 0.0
+        for c in range(iscales.shape[0] + refine_steps):
+            if c < iscales.shape[0]:
+                inv = iscales[c, r]
+            else:
+                inv = _F(1.0) / _F(best) if best != 0 else _F(0.0)
+            sum_xq = 0.0
+            sum_qq = 0.0
+            for j in range(n):
+                q = min(max(np.rint(xr[j] * inv), _F(lo)), _F(hi))
+                wq = wr[j] * q
+                sum_xq += wq * xr[j]
+                sum_qq += wq * q
+            scale = sum_xq / sum_qq if sum_qq > 0 else 0.0
+            gain = scale * sum_xq
+            if c == 0 or gain > best_gain:
+                best, best_gain = scale, gain
+        scale_out[r] = best
+
+
+@njit(nogil=True, cache=True)
+def decode_q4_k(b, d, dmin, out):  # pragma: no cover - compiled
+    """Q4_K super-blocks b (N, 144) uint8, their f16 d and dmin as float32 (N,), into out (N, 256):
+    (d * sc) * q - (dmin * m) per sub-block of 32 (get_scale_min_k4's 6-bit scales and mins)."""
+    for n in range(b.shape[0]):
+        blk = b[n]
+        for k in range(8):
+            if k < 4:
+                sc = blk[4 + k] & 63
+                m = blk[8 + k] & 63
+            else:
+                sc = (blk[8 + k] & 15) | ((blk[k] >> 6) << 4)
+                m = (blk[8 + k] >> 4) | ((blk[4 + k] >> 6) << 4)
+            scale = d[n] * _F(sc)
+            mn = dmin[n] * _F(m)
+            base = 16 + 32 * (k // 2)
+            shift = 4 * (k % 2)
+            for j in range(32):
+                out[n, 32 * k + j] = scale * _F((blk[base + j] >> shift) & 15) - mn
+
+
+@njit(nogil=True, cache=True)
+def decode_q6_k(b, d, out):  # pragma: no cover - compiled
+    """Q6_K super-blocks b (N, 210) uint8, their f16 d as float32 (N,), into out (N, 256): (d * sc) * q per
+    sub-block of 16, q = 6 bits (4 in ql, 2 in qh) less 32."""
+    for n in range(b.shape[0]):
+        blk = b[n]
+        for k in range(16):
+            scale = d[n] * _F(np.int8(blk[192 + k]))
+            for t in range(16):
+                v = 16 * k + t
+                h, r = v // 128, v % 128
+                low = (blk[h * 64 + r % 64] >> (4 * (r // 64))) & 15
+                high = (blk[128 + h * 32 + r % 32] >> (2 * (r // 32))) & 3
+                out[n, v] = scale * _F(np.int32(low | (high << 4)) - 32)
