@@ -1053,7 +1053,16 @@ def dequantize(q: QuantizedTensor, device: torch.device | str | None = None) -> 
             f"{name} data for shape {q.shape} must be uint8 of shape {expected}; got {q.data.dtype} {q.data.shape}"
         )
     b = torch.from_numpy(np.array(q.data, copy=True))
-    return decode_rows(b.to(device) if device is not None else b, name, cols)
+    if device is not None and torch.device(device).type != "cpu":
+        return decode_rows(b.to(device), name, cols)
+    # On a CPU, slices of rows decode on torch's threads at once: the compiled decoders run one thread each.
+    out = torch.empty(rows, cols, device=b.device)
+
+    def work(a: int, z: int) -> None:
+        out[a:z] = decode_rows(b[a:z], name, cols)
+
+    for_each_slice(b.device, rows, max(1, -(-rows // (4 * torch.get_num_threads()))), work)
+    return out
 
 
 def decode_rows(data: Tensor, type_name: str, cols: int) -> Tensor:
