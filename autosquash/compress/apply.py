@@ -167,6 +167,11 @@ def linear_variant(
         w = w[:, cols]
         input_sq = input_sq[cols] if input_sq is not None else None
     deploy = deploy_linear(f"blk.{i}.{gguf_name}", w.shape[0], w.shape[1], choice)
+    if rows is None and cols is None and deploy.form.plain:
+        blocks = source_blocks(block.get_submodule(path), deploy.type_of("weight"))
+        if blocks is not None:
+            parts = {"weight": blocks} if bias is None else {"weight": blocks, "bias": bias}
+            return cache.get(deploy.key + ("source",), lambda: Variant(deploy.form.name, parts))
     # Keyed by what the linear deploys: a factor whose rows take another type than W's is its own entry, and
     # so is a compensated variant (keyed by its compensation too).
     key, linear_comp = deploy.key, None
@@ -242,10 +247,23 @@ def quantized_table(base: torch.nn.Module, arch: Arch, name: str, quant: str, st
     )
 
 
+def source_blocks(module: torch.nn.Module, type_name: str) -> QuantizedTensor | None:
+    """The base model file's own blocks of `module`'s weight where they are of type `type_name`: a GGUF base
+    model's tensor asked for its own type is kept as the file holds it (exactly the base model's weight, and no
+    work), as llama-quantize leaves a tensor already in its target type. None otherwise."""
+    blocks = getattr(module, "gguf_source", None)
+    return blocks if blocks is not None and blocks.type == type_name else None
+
+
 def table_variant(
     cache: VariantCache, name: str, base: torch.nn.Module, quant: str, arch: Arch, stats: Stats
 ) -> Variant:
-    """`quantized_table` as a variant, cached (the sensitivity profile makes them under the same keys)."""
+    """`quantized_table` as a variant, cached (the sensitivity profile makes them under the same keys); the
+    base file's own blocks where they are of that type (`source_blocks`)."""
+    module = base.model.embed_tokens if name == "token_embd" else base.lm_head
+    blocks = source_blocks(module, legal_type(quant, arch.hidden_size))
+    if blocks is not None:
+        return cache.get((name, blocks.type, "source"), lambda: Variant("quant", {"weight": blocks}))
     key = (name, legal_type(quant, arch.hidden_size))
     return cache.get(key, lambda: Variant("quant", {"weight": quantized_table(base, arch, name, quant, stats)}))
 
@@ -256,6 +274,7 @@ def compress(
     """A new model: `base` with every linear weight and the embeddings compressed as `plan` says."""
     # Share the block linears' weights instead of copying them: every one of them is replaced below.
     memo = {id(m.weight): m.weight for m in base.model.layers.modules() if isinstance(m, torch.nn.Linear)}
+    memo.update({id(m.gguf_source): m.gguf_source for m in base.modules() if hasattr(m, "gguf_source")})
     model = copy.deepcopy(base, memo)
     device = model_device(base)
     for gguf_name, path, variant in quantized_tensors(base, arch, plan, stats, cache):

@@ -25,6 +25,7 @@ import torch
 from gguf import GGUFWriter, RopeScalingType
 
 from autosquash.errors import AutosquashError
+from autosquash.formats.codecs import QUANTIZABLE_TYPES, QuantizedTensor
 from autosquash.formats.gguf import GGUFFile, Tensor, rope_permute, rope_unpermute
 from autosquash.models.arch import ATTN_LINEARS, BLOCK_NORMS, FFN_LINEARS, Arch
 
@@ -376,32 +377,58 @@ def from_gguf(fam: Family, gguf_arch: str, name: str, w: torch.Tensor, head_dim:
 def hf_state(layout: Layout, read) -> dict[str, torch.Tensor]:
     """The transformers state dict of a uniform (non-deci) file: every tensor decoded by `read`, named and
     transformed as the family's transformers model holds it; Phi-3's fused projections split."""
-    config = layout.config
-    arch = Arch.from_config(config)
-    head_dim = arch.head_dim
+    arch = Arch.from_config(layout.config)
     paths = block_tensor_paths(arch)
     state: dict[str, torch.Tensor] = {}
     for name, t in layout.tensors.items():
-        parts = name.split(".")
-        w = from_gguf(layout.family, layout.gguf_arch, name, read(t), head_dim)
-        if parts[0] in _TOP:
-            state[f"{_TOP[parts[0]]}.{parts[-1]}"] = w
-            continue
-        if parts[0] != "blk" or len(parts) != 4:
-            raise AutosquashError(f"GGUF tensor {name} is not one autosquash reads for {layout.gguf_arch}")
-        prefix, short, kind = f"model.layers.{parts[1]}", parts[2], parts[3]
-        if short == "attn_qkv":
-            sizes = [arch.n_heads * head_dim, arch.n_kv_heads * head_dim, arch.n_kv_heads * head_dim]
-            for proj, piece in zip(("q_proj", "k_proj", "v_proj"), w.split(sizes), strict=True):
-                state[f"{prefix}.self_attn.{proj}.{kind}"] = piece
-        elif short == "ffn_up" and layout.family.fused_gate_up:
-            gate, up = w.chunk(2, dim=0)
-            state[f"{prefix}.mlp.gate_proj.{kind}"] = gate
-            state[f"{prefix}.mlp.up_proj.{kind}"] = up
-        elif short in paths:
-            state[f"{prefix}.{paths[short]}.{kind}"] = w
-        else:
-            raise AutosquashError(f"GGUF tensor {name} is not one autosquash reads for {layout.gguf_arch}")
+        state.update(_pieces(layout, arch, paths, name, read(t)))
     if arch.tied_embeddings:
         state.pop("lm_head.weight", None)
     return state
+
+
+def hf_sources(layout: Layout) -> dict[str, QuantizedTensor]:
+    """The file's quantized matrices as its own blocks, under the names `hf_state` gives their decoded weights and
+    in the same row order (every move it makes of a matrix, the q/k un-permutation and the splits of fused
+    projections, moves whole rows): what a plan asking a tensor's own type keeps instead of re-quantizing it. A
+    matrix whose rows stay in place is a view of the file's memory map, not a copy."""
+    arch = Arch.from_config(layout.config)
+    paths = block_tensor_paths(arch)
+    out: dict[str, QuantizedTensor] = {}
+    for name, t in layout.tensors.items():
+        kind = t.tensor_type.name
+        if len(t.shape) != 2 or kind in ("F32", "F16") or kind not in QUANTIZABLE_TYPES:
+            continue
+        cols, rows = int(t.shape[0]), int(t.shape[1])
+        data = np.asarray(t.data).view(np.uint8).reshape(rows, -1)
+        for key, order in _pieces(layout, arch, paths, name, torch.arange(rows).unsqueeze(1)):
+            idx = order.reshape(-1).numpy()
+            first = int(idx[0])
+            in_place = bool(np.array_equal(idx, np.arange(first, first + idx.size)))
+            blocks = data[first : first + idx.size] if in_place else data[idx]
+            out[key] = QuantizedTensor(kind, (idx.size, cols), blocks)
+    if arch.tied_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def _pieces(layout: Layout, arch: Arch, paths: dict, name: str, w: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """(state-dict name, tensor) of each transformers tensor GGUF tensor `name` holds, `w` (its values, or any
+    per-row tensor) moved from the file's rows as the family's model holds them."""
+    parts = name.split(".")
+    w = from_gguf(layout.family, layout.gguf_arch, name, w, arch.head_dim)
+    if parts[0] in _TOP:
+        return [(f"{_TOP[parts[0]]}.{parts[-1]}", w)]
+    if parts[0] != "blk" or len(parts) != 4:
+        raise AutosquashError(f"GGUF tensor {name} is not one autosquash reads for {layout.gguf_arch}")
+    prefix, short, kind = f"model.layers.{parts[1]}", parts[2], parts[3]
+    if short == "attn_qkv":
+        sizes = [arch.n_heads * arch.head_dim, arch.n_kv_heads * arch.head_dim, arch.n_kv_heads * arch.head_dim]
+        projs = ("q_proj", "k_proj", "v_proj")
+        return [(f"{prefix}.self_attn.{p}.{kind}", piece) for p, piece in zip(projs, w.split(sizes), strict=True)]
+    if short == "ffn_up" and layout.family.fused_gate_up:
+        gate, up = w.chunk(2, dim=0)
+        return [(f"{prefix}.mlp.gate_proj.{kind}", gate), (f"{prefix}.mlp.up_proj.{kind}", up)]
+    if short in paths:
+        return [(f"{prefix}.{paths[short]}.{kind}", w)]
+    raise AutosquashError(f"GGUF tensor {name} is not one autosquash reads for {layout.gguf_arch}")

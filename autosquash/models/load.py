@@ -33,7 +33,7 @@ from autosquash.models import phi3
 from autosquash.models.arch import Arch
 from autosquash.models.assets import ASSETS, asset_path
 from autosquash.models.device import check_host_memory
-from autosquash.models.gguf_family import Layout, hf_state, read_layout
+from autosquash.models.gguf_family import Layout, hf_sources, hf_state, read_layout
 from autosquash.models.layers import RemovedAttention, RemovedMLP, linear_with, with_bias
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -302,7 +302,12 @@ def read_gguf_model(path: str | Path, name: str | None = None) -> torch.nn.Modul
     machine's memory cannot hold is refused, by `name` (else the path), before a tensor is decoded."""
     layout = gguf_layout(path)
     check_host_memory(Arch.from_config(layout.config), name or str(path))
-    return _build(layout, hf_state(layout, gguf.read_tensor), str(path))
+    model = _build(layout, hf_state(layout, gguf.read_tensor), str(path))
+    for key, blocks in hf_sources(layout).items():
+        module, attr = model.get_submodule(key.rsplit(".", 1)[0]), key.rsplit(".", 1)[1]
+        if attr == "weight" and tuple(module.weight.shape) == blocks.shape:
+            module.gguf_source = blocks  # compress.apply keeps these where a plan asks their own type
+    return model
 
 
 def _build(layout: Layout, state: dict[str, torch.Tensor], where: str) -> torch.nn.Module:
