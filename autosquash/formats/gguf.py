@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import functools
 import mmap
+import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -155,7 +156,17 @@ class GGUFFile:
 
 def open_gguf(path: str | Path) -> GGUFFile:
     """A GGUF file's keys and tensors; a file of another kind, or a truncated or corrupt one, is a one-line error
-    naming it."""
+    naming it. Parsed once per file version in a process (its path, size, modification time and inode): the
+    model's architecture, config, weights, tokenizer and price all read that one parse."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise AutosquashError(f"cannot read {path}: {e.strerror or e}") from None
+    return _parsed(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@functools.lru_cache(maxsize=4)
+def _parsed(path: str, size: int, mtime_ns: int, inode: int) -> GGUFFile:
     try:
         with open(path, "rb") as f:
             if f.read(4) != b"GGUF":
