@@ -266,8 +266,9 @@ def report(exports: list[dict], tables: list[dict], commit: str) -> str:
             ],
         ),
         "llama-quantize leaves a tensor already in its target type as it is (llama-quant.cpp: `quantize = cur_type "
-        "!= new_type`): re-quantizing a Q4_K_M file to Q4_K_M copies every tensor; autosquash's uniform type "
-        "re-quantizes every linear and table, the file's Q6_K ones too.",
+        "!= new_type`): re-quantizing a Q4_K_M file to Q4_K_M copies every tensor. autosquash keeps those too "
+        "(compress.apply.source_blocks), and its uniform type re-quantizes the rest (the file's Q6_K tensors at "
+        "Q4_K, every tensor at Q3_K).",
         "",
         "its 151,936-row tables quantized as a trial quantizes them (importance-weighted; the head GPTQ-compensated "
         "where that pays), seconds",

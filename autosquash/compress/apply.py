@@ -226,7 +226,8 @@ TABLE_MIN_COMPENSATED_ERROR = 3e-5
 
 
 def quantized_table(base: torch.nn.Module, arch: Arch, name: str, quant: str, stats: Stats) -> QuantizedTensor:
-    """The token table ("token_embd") or the untied output head ("output") in the legal type for `quant`.
+    """The token table ("token_embd") or the untied output head ("output") in the legal type for `quant`: the base
+    file's own blocks where they are of that type (`source_blocks`), else quantized as follows.
 
     A table the output head reads (the head itself, or a tied token table) is quantized weighted by the head's
     input energy per channel: the logits' error is that of W h, whose channels differ by orders of magnitude
@@ -237,6 +238,9 @@ def quantized_table(base: torch.nn.Module, arch: Arch, name: str, quant: str, st
     """
     module = base.model.embed_tokens if name == "token_embd" else base.lm_head
     qtype, importance = legal_type(quant, arch.hidden_size), stats.get(HEAD)
+    blocks = source_blocks(module, qtype)
+    if blocks is not None:
+        return blocks
     if importance is None or not (name == "output" or arch.tied_embeddings):
         return quantize(module.weight.data, qtype)
     covariance = stats.get(HEAD_COVARIANCE)
@@ -258,13 +262,12 @@ def source_blocks(module: torch.nn.Module, type_name: str) -> QuantizedTensor | 
 def table_variant(
     cache: VariantCache, name: str, base: torch.nn.Module, quant: str, arch: Arch, stats: Stats
 ) -> Variant:
-    """`quantized_table` as a variant, cached (the sensitivity profile makes them under the same keys); the
-    base file's own blocks where they are of that type (`source_blocks`)."""
+    """`quantized_table` as a variant, cached (the sensitivity profile makes them under the same keys; the base
+    file's own blocks under a key of their own)."""
     module = base.model.embed_tokens if name == "token_embd" else base.lm_head
-    blocks = source_blocks(module, legal_type(quant, arch.hidden_size))
-    if blocks is not None:
-        return cache.get((name, blocks.type, "source"), lambda: Variant("quant", {"weight": blocks}))
     key = (name, legal_type(quant, arch.hidden_size))
+    if source_blocks(module, key[1]) is not None:
+        key += ("source",)
     return cache.get(key, lambda: Variant("quant", {"weight": quantized_table(base, arch, name, quant, stats)}))
 
 
