@@ -236,7 +236,7 @@ def quantized_table(base: torch.nn.Module, arch: Arch, name: str, quant: str, st
     that lowers a row's output error and the weighted encoding errs enough for it to pay
     (TABLE_MIN_COMPENSATED_ERROR). An untied token table is only looked up, every channel alike.
     """
-    module = base.model.embed_tokens if name == "token_embd" else base.lm_head
+    module = _table_module(base, name)
     qtype, importance = legal_type(quant, arch.hidden_size), stats.get(HEAD)
     blocks = source_blocks(module, qtype)
     if blocks is not None:
@@ -249,6 +249,11 @@ def quantized_table(base: torch.nn.Module, arch: Arch, name: str, quant: str, st
     return quantize_compensated_no_worse(
         module.weight.data, qtype, covariance, importance, TABLE_DAMP, TABLE_MIN_COMPENSATED_ERROR
     )
+
+
+def _table_module(base: torch.nn.Module, name: str) -> torch.nn.Module:
+    """The module holding table `name`: the token embedding ("token_embd") or the output head ("output")."""
+    return base.model.embed_tokens if name == "token_embd" else base.lm_head
 
 
 def source_blocks(module: torch.nn.Module, type_name: str) -> QuantizedTensor | None:
@@ -264,9 +269,8 @@ def table_variant(
 ) -> Variant:
     """`quantized_table` as a variant, cached (the sensitivity profile makes them under the same keys; the base
     file's own blocks under a key of their own)."""
-    module = base.model.embed_tokens if name == "token_embd" else base.lm_head
     key = (name, legal_type(quant, arch.hidden_size))
-    if source_blocks(module, key[1]) is not None:
+    if source_blocks(_table_module(base, name), key[1]) is not None:
         key += ("source",)
     return cache.get(key, lambda: Variant("quant", {"weight": quantized_table(base, arch, name, quant, stats)}))
 

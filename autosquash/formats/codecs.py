@@ -154,7 +154,7 @@ def _lsq_scale(x: Tensor, w: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
 def _fit_scale(x: Tensor, w: Tensor, lo: int, hi: int, iscales: Tensor) -> Tensor:
     """Per-row scale s minimising sum w (x - s q)^2 with integer codes q in [lo, hi] (symmetric grids); on a
     CPU compiled (cpu_kernels.fit_scale, as `_fit_affine`)."""
-    if x.device.type == "cpu" and COMPILED_CPU:
+    if _compiled(x):
         out = np.empty(x.shape[0], np.float32)
         fit_scale(_numpy32(x), _numpy32(w), lo, hi, _numpy32(iscales), _REFINE_STEPS, out)
         return torch.from_numpy(out)
@@ -237,7 +237,7 @@ def _fit_affine(x: Tensor, w: Tensor, nmax: int, min_le_zero: bool) -> tuple[Ten
 
     On a CPU the compiled search of autosquash.formats.cpu_kernels runs it, a sub-block at a time (the same
     arithmetic); elsewhere, or with `COMPILED_CPU` off, the torch ops below, all candidates at once."""
-    if x.device.type == "cpu" and COMPILED_CPU:
+    if _compiled(x):
         return _fit_affine_compiled(x, w, nmax, min_le_zero)
     x, w = _columns(x), _columns(w)
     sw = w.sum(0)
@@ -257,6 +257,11 @@ def _fit_affine(x: Tensor, w: Tensor, nmax: int, min_le_zero: bool) -> tuple[Ten
         best_s, best_m = torch.where(better, scale, best_s), torch.where(better, mn, best_m)
         best_err = torch.where(better, err, best_err)
     return best_s.squeeze(0), best_m.squeeze(0)
+
+
+def _compiled(t: Tensor) -> bool:
+    """Whether work on `t` runs the compiled CPU kernels (cpu_kernels) rather than torch's ops."""
+    return t.device.type == "cpu" and COMPILED_CPU
 
 
 def _numpy32(t: Tensor) -> np.ndarray:
@@ -612,7 +617,7 @@ def _decode_k_affine(b: Tensor, q: Tensor) -> Tensor:
 
 
 def _decode_q4_k(b: Tensor) -> Tensor:
-    if b.device.type == "cpu" and COMPILED_CPU:
+    if _compiled(b):
         out = torch.empty(b.shape[0], QK_K, device=b.device)
         d, dmin = (_numpy32(_read_f16(b[:, i : i + 2])).ravel() for i in (0, 2))
         decode_q4_k(b.contiguous().numpy(), d, dmin, out.numpy())
@@ -649,7 +654,7 @@ _Q6_K = _k_symmetric_grid(32, 128, _pack_q6_k)
 
 
 def _decode_q6_k(b: Tensor) -> Tensor:
-    if b.device.type == "cpu" and COMPILED_CPU:
+    if _compiled(b):
         out = torch.empty(b.shape[0], QK_K, device=b.device)
         decode_q6_k(b.contiguous().numpy(), _numpy32(_read_f16(b[:, 208:210])).ravel(), out.numpy())
         return out

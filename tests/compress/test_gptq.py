@@ -74,21 +74,23 @@ def test_bytes_decode_like_gguf(type_name: str) -> None:
     np.testing.assert_array_equal(dequantize(q).numpy().view(np.uint32), theirs.view(np.uint32))
 
 
-@pytest.mark.parametrize("type_name", TYPES)
-def test_correlated_inputs_lower_the_output_error(type_name: str) -> None:
-    w, x = _weight(), _inputs(correlated=True)
+def _plain_and_compensated(type_name: str, correlated: bool) -> tuple[float, float]:
+    """Output errors of the importance-weighted and the compensated quantization on the test inputs."""
+    w, x = _weight(), _inputs(correlated=correlated)
     h = _hessian(x)
     plain = _output_error(w, dequantize(quantize(w, type_name, h.diagonal())), x)
-    compensated = _output_error(w, dequantize(quantize_compensated(w, type_name, h)), x)
+    return plain, _output_error(w, dequantize(quantize_compensated(w, type_name, h)), x)
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_correlated_inputs_lower_the_output_error(type_name: str) -> None:
+    plain, compensated = _plain_and_compensated(type_name, correlated=True)
     assert compensated < 0.9 * plain, (plain, compensated)
 
 
 @pytest.mark.parametrize("type_name", TYPES)
 def test_uncorrelated_inputs_are_no_worse(type_name: str) -> None:
-    w, x = _weight(), _inputs(correlated=False)
-    h = _hessian(x)
-    plain = _output_error(w, dequantize(quantize(w, type_name, h.diagonal())), x)
-    compensated = _output_error(w, dequantize(quantize_compensated(w, type_name, h)), x)
+    plain, compensated = _plain_and_compensated(type_name, correlated=False)
     assert compensated <= 1.01 * plain, (plain, compensated)
 
 
