@@ -5,11 +5,14 @@ Export, per type, side by side in one run (both on the machine's threads):
 - `llama-quantize --allow-requantize FILE OUT TYPE` (llama.cpp's recipe of that name: TYPE_M, no importance
   matrix) and, with an importance matrix made first by `llama-imatrix` on the same calibration text (8 chunks of
   256 tokens: the 2,048 autosquash calibrates on), the same;
+- the same two with `--pure`: every tensor in TYPE, as autosquash's `--uniform TYPE` writes it (the recipe
+  keeps the file's Q6_K output head and some Q6_K / Q5_0 layers, and so copies most of a Q4_K_M file);
 - `autosquash export --model FILE --uniform TYPE` in a fresh process: cold (empty cache: the model read and
   decoded, its tokenizer converted, calibration statistics measured) and warm (the cache the cold run left: what
   exporting a plan of a search costs, whose statistics the search measured).
-The ratio is autosquash's time over llama-quantize's. Then each table type of the full ladder's embed_quant on the
-151,936-row token table and output head, as a trial or an export quantizes them (compress.apply.quantized_table).
+The ratios are autosquash's time over llama-quantize's, pure (the same types written) and the recipe. Then
+each table type of the full ladder's embed_quant on the 151,936-row token table and output head, as a trial or
+an export quantizes them (compress.apply.quantized_table).
 
     .venv/bin/python benchmarks/real_models.py export [--types Q4_K,Q3_K]
 Writes benchmarks/results/real_models_export.txt and .json.
@@ -92,16 +95,20 @@ def export_rows(types: list[str], folder: Path) -> list[dict]:
         cache = folder / f"cache-{t}"
         env = {**os.environ, "AUTOSQUASH_CACHE_DIR": str(cache)}
         ours = [sys.executable, "-m", "autosquash", "export", "--model", src, "--uniform", t]
+        lq = [bins / "llama-quantize", "--allow-requantize"]
         row = {
             "type": t,
-            "llama_quantize_s": _timed([bins / "llama-quantize", "--allow-requantize", src, folder / "lq.gguf", t]),
-            "llama_quantize_imatrix_s": _timed(
-                [bins / "llama-quantize", "--allow-requantize", "--imatrix", imatrix, src, folder / "lqi.gguf", t]
+            "llama_quantize_s": _timed([*lq, src, folder / "lq.gguf", t]),
+            "llama_quantize_imatrix_s": _timed([*lq, "--imatrix", imatrix, src, folder / "lqi.gguf", t]),
+            "llama_quantize_pure_s": _timed([*lq, "--pure", src, folder / "lqp.gguf", t]),
+            "llama_quantize_pure_imatrix_s": _timed(
+                [*lq, "--pure", "--imatrix", imatrix, src, folder / "lqpi.gguf", t]
             ),
             "imatrix_s": imatrix_s,
             "autosquash_cold_s": _timed([*ours, "--out", folder / "cold.gguf"], env),
             "autosquash_warm_s": _timed([*ours, "--out", folder / "warm.gguf"], env),
             "llama_quantize_mb": (folder / "lq.gguf").stat().st_size / 1e6,
+            "llama_quantize_pure_mb": (folder / "lqp.gguf").stat().st_size / 1e6,
             "autosquash_mb": (folder / "warm.gguf").stat().st_size / 1e6,
         }
         rows.append(row)
@@ -250,15 +257,36 @@ def report(exports: list[dict], tables: list[dict], commit: str) -> str:
         f"load average {os.getloadavg()[0]:.1f} at the end)",
         f"{MODEL}: its Q4_K_M GGUF (1,117 MB) re-quantized to each type, seconds",
         table(
-            ["type", "llama-quantize", "+ imatrix", "imatrix made", "autosquash cold", "warm", "warm/lq", "cold/lq"],
+            ["type", "llama-quantize", "+ imatrix", "--pure", "+ imatrix", "imatrix made", "autosquash cold", "warm"],
+            [
+                [r["type"]]
+                + [
+                    f"{r[k]:.1f}"
+                    for k in (
+                        "llama_quantize_s",
+                        "llama_quantize_imatrix_s",
+                        "llama_quantize_pure_s",
+                        "llama_quantize_pure_imatrix_s",
+                        "imatrix_s",
+                        "autosquash_cold_s",
+                        "autosquash_warm_s",
+                    )
+                ]
+                for r in exports
+            ],
+        ),
+        "",
+        "autosquash's time over llama-quantize's: the same types written (--pure), and the recipe",
+        table(
+            ["type", "MB: ours", "--pure", "recipe", "warm/pure", "cold/pure", "warm/recipe", "cold/recipe"],
             [
                 [
                     r["type"],
-                    f"{r['llama_quantize_s']:.1f}",
-                    f"{r['llama_quantize_imatrix_s']:.1f}",
-                    f"{r['imatrix_s']:.1f}",
-                    f"{r['autosquash_cold_s']:.1f}",
-                    f"{r['autosquash_warm_s']:.1f}",
+                    f"{r['autosquash_mb']:.0f}",
+                    f"{r['llama_quantize_pure_mb']:.0f}",
+                    f"{r['llama_quantize_mb']:.0f}",
+                    f"{r['autosquash_warm_s'] / r['llama_quantize_pure_s']:.2f}",
+                    f"{r['autosquash_cold_s'] / r['llama_quantize_pure_s']:.2f}",
                     f"{r['autosquash_warm_s'] / r['llama_quantize_s']:.2f}",
                     f"{r['autosquash_cold_s'] / r['llama_quantize_s']:.2f}",
                 ]
@@ -266,9 +294,9 @@ def report(exports: list[dict], tables: list[dict], commit: str) -> str:
             ],
         ),
         "llama-quantize leaves a tensor already in its target type as it is (llama-quant.cpp: `quantize = cur_type "
-        "!= new_type`): re-quantizing a Q4_K_M file to Q4_K_M copies every tensor. autosquash keeps those too "
-        "(compress.apply.source_blocks), and its uniform type re-quantizes the rest (the file's Q6_K tensors at "
-        "Q4_K, every tensor at Q3_K).",
+        "!= new_type`): its Q4_K_M recipe on a Q4_K_M file copies every tensor. autosquash keeps those too "
+        "(compress.apply.source_blocks); its uniform type, as --pure, re-quantizes the rest (the file's Q6_K "
+        "tensors, the output head among them, at Q4_K; every tensor at Q3_K), the head GPTQ-compensated.",
         "",
         "its 151,936-row tables quantized as a trial quantizes them (importance-weighted; the head GPTQ-compensated "
         "where that pays), seconds",

@@ -10,7 +10,10 @@ scales are chosen from the error-updated weights of that block by the same impor
 `codecs.quantize` (codecs.Grid), and its values are then coded against those scales column by column.
 Columns are updated lazily (GPTQ's lazy batches): one by one within a run of 32, the rest of a batch of 128
 (or of a super-block) by one matrix product per run, the columns beyond the batch by one per batch. Rows are
-independent: they go through a slice at a time, so that a table of 150k rows needs no copy of itself.
+independent: they go through a slice at a time, so that a table of 150k rows needs no copy of itself. On a
+CPU a compiled kernel codes each run of 32 a row at a time (`_code_run`), and the rest goes by matrix
+products as above: torch's per-column calls over a slice of rows streamed it through memory a few times
+per column.
 
 With a diagonal H nothing is spread and the bytes are exactly `quantize(W, type, diag(H))`.
 """
@@ -21,6 +24,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from numba import njit
 from torch import Tensor
 
 from autosquash.errors import AutosquashError
@@ -30,6 +34,7 @@ from autosquash.formats.codecs import (
     Scales,
     checked_weight,
     chunk_rows,
+    compiled,
     decode_rows,
     for_each_slice,
     grid,
@@ -48,10 +53,16 @@ _BATCH = 128  # columns (or one K-quant super-block) coded before the columns af
 # one per torch thread (codecs.for_each_slice), and every call hands the GIL to the other thread: with one of
 # the 2 cores taken by another process, 2^24-value slices of a 87,381 x 1,536 Q4_0 table took 33 s against
 # 21 s on one thread, 2^26-value ones 25 s against 22 s. 2^25 values keep a slice's copies (weights, errors,
-# decoded values) about 128 MB each.
+# decoded values) about 128 MB each. The compiled sweep (`_sweep_compiled`) makes a few dozen calls per block
+# instead, and small slices keep its matrix products' operands near the cores: 65,536 rows of Qwen2.5-1.5B's
+# head at Q4_K, compensated on 2 threads, took 11.0 s in slices of 21,845 rows, 7.8 s in 8,192, 7.0 s in
+# 4,096, 6.9 s in 2,048 and 7.1 s in 1,024.
 _SWEEP_VALUES = 1 << 25
+_SWEEP_VALUES_COMPILED = 1 << 22
 _SWEEP_VALUES_GPU = 1 << 26
 _MIN_SLICE_ROWS = 8192
+_TILE = 64  # rows the compiled sweep codes together (a run of 32 columns of them: 8 KB)
+_ZERO = np.float32(0)
 DAMP = 0.01  # dampening added to H's diagonal, as a share of its mean diagonal (GPTQ's default)
 
 
@@ -97,11 +108,14 @@ def _scales(g: Grid, x: Tensor, w: Tensor) -> Scales:
     return tuple(torch.cat(fields) for fields in zip(*parts, strict=True))
 
 
-def _sweep_rows(device: torch.device, rows: int, cols: int) -> int:
-    """Rows of `cols` values one sweep takes: on a CPU, a share of the rows for each of torch's threads (but
-    at least _MIN_SLICE_ROWS: a block linear's few rows go through whole)."""
-    if device.type != "cpu":
+def _sweep_rows(x: Tensor) -> int:
+    """Rows of x (rows, cols) one sweep takes: for the torch ops on a CPU, a share of the rows for each of
+    torch's threads (but at least _MIN_SLICE_ROWS: a block linear's few rows go through whole)."""
+    rows, cols = x.shape
+    if x.device.type != "cpu":
         return max(1, _SWEEP_VALUES_GPU // cols)
+    if compiled(x):
+        return max(1, _SWEEP_VALUES_COMPILED // cols)
     share = -(-rows // torch.get_num_threads())
     return max(_MIN_SLICE_ROWS, min(_SWEEP_VALUES // cols, share))
 
@@ -109,7 +123,10 @@ def _sweep_rows(device: torch.device, rows: int, cols: int) -> int:
 def _sweep(g: Grid, x: Tensor, u: Tensor, imp: Tensor) -> tuple[Tensor, Tensor]:
     """Rows x (r, cols) coded column by column with their errors spread through U: the bytes (r, row bytes)
     and each row's sum of squared scaled errors, which is its output error by the damped H (w - ŵ = e U, so
-    (w - ŵ) U^-1 U^-T (w - ŵ)ᵀ = e eᵀ)."""
+    (w - ŵ) U^-1 U^-T (w - ŵ)ᵀ = e eᵀ). Torch's ops on a GPU (or with codecs.COMPILED_CPU off), the
+    compiled kernel on a CPU."""
+    if compiled(x):
+        return _sweep_compiled(g, x, u, imp)
     rows, cols = x.shape
     row_mean_sq = x.square().mean(-1, keepdim=True)
     # Worked on transposed, one input column per (contiguous) row, so that coding a column and the rank-one
@@ -149,6 +166,71 @@ def _sweep(g: Grid, x: Tensor, u: Tensor, imp: Tensor) -> tuple[Tensor, Tensor]:
     return torch.cat(blocks, dim=-1), err.square_().sum(0)
 
 
+@njit(nogil=True, cache=True, fastmath={"contract"})
+def _code_run(
+    xt, c0, s0, s1, sub, u, step, inv_step, offset, lo, hi, cells, half, levels, codes, err
+):  # pragma: no cover - compiled
+    """`_sweep`'s column loop over the run of columns s0..s1 (inside the block from c0) of xt (cols, r), worked
+    on transposed as there: each column's codes (into codes (block, r)) under its sub-block's step and offset
+    ((block // sub, r) each), its errors scaled by 1 / U[j, j] (into err (cols, r)), then those errors
+    spread onto the run's later columns. _TILE rows at a time, so that the run's columns stay in the L1 cache
+    while it is coded (torch's ops stream a slice's whole rows through memory for every column).
+    A linear grid's code is round(v) clamped to [lo, hi] (its level); a non-linear one's is cells[cell of v]
+    and its level levels[code] (`Grid.lookup`)."""
+    nonlinear = cells.shape[0] > 0
+    for r0 in range(0, xt.shape[1], _TILE):
+        r1 = min(r0 + _TILE, xt.shape[1])
+        for j in range(s0, s1):
+            k = (j - c0) // sub
+            x, off, inv, st = xt[j, r0:r1], offset[k, r0:r1], inv_step[k, r0:r1], step[k, r0:r1]
+            q, e, d = codes[j - c0, r0:r1], err[j, r0:r1], u[j, j]
+            if nonlinear:
+                for t in range(r1 - r0):
+                    v = x[t] - off[t]
+                    c = cells[int(min(max(v * inv[t] * np.float32(2) + np.float32(half), _ZERO), np.float32(2 * half)))]
+                    q[t] = c
+                    e[t] = (v - levels[c] * st[t]) / d
+            else:
+                for t in range(r1 - r0):
+                    v = x[t] - off[t]
+                    q[t] = min(max(np.rint(v * inv[t]), np.float32(lo)), np.float32(hi))
+                    e[t] = (v - q[t] * st[t]) / d
+            for i in range(j + 1, s1):
+                later, uji = xt[i, r0:r1], u[j, i]
+                for t in range(r1 - r0):
+                    later[t] -= uji * e[t]
+
+
+def _sweep_compiled(g: Grid, x: Tensor, u: Tensor, imp: Tensor) -> tuple[Tensor, Tensor]:
+    """`_sweep` on a CPU: each block's scales chosen as there, its runs of 32 coded by `_code_run`, the rest
+    updated by matrix products as there."""
+    rows, cols = x.shape
+    row_mean_sq = x.square().mean(-1, keepdim=True)
+    xt = x.T.contiguous()
+    err = torch.empty_like(xt)
+    cells, half, levels = g.lookup()
+    blocks = []
+    for c0 in range(0, cols, g.block):
+        c1 = c0 + g.block
+        xb = xt[c0:c1].T.contiguous()
+        scales = _scales(g, xb, search_weights(imp[c0:c1], row_mean_sq, xb))
+        step, offset = (
+            None if a is None else a.to(torch.float32).expand(rows, -1).T.contiguous() for a in g.affine(scales)
+        )
+        offset = torch.zeros_like(step) if offset is None else offset
+        codes = torch.empty(g.block, rows, device=x.device)
+        arrays = (step.numpy(), reciprocal(step).numpy(), offset.numpy(), g.lo, g.hi, cells, half, levels)
+        for s0 in range(c0, c1, _LAZY):
+            s1 = s0 + _LAZY
+            _code_run(xt.numpy(), c0, s0, s1, g.sub, u.numpy(), *arrays, codes.numpy(), err.numpy())
+            if s1 < c1:
+                xt[s1:c1].addmm_(u[s0:s1, s1:c1].T, err[s0:s1], alpha=-1)
+        blocks.append(g.pack(scales, codes.T.contiguous()))
+        if c1 < cols:
+            xt[c1:].addmm_(u[c0:c1, c1:].T, err[c0:c1], alpha=-1)
+    return torch.cat(blocks, dim=-1), err.square_().sum(0)
+
+
 def _lower_product_norms(e: Tensor, low: Tensor) -> Tensor:
     """|e L|² per row of e for lower-triangular L, a column block of L at a time from its diagonal down: the
     zeros above it are skipped, half the work of e @ L (and twice as fast as a triangular solve on 2 cores)."""
@@ -181,7 +263,7 @@ def _compensated(
     def work(a: int, b: int) -> None:
         data[a:b] = code(x[a:b].to(torch.float32), g, name, factors, imp).cpu().numpy()
 
-    for_each_slice(x.device, rows, _sweep_rows(x.device, rows, cols), work)
+    for_each_slice(x.device, rows, _sweep_rows(x), work)
     return QuantizedTensor(type=name, shape=(rows, cols), data=data)
 
 

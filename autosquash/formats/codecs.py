@@ -154,7 +154,7 @@ def _lsq_scale(x: Tensor, w: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
 def _fit_scale(x: Tensor, w: Tensor, lo: int, hi: int, iscales: Tensor) -> Tensor:
     """Per-row scale s minimising sum w (x - s q)^2 with integer codes q in [lo, hi] (symmetric grids); on a
     CPU compiled (cpu_kernels.fit_scale, as `_fit_affine`)."""
-    if _compiled(x):
+    if compiled(x):
         out = np.empty(x.shape[0], np.float32)
         fit_scale(_numpy32(x), _numpy32(w), lo, hi, _numpy32(iscales), _REFINE_STEPS, out)
         return torch.from_numpy(out)
@@ -237,7 +237,7 @@ def _fit_affine(x: Tensor, w: Tensor, nmax: int, min_le_zero: bool) -> tuple[Ten
 
     On a CPU the compiled search of autosquash.formats.cpu_kernels runs it, a sub-block at a time (the same
     arithmetic); elsewhere, or with `COMPILED_CPU` off, the torch ops below, all candidates at once."""
-    if _compiled(x):
+    if compiled(x):
         return _fit_affine_compiled(x, w, nmax, min_le_zero)
     x, w = _columns(x), _columns(w)
     sw = w.sum(0)
@@ -259,7 +259,7 @@ def _fit_affine(x: Tensor, w: Tensor, nmax: int, min_le_zero: bool) -> tuple[Ten
     return best_s.squeeze(0), best_m.squeeze(0)
 
 
-def _compiled(t: Tensor) -> bool:
+def compiled(t: Tensor) -> bool:
     """Whether work on `t` runs the compiled CPU kernels (cpu_kernels) rather than torch's ops."""
     return t.device.type == "cpu" and COMPILED_CPU
 
@@ -305,6 +305,13 @@ class Grid:
     def levels(self, q: Tensor) -> Tensor:
         """The grid values codes q stand for, in grid units."""
         return _IQ4_VALUES.to(q.device)[q.long()] if self.nonlinear else q
+
+    def lookup(self) -> tuple[np.ndarray, int, np.ndarray]:
+        """`nearest` and `levels` of a non-linear grid as tables: v's code is cells[c], c = 2 v + half
+        clamped to [0, 2 half] and truncated, and its level levels[code]; a linear grid's are empty."""
+        if not self.nonlinear:
+            return np.empty(0, np.uint8), 0, np.empty(0, np.float32)
+        return _IQ4_CELL_INDEX.numpy(), _IQ4_HALF_UNITS, _IQ4_VALUES.numpy()
 
     def codes(self, x: Tensor, step: Tensor, offset: Tensor | None) -> Tensor:
         """Nearest codes of x (N, k * sub) under (step, offset) (N, k): the encoders' exact arithmetic."""
@@ -617,7 +624,7 @@ def _decode_k_affine(b: Tensor, q: Tensor) -> Tensor:
 
 
 def _decode_q4_k(b: Tensor) -> Tensor:
-    if _compiled(b):
+    if compiled(b):
         out = torch.empty(b.shape[0], QK_K, device=b.device)
         d, dmin = (_numpy32(_read_f16(b[:, i : i + 2])).ravel() for i in (0, 2))
         decode_q4_k(b.contiguous().numpy(), d, dmin, out.numpy())
@@ -654,7 +661,7 @@ _Q6_K = _k_symmetric_grid(32, 128, _pack_q6_k)
 
 
 def _decode_q6_k(b: Tensor) -> Tensor:
-    if _compiled(b):
+    if compiled(b):
         out = torch.empty(b.shape[0], QK_K, device=b.device)
         decode_q6_k(b.contiguous().numpy(), _numpy32(_read_f16(b[:, 208:210])).ravel(), out.numpy())
         return out

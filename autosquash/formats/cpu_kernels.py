@@ -20,35 +20,37 @@ _FAST = {"reassoc", "contract"}
 
 
 @njit(nogil=True, cache=True, fastmath=_FAST)
-def _lsq(x, w, q, xc, sw, xbar, sxx, min_le_zero, det_eps):  # pragma: no cover - compiled
-    """(scale, min, err) of the weighted least-squares fit x ~ scale * q + min for fixed codes q, with
-    codes centred on their weighted mean (codecs._lsq_affine's arithmetic)."""
+def _code(v, step_inv, nmax):  # pragma: no cover - compiled
+    return min(max(np.rint(v * step_inv), _F(0.0)), _F(nmax))
+
+
+@njit(nogil=True, cache=True, fastmath=_FAST)
+def _fit_codes(x, w, xc, shift, step_inv, nmax, sw, xbar, sxx, swxc, min_le_zero, det_eps):  # pragma: no cover
+    """(scale, min, err) of the weighted least-squares fit x ~ scale * q + min for the codes
+    q = clamp(round((x - shift) * step_inv), 0, nmax), with codes centred on their weighted mean
+    (codecs._lsq_affine's arithmetic). One pass: the centred sums come from raw ones in float64, so that a
+    weight a million times the others' still cancels to well under det_eps."""
     swq = 0.0
-    for j in range(q.shape[0]):
-        swq += w[j] * q[j]
+    swqq = 0.0
+    swqx = 0.0
+    for j in range(x.shape[0]):
+        q = np.float64(_code(x[j] - shift, step_inv, nmax))
+        wq = w[j] * q
+        swq += wq
+        swqq += wq * q
+        swqx += wq * xc[j]
     qbar = swq / max(sw, 1e-30)
-    sqq = 0.0
-    sxq = 0.0
-    for j in range(q.shape[0]):
-        qc = q[j] - qbar
-        wqc = w[j] * qc
-        sqq += wqc * qc
-        sxq += wqc * xc[j]
+    sqq = swqq - swq * qbar
+    sxq = swqx - qbar * swxc
     scale = sxq / sqq if sqq > det_eps * sw * max(qbar * qbar, 1.0) else 0.0
     mn = xbar - scale * qbar
     err = sxx - scale * sxq
     if min_le_zero and mn > 0:
-        raw_qq = sqq + sw * qbar * qbar
         raw_xq = sxq + sw * xbar * qbar
-        scale = raw_xq / max(raw_qq, 1e-30) if raw_qq > 0 else 0.0
+        scale = raw_xq / max(swqq, 1e-30) if swqq > 0 else 0.0
         err = sxx + sw * xbar * xbar - scale * raw_xq
         mn = 0.0
     return scale, mn, err
-
-
-@njit(nogil=True, cache=True, fastmath=_FAST)
-def _code(v, step_inv, nmax):  # pragma: no cover - compiled
-    return min(max(np.rint(v * step_inv), _F(0.0)), _F(nmax))
 
 
 @njit(nogil=True, cache=True, fastmath=_FAST)
@@ -57,7 +59,7 @@ def fit_affine(x, w, nmax, min_le_zero, numerators, refine_steps, det_eps, scale
     scale_out and min_out (rows,). `numerators` (C,) float32 are the candidates' nmax + offsets."""
     rows, n = x.shape
     xc = np.empty(n, np.float64)
-    q = np.empty(n, np.float32)
+    wd = np.empty(n, np.float64)
     for r in range(rows):
         xr, wr = x[r], w[r]
         sw = 0.0
@@ -65,32 +67,32 @@ def fit_affine(x, w, nmax, min_le_zero, numerators, refine_steps, det_eps, scale
         xmin = xr[0]
         xmax = xr[0]
         for j in range(n):
-            sw += wr[j]
-            swx += wr[j] * xr[j]
+            wd[j] = wr[j]
+            sw += wd[j]
+            swx += wd[j] * xr[j]
             xmin = min(xmin, xr[j])
             xmax = max(xmax, xr[j])
         xbar = swx / max(sw, 1e-30)
         sxx = 0.0
+        swxc = 0.0
         for j in range(n):
             xc[j] = xr[j] - xbar
-            sxx += wr[j] * xc[j] * xc[j]
+            swxc += wd[j] * xc[j]
+            sxx += wd[j] * xc[j] * xc[j]
         if min_le_zero:
             xmin = min(xmin, _F(0.0))
         ref = xmax - xmin
         inv = _F(1.0) / ref if ref != 0 else _F(0.0)
         best_s, best_m, best_err = 0.0, 0.0, np.inf
         for c in range(numerators.shape[0]):
-            iscale = numerators[c] * inv
-            for j in range(n):
-                q[j] = _code(xr[j] - xmin, iscale, nmax)
-            s, m, err = _lsq(xr, wr, q, xc, sw, xbar, sxx, min_le_zero, det_eps)
+            s, m, err = _fit_codes(
+                xr, wd, xc, xmin, numerators[c] * inv, nmax, sw, xbar, sxx, swxc, min_le_zero, det_eps
+            )
             if err < best_err or c == 0:
                 best_s, best_m, best_err = s, m, err
         for _ in range(refine_steps):
             step_inv = _F(1.0) / _F(best_s) if best_s != 0 else _F(0.0)
-            for j in range(n):
-                q[j] = _code(xr[j] - _F(best_m), step_inv, nmax)
-            s, m, err = _lsq(xr, wr, q, xc, sw, xbar, sxx, min_le_zero, det_eps)
+            s, m, err = _fit_codes(xr, wd, xc, _F(best_m), step_inv, nmax, sw, xbar, sxx, swxc, min_le_zero, det_eps)
             if err < best_err:
                 best_s, best_m, best_err = s, m, err
         scale_out[r] = best_s
