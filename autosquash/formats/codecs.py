@@ -151,13 +151,20 @@ def _lsq_scale(x: Tensor, w: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
     return scale, scale * sum_xq
 
 
-def _fit_scale(x: Tensor, w: Tensor, lo: int, hi: int, iscales: Tensor) -> Tensor:
-    """Per-row scale s minimising sum w (x - s q)^2 with integer codes q in [lo, hi] (symmetric grids); on a
-    CPU compiled (cpu_kernels.fit_scale, as `_fit_affine`)."""
+# What a row's scale candidates are relative to (cpu_kernels._reference takes their positions).
+_REFERENCES: tuple[Callable[[Tensor], Tensor], ...] = (_signed_max, lambda x: x.amax(-1), lambda x: x.abs().amax(-1))
+_SIGNED_MAX, _MAX, _ABS_MAX = range(3)
+
+
+def _fit_scale(x: Tensor, w: Tensor, lo: int, hi: int, numerators: Tensor, reference: int) -> Tensor:
+    """Per-row scale s minimising sum w (x - s q)^2 with integer codes q in [lo, hi] (symmetric grids), the
+    candidates 1/s `_candidates` of the row's `_REFERENCES[reference]`; on a CPU compiled (cpu_kernels.fit_scale,
+    as `_fit_affine`, the candidates worked out there)."""
     if compiled(x):
         out = np.empty(x.shape[0], np.float32)
-        fit_scale(_numpy32(x), _numpy32(w), lo, hi, _numpy32(iscales), _REFINE_STEPS, out)
+        fit_scale(_numpy32(x), _numpy32(w), lo, hi, _numpy32(numerators), reference, _REFINE_STEPS, out)
         return torch.from_numpy(out)
+    iscales = _candidates(_REFERENCES[reference](x), numerators)
     return _fit_grid_scale(x, w, lambda v: v.round_().clamp_(lo, hi), iscales)
 
 
@@ -185,7 +192,7 @@ def _signed_scale(v: Tensor, w: Tensor, lo: int, hi: int) -> Tensor:
     Candidates map the largest-magnitude value to about lo: on the grids with an extra negative level
     (Q4_0's -8..7) that level is then used for the largest value, as llama.cpp does.
     """
-    return _f16(_fit_scale(v, w, lo, hi, _candidates(_signed_max(v), lo - _SCALE_OFFSETS)))
+    return _f16(_fit_scale(v, w, lo, hi, lo - _SCALE_OFFSETS, _SIGNED_MAX))
 
 
 def _quantize_signed(v: Tensor, w: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor]:
@@ -196,7 +203,7 @@ def _quantize_signed(v: Tensor, w: Tensor, lo: int, hi: int) -> tuple[Tensor, Te
 
 def _quantize_nonneg(v: Tensor, w: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
     """Per-row f16 scale d and codes in [0, nmax] for non-negative v (K-quant sub-block scales and mins)."""
-    d = _f16(_fit_scale(v, w, 0, nmax, _candidates(v.amax(-1), nmax + _SCALE_OFFSETS)))
+    d = _f16(_fit_scale(v, w, 0, nmax, nmax + _SCALE_OFFSETS, _MAX))
     return d, _codes(v, d.unsqueeze(-1), 0, nmax)
 
 
@@ -530,8 +537,7 @@ def _symmetric_k(x: Tensor, w: Tensor, nmax: int, scale_nmax: int) -> Scales:
     n = x.shape[0]
     xs, ws = x.view(n, -1, 16), w.view(n, -1, 16)
     flat = xs.reshape(-1, 16)
-    iscales = _candidates(_signed_max(flat), -nmax - _SCALE_OFFSETS)
-    scale = _fit_scale(flat, ws.reshape(-1, 16), -nmax, nmax - 1, iscales).view(n, -1)
+    scale = _fit_scale(flat, ws.reshape(-1, 16), -nmax, nmax - 1, -nmax - _SCALE_OFFSETS, _SIGNED_MAX).view(n, -1)
     q = _codes(xs, scale.unsqueeze(-1), -nmax, nmax - 1)
     return _quantize_signed(scale, (ws * q * q).sum(-1), -scale_nmax, scale_nmax - 1)
 
@@ -685,7 +691,7 @@ def _ternary_reference(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _ternary_scales(x: Tensor, w: Tensor) -> Scales:
-    return (_f16(_fit_scale(x, w, -1, 1, _candidates(x.abs().amax(-1), _TERNARY_MULTIPLES))),)
+    return (_f16(_fit_scale(x, w, -1, 1, _TERNARY_MULTIPLES, _ABS_MAX)),)
 
 
 def _pack_tq2_0(s: Scales, q: Tensor) -> Tensor:

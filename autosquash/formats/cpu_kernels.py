@@ -100,16 +100,35 @@ def fit_affine(x, w, nmax, min_le_zero, numerators, refine_steps, det_eps, scale
 
 
 @njit(nogil=True, cache=True, fastmath=_FAST)
-def fit_scale(x, w, lo, hi, iscales, refine_steps, scale_out):  # pragma: no cover - compiled
+def _reference(xr, kind):  # pragma: no cover - compiled
+    """A row's value the scale candidates are relative to (codecs._REFERENCES, in that order): its value of
+    largest magnitude, sign kept, the first on ties; its largest value; its largest magnitude."""
+    best = xr[0]
+    for j in range(1, xr.shape[0]):
+        if kind == 0:
+            if abs(xr[j]) > abs(best):
+                best = xr[j]
+        elif kind == 1:
+            best = max(best, xr[j])
+        else:
+            best = max(abs(best), abs(xr[j]))
+    return abs(best) if kind == 2 else best
+
+
+@njit(nogil=True, cache=True, fastmath=_FAST)
+def fit_scale(x, w, lo, hi, numerators, kind, refine_steps, scale_out):  # pragma: no cover - compiled
     """Per row of x (rows, n) float32, weights w alike: the scale of codecs._fit_scale for integer codes in
-    [lo, hi], each candidate 1 / scale in iscales (C, rows), written into scale_out (rows,)."""
+    [lo, hi], each candidate 1 / scale numerators[c] / the row's `_reference` of that kind (codecs._candidates'
+    arithmetic), written into scale_out (rows,)."""
     rows, n = x.shape
     for r in range(rows):
         xr, wr = x[r], w[r]
+        ref = _reference(xr, kind)
+        ref_inv = _F(1.0) / ref if ref != 0 else _F(0.0)
         best, best_gain = 0.0, 0.0
-        for c in range(iscales.shape[0] + refine_steps):
-            if c < iscales.shape[0]:
-                inv = iscales[c, r]
+        for c in range(numerators.shape[0] + refine_steps):
+            if c < numerators.shape[0]:
+                inv = numerators[c] * ref_inv
             else:
                 inv = _F(1.0) / _F(best) if best != 0 else _F(0.0)
             sum_xq = 0.0
