@@ -1015,6 +1015,26 @@ def quantize(weight: Tensor, type_name: str, importance: Tensor | None = None) -
     return QuantizedTensor(type=name, shape=(rows, cols), data=data)
 
 
+def _better_on_grid(g: Grid, xb: Tensor, sw: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """Blocks xb coded with the scales searched with weights sw and with the reference weights, each block
+    the better by w: its bytes and values (`Grid.values` gives what the bytes decode to, exactly)."""
+    fits = []
+    for weights in (sw, None):
+        scales = g.scales(xb, weights)
+        affine = g.affine(scales)
+        codes = g.codes(xb, *affine)
+        values = g.values(codes, *affine)
+        fits.append((scales, codes, values, (values - xb).square_().mul_(w).sum(-1)))
+    (scales, codes, values, err), (p_scales, p_codes, p_values, p_err) = fits
+    better = p_err < err
+
+    def pick(plain: Tensor, weighted: Tensor) -> Tensor:
+        return torch.where(better.view(-1, *[1] * (plain.ndim - 1)), plain, weighted)
+
+    scales = tuple(pick(p, f) for p, f in zip(p_scales, scales, strict=True))
+    return g.pack(scales, pick(p_codes, codes)), pick(p_values, values)
+
+
 def no_worse_rows(x: Tensor, type_name: str, imp: Tensor) -> tuple[Tensor, Tensor]:
     """Rows x (r, cols, float32) in block type `type_name`, each block the better, by the importance-weighted
     squared error, of the weighted encoding and the reference (unweighted) one; imp (cols,) as
@@ -1028,10 +1048,13 @@ def no_worse_rows(x: Tensor, type_name: str, imp: Tensor) -> tuple[Tensor, Tenso
     for a in range(0, rows, step):
         xr = x[a : a + step]
         xb = xr.reshape(-1, block)
-        weighted = g.encode(xb, search_weights(imp, xr.square().mean(-1, keepdim=True), xr).reshape(-1, block))
-        plain = encode(xb, None)
-        values, plain_values = decode(weighted), decode(plain)
+        sw = search_weights(imp, xr.square().mean(-1, keepdim=True), xr).reshape(-1, block)
         w = imp.expand(xr.shape[0], cols).reshape(-1, block)
+        if encode == g.encode:  # both encodings on the grid: the better scales and codes packed once
+            parts.append(_better_on_grid(g, xb, sw, w))
+            continue
+        weighted, plain = g.encode(xb, sw), encode(xb, None)
+        values, plain_values = decode(weighted), decode(plain)
         err, plain_err = ((v - xb).square_().mul_(w).sum(-1) for v in (values, plain_values))
         better = (plain_err < err).unsqueeze(-1)
         parts.append((torch.where(better, plain, weighted), torch.where(better, plain_values, values)))

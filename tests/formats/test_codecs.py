@@ -311,7 +311,7 @@ def test_a_weight_on_the_grid_stays_exact_beside_an_input_channel_of_massive_act
     assert torch.equal(dequantize(quantize(w, type_name, importance)), w)
 
 
-@pytest.mark.parametrize("type_name", ["Q8_0", "Q5_1", "Q4_K"])
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q5_1", "Q4_K", "Q3_K", "IQ4_XS"])
 def test_no_worse_quantization_keeps_the_better_block_of_weighted_and_reference(type_name):
     torch.manual_seed(0)
     w = torch.randn(1100, 256)  # rows compared in slices of 512: two whole and a part
@@ -325,7 +325,11 @@ def test_no_worse_quantization_keeps_the_better_block_of_weighted_and_reference(
 
     torch.testing.assert_close(errors(best), torch.minimum(errors(x_ref), errors(x_imp)))
     assert errors(best).sum() < errors(x_ref).sum()  # the weighting pays on most blocks
-    if type_name != "Q4_K":
+    # The values it hands the compensated quantizer are what its bytes decode to (a K-quant's and an IQ4's are
+    # worked out from scales and codes, not decoded).
+    data, values = codecs.no_worse_rows(w, type_name, codecs.importance_floor(imp, 256, w.device))
+    assert torch.equal(values, dequantize(codecs.QuantizedTensor(type_name, tuple(w.shape), data.numpy())))
+    if type_name in ("Q8_0", "Q5_1"):
         # A weight already on a legacy grid (what a quantized base model's file holds) comes back exactly. (A
         # K-quant's reference search need not find its own grid again: one super-block of 1100 rows here did not.)
         torch.testing.assert_close(dequantize(quantize_no_worse(x_ref, type_name, imp)), x_ref, rtol=0, atol=0)
