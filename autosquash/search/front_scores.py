@@ -1,5 +1,5 @@
 """The front's scores to report: every front plan rebuilt on the workers and scored on the test split (tokens the
-search did not select on) and by lm-eval, logged on its trial's MLflow run."""
+search did not select on) and by lm-eval, logged on its trial's MLflow run and written beside its proxies."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 from autosquash.compress.plan import Plan
 from autosquash.evaluate.benchmark import contamination_notes, mean_accuracy, mean_accuracy_stderr, ranks_plans
 from autosquash.search.experiment import Experiment
-from autosquash.search.outputs import BENCH
+from autosquash.search.outputs import BENCH, COLUMNS, TEST_COLUMNS, write_csv
 from autosquash.search.record import failure_reason
 from autosquash.search.trial import run_front_scores, trial_seed
 from autosquash.track.mlflow_store import SearchTracker
@@ -111,3 +111,16 @@ def say_if_lm_eval_cannot_rank(front: list[dict], spec, tracker: SearchTracker) 
             "or compare them by KL",
             flush=True,
         )
+
+
+def write_front_scores(rows: list[dict], front: list[dict], tracker: SearchTracker, out: Path) -> None:
+    """The front's test-split scores and benchmark, as its runs hold them, beside its proxies in trials.csv (the
+    test split's) and pareto.csv (both)."""
+    # Each front trial's scores read from MLflow once, for both tables.
+    scores = {int(r["trial"]): {k: tracker.metric(int(r["trial"]), k) for k in (*TEST_COLUMNS, BENCH)} for r in front}
+    for table, keys in ((rows, TEST_COLUMNS), (front, (*TEST_COLUMNS, BENCH))):
+        for r in table:
+            got = scores.get(int(r["trial"]), {})
+            r.update({k: "" if got.get(k) is None else got[k] for k in keys})
+    write_csv(out / "trials.csv", rows, COLUMNS)
+    write_csv(out / "pareto.csv", front, [*COLUMNS, BENCH])
