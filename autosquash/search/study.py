@@ -29,17 +29,8 @@ from autosquash.files import write_text
 from autosquash.models.device import check_host_memory, driver_device, peak_rss_bytes, resolve_device
 from autosquash.models.ship import Shipped
 from autosquash.search.experiment import Experiment
-from autosquash.search.front_scores import score_front
-from autosquash.search.outputs import (
-    BENCH,
-    COLUMNS,
-    TEST_COLUMNS,
-    Progress,
-    metrics_row,
-    write_csv,
-    write_plots_and_artifacts,
-    write_tables,
-)
+from autosquash.search.front_scores import score_front, write_front_scores
+from autosquash.search.outputs import Progress, metrics_row, write_plots_and_artifacts, write_tables
 from autosquash.search.preflight import (
     check_ray_address,
     check_storage,
@@ -86,11 +77,38 @@ class SearchOptions:
     storage: str | None = None
 
 
+@dataclass(frozen=True)
+class _OpenSearch:
+    """A search under way: its inputs, its Optuna study and its MLflow run, open until the search ends."""
+
+    exp: Experiment
+    opts: SearchOptions
+    study: optuna.Study
+    space: SearchSpace
+    tracker: SearchTracker
+    started: float  # time.perf_counter() when run_search began: the set-up time counts from it
+
+
 def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
     """Run (or resume) a search; returns the Pareto front rows."""
     started = time.perf_counter()
     # Nothing written, nothing loaded yet: a bad input costs seconds and leaves no trace.
     device = _preflight(exp, opts)
+    study, space = _open_study(exp, opts)
+    tracker = _start_tracking(exp, opts, study, space)
+    try:
+        return _search(_OpenSearch(exp, opts, study, space, tracker, started), device)
+    except KeyboardInterrupt:
+        _mark(tracker, "KILLED")
+        raise
+    except BaseException:
+        _mark(tracker, "FAILED")  # the MLflow UI shows the run as failed, not as running for ever
+        raise
+
+
+def _open_study(exp: Experiment, opts: SearchOptions) -> tuple[optuna.Study, SearchSpace]:
+    """The search's Optuna study in `opts.out_dir`, new or resumed (refused where the experiment or its search
+    space changed since, unless `opts.force`), with the search space."""
     out = opts.out_dir
     held = stored_trials(out)
     if held and not opts.resume:
@@ -126,6 +144,12 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
         warn_forced(out, changed)
         study.set_user_attr("forced_changes", [*study.user_attrs.get("forced_changes", []), changed])
     study.set_user_attr("search_space_sha256", space_digest)
+    return study, space
+
+
+def _start_tracking(exp: Experiment, opts: SearchOptions, study: optuna.Study, space: SearchSpace) -> SearchTracker:
+    """The search's MLflow parent run, started or (on resume) reopened, its id kept in the study."""
+    out = opts.out_dir
     tracking_uri = opts.tracking_uri or default_tracking_uri(out)
     write_text(out / "tracking_uri.txt", tracking_uri + "\n")  # where export/register find this search's runs
     tracker = SearchTracker(tracking_uri, exp.name, out / "mlartifacts")
@@ -144,14 +168,7 @@ def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
         },
     )
     study.set_user_attr("mlflow_parent_run_id", parent)
-    try:
-        return _search(exp, opts, out, study, space, tracker, started, device)
-    except KeyboardInterrupt:
-        _mark(tracker, "KILLED")
-        raise
-    except BaseException:
-        _mark(tracker, "FAILED")  # the MLflow UI shows the run as failed, not as running for ever
-        raise
+    return tracker
 
 
 def _mark(tracker: SearchTracker, status: str) -> None:
@@ -205,25 +222,46 @@ def _preflight(exp: Experiment, opts: SearchOptions) -> torch.device:
     return device
 
 
-def _search(
-    exp: Experiment,
-    opts: SearchOptions,
-    out: Path,
-    study: optuna.Study,
-    space: SearchSpace,
-    tracker: SearchTracker,
-    started: float,
-    device: torch.device,
-) -> list[dict]:
+def _search(search: _OpenSearch, device: torch.device) -> list[dict]:
     """The search from its inputs to its front, in an MLflow run that is open (run_search closes it)."""
     import ray
 
+    ctx, once = _prepare(search, device)
+    _start_ray(search.opts)
+    out = search.opts.out_dir
+    try:
+        resources = _trial_resources(search.exp)
+        ctx.base.to("cpu")  # shipped on the CPU: each worker moves it to its own device once
+        # As numpy arrays: the object store keeps one copy per node, which its CPU workers share.
+        ctx_box = [ray.put(dataclasses.replace(ctx, base=Shipped(ctx.base)))]
+        # From here the object store holds the base model for the workers; the driver needs no copy of it.
+        ctx = dataclasses.replace(ctx, base=None)
+        setup_s = _loop(search, ctx, ctx_box, resources)
+        rows, front = write_tables(search.study, out)
+        if search.exp.benchmark.tasks or ctx.test_ref is not None:
+            score_front(front, search.exp, ctx_box, search.tracker, out, ctx.test_ref is not None, resources)
+            write_front_scores(rows, front, search.tracker, out)
+    finally:
+        ray.shutdown()
+    search.tracker.mark_front({int(r["trial"]) for r in front})
+    limit_mb = ctx.phone.app_memory_limit_bytes / 1e6
+    driver = {**once, "peak_driver_rss_bytes": peak_rss_bytes()}
+    write_plots_and_artifacts(rows, front, search.exp, limit_mb, search.tracker, out, setup_s, driver, ctx.arch)
+    search.tracker.finish()
+    return front
+
+
+def _prepare(search: _OpenSearch, device: torch.device) -> tuple[TrialContext, dict[str, float]]:
+    """What every trial shares, made once in the driver: the inputs and references, the baselines' layers and
+    the sampler; with the time each took (s)."""
+    exp, study, space, opts = search.exp, search.study, search.space, search.opts
+    out = opts.out_dir
     resumed = len(study.trials)  # 0 for a new search: its samplers keep the experiment's seed
     if resumed:
         study.sampler = make_sampler(exp, opts.trials, offset=resumed)
-    recover_stale(study, exp, tracker, out)
+    recover_stale(study, exp, search.tracker, out)
     inputs = load_inputs(exp, out, device)
-    tracker.token_sets(
+    search.tracker.token_sets(
         [
             TokenSet(exp.calibration.source, "calibration", inputs.calib.tolist()),
             TokenSet(exp.evaluation.source, "evaluation", inputs.held_out.tolist()),
@@ -245,6 +283,13 @@ def _search(
         t0 = time.perf_counter()
         study.sampler = sensitivity_sampler(exp, space, ctx, out, offset=resumed)
         once["profile_s"] = time.perf_counter() - t0
+    return ctx, once
+
+
+def _start_ray(opts: SearchOptions) -> None:
+    """Join the Ray cluster at `opts.ray_address`, or start one on this machine with `opts.workers` CPUs; from
+    then on a SIGTERM stops the search as Ctrl-C does."""
+    import ray
 
     if ray.is_initialized():
         ray.shutdown()
@@ -256,45 +301,24 @@ def _search(
         ray.init(num_cpus=opts.workers, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
     if threading.current_thread() is threading.main_thread():
         # Ray's driver put in its own SIGTERM handling (exit at once, stacks dumped): a stop ends the search as
-        # Ctrl-C does instead, finished trials stored and the Ray processes shut down below.
+        # Ctrl-C does instead, finished trials stored and the Ray processes shut down (by _search).
         signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
-        resources = _resources(exp, cluster_gpus)
-        if resources["num_gpus"] and not cluster_gpus:
-            print(
-                "note: hardware.device is cuda and the cluster has no GPU yet: the trials wait until a GPU node "
-                "joins (an autoscaler starts one on demand)",
-                flush=True,
-            )
-        ctx.base.to("cpu")  # shipped on the CPU: each worker moves it to its own device once
-        # As numpy arrays: the object store keeps one copy per node, which its CPU workers share.
-        ctx_box = [ray.put(dataclasses.replace(ctx, base=Shipped(ctx.base)))]
-        # From here the object store holds the base model for the workers; the driver needs no copy of it.
-        ctx = dataclasses.replace(ctx, base=None)
-        setup_s = _loop(study, space, exp, ctx, ctx_box, tracker, opts, started, resources)
-        rows, front = write_tables(study, out)
-        if exp.benchmark.tasks or ctx.test_ref is not None:
-            score_front(front, exp, ctx_box, tracker, out, ctx.test_ref is not None, resources)
-            # The front's test-split scores and benchmark beside its proxies, in trials.csv and pareto.csv too.
-            # Each front trial's scores read from MLflow once, for both tables.
-            scores = {
-                int(r["trial"]): {k: tracker.metric(int(r["trial"]), k) for k in (*TEST_COLUMNS, BENCH)} for r in front
-            }
-            for table, keys in ((rows, TEST_COLUMNS), (front, (*TEST_COLUMNS, BENCH))):
-                for r in table:
-                    got = scores.get(int(r["trial"]), {})
-                    r.update({k: "" if got.get(k) is None else got[k] for k in keys})
-            write_csv(out / "trials.csv", rows, COLUMNS)
-            write_csv(out / "pareto.csv", front, [*COLUMNS, BENCH])
-    finally:
-        ray.shutdown()
-    tracker.mark_front({int(r["trial"]) for r in front})
-    limit_mb = ctx.phone.app_memory_limit_bytes / 1e6
-    driver = {**once, "peak_driver_rss_bytes": peak_rss_bytes()}
-    write_plots_and_artifacts(rows, front, exp, limit_mb, tracker, out, setup_s, driver, ctx.arch)
-    tracker.finish()
-    return front
+
+
+def _trial_resources(exp: Experiment) -> dict[str, float]:
+    """What a trial's Ray task asks of the cluster Ray has joined (see `_resources`), with a note when that is a
+    GPU the cluster does not have yet."""
+    import ray
+
+    cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
+    resources = _resources(exp, cluster_gpus)
+    if resources["num_gpus"] and not cluster_gpus:
+        print(
+            "note: hardware.device is cuda and the cluster has no GPU yet: the trials wait until a GPU node "
+            "joins (an autoscaler starts one on demand)",
+            flush=True,
+        )
+    return resources
 
 
 def make_baseline_variants(study: optuna.Study, space: SearchSpace, ctx: TrialContext, budget: int, log=print) -> int:
@@ -326,30 +350,21 @@ def make_baseline_variants(study: optuna.Study, space: SearchSpace, ctx: TrialCo
     return len(plans)
 
 
-def _loop(
-    study,
-    space: SearchSpace,
-    exp: Experiment,
-    ctx: TrialContext,
-    ctx_box: list,
-    tracker: SearchTracker,
-    opts: SearchOptions,
-    started: float,
-    resources: dict[str, float],
-) -> float:
+def _loop(search: _OpenSearch, ctx: TrialContext, ctx_box: list, resources: dict[str, float]) -> float:
     """Keep `opts.workers` trials in flight, each a Ray task asking for `resources`, until the budget is spent;
     returns the set-up time (s)."""
     import ray
 
+    study, space, opts = search.study, search.space, search.opts
     task = ray.remote(**resources, max_retries=2, retry_exceptions=False)(run_trial)
-    setup_s = time.perf_counter() - started
+    setup_s = time.perf_counter() - search.started
     print(
         f"ready after {setup_s:.0f} s; {opts.trials - finished(study)} trials to run on {opts.workers} workers",
         flush=True,
     )
     progress = Progress(opts.trials, finished(study))
     try:
-        exhausted = _run_trials(study, space, exp, ctx, ctx_box, tracker, opts, task, progress)
+        exhausted = _run_trials(study, space, search.exp, ctx, ctx_box, search.tracker, opts, task, progress)
     finally:
         progress.close()
     if exhausted:
