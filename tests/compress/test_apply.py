@@ -4,7 +4,7 @@ from transformers import LlamaForCausalLM
 
 from autosquash.compress.apply import VariantCache, compress
 from autosquash.compress.calibrate import HEAD, HEAD_COVARIANCE, collect_stats
-from autosquash.compress.lowrank import LowRankLinear
+from autosquash.compress.operators.svd import LowRankLinear
 from autosquash.compress.plan import LayerChoice, Plan, deployed_tensors
 from autosquash.formats.codecs import dequantize, fake_quantize, quantize
 from autosquash.models.arch import Arch
