@@ -16,8 +16,8 @@ import time
 import torch
 
 from autosquash.compress.calibrate import collect_inputs
-from autosquash.compress.kronecker import kron_factors, kron_shape
-from autosquash.compress.lowrank import svd_factors
+from autosquash.compress.operators.kron import kron_factors, kron_shape
+from autosquash.compress.operators.svd import svd_factors
 from autosquash.evaluate.texts import load_texts, token_block
 from autosquash.models.load import load_model, load_tokenizer
 

@@ -4,7 +4,7 @@ from transformers import LlamaForCausalLM
 
 from autosquash.compress.apply import VariantCache, compress
 from autosquash.compress.calibrate import HEAD, HEAD_COVARIANCE, collect_stats
-from autosquash.compress.lowrank import LowRankLinear
+from autosquash.compress.operators.svd import LowRankLinear
 from autosquash.compress.plan import LayerChoice, Plan, deployed_tensors
 from autosquash.formats.codecs import dequantize, fake_quantize, quantize
 from autosquash.models.arch import Arch
@@ -128,7 +128,7 @@ def test_kept_kv_group_is_the_more_important_one(tiny_model, tiny_arch, tiny_bat
 
 
 def test_kronecker_layers_compose_with_pruning_and_quantization(tiny_model, tiny_arch, tiny_batch):
-    from autosquash.compress.kronecker import KronLinear
+    from autosquash.compress.operators.kron import KronLinear
 
     stats = collect_stats(tiny_model, tiny_batch)
     plan = Plan(target="torch", groups={"blk.0.ffn": LayerChoice(quant="Q4_0", ffn_keep_ratio=0.5, kron_rank=4)})

@@ -6,6 +6,9 @@ registry line.
 Two kinds: a `Pruning` operator decides which channels of a sublayer (a block's attention or FFN) stay,
 one per sublayer kind; a `Form` decides how one linear is stored: as a single quantized matrix, or as
 factors (a decomposition), each factor quantized to the type its rows can hold.
+
+What several operators share lives here once: a block weight as they compute on it, a stored matrix's spec, and
+the pruning operators' channel score and choice of the channels to keep.
 """
 
 from __future__ import annotations
@@ -232,3 +235,22 @@ def weight_of(block: torch.nn.Module, path: str) -> torch.Tensor:
 def matrix_spec(name: str, rows: int, cols: int, quant: str, macs: int) -> TensorSpec:
     """A stored matrix in the legal type for `quant` on rows of `cols` values (F16 where none fits)."""
     return TensorSpec(name, (rows, cols), legal_type_or_f16(quant, cols), macs)
+
+
+def input_channel_importance(down_weight: torch.Tensor, down_input_sq: torch.Tensor | None) -> torch.Tensor:
+    """Score of each input channel of a linear (an FFN channel entering down_proj, say): the norm
+    of its weight column times its RMS activation.
+
+    Activation-aware as in Wanda (Sun et al., 2023), applied to whole channels; without statistics
+    it is the column norm alone.
+    """
+    score = down_weight.float().norm(dim=0)
+    if down_input_sq is not None:
+        score = score * down_input_sq.to(score.device, torch.float32).sqrt()
+    return score
+
+
+def keep_channels(importance: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices of the `keep` most important channels, in their original order, in host memory (where the
+    variant cache keeps selections; they index a weight on any device)."""
+    return torch.topk(importance, keep).indices.sort().values.cpu()

@@ -1,12 +1,11 @@
 """FFN-channel pruning: a block's FFN keeps the `ffn_keep_ratio` share of its channels (0 removes it), the
-channels of highest activation-aware importance (Wanda-style, on whole channels; see compress/prune.py)."""
+channels of highest activation-aware importance (Wanda-style, on whole channels; see base.py)."""
 
 from __future__ import annotations
 
 import torch
 
-from autosquash.compress.operators.base import ChoiceField, Pruning, weight_of
-from autosquash.compress.prune import input_channel_importance, keep_channels
+from autosquash.compress.operators.base import ChoiceField, Pruning, input_channel_importance, keep_channels, weight_of
 from autosquash.models.arch import Arch
 from autosquash.models.layers import RemovedMLP
 

@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import torch
 
-from autosquash.compress.operators.base import ChoiceField, Pruning, weight_of
-from autosquash.compress.prune import keep_channels, kv_group_importance
+from autosquash.compress.operators.base import ChoiceField, Pruning, input_channel_importance, keep_channels, weight_of
 from autosquash.models.arch import Arch
 from autosquash.models.layers import RemovedAttention
 
 _O = "self_attn.o_proj"
+
+
+def kv_group_importance(o_weight: torch.Tensor, o_input_sq: torch.Tensor | None, n_kv_heads: int) -> torch.Tensor:
+    """Score of each KV group (a KV head and the query heads that share it): the summed importance
+    of its channels entering the output projection, scored like FFN channels."""
+    return input_channel_importance(o_weight, o_input_sq).view(n_kv_heads, -1).sum(-1)
 
 
 class KVPruning(Pruning):

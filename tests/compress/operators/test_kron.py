@@ -3,7 +3,7 @@ from itertools import pairwise
 import pytest
 import torch
 
-from autosquash.compress.kronecker import KronFactors, KronLinear, kron_factors, kron_shape
+from autosquash.compress.operators.kron import KronFactors, KronLinear, kron_factors, kron_shape
 
 # float32 SVD of a matrix with entries of order 1 leaves a relative error of order 1e-7; 1e-5 gives a wide margin
 # while staying far below the errors of any wrong permutation (above 0.1 in every case here).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from autosquash.compress.lowrank import LowRankLinear, svd_factors
+from autosquash.compress.operators.svd import LowRankLinear, svd_factors
 
 
 def _weight(tiny_model) -> torch.Tensor:
