@@ -168,13 +168,7 @@ def add_hf_tokenizer(writer: GGUFWriter, tokenizer: Any) -> None:
     added = {a["id"]: a for a in spec.get("added_tokens", [])}
     vocab.update({a["content"]: i for i, a in added.items()})
     size = max(len(tokenizer), max(vocab.values()) + 1)
-    tokens = [f"[PAD{i}]" for i in range(size)]
-    types = [TokenType.UNUSED] * size
-    for text, i in vocab.items():
-        tokens[i] = text
-        types[i] = TokenType.NORMAL
-    for i, a in added.items():
-        types[i] = TokenType.CONTROL if a.get("special") else TokenType.USER_DEFINED
+    tokens, types = _token_table(vocab, added, size)
     if byte_level:
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(pre_tokenizer_name(spec))
@@ -197,6 +191,24 @@ def add_hf_tokenizer(writer: GGUFWriter, tokenizer: Any) -> None:
         writer.add_token_types([int(t) for t in types])
         writer.add_add_space_prefix(prefix)
     _check_strips(added, tokens, types, _file_name(writer))
+    _add_special_tokens(writer, tokenizer)
+
+
+def _token_table(vocab: dict[str, int], added: dict[int, dict], size: int) -> tuple[list[str], list[TokenType]]:
+    """Each id's token string and type: the vocabulary's as normal, added tokens as control (special) or user-defined,
+    and a placeholder of type unused for an id neither names."""
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [TokenType.UNUSED] * size
+    for text, i in vocab.items():
+        tokens[i] = text
+        types[i] = TokenType.NORMAL
+    for i, a in added.items():
+        types[i] = TokenType.CONTROL if a.get("special") else TokenType.USER_DEFINED
+    return tokens, types
+
+
+def _add_special_tokens(writer: GGUFWriter, tokenizer: Any) -> None:
+    """Write the tokenizer's special token ids, whether its encoding adds BOS and EOS, and its chat template."""
     for attr, add in (
         ("bos_token_id", writer.add_bos_token_id),
         ("eos_token_id", writer.add_eos_token_id),

@@ -26,7 +26,7 @@ from gguf import GGUFWriter, RopeScalingType
 
 from autosquash.errors import AutosquashError
 from autosquash.formats.codecs import QUANTIZABLE_TYPES, QuantizedTensor
-from autosquash.formats.gguf import GGUFFile, Tensor, rope_permute, rope_unpermute
+from autosquash.formats.gguf import GGUFFile, Tensor, read_tensor, rope_permute, rope_unpermute
 from autosquash.models.arch import ATTN_LINEARS, BLOCK_NORMS, FFN_LINEARS, Arch
 
 
@@ -201,14 +201,7 @@ class Layout:
 def read_layout(reader: GGUFFile, where: str = "GGUF file") -> Layout:
     """A GGUF file's family, config and per-block shapes; a family autosquash does not read is one line naming
     those it does."""
-    name = reader.fields.get("general.architecture")
-    arch_name = str(name.value) if name is not None else None
-    if arch_name not in READ_AS:
-        raise AutosquashError(
-            f"{where}: GGUF architecture {arch_name!r}; autosquash reads {', '.join(sorted(READ_AS))} "
-            f"(the families {', '.join(FAMILIES)})"
-        )
-    fam = FAMILIES[READ_AS[arch_name]]
+    arch_name = _gguf_arch(reader, where)
     tensors = {t.name: t for t in reader.tensors}
 
     def kv(key: str, default: Any = None) -> Any:
@@ -250,7 +243,31 @@ def read_layout(reader: GGUFFile, where: str = "GGUF file") -> Layout:
         bos_token_id=token("bos_token_id"),
         eos_token_id=token("eos_token_id"),
         pad_token_id=token("padding_token_id"),
+        rope_parameters=_read_rope(kv, tensors.pop("rope_freqs.weight", None), head_dim, where),
     )
+    fam, model_type = _read_family(cfg, FAMILIES[READ_AS[arch_name]], kv, tensors)
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type, **cfg)
+    layout = Layout(arch_name, fam, config, widths, kv_heads, tensors)
+    _check_shapes(layout, heads, where)
+    return layout
+
+
+def _gguf_arch(reader: GGUFFile, where: str) -> str:
+    """The file's GGUF architecture, refused in one line unless autosquash reads it."""
+    name = reader.fields.get("general.architecture")
+    arch_name = str(name.value) if name is not None else None
+    if arch_name not in READ_AS:
+        raise AutosquashError(
+            f"{where}: GGUF architecture {arch_name!r}; autosquash reads {', '.join(sorted(READ_AS))} "
+            f"(the families {', '.join(FAMILIES)})"
+        )
+    return arch_name
+
+
+def _read_rope(kv, freqs: Tensor | None, head_dim: int, where: str) -> dict[str, Any]:
+    """The transformers rope parameters of the file's rope keys, and of its rope_freqs tensor (Llama 3's scaling)."""
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(kv("rope.freq_base", 10000.0))}
     scaling = kv("rope.scaling.type", "none")
     if scaling in ("linear", "yarn"):
@@ -259,11 +276,13 @@ def read_layout(reader: GGUFFile, where: str = "GGUF file") -> Layout:
             rope["original_max_position_embeddings"] = int(kv("rope.scaling.original_context_length"))
     elif scaling != "none":
         raise AutosquashError(f"{where}: rope scaling {scaling!r}; autosquash reads linear and yarn")
-    if "rope_freqs.weight" in tensors:
-        from autosquash.formats.gguf import read_tensor
+    return rope if freqs is None else _llama3_rope(rope, read_tensor(freqs), head_dim, where)
 
-        rope = _llama3_rope(rope, read_tensor(tensors.pop("rope_freqs.weight")), head_dim, where)
-    cfg["rope_parameters"] = rope
+
+def _read_family(cfg: dict, fam: Family, kv, tensors: dict[str, Tensor]) -> tuple[Family, str]:
+    """The family the file reads as and its transformers model type; the family's own keys (Gemma's windows and
+    softcaps, Phi-3's marker) added to `cfg`."""
+    n_layers = cfg["num_hidden_layers"]
     if fam.llama_graph and any(f"blk.{i}.attn_q.bias" in tensors for i in range(n_layers)):
         if fam.model_type == "llama":  # a deci/llama file with q/k/v biases is a pruned Qwen2
             fam = FAMILIES["qwen2"]
@@ -273,18 +292,11 @@ def read_layout(reader: GGUFFile, where: str = "GGUF file") -> Layout:
         cfg["attn_logit_softcapping"] = float(kv("attn_logit_softcapping", 0.0)) or None
     if fam.sliding or fam.softcaps:
         cfg["final_logit_softcapping"] = float(kv("final_logit_softcapping", 0.0)) or None
-        cfg["query_pre_attn_scalar"] = head_dim
+        cfg["query_pre_attn_scalar"] = cfg["head_dim"]
     if fam.model_type == "phi3":
         cfg["autosquash_family"] = "phi3"  # loads as the Llama it is (models/phi3.py), exports as phi3
-        model_type = "llama"
-    else:
-        model_type = fam.model_type
-    from transformers import AutoConfig
-
-    config = AutoConfig.for_model(model_type, **cfg)
-    layout = Layout(arch_name, fam, config, widths, kv_heads, tensors)
-    _check_shapes(layout, heads, where)
-    return layout
+        return fam, "llama"
+    return fam, fam.model_type
 
 
 def _expected_shapes(layout: Layout, heads: list[int]) -> dict[str, tuple[int, ...]]:

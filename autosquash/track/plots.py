@@ -11,8 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from autosquash.files import atomic_path, write_text
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
 
 BASELINE, SEARCHED = "baseline", "searched"  # searched: every origin but the seeded uniform baselines
 # (column, axis title) of each 2-D view
@@ -116,6 +120,66 @@ def _limit(ax, limit_mb: float, top: float) -> None:
         )
 
 
+def _html_plan_traces(done: list[dict], front_ids: set[str], x: str, quality: str, legend: bool) -> list[go.Scatter]:
+    """The searched and the baseline plans of view `x` as marker traces: energy as colour, the front ringed in red,
+    each plan's numbers and file on hover."""
+    import plotly.graph_objects as go
+
+    traces = []
+    for origin, symbol in ((SEARCHED, "circle"), (BASELINE, "square")):
+        sel = [r for r in done if (r["origin"] == BASELINE) == (origin == BASELINE)]
+        traces.append(
+            go.Scatter(
+                x=[float(r[x]) for r in sel],
+                y=[float(r[quality]) for r in sel],
+                mode="markers",
+                name=f"{origin} plans",
+                legendgroup=origin,
+                showlegend=legend,
+                marker={
+                    "symbol": symbol,
+                    "size": 10,
+                    "color": [float(r["energy_mj_per_token"]) for r in sel],
+                    "coloraxis": "coloraxis",  # one energy scale and colour bar for every trace
+                    "line": {"width": [2 if str(r["trial"]) in front_ids else 0 for r in sel], "color": "red"},
+                },
+                text=[
+                    f"trial {r['trial']} ({r['origin']})<br>{quality} {float(r[quality]):.3f}<br>"
+                    f"weights {float(r['weights_mb']):.1f} MB, peak {float(r['memory_mb']):.1f} MB<br>"
+                    f"energy {float(r['energy_mj_per_token']):.2f} mJ/token<br>"
+                    f"{float(r['bits_per_weight']):.2f} bits/weight<br>{r['plan']}"
+                    for r in sel
+                ],
+                hoverinfo="text",
+            )
+        )
+    return traces
+
+
+def _html_peer_trace(peers: Sequence[dict], x: str, quality: str, legend: bool) -> go.Scatter:
+    """Another tool's files in view `x` as named triangles, each file's numbers on hover."""
+    import plotly.graph_objects as go
+
+    return go.Scatter(
+        x=[float(r[x]) for r in peers],
+        y=[float(r[quality]) for r in peers],
+        mode="markers+text",
+        name="llama.cpp recipes",
+        legendgroup="peers",
+        showlegend=legend,
+        marker={"symbol": "triangle-up-open", "size": 11, "color": "darkorange"},
+        text=[r["name"] for r in peers],
+        textposition="top right",
+        textfont={"size": 9, "color": "darkorange"},
+        hovertext=[
+            f"{r['name']}<br>{quality} {float(r[quality]):.3f}<br>weights {float(r['weights_mb']):.1f} MB, "
+            f"peak {float(r['memory_mb']):.1f} MB<br>{r['file']}"
+            for r in peers
+        ],
+        hoverinfo="text",
+    )
+
+
 def front_html(
     rows: list[dict],
     front: list[dict],
@@ -133,58 +197,10 @@ def front_html(
     front_ids = {str(r["trial"]) for r in front}
     fig = make_subplots(rows=1, cols=2, shared_yaxes=True, subplot_titles=[t for _, t in VIEWS])
     for col, (x, _) in enumerate(VIEWS, start=1):
-        for origin, symbol in ((SEARCHED, "circle"), (BASELINE, "square")):
-            sel = [r for r in done if (r["origin"] == BASELINE) == (origin == BASELINE)]
-            fig.add_trace(
-                go.Scatter(
-                    x=[float(r[x]) for r in sel],
-                    y=[float(r[quality]) for r in sel],
-                    mode="markers",
-                    name=f"{origin} plans",
-                    legendgroup=origin,
-                    showlegend=col == 1,
-                    marker={
-                        "symbol": symbol,
-                        "size": 10,
-                        "color": [float(r["energy_mj_per_token"]) for r in sel],
-                        "coloraxis": "coloraxis",  # one energy scale and colour bar for every trace
-                        "line": {"width": [2 if str(r["trial"]) in front_ids else 0 for r in sel], "color": "red"},
-                    },
-                    text=[
-                        f"trial {r['trial']} ({r['origin']})<br>{quality} {float(r[quality]):.3f}<br>"
-                        f"weights {float(r['weights_mb']):.1f} MB, peak {float(r['memory_mb']):.1f} MB<br>"
-                        f"energy {float(r['energy_mj_per_token']):.2f} mJ/token<br>"
-                        f"{float(r['bits_per_weight']):.2f} bits/weight<br>{r['plan']}"
-                        for r in sel
-                    ],
-                    hoverinfo="text",
-                ),
-                row=1,
-                col=col,
-            )
+        for trace in _html_plan_traces(done, front_ids, x, quality, legend=col == 1):
+            fig.add_trace(trace, row=1, col=col)
         if peers:
-            fig.add_trace(
-                go.Scatter(
-                    x=[float(r[x]) for r in peers],
-                    y=[float(r[quality]) for r in peers],
-                    mode="markers+text",
-                    name="llama.cpp recipes",
-                    legendgroup="peers",
-                    showlegend=col == 1,
-                    marker={"symbol": "triangle-up-open", "size": 11, "color": "darkorange"},
-                    text=[r["name"] for r in peers],
-                    textposition="top right",
-                    textfont={"size": 9, "color": "darkorange"},
-                    hovertext=[
-                        f"{r['name']}<br>{quality} {float(r[quality]):.3f}<br>weights {float(r['weights_mb']):.1f} MB, "
-                        f"peak {float(r['memory_mb']):.1f} MB<br>{r['file']}"
-                        for r in peers
-                    ],
-                    hoverinfo="text",
-                ),
-                row=1,
-                col=col,
-            )
+            fig.add_trace(_html_peer_trace(peers, x, quality, legend=col == 1), row=1, col=col)
         line = pareto_2d(done, x, quality)
         fig.add_trace(
             go.Scatter(
