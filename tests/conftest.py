@@ -100,6 +100,23 @@ def write_experiment(folder, model: str, space: dict, trials: int, workers: int 
     return folder / "exp.yaml"
 
 
+def tiny_gguf(folder):
+    """A tiny random Llama written as a Q8_0 GGUF file in `folder` (SmolLM2's tokenizer inside); its path."""
+    import json
+
+    from autosquash.compress.plan import Plan
+    from autosquash.export.gguf_file import write_gguf
+    from autosquash.models.load import load_model
+
+    spec = folder / "config.json"
+    spec.write_text(json.dumps({**TINY_SHAPE, "model_type": "llama", "vocab_size": 49152}))
+    model = load_model(str(spec), seed=0)
+    arch = Arch.from_config(model.config)
+    path = folder / "m.gguf"
+    write_gguf(path, str(spec), model, arch, Plan.uniform(arch, "Q8_0"), {})
+    return path
+
+
 SMOKE_TRIALS = 6
 
 

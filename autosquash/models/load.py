@@ -19,6 +19,7 @@ import json
 import logging
 import struct
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,39 @@ def resolve(spec: str) -> ModelSource:
     )
 
 
+@dataclass(frozen=True)
+class ResolvedModel:
+    """The base model of a command or a search, resolved once where it starts (`resolve_model`): the spec as the
+    user gave it and where its weights, config and tokenizer come from. The readers here take it as well as a
+    spec, so what is handed this object never resolves the spec or reads its header again."""
+
+    spec: str
+    source: ModelSource
+
+    @property
+    def key(self) -> str:
+        """The source's identity for caches keyed by model."""
+        return self.source.key
+
+    @cached_property
+    def arch(self) -> Arch:
+        """Its architecture, from its config alone (no weights are read), read on first use."""
+        src = self.source
+        if src.kind == "config":
+            return Arch.from_json(Path(src.location, src.gguf_file or "config.json"))
+        if src.kind == "folder":
+            return Arch.from_json(Path(src.location))
+        return Arch.from_config(load_config(src))
+
+
+Model = str | ResolvedModel  # what the readers take: a spec, or one resolved already
+
+
+def resolve_model(model: Model) -> ResolvedModel:
+    """A spec resolved (`resolve`), or the resolved model as it is."""
+    return model if isinstance(model, ResolvedModel) else ResolvedModel(model, resolve(model))
+
+
 def _path(src: ModelSource) -> Path:
     return Path(src.location, src.gguf_file or "")
 
@@ -208,19 +242,14 @@ def gguf_layout(path: str | Path) -> Layout:
     return read_layout(gguf.open_gguf(path), str(path))
 
 
-def load_arch(spec: str) -> Arch:
-    """Architecture of a model spec from its config alone (no weights are read)."""
-    src = resolve(spec)
-    if src.kind == "config":
-        return Arch.from_json(Path(src.location, src.gguf_file or "config.json"))
-    if src.kind == "folder":
-        return Arch.from_json(Path(src.location))
-    return Arch.from_config(load_config(src))
+def load_arch(model: Model) -> Arch:
+    """Architecture of a model from its config alone (no weights are read)."""
+    return resolve_model(model).arch
 
 
-def load_tokenizer(spec: str) -> Any:
-    """The tokenizer of a model spec (a config.json spec borrows the default model's tokenizer)."""
-    src = resolve(spec)
+def load_tokenizer(model: Model) -> Any:
+    """The tokenizer of a model (a config.json spec borrows the default model's tokenizer)."""
+    src = resolve_model(model).source
     if src.kind == "torch":
         return load_tokenizer(torch_format.read_metadata(_path(src))["base_model"])
     if src.kind == "config":
@@ -259,11 +288,12 @@ def load_tokenizer_from(src: ModelSource) -> Any:
         raise AutosquashError(f"{_path(src)}: its tokenizer cannot be built ({why})") from None
 
 
-def load_model(spec: str, seed: int = 0) -> torch.nn.Module:
-    """The float32 causal LM of a model spec, in eval mode; a config.json gets seeded random weights."""
+def load_model(model: Model, seed: int = 0) -> torch.nn.Module:
+    """The float32 causal LM of a model, in eval mode; a config.json gets seeded random weights."""
     from transformers import AutoModelForCausalLM
 
-    src = resolve(spec)
+    resolved = resolve_model(model)
+    spec, src = resolved.spec, resolved.source
     if src.kind == "torch":
         raise AutosquashError(
             f"{spec} is a compressed model in autosquash's torch format, not a base model; "
@@ -278,20 +308,20 @@ def load_model(spec: str, seed: int = 0) -> torch.nn.Module:
         with _quiet():
             if src.kind == "config":
                 torch.manual_seed(seed)
-                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+                lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
             else:
-                model = AutoModelForCausalLM.from_pretrained(
+                lm = AutoModelForCausalLM.from_pretrained(
                     src.location, dtype=torch.float32, trust_remote_code=False, use_safetensors=True
                 )
     except (OSError, ValueError, struct.error) as e:
         if src.kind == "hub":
             raise _hub_error(src.location, e) from None
         raise AutosquashError(f"cannot load model {spec}: {str(e).splitlines()[0]}") from None
-    if model.config.model_type == "phi3":
-        model = phi3.as_llama(model)  # its fused projections split: a Llama to everything downstream
-    Arch.from_config(model.config)  # fail early on unsupported architectures
+    if lm.config.model_type == "phi3":
+        lm = phi3.as_llama(lm)  # its fused projections split: a Llama to everything downstream
+    Arch.from_config(lm.config)  # fail early on unsupported architectures
     logging.getLogger(__name__).debug("loaded %s (%s)", spec, src.kind)
-    return model.eval()
+    return lm.eval()
 
 
 def read_gguf_model(path: str | Path, name: str | None = None) -> torch.nn.Module:

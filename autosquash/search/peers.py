@@ -21,13 +21,14 @@ def score_files(run: Path, files: list[tuple[str, Path]]) -> list[dict]:
     against its base model) and priced on its phone as stored; one row per file, PEER_COLUMNS."""
     from autosquash.cost import estimate, file_tensors, load_phone
     from autosquash.evaluate.proxy import reference, score
-    from autosquash.models.load import load_model, load_tokenizer, read_gguf_model
+    from autosquash.models.load import load_model, load_tokenizer, read_gguf_model, resolve_model
     from autosquash.search.experiment import load_experiment
     from autosquash.search.trial import text_batch
 
     exp = load_experiment(run / "experiment.yaml")
-    held_out = text_batch(load_tokenizer(exp.model), exp.evaluation)
-    base = load_model(exp.model, seed=exp.seed)
+    model = resolve_model(exp.model)
+    held_out = text_batch(load_tokenizer(model), exp.evaluation)
+    base = load_model(model, seed=exp.seed)
     ref = reference(base, held_out, exp.topk)
     vocab = base.config.vocab_size
     del base

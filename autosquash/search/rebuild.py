@@ -12,7 +12,7 @@ from autosquash.compress.apply import VariantCache
 from autosquash.compress.plan import Plan, check_plan
 from autosquash.errors import AutosquashError
 from autosquash.export.build import KEEP_ALL, BuiltModel, deploys_factors
-from autosquash.models.load import load_arch
+from autosquash.models.load import resolve_model
 from autosquash.search.experiment import Experiment, load_experiment
 from autosquash.search.trial import build_plan, load_inputs, open_store, prepare_context, trial_seed
 from autosquash.yaml_io import load_yaml_model
@@ -73,8 +73,9 @@ def rebuild_trial(run: Path, number: int) -> tuple[BuiltModel, Experiment, Path]
         raise AutosquashError(f"{run} holds no trial {number} ({plan_file} is missing)")
     _check_finished(run, number)
     exp = load_experiment(run / "experiment.yaml")
-    plan = check_plan(load_yaml_model(Plan, plan_file), load_arch(exp.model), str(plan_file))  # before the weights
-    inputs = load_inputs(exp, run)
+    model = resolve_model(exp.model)
+    plan = check_plan(load_yaml_model(Plan, plan_file), model.arch, str(plan_file))  # before the weights
+    inputs = load_inputs(exp, run, model=model)
     ctx = prepare_context(exp, inputs, workers=1, test_split=False)  # the trial's context: healing batch, config
     # The search's store holds the very bytes the trial was scored with, whichever worker made them.
     cache = VariantCache(max_bytes=KEEP_ALL, store=open_store(ctx))

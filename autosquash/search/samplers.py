@@ -9,7 +9,7 @@ import optuna
 
 from autosquash.compress.apply import VariantCache
 from autosquash.compress.plan import Plan
-from autosquash.models.load import resolve
+from autosquash.models.load import Model, ResolvedModel, resolve_model
 from autosquash.search.experiment import Experiment
 from autosquash.search.profile import cached_profile
 from autosquash.search.sensitivity import SensitivitySampler, proposal_targets
@@ -43,20 +43,27 @@ def make_sampler(exp: Experiment, budget: int, offset: int = 0) -> optuna.sample
 FRONT_STEP = 0.02  # the widest gap the sensitivity sampler leaves between plans, as a share of the base file
 
 
-def base_file_bytes(spec: str, arch) -> int:
+def base_file_bytes(model: Model, arch) -> int:
     """The size of the model a user starts from: its GGUF file, else its F16 GGUF file."""
     from autosquash.compress.plan import deployed_tensors
 
-    src = resolve(spec)
+    src = resolve_model(model).source
     if src.kind == "gguf":
         return Path(src.location, src.gguf_file).stat().st_size
     return sum(t.nbytes for t in deployed_tensors(arch, Plan.uniform(arch, "F16")))
 
 
 def sensitivity_sampler(
-    exp: Experiment, space: SearchSpace, ctx: TrialContext, out: Path, offset: int = 0
+    exp: Experiment,
+    space: SearchSpace,
+    ctx: TrialContext,
+    out: Path,
+    offset: int = 0,
+    model: ResolvedModel | None = None,
 ) -> SensitivitySampler:
-    """The per-group damage model (measured once, cached on disk) and a sampler proposing from it."""
+    """The per-group damage model (measured once, cached on disk) and a sampler proposing from it; `model`:
+    exp.model as the caller resolved it (None: resolved here)."""
+    model = model or resolve_model(exp.model)
     # The tables it quantizes go to the trials' variant store: the workers read them instead of making them.
     variants = VariantCache(max_bytes=0, store=open_store(ctx))
     profile = cached_profile(
@@ -66,11 +73,11 @@ def sensitivity_sampler(
         ctx.stats,
         ctx.calib_ref,
         exp.context_tokens,
-        resolve(exp.model).key,
+        model.key,
         out / "cache",
         variants,
     )
     sizes = [profile.size(*profile.picks_of(space.baseline_params(ctx.arch, b))) for b in space.baselines]
     # A plan at least every 2 % of the base model's file size (targets closer, as plans land a little under).
-    step = int(FRONT_STEP * 0.8 * base_file_bytes(exp.model, ctx.arch))
+    step = int(FRONT_STEP * 0.8 * base_file_bytes(model, ctx.arch))
     return SensitivitySampler(profile, proposal_targets(profile, sizes, step), seed=exp.seed + offset, band=step)

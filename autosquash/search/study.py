@@ -27,6 +27,7 @@ from autosquash.errors import AutosquashError, on_sigterm
 from autosquash.export.gguf_file import check_writable
 from autosquash.files import write_text
 from autosquash.models.device import check_host_memory, driver_device, peak_rss_bytes, resolve_device
+from autosquash.models.load import ResolvedModel, resolve_model
 from autosquash.models.ship import Shipped
 from autosquash.search.experiment import Experiment
 from autosquash.search.front_scores import score_front, write_front_scores
@@ -87,17 +88,18 @@ class _OpenSearch:
     space: SearchSpace
     tracker: SearchTracker
     started: float  # time.perf_counter() when run_search began: the set-up time counts from it
+    model: ResolvedModel  # exp.model, resolved once by the preflight
 
 
 def run_search(exp: Experiment, opts: SearchOptions) -> list[dict]:
     """Run (or resume) a search; returns the Pareto front rows."""
     started = time.perf_counter()
     # Nothing written, nothing loaded yet: a bad input costs seconds and leaves no trace.
-    device = _preflight(exp, opts)
+    device, model = _preflight(exp, opts)
     study, space = _open_study(exp, opts)
     tracker = _start_tracking(exp, opts, study, space)
     try:
-        return _search(_OpenSearch(exp, opts, study, space, tracker, started), device)
+        return _search(_OpenSearch(exp, opts, study, space, tracker, started, model), device)
     except KeyboardInterrupt:
         _mark(tracker, "KILLED")
         raise
@@ -187,18 +189,18 @@ def _mark(tracker: SearchTracker, status: str) -> None:
         logging.disable(logging.NOTSET)
 
 
-def _preflight(exp: Experiment, opts: SearchOptions) -> torch.device:
+def _preflight(exp: Experiment, opts: SearchOptions) -> tuple[torch.device, ResolvedModel]:
     """Everything a search can check before it writes or loads anything (see search/preflight.py); the device
-    the driver computes its own share on (loading, calibration, references).
+    the driver computes its own share on (loading, calibration, references), and the model, resolved once.
 
     Without a cluster the trials run on this machine: a device it lacks is refused here. On a cluster each
     worker resolves the experiment's device on its own node, and the driver takes what this machine has.
     """
     from autosquash.cost import load_phone
-    from autosquash.models.load import load_arch
 
     device = driver_device(exp.hardware.device) if opts.ray_address else resolve_device(exp.hardware.device)
-    arch = load_arch(exp.model)  # the model reference: its config alone, no weights
+    model = resolve_model(exp.model)
+    arch = model.arch  # the model reference: its config alone, no weights
     check_host_memory(arch, exp.model)  # before a folder is made, not minutes into loading
     phone = load_phone(exp.phone)
     space = SearchSpace.load(exp.search_space)
@@ -219,7 +221,7 @@ def _preflight(exp: Experiment, opts: SearchOptions) -> torch.device:
         check_tracking_uri(opts.tracking_uri)
     if opts.storage:
         check_storage(opts.storage)
-    return device
+    return device, model
 
 
 def _search(search: _OpenSearch, device: torch.device) -> list[dict]:
@@ -260,7 +262,7 @@ def _prepare(search: _OpenSearch, device: torch.device) -> tuple[TrialContext, d
     if resumed:
         study.sampler = make_sampler(exp, opts.trials, offset=resumed)
     recover_stale(study, exp, search.tracker, out)
-    inputs = load_inputs(exp, out, device)
+    inputs = load_inputs(exp, out, device, search.model)
     search.tracker.token_sets(
         [
             TokenSet(exp.calibration.source, "calibration", inputs.calib.tolist()),
@@ -281,7 +283,7 @@ def _prepare(search: _OpenSearch, device: torch.device) -> tuple[TrialContext, d
         once["variants_s"] = time.perf_counter() - t0
     if exp.sampler == "sensitivity":
         t0 = time.perf_counter()
-        study.sampler = sensitivity_sampler(exp, space, ctx, out, offset=resumed)
+        study.sampler = sensitivity_sampler(exp, space, ctx, out, offset=resumed, model=search.model)
         once["profile_s"] = time.perf_counter() - t0
     return ctx, once
 

@@ -43,7 +43,7 @@ from autosquash.models.device import (
     release_freed_memory,
     resolve_device,
 )
-from autosquash.models.load import load_model, load_tokenizer, resolve
+from autosquash.models.load import ResolvedModel, load_model, load_tokenizer, resolve_model
 from autosquash.search.experiment import Experiment, HardwareSpec, TextSpec
 
 
@@ -51,7 +51,7 @@ from autosquash.search.experiment import Experiment, HardwareSpec, TextSpec
 class SearchInputs:
     """What a search computes once before its trials: base model, token sets, calibration statistics."""
 
-    spec: str
+    model: ResolvedModel
     base: torch.nn.Module
     tokenizer: Any
     arch: Arch
@@ -90,10 +90,14 @@ def test_batch(tokenizer, exp: Experiment, calib: torch.Tensor, held_out: torch.
     return test
 
 
-def load_inputs(exp: Experiment, out_dir: Path, device: torch.device | None = None) -> SearchInputs:
+def load_inputs(
+    exp: Experiment, out_dir: Path, device: torch.device | None = None, model: ResolvedModel | None = None
+) -> SearchInputs:
     """Load the base model and tokenizer, cut the token sets, and get the (disk-cached) statistics, computed on
-    `device` (None: the experiment's hardware.device, resolved on this machine)."""
-    tok = load_tokenizer(exp.model)
+    `device` (None: the experiment's hardware.device, resolved on this machine). `model`: exp.model as the
+    caller resolved it (None: resolved here)."""
+    model = model or resolve_model(exp.model)
+    tok = load_tokenizer(model)
     calib = text_batch(tok, exp.calibration)
     held_out = text_batch(tok, exp.evaluation)
     check_disjoint(calib, held_out)  # before the model loads: a refused search should cost seconds
@@ -110,16 +114,16 @@ def load_inputs(exp: Experiment, out_dir: Path, device: torch.device | None = No
     device = device or resolve_device(exp.hardware.device)
     print(f"loading {exp.model} onto {device} ...", flush=True)
     t0 = time.perf_counter()
-    base = load_model(exp.model, seed=exp.seed).to(device, DTYPES[exp.hardware.dtype])
+    base = load_model(model, seed=exp.seed).to(device, DTYPES[exp.hardware.dtype])
     t1 = time.perf_counter()
     print(f"calibrating on {calib.numel()} tokens, held-out set {held_out.numel()} tokens ...", flush=True)
-    stats = cached_stats(base, calib, resolve(exp.model).key, out_dir / "cache")
+    stats = cached_stats(base, calib, model.key, out_dir / "cache")
     if compensation_batch is not None:
         print(f"input covariances for error compensation over {compensation_batch.numel()} tokens ...", flush=True)
         covariances = cached_covariances(
             base,
             compensation_batch,
-            resolve(exp.model).key,
+            model.key,
             out_dir / "cache",
             token_normalized=exp.calibration.compensation_token_normalized,
         )
@@ -127,11 +131,9 @@ def load_inputs(exp: Experiment, out_dir: Path, device: torch.device | None = No
             covariances, exp.calibration.compensation_damp, exp.calibration.error_compensation
         )
     arch = Arch.from_config(base.config)
-    scope = scope_digest(resolve(exp.model).key, exp.seed, exp.hardware.dtype, stats)
+    scope = scope_digest(model.key, exp.seed, exp.hardware.dtype, stats)
     store = out_dir / "cache" / "variants" / scope
-    return SearchInputs(
-        exp.model, base, tok, arch, calib, held_out, stats, test, t1 - t0, time.perf_counter() - t1, store
-    )
+    return SearchInputs(model, base, tok, arch, calib, held_out, stats, test, t1 - t0, time.perf_counter() - t1, store)
 
 
 class TrialFailed(Exception):
