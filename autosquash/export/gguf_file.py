@@ -17,11 +17,10 @@ import numpy as np
 import torch
 from gguf import GGUFWriter
 
-from autosquash.compress.apply import VariantCache, quantized_tensors
-from autosquash.compress.calibrate import Stats
+from autosquash.compress.apply import quantized_tensors
 from autosquash.compress.plan import Plan, kept_ffn_channels, kv_heads_per_layer
 from autosquash.errors import AutosquashError
-from autosquash.export.build import deploys_factors
+from autosquash.export.build import BuiltModel, deploys_factors
 from autosquash.export.lora import has_adapter
 from autosquash.formats.codecs import QuantizedTensor, quantize
 from autosquash.formats.gguf import add_tensor, copy_tokenizer, gguf_writer
@@ -75,31 +74,23 @@ def _tokenizer_gguf(src: ModelSource) -> Path | None:
     return None
 
 
-def write_gguf(
-    path: str | Path,
-    spec: str,
-    base: torch.nn.Module,
-    arch: Arch,
-    plan: Plan,
-    stats: Stats,
-    cache: VariantCache | None = None,
-    model: torch.nn.Module | None = None,
-) -> dict[str, int]:
-    """Write `plan` applied to `base` to `path`; returns the count of tensors per GGUF type.
+def write_gguf(path: str | Path, built: BuiltModel) -> dict[str, int]:
+    """Write `built` (a plan applied to its base model) to `path`; returns the count of tensors per GGUF type.
 
-    `model` is the plan's model as its trial evaluated it: when healing merged its adapter (a model
+    `built.model` is the plan's model as its trial evaluated it: when healing merged its adapter (a model
     without peft layers), its F16/F32 block weights are written instead of the compressed ones.
     """
+    arch, plan = built.arch, built.plan
     widths, kv_heads = _runnable_shapes(arch, plan)
     heads = [n * (arch.n_heads // arch.n_kv_heads) for n in kv_heads]
     arch_name = gguf_arch(arch, plan)
     fam = family(arch.model_type)
     with gguf_writer(path, arch_name) as writer:
-        writer.add_name(f"{getattr(base.config, 'name_or_path', '') or spec} (autosquash)")
-        write_hparams(writer, fam, arch_name, base.config, arch, widths, heads, kv_heads)
+        writer.add_name(f"{getattr(built.base.config, 'name_or_path', '') or built.spec} (autosquash)")
+        write_hparams(writer, fam, arch_name, built.base.config, arch, widths, heads, kv_heads)
         writer.add_quantization_version(2)
-        _write_tokenizer(writer, spec)
-        counts = _write_tensors(writer, arch_name, base, arch, plan, stats, cache, model)
+        _write_tokenizer(writer, built.spec)
+        counts = _write_tensors(writer, arch_name, built)
     return counts
 
 
@@ -122,20 +113,12 @@ def _runnable_shapes(arch: Arch, plan: Plan) -> tuple[list[int], list[int]]:
     return widths, kv_heads
 
 
-def _write_tensors(
-    writer: GGUFWriter,
-    arch_name: str,
-    base: torch.nn.Module,
-    arch: Arch,
-    plan: Plan,
-    stats: Stats,
-    cache: VariantCache | None,
-    model: torch.nn.Module | None,
-) -> dict[str, int]:
-    """Add every tensor of `plan` applied to `base` to `writer`, laid out as llama.cpp's `arch_name` reads it;
-    returns the count of tensors per GGUF type."""
+def _write_tensors(writer: GGUFWriter, arch_name: str, built: BuiltModel) -> dict[str, int]:
+    """Add every tensor of `built` to `writer`, laid out as llama.cpp's `arch_name` reads it; returns the count of
+    tensors per GGUF type."""
+    base, arch = built.base, built.arch
     fam = family(arch.model_type)
-    merged = merged_weights(model)
+    merged = merged_weights(built.model)
     counts: dict[str, int] = {}
 
     def add(name: str, q) -> None:
@@ -152,7 +135,7 @@ def _write_tensors(
             add(f"blk.{i}.{short}.weight", _floats(block.get_submodule(module).weight))
 
     gate: QuantizedTensor | None = None
-    for gguf_name, module, variant in quantized_tensors(base, arch, plan, stats, cache):
+    for gguf_name, module, variant in quantized_tensors(base, arch, built.plan, built.stats, built.cache):
         q = variant.parts["weight"]
         if merged is not None and gguf_name.startswith("blk."):
             q = merged(f"{module}.weight", q)

@@ -7,6 +7,7 @@ import json
 
 from autosquash.compress.plan import Plan
 from autosquash.cost.model import file_tensors
+from autosquash.export.build import BuiltModel
 from autosquash.export.gguf_file import write_gguf
 from autosquash.formats import gguf
 from autosquash.models.arch import Arch
@@ -20,7 +21,7 @@ def _tiny_gguf(tmp_path):
     model = load_model(str(spec), seed=0)
     arch = Arch.from_config(model.config)
     path = tmp_path / "m.gguf"
-    write_gguf(path, str(spec), model, arch, Plan.uniform(arch, "Q8_0"), {})
+    write_gguf(path, BuiltModel(str(spec), model, arch, Plan.uniform(arch, "Q8_0"), {}))
     return path
 
 
