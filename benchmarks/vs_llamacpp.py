@@ -96,13 +96,14 @@ def texts(exp, folder: Path) -> tuple[Path, Path]:
 def base_gguf(exp, path: Path) -> None:
     """The base model as a lossless F32 GGUF file (the peer's input)."""
     from autosquash.compress.plan import Plan
+    from autosquash.export.build import BuiltModel
     from autosquash.export.gguf_file import write_gguf
     from autosquash.models.arch import Arch
     from autosquash.models.load import load_model
 
     base = load_model(exp.model, seed=exp.seed)
     arch = Arch.from_config(base.config)
-    write_gguf(path, exp.model, base, arch, Plan.uniform(arch, "F32"), {})
+    write_gguf(path, BuiltModel(exp.model, base, arch, Plan.uniform(arch, "F32"), {}))
 
 
 def score(bin_dir: Path, model: Path, test: Path, kld_base: Path, log: Path, lora: Path | None = None) -> dict:

@@ -105,6 +105,7 @@ def tiny_gguf(folder):
     import json
 
     from autosquash.compress.plan import Plan
+    from autosquash.export.build import BuiltModel
     from autosquash.export.gguf_file import write_gguf
     from autosquash.models.load import load_model
 
@@ -113,7 +114,7 @@ def tiny_gguf(folder):
     model = load_model(str(spec), seed=0)
     arch = Arch.from_config(model.config)
     path = folder / "m.gguf"
-    write_gguf(path, str(spec), model, arch, Plan.uniform(arch, "Q8_0"), {})
+    write_gguf(path, BuiltModel(str(spec), model, arch, Plan.uniform(arch, "Q8_0"), {}))
     return path
 
 

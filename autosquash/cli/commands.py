@@ -290,9 +290,9 @@ def write_export(out: Path, fmt: str, built) -> tuple[list[Path], dict[str, int]
     b = built
     merged = "the trial's LoRA healing, merged into the weights" if b.healing == "merged" else None
     if fmt == "torch":
-        counts = save(out, b.spec, b.base, b.arch, b.plan, b.stats, b.cache, model=b.model)
+        counts = save(out, b)
         return [out], counts, f"the trial's LoRA healing, inside {out.name}" if b.healing == "adapter" else merged
-    counts = write_gguf(out, b.spec, b.base, b.arch, b.plan, b.stats, b.cache, model=b.model)
+    counts = write_gguf(out, b)
     if b.healing != "adapter":
         return [out], counts, merged
     lora = lora_path(out)

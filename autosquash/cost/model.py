@@ -142,75 +142,104 @@ def estimate(
         raise AutosquashError(
             f"prompt_tokens ({prompt_tokens}) must be positive and at most context_tokens ({context_tokens})"
         )
-    weights_bytes = sum(t.nbytes for t in tensors)
-    model_bytes = weights_bytes + _duplicated_head_bytes(tensors, phone)
     kv_heads = list(kv_heads_per_layer) if kv_heads_per_layer is not None else [arch.n_kv_heads] * arch.n_layers
     kv_per_position = kv_cache_bytes_per_token(arch, kv_type, kv_heads)
-    cells = kv_cells(context_tokens)
-    kv_cache_bytes = kv_per_position * cells
-    compute_bytes = compute_buffer_bytes(arch, cells, phone.ubatch_tokens, phone.flash_attention)
-    output_bytes = output_buffer_bytes(arch)
-    runtime_bytes = phone.runtime_fixed_bytes + compute_bytes + output_bytes
-    peak_memory_bytes = model_bytes + kv_cache_bytes + runtime_bytes
-    app_memory_limit_bytes = phone.app_memory_limit_bytes
-
-    avg_position = (prompt_tokens + context_tokens) / 2
-    # Scores q·k and the weighted sum of values: head_dim MACs each, per query head and position.
-    attn_macs_per_position = 2 * sum(kv_heads) * (arch.n_heads // arch.n_kv_heads) * arch.head_dim
-    linear_macs = sum(t.macs_per_token for t in tensors)
-    weights_read = sum(t.bytes_read_per_token for t in tensors)
-    bytes_read = weights_read + kv_per_position * avg_position
-    macs = linear_macs + attn_macs_per_position * avg_position
-
-    bandwidth = phone.bandwidth_efficiency * phone.peak_bandwidth_bytes_per_s
-    decode_s = bytes_read / bandwidth + phone.fixed_overhead_s_per_token
-    # Prefill multiplies the whole prompt at once, so compute bounds it, but the weights still
-    # have to come from DRAM at least once.
-    prefill_macs = prompt_tokens * linear_macs + attn_macs_per_position * prompt_tokens**2 / 2
-    prefill_s = max(prefill_macs / phone.peak_macs_per_s, weights_read / bandwidth)
-
-    dram_j = bytes_read * phone.dram_energy_j_per_byte
-    compute_j = macs * phone.mac_energy_j
-    sustained_s = decode_s / phone.sustained_speed_factor
-    static_j = phone.static_power_w * sustained_s
-    energy_j = dram_j + compute_j + static_j
-    tokens_per_s = 1.0 / decode_s
-    battery_j = phone.battery_j
-
+    memory = _memory(arch, tensors, phone, kv_cells(context_tokens), kv_per_position)
+    decode = _decode(arch, tensors, phone, kv_heads, kv_per_position, prompt_tokens, context_tokens)
+    continuous = _continuous_generation(
+        phone, decode["bytes_read_per_token"], decode["macs_per_token"], decode["decode_s_per_token"]
+    )
     matrices = [t for t in tensors if len(t.shape) == 2]
     blocks = [t for t in matrices if t.name.startswith("blk.")]
     return CostReport(
         context_tokens=context_tokens,
         prompt_tokens=prompt_tokens,
-        weights_bytes=weights_bytes,
-        model_buffer_bytes=model_bytes,
-        kv_cache_bytes=kv_cache_bytes,
-        runtime_overhead_bytes=runtime_bytes,
-        compute_buffer_bytes=compute_bytes,
-        output_buffer_bytes=output_bytes,
-        peak_memory_bytes=peak_memory_bytes,
-        app_memory_limit_bytes=app_memory_limit_bytes,
-        fits=peak_memory_bytes <= app_memory_limit_bytes,
-        bytes_read_per_token=bytes_read,
-        macs_per_token=macs,
-        decode_s_per_token=decode_s,
-        decode_tokens_per_s=tokens_per_s,
-        sustained_decode_tokens_per_s=1.0 / sustained_s,
-        prefill_s=prefill_s,
-        dram_energy_j_per_token=dram_j,
-        compute_energy_j_per_token=compute_j,
-        static_energy_j_per_token=static_j,
-        energy_j_per_token=energy_j,
-        battery_j=battery_j,
-        battery_pct_per_1000_tokens=100.0 * 1000 * energy_j / battery_j,
-        # Continuous generation runs hot: tokens come at the sustained rate, each costing energy_j.
-        hours_continuous_generation=battery_j / (energy_j / sustained_s) / 3600,
+        **memory,
+        **decode,
+        **continuous,
         # Average storage bits per weight value of the matrices (as llama.cpp reports BPW);
         # pruning and low-rank factors show in weights_bytes, not here.
         bits_per_weight=_bits_per_value(matrices),
         # The same over the blocks' matrices only: the embedding table (a fifth of SmolLM2) left out.
         block_bits_per_weight=_bits_per_value(blocks),
     )
+
+
+def _memory(
+    arch: Arch, tensors: Sequence[TensorSpec], phone: PhoneProfile, cells: int, kv_per_position: int
+) -> dict[str, int | bool]:
+    """CostReport's memory fields: the weights as held, a KV cache of `cells` cells and llama.cpp's buffers,
+    against the phone's app memory limit."""
+    weights_bytes = sum(t.nbytes for t in tensors)
+    model_bytes = weights_bytes + _duplicated_head_bytes(tensors, phone)
+    kv_bytes = kv_per_position * cells
+    compute_bytes = compute_buffer_bytes(arch, cells, phone.ubatch_tokens, phone.flash_attention)
+    output_bytes = output_buffer_bytes(arch)
+    runtime_bytes = phone.runtime_fixed_bytes + compute_bytes + output_bytes
+    peak_bytes = model_bytes + kv_bytes + runtime_bytes
+    return {
+        "weights_bytes": weights_bytes,
+        "model_buffer_bytes": model_bytes,
+        "kv_cache_bytes": kv_bytes,
+        "runtime_overhead_bytes": runtime_bytes,
+        "compute_buffer_bytes": compute_bytes,
+        "output_buffer_bytes": output_bytes,
+        "peak_memory_bytes": peak_bytes,
+        "app_memory_limit_bytes": phone.app_memory_limit_bytes,
+        "fits": peak_bytes <= phone.app_memory_limit_bytes,
+    }
+
+
+def _decode(
+    arch: Arch,
+    tensors: Sequence[TensorSpec],
+    phone: PhoneProfile,
+    kv_heads: Sequence[int],
+    kv_per_position: int,
+    prompt_tokens: int,
+    context_tokens: int,
+) -> dict[str, float]:
+    """CostReport's speed fields on a cool phone: bytes read and MACs per token at the average position, the
+    decode time they take, and the prompt's prefill time."""
+    avg_position = (prompt_tokens + context_tokens) / 2
+    # Scores q·k and the weighted sum of values: head_dim MACs each, per query head and position.
+    attn_macs_per_position = 2 * sum(kv_heads) * (arch.n_heads // arch.n_kv_heads) * arch.head_dim
+    linear_macs = sum(t.macs_per_token for t in tensors)
+    weights_read = sum(t.bytes_read_per_token for t in tensors)
+    bytes_read = weights_read + kv_per_position * avg_position
+    bandwidth = phone.bandwidth_efficiency * phone.peak_bandwidth_bytes_per_s
+    decode_s = bytes_read / bandwidth + phone.fixed_overhead_s_per_token
+    # Prefill multiplies the whole prompt at once, so compute bounds it, but the weights still
+    # have to come from DRAM at least once.
+    prefill_macs = prompt_tokens * linear_macs + attn_macs_per_position * prompt_tokens**2 / 2
+    return {
+        "bytes_read_per_token": bytes_read,
+        "macs_per_token": linear_macs + attn_macs_per_position * avg_position,
+        "decode_s_per_token": decode_s,
+        "decode_tokens_per_s": 1.0 / decode_s,
+        "prefill_s": max(prefill_macs / phone.peak_macs_per_s, weights_read / bandwidth),
+    }
+
+
+def _continuous_generation(phone: PhoneProfile, bytes_read: float, macs: float, decode_s: float) -> dict[str, float]:
+    """CostReport's fields for generating without pause on a hot phone: its sustained speed, the energy per token
+    (DRAM, compute, static power over the sustained time) and the battery that drains."""
+    sustained_s = decode_s / phone.sustained_speed_factor
+    dram_j = bytes_read * phone.dram_energy_j_per_byte
+    compute_j = macs * phone.mac_energy_j
+    static_j = phone.static_power_w * sustained_s
+    energy_j = dram_j + compute_j + static_j
+    return {
+        "sustained_decode_tokens_per_s": 1.0 / sustained_s,
+        "dram_energy_j_per_token": dram_j,
+        "compute_energy_j_per_token": compute_j,
+        "static_energy_j_per_token": static_j,
+        "energy_j_per_token": energy_j,
+        "battery_j": phone.battery_j,
+        "battery_pct_per_1000_tokens": 100.0 * 1000 * energy_j / phone.battery_j,
+        # Tokens come at the sustained rate, each costing energy_j.
+        "hours_continuous_generation": phone.battery_j / (energy_j / sustained_s) / 3600,
+    }
 
 
 def _bits_per_value(matrices) -> float:

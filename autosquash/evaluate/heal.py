@@ -80,23 +80,8 @@ def heal(
         model, LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, lora_dropout=0.0, target_modules=targets)
     )
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    n_seq, device = teacher.batch.shape[0], next(model.parameters()).device
-    losses = []
-    peft_model.train()
-    for step in range(cfg.steps):
-        rows = torch.arange(step * cfg.batch_seqs, (step + 1) * cfg.batch_seqs) % n_seq
-        logits = peft_model(teacher.batch[rows].to(device)).logits[:, :-1].float()
-        logp, idx = teacher.topk_logp[rows].to(device), teacher.topk_idx[rows].to(device)
-        kl = topk_kl(logp, idx, torch.log_softmax(logits, -1))
-        if step == 0:
-            unhealed = kl[0].mean().item()  # row 0 before any update: the check's baseline, for free
-        loss = kl.mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    peft_model.eval()
+    device = next(model.parameters()).device
+    losses, unhealed = _train(peft_model, params, teacher, cfg, device)
     if checkpoint:
         model.activation_checkpointing_disable()
     summary = {
@@ -116,13 +101,43 @@ def heal(
             return peft_model.unload(), {**summary, "heal_kept": 0.0, "heal_s": time.perf_counter() - start}
         summary["heal_kept"] = 1.0
     if merge:
-        merged = peft_model.merge_and_unload()
-        with torch.no_grad():
-            for name in targets:
-                w = merged.get_submodule(name).weight
-                w.copy_(w.half().to(w.dtype))
-        return merged, {**summary, "heal_s": time.perf_counter() - start, "heal_merged": 1.0}
+        return _merged(peft_model, targets), {**summary, "heal_s": time.perf_counter() - start, "heal_merged": 1.0}
     return peft_model, {**summary, "heal_s": time.perf_counter() - start}
+
+
+def _train(
+    peft_model: torch.nn.Module, params: list[torch.nn.Parameter], teacher: Reference, cfg: HealConfig, device
+) -> tuple[list[float], float]:
+    """Train `params` (the adapter's) for `cfg.steps` AdamW steps on the top-k KL to `teacher`, cycling through its
+    rows: (each step's loss, the KL of row 0 before any update)."""
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    n_seq = teacher.batch.shape[0]
+    losses = []
+    peft_model.train()
+    for step in range(cfg.steps):
+        rows = torch.arange(step * cfg.batch_seqs, (step + 1) * cfg.batch_seqs) % n_seq
+        logits = peft_model(teacher.batch[rows].to(device)).logits[:, :-1].float()
+        logp, idx = teacher.topk_logp[rows].to(device), teacher.topk_idx[rows].to(device)
+        kl = topk_kl(logp, idx, torch.log_softmax(logits, -1))
+        if step == 0:
+            unhealed = kl[0].mean().item()  # the only-if-better check's baseline, for free
+        loss = kl.mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    peft_model.eval()
+    return losses, unhealed
+
+
+def _merged(peft_model: torch.nn.Module, targets: list[str]) -> torch.nn.Module:
+    """The adapter merged into its linears, whose weights are rounded to F16 as the GGUF file stores them."""
+    merged = peft_model.merge_and_unload()
+    with torch.no_grad():
+        for name in targets:
+            w = merged.get_submodule(name).weight
+            w.copy_(w.half().to(w.dtype))
+    return merged
 
 
 @torch.no_grad()

@@ -34,8 +34,8 @@ class BuiltModel:
     stats: Stats
     # Compressed, then healed as its trial was (a peft model if the adapter stays apart); None for a plan applied
     # alone, whose writers need only the variants' bytes in `cache`.
-    model: torch.nn.Module | None
-    cache: VariantCache
+    model: torch.nn.Module | None = None
+    cache: VariantCache | None = None  # None: the writers make each compressed tensor afresh
     heal_info: dict = field(default_factory=dict)  # build_plan's healing summary ({} when not healed)
 
     @property
@@ -62,7 +62,7 @@ def plan_model(spec: str, plan: Plan | str, cache_dir: Path) -> BuiltModel:
     stats = cached_stats(base, calib, resolve(spec).key, cache_dir)
     cache = VariantCache(max_bytes=KEEP_ALL)
     make_variants(base, arch, plan, stats, cache)
-    return BuiltModel(spec, base, arch, plan, stats, None, cache)
+    return BuiltModel(spec, base, arch, plan, stats, cache=cache)
 
 
 def deploys_factors(arch: Arch, plan: Plan) -> bool:

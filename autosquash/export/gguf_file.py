@@ -17,11 +17,10 @@ import numpy as np
 import torch
 from gguf import GGUFWriter
 
-from autosquash.compress.apply import VariantCache, quantized_tensors
-from autosquash.compress.calibrate import Stats
+from autosquash.compress.apply import quantized_tensors
 from autosquash.compress.plan import Plan, kept_ffn_channels, kv_heads_per_layer
 from autosquash.errors import AutosquashError
-from autosquash.export.build import deploys_factors
+from autosquash.export.build import BuiltModel, deploys_factors
 from autosquash.export.lora import has_adapter
 from autosquash.formats.codecs import QuantizedTensor, quantize
 from autosquash.formats.gguf import add_tensor, copy_tokenizer, gguf_writer
@@ -75,27 +74,34 @@ def _tokenizer_gguf(src: ModelSource) -> Path | None:
     return None
 
 
-def write_gguf(
-    path: str | Path,
-    spec: str,
-    base: torch.nn.Module,
-    arch: Arch,
-    plan: Plan,
-    stats: Stats,
-    cache: VariantCache | None = None,
-    model: torch.nn.Module | None = None,
-) -> dict[str, int]:
-    """Write `plan` applied to `base` to `path`; returns the count of tensors per GGUF type.
+def write_gguf(path: str | Path, built: BuiltModel) -> dict[str, int]:
+    """Write `built` (a plan applied to its base model) to `path`; returns the count of tensors per GGUF type.
 
-    `model` is the plan's model as its trial evaluated it: when healing merged its adapter (a model
+    `built.model` is the plan's model as its trial evaluated it: when healing merged its adapter (a model
     without peft layers), its F16/F32 block weights are written instead of the compressed ones.
     """
+    arch, plan = built.arch, built.plan
+    widths, kv_heads = _runnable_shapes(arch, plan)
+    heads = [n * (arch.n_heads // arch.n_kv_heads) for n in kv_heads]
+    arch_name = gguf_arch(arch, plan)
+    fam = family(arch.model_type)
+    with gguf_writer(path, arch_name) as writer:
+        writer.add_name(f"{getattr(built.base.config, 'name_or_path', '') or built.spec} (autosquash)")
+        write_hparams(writer, fam, arch_name, built.base.config, arch, widths, heads, kv_heads)
+        writer.add_quantization_version(2)
+        _write_tokenizer(writer, built.spec)
+        counts = _write_tensors(writer, arch_name, built)
+    return counts
+
+
+def _runnable_shapes(arch: Arch, plan: Plan) -> tuple[list[int], list[int]]:
+    """Each block's FFN width and KV heads, refusing a plan whose GGUF file would not compute what its trial
+    measured: factors no GGUF runtime holds, or a block that keeps its attention without its FFN."""
     if deploys_factors(arch, plan):
         raise AutosquashError(
             "this plan uses low-rank or Kronecker factors, which no GGUF runtime holds; export it with --format torch"
         )
     widths, kv_heads = _shapes(arch, plan)
-    heads = [n * (arch.n_heads // arch.n_kv_heads) for n in kv_heads]
     ffn_alone = [i for i, (w, kv) in enumerate(zip(widths, kv_heads, strict=True)) if w == 0 and kv > 0]
     if ffn_alone:
         # Checked with llama-cpp-python 0.3.36: deci's graph skips the rest of a block with no FFN,
@@ -104,52 +110,53 @@ def write_gguf(
             f"block(s) {', '.join(map(str, ffn_alone))} remove the FFN but keep the attention, which llama.cpp's "
             "deci architecture cannot run (it drops that attention too); export with --format torch"
         )
-    arch_name = gguf_arch(arch, plan)
+    return widths, kv_heads
+
+
+def _write_tensors(writer: GGUFWriter, arch_name: str, built: BuiltModel) -> dict[str, int]:
+    """Add every tensor of `built` to `writer`, laid out as llama.cpp's `arch_name` reads it; returns the count of
+    tensors per GGUF type."""
+    base, arch = built.base, built.arch
     fam = family(arch.model_type)
-    merged = merged_weights(model)
+    merged = merged_weights(built.model)
     counts: dict[str, int] = {}
-    with gguf_writer(path, arch_name) as writer:
-        writer.add_name(f"{getattr(base.config, 'name_or_path', '') or spec} (autosquash)")
-        write_hparams(writer, fam, arch_name, base.config, arch, widths, heads, kv_heads)
-        writer.add_quantization_version(2)
-        _write_tokenizer(writer, spec)
 
-        def add(name: str, q) -> None:
-            if isinstance(q, QuantizedTensor):
-                q = QuantizedTensor(q.type, q.shape, to_gguf(fam, arch_name, name, q.data, arch.head_dim))
-            else:
-                q = to_gguf(fam, arch_name, name, q, arch.head_dim)
-            kind = add_tensor(writer, name, q)
-            counts[kind] = counts.get(kind, 0) + 1
+    def add(name: str, q) -> None:
+        if isinstance(q, QuantizedTensor):
+            q = QuantizedTensor(q.type, q.shape, to_gguf(fam, arch_name, name, q.data, arch.head_dim))
+        else:
+            q = to_gguf(fam, arch_name, name, q, arch.head_dim)
+        kind = add_tensor(writer, name, q)
+        counts[kind] = counts.get(kind, 0) + 1
 
-        def add_norms(i: int, kind: str) -> None:
-            block = base.model.layers[i]
-            for short, module, _ in arch.norms(kind):
-                add(f"blk.{i}.{short}.weight", _floats(block.get_submodule(module).weight))
+    def add_norms(i: int, kind: str) -> None:
+        block = base.model.layers[i]
+        for short, module, _ in arch.norms(kind):
+            add(f"blk.{i}.{short}.weight", _floats(block.get_submodule(module).weight))
 
-        gate: QuantizedTensor | None = None
-        for gguf_name, module, variant in quantized_tensors(base, arch, plan, stats, cache):
-            q = variant.parts["weight"]
-            if merged is not None and gguf_name.startswith("blk."):
-                q = merged(f"{module}.weight", q)
-            # Each present sublayer's norms go before its first weight; a removed one has none.
-            i = int(gguf_name.split(".")[1]) if gguf_name.startswith("blk.") else -1
-            if gguf_name.endswith("attn_q"):
-                add_norms(i, "attn")
-            elif gguf_name.endswith("ffn_gate"):
-                add_norms(i, "ffn")
-            if fam.fused_gate_up and gguf_name.endswith(("ffn_gate", "ffn_up")):
-                if gguf_name.endswith("ffn_gate"):
-                    gate = q
-                    continue
-                q = _stacked(gate, q, gguf_name)
-            add(f"{gguf_name}.weight", q)
-            bias = variant.parts.get("bias")  # Qwen2's q/k/v: F32
-            if bias is not None:
-                add(f"{gguf_name}.bias", bias.numpy())
-        add("output_norm.weight", _floats(base.model.norm.weight))
-        for name, data in extra_tensors(base.config, arch).items():
-            add(name, data)
+    gate: QuantizedTensor | None = None
+    for gguf_name, module, variant in quantized_tensors(base, arch, built.plan, built.stats, built.cache):
+        q = variant.parts["weight"]
+        if merged is not None and gguf_name.startswith("blk."):
+            q = merged(f"{module}.weight", q)
+        # Each present sublayer's norms go before its first weight; a removed one has none.
+        i = int(gguf_name.split(".")[1]) if gguf_name.startswith("blk.") else -1
+        if gguf_name.endswith("attn_q"):
+            add_norms(i, "attn")
+        elif gguf_name.endswith("ffn_gate"):
+            add_norms(i, "ffn")
+        if fam.fused_gate_up and gguf_name.endswith(("ffn_gate", "ffn_up")):
+            if gguf_name.endswith("ffn_gate"):
+                gate = q
+                continue
+            q = _stacked(gate, q, gguf_name)
+        add(f"{gguf_name}.weight", q)
+        bias = variant.parts.get("bias")  # Qwen2's q/k/v: F32
+        if bias is not None:
+            add(f"{gguf_name}.bias", bias.numpy())
+    add("output_norm.weight", _floats(base.model.norm.weight))
+    for name, data in extra_tensors(base.config, arch).items():
+        add(name, data)
     return counts
 
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from autosquash.compress.apply import VariantCache, quantized_tensors, shape_sublayers
-from autosquash.compress.calibrate import Stats
+from autosquash.compress.apply import quantized_tensors, shape_sublayers
 from autosquash.compress.operators import FORMS, PRUNING
 from autosquash.compress.plan import SUBLAYERS, Plan
 from autosquash.errors import AutosquashError
+from autosquash.export.build import BuiltModel
 from autosquash.export.gguf_file import merged_weights
 from autosquash.export.lora import adapter_weights, apply_adapter
 from autosquash.formats import torch_file as container
@@ -27,25 +27,18 @@ from autosquash.models.arch import Arch
 from autosquash.models.layers import with_bias
 
 
-def save(
-    path: str | Path,
-    spec: str,
-    base: torch.nn.Module,
-    arch: Arch,
-    plan: Plan,
-    stats: Stats,
-    cache: VariantCache | None = None,
-    model: torch.nn.Module | None = None,
-) -> dict[str, int]:
-    """Write `plan` applied to `base` to `path` in the torch format; returns the count of tensors per type.
+def save(path: str | Path, built: BuiltModel) -> dict[str, int]:
+    """Write `built` (a plan applied to its base model) to `path` in the torch format; returns the count of tensors
+    per type.
 
-    `model` is the plan's model as its trial evaluated it (compress, then heal): a merged adapter's F16
+    `built.model` is the plan's model as its trial evaluated it (compress, then heal): a merged adapter's F16
     weights are taken from it, a kept adapter is stored beside the weights (None: no healing).
     """
+    base, arch, plan, model = built.base, built.arch, built.plan, built.model
     tensors: dict[str, QuantizedTensor | torch.Tensor] = {}
     merged = merged_weights(model)
     params = set() if model is None else {n for n, _ in model.named_parameters()}
-    for name, module, variant in quantized_tensors(base, arch, plan, stats, cache):
+    for name, module, variant in quantized_tensors(base, arch, plan, built.stats, built.cache):
         for suffix, part in variant.parts.items():
             # A part's module parameter: the linear's own weight, or its `suffix` submodule's (LowRankLinear).
             param = f"{module}.weight" if suffix == "weight" else f"{module}.{suffix}.weight"
@@ -65,7 +58,7 @@ def save(
         tensors[f"{name}.lora_a"] = quantize(a, "F16")  # healing rounded A and B to F16: exact
         tensors[f"{name}.lora_b"] = quantize(b, "F16")
     metadata = {
-        "base_model": spec,
+        "base_model": built.spec,
         "config": base.config.to_json_string(use_diff=False),
         "plan": plan.model_dump_json(),
         "lora_alpha": json.dumps(alpha if adapter else None),

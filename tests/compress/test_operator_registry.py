@@ -69,6 +69,7 @@ from autosquash.compress.calibrate import collect_stats
 from autosquash.compress.plan import deployed_tensors
 from autosquash.cost import estimate, load_phone
 from autosquash.evaluate.proxy import reference
+from autosquash.export.build import BuiltModel
 from autosquash.export.torch_file import load, save
 from autosquash.models.arch import Arch
 from autosquash.search.profile import measure_profile
@@ -96,7 +97,7 @@ cost = estimate(arch, list(tensors.values()), load_phone("iphone-16"), context_t
 plain = estimate(arch, unscaled, load_phone("iphone-16"), context_tokens=1024)
 # The scales are priced: F32 per output row of gate (512), up (512) and down (256) in both blocks.
 assert cost.weights_bytes - plain.weights_bytes == 2 * (512 + 512 + 256) * 4
-save("toy.safetensors", "tiny", model, arch, plan, stats, cache)
+save("toy.safetensors", BuiltModel("tiny", model, arch, plan, stats, cache=cache))
 loaded, _ = load("toy.safetensors")
 with torch.no_grad():
     assert torch.equal(loaded(batch).logits, built(batch).logits)

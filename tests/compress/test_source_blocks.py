@@ -12,6 +12,7 @@ import torch
 
 from autosquash.compress.apply import VariantCache, compress, quantized_tensors
 from autosquash.compress.plan import LayerChoice, Plan
+from autosquash.export.build import BuiltModel
 from autosquash.export.gguf_file import write_gguf
 from autosquash.formats.gguf import open_gguf
 from autosquash.models.arch import Arch
@@ -38,7 +39,7 @@ def _file(tmp_path, model_type: str, quant: str):
     model = load_model(str(spec), seed=0)
     arch = Arch.from_config(model.config)
     path = tmp_path / f"{model_type}.gguf"
-    write_gguf(path, str(spec), model, arch, Plan.uniform(arch, quant), {})
+    write_gguf(path, BuiltModel(str(spec), model, arch, Plan.uniform(arch, quant), {}))
     return path, load_model(str(path))
 
 
@@ -61,7 +62,7 @@ def test_a_plan_in_the_files_own_type_keeps_its_blocks_and_weights_exactly(tmp_p
     for (name, p), q in zip(base.named_parameters(), model.parameters(), strict=True):
         assert torch.equal(p, q), name
     again = tmp_path / "again.gguf"
-    write_gguf(again, str(path), base, arch, plan, {})
+    write_gguf(again, BuiltModel(str(path), base, arch, plan, {}))
     assert _quantized(again) == _quantized(path)
 
 

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from autosquash.compress.apply import VariantCache, compress, quantized_tensors
 from autosquash.compress.calibrate import Stats, compensation_of
 from autosquash.compress.plan import LayerChoice, Plan
+from autosquash.export.build import BuiltModel
 from autosquash.export.gguf_file import write_gguf
 from autosquash.formats.codecs import QuantizedTensor
 from autosquash.formats.gguf import open_gguf
@@ -95,7 +96,7 @@ def test_a_compensated_trial_exports_the_weights_it_scored(compensated, tmp_path
     cache = VariantCache(max_bytes=1 << 30)
     model, _ = build_plan(ctx, plan, seed=0, cache=cache)
     path = tmp_path / "m.gguf"
-    write_gguf(path, exp.model, inputs.base, inputs.arch, plan, inputs.stats, cache, model=model)
+    write_gguf(path, BuiltModel(exp.model, inputs.base, inputs.arch, plan, inputs.stats, cache=cache, model=model))
     types = {t.name: t.tensor_type.name for t in open_gguf(path).tensors}
     assert types["blk.0.ffn_down.weight"] == "Q2_K" and types["blk.1.attn_q.weight"] == "IQ4_NL"
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)

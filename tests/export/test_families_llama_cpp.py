@@ -18,6 +18,7 @@ from autosquash.compress.apply import VariantCache, compress
 from autosquash.compress.plan import LayerChoice, Plan
 from autosquash.evaluate.heal import HealConfig, heal
 from autosquash.evaluate.proxy import reference
+from autosquash.export.build import BuiltModel
 from autosquash.export.gguf_file import gguf_arch, write_gguf
 from autosquash.export.lora import adapter_weights, apply_adapter, lora_path, read_gguf_lora, write_gguf_lora
 from autosquash.formats.gguf import gguf_architecture, open_gguf, read_tensor
@@ -89,7 +90,7 @@ def test_llama_cpp_scores_each_family_as_autosquash_does(tmp_path, model_type):
     spec, model, arch = _tiny(tmp_path, model_type)
     model_type = arch.model_type
     path = tmp_path / "m.gguf"
-    write_gguf(path, spec, model, arch, PLAN, {})
+    write_gguf(path, BuiltModel(spec, model, arch, PLAN, {}))
     assert gguf_architecture(path) == FAMILIES[model_type].gguf_arch == gguf_arch(arch, PLAN)
     with torch.no_grad():
         ours = compress(model, arch, PLAN, {})(torch.tensor([IDS])).logits[0].double().numpy()
@@ -130,7 +131,7 @@ def test_a_healing_adapter_runs_in_llama_cpp_for_families_outside_the_llama_grap
     cfg = HealConfig(steps=3, rank=4, lr=3e-2, batch_seqs=2, only_if_better=False)
     healed, _ = heal(compressed, reference(model, batch, k=8), cfg, seed=0, merge=False)
     path = tmp_path / "m.gguf"
-    write_gguf(path, spec, model, arch, PLAN, {}, cache, model=healed)
+    write_gguf(path, BuiltModel(spec, model, arch, PLAN, {}, cache=cache, model=healed))
     adapter, alpha = adapter_weights(healed)
     write_gguf_lora(lora_path(path), adapter, alpha, arch, gguf_arch(arch, PLAN))
     with torch.no_grad():

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 from autosquash.compress.apply import compress
 from autosquash.compress.plan import LayerChoice, Plan
 from autosquash.errors import AutosquashError
+from autosquash.export.build import BuiltModel
 from autosquash.export.gguf_file import write_gguf
 from autosquash.formats.gguf import open_gguf
 from autosquash.models.arch import Arch
@@ -40,7 +41,7 @@ def test_export_round_trips_exactly_through_transformers(tiny, tmp_path, which):
     base, arch = tiny
     plan = _mixed(arch) if which == "mixed" else Plan.uniform(arch, which)
     path = tmp_path / "m.gguf"
-    write_gguf(path, TINY, base, arch, plan, {})
+    write_gguf(path, BuiltModel(TINY, base, arch, plan, {}))
     types = {t.name: t.tensor_type.name for t in open_gguf(path).tensors}
     if which == "mixed":
         assert types["blk.0.attn_v.weight"] == "Q6_K" and types["blk.0.attn_q.weight"] == "Q3_K"
@@ -59,7 +60,7 @@ def test_low_rank_plans_are_refused(tiny, tmp_path):
     base, arch = tiny
     plan = Plan(target="torch", groups={"blk.0.attn": LayerChoice(quant="Q8_0", rank_ratio=0.25)})
     with pytest.raises(AutosquashError, match="low-rank"):
-        write_gguf(tmp_path / "m.gguf", TINY, base, arch, plan, {})
+        write_gguf(tmp_path / "m.gguf", BuiltModel(TINY, base, arch, plan, {}))
 
 
 def test_pruned_plan_is_written_as_deci_with_per_layer_shapes(tiny, tmp_path):
@@ -72,7 +73,7 @@ def test_pruned_plan_is_written_as_deci_with_per_layer_shapes(tiny, tmp_path):
             "blk.1.ffn": LayerChoice(quant="Q4_0"),
         }
     )
-    write_gguf(tmp_path / "p.gguf", TINY, base, arch, plan, {})
+    write_gguf(tmp_path / "p.gguf", BuiltModel(TINY, base, arch, plan, {}))
     reader = open_gguf(tmp_path / "p.gguf")
     assert reader.fields["general.architecture"].contents() == "deci"
     assert reader.fields["deci.feed_forward_length"].contents() == [256, 512]
@@ -89,7 +90,7 @@ def test_an_ffn_removed_alone_is_refused(tiny, tmp_path):
     base, arch = tiny
     plan = Plan(groups={"blk.1.ffn": LayerChoice(ffn_keep_ratio=0.0)})
     with pytest.raises(AutosquashError, match="remove the FFN but keep the attention"):
-        write_gguf(tmp_path / "m.gguf", TINY, base, arch, plan, {})
+        write_gguf(tmp_path / "m.gguf", BuiltModel(TINY, base, arch, plan, {}))
 
 
 @pytest.mark.parametrize("which", ["mixed", "pruned"])
@@ -102,7 +103,7 @@ def test_a_file_is_priced_as_the_plan_it_was_written_from(tiny, tmp_path, which)
     if which == "pruned":
         plan.groups["blk.0.ffn"] = LayerChoice(quant="Q4_0", ffn_keep_ratio=0.5)
         plan.groups["blk.1.attn"] = LayerChoice(quant="Q4_0", attn_keep_ratio=0.5)
-    write_gguf(tmp_path / "m.gguf", TINY, base, arch, plan, {})
+    write_gguf(tmp_path / "m.gguf", BuiltModel(TINY, base, arch, plan, {}))
     phone = load_phone("iphone-16")
     planned = estimate(arch, deployed_tensors(arch, plan), phone, kv_heads_per_layer=kv_heads_per_layer(arch, plan))
     file_arch, tensors, kv_heads = file_tensors(tmp_path / "m.gguf")
@@ -118,7 +119,7 @@ def test_estimate_prices_a_gguf_file_as_stored_unless_told_a_type(tiny, tmp_path
     from autosquash.cli import main
 
     base, arch = tiny
-    write_gguf(tmp_path / "m.gguf", TINY, base, arch, _mixed(arch), {})
+    write_gguf(tmp_path / "m.gguf", BuiltModel(TINY, base, arch, _mixed(arch), {}))
     stored = sum(int(t.n_bytes) for t in open_gguf(tmp_path / "m.gguf").tensors)
     reports = {}
     for extra in ([], ["--uniform", "F16"]):

@@ -7,6 +7,7 @@ from autosquash.compress.apply import compress
 from autosquash.compress.plan import LayerChoice, Plan
 from autosquash.errors import AutosquashError
 from autosquash.evaluate.proxy import score
+from autosquash.export.build import BuiltModel
 from autosquash.export.gguf_file import write_gguf
 from autosquash.export.lora import has_adapter
 from autosquash.formats.gguf import gguf_architecture, rope_permute, rope_unpermute
@@ -32,7 +33,7 @@ def test_rope_unpermute_inverts_rope_permute():
 
 def test_deci_file_reads_back_as_the_evaluated_model(tmp_path, tiny_spec, tiny_model, tiny_arch, tiny_ref):
     path = tmp_path / "p.gguf"
-    write_gguf(path, tiny_spec, tiny_model, tiny_arch, PRUNED, {})
+    write_gguf(path, BuiltModel(tiny_spec, tiny_model, tiny_arch, PRUNED, {}))
     assert gguf_architecture(path) == "deci"
     evaluated = compress(tiny_model, tiny_arch, PRUNED, {})
     loaded = load_model(str(path))  # the one loader dispatches deci files to autosquash's reader
@@ -52,7 +53,7 @@ def test_uniformly_pruned_heads_stay_llama_and_transformers_agrees(tmp_path, tin
     half = LayerChoice(quant="Q8_0", attn_keep_ratio=0.5)
     plan = Plan(groups={f"blk.{i}.attn": half for i in range(tiny_arch.n_layers)})
     path = tmp_path / "h.gguf"
-    write_gguf(path, tiny_spec, tiny_model, tiny_arch, plan, {})
+    write_gguf(path, BuiltModel(tiny_spec, tiny_model, tiny_arch, plan, {}))
     assert gguf_architecture(path) == "llama"
     from transformers import AutoModelForCausalLM
 
@@ -69,7 +70,7 @@ def test_merged_healing_is_in_the_f16_weights(tmp_path, tiny_spec, tiny_model, t
     model, cache = make_trial(plan)
     assert not has_adapter(model)  # merged: no adapter file
     path = tmp_path / "f.gguf"
-    write_gguf(path, tiny_spec, tiny_model, tiny_arch, plan, {}, cache, model=model)
+    write_gguf(path, BuiltModel(tiny_spec, tiny_model, tiny_arch, plan, {}, cache=cache, model=model))
     loaded = read_gguf_model(path)
     with torch.no_grad():
         assert torch.equal(loaded(tiny_ref.batch).logits, model(tiny_ref.batch).logits)

@@ -26,6 +26,7 @@ import torch
 
 from autosquash.compress.plan import Plan
 from autosquash.errors import AutosquashError
+from autosquash.export.build import BuiltModel
 from autosquash.export.gguf_file import write_gguf
 from autosquash.formats.gguf import gguf_tokens
 from autosquash.formats.hf_vocab import add_hf_tokenizer, token_scores
@@ -109,7 +110,7 @@ def _export(tok, folder, config=None):
     path = folder / "m.gguf"
     base = load_model(spec)
     arch = Arch.from_config(base.config)
-    write_gguf(path, spec, base, arch, Plan.uniform(arch, "F16"), {})
+    write_gguf(path, BuiltModel(spec, base, arch, Plan.uniform(arch, "F16"), {}))
     return hf, path
 
 

@@ -15,6 +15,7 @@ import torch
 
 from autosquash.compress.plan import Plan
 from autosquash.errors import AutosquashError
+from autosquash.export.build import BuiltModel
 from autosquash.export.gguf_file import write_gguf
 from autosquash.formats.gguf import gguf_tokens
 from autosquash.formats.hf_vocab import _LLAMA3_SPLIT, _QWEN2_SPLIT, pre_tokenizer_name
@@ -87,7 +88,7 @@ def test_llama_cpp_encodes_as_transformers_with_the_written_tokenizer(trained, t
     path = folder / "m.gguf"
     base = load_model(spec)
     arch = Arch.from_config(base.config)
-    write_gguf(path, spec, base, arch, Plan.uniform(arch, "F16"), {})
+    write_gguf(path, BuiltModel(spec, base, arch, Plan.uniform(arch, "F16"), {}))
     assert gguf_tokens(path) == hf.convert_ids_to_tokens(list(range(len(hf))))
     llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     try:

@@ -21,6 +21,7 @@ import torch
 from autosquash.compress.apply import VariantCache, compress
 from autosquash.compress.calibrate import collect_stats
 from autosquash.compress.plan import LayerChoice, Plan
+from autosquash.export.build import BuiltModel
 from autosquash.export.gguf_file import write_gguf
 from autosquash.formats.gguf import open_gguf
 from autosquash.models.arch import Arch
@@ -81,7 +82,7 @@ def test_llama_cpp_runs_iq4_tensors_as_autosquash_decodes_them(tiny, tmp_path, w
     plan = {"mixed": _mixed, "lattice": _lattice}.get(which, lambda: Plan.uniform(arch, which))()
     path = tmp_path / "m.gguf"
     cache = VariantCache(max_bytes=1 << 62)  # the file's tensors are the ones scored below, quantized once
-    write_gguf(path, TINY, base, arch, plan, stats, cache)
+    write_gguf(path, BuiltModel(TINY, base, arch, plan, stats, cache=cache))
     types = {t.name: t.tensor_type.name for t in open_gguf(path).tensors}
     if which == "mixed":
         assert types["blk.0.attn_q.weight"] == "IQ4_XS" and types["blk.0.attn_v.weight"] == "IQ4_NL"

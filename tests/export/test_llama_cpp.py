@@ -21,6 +21,7 @@ from autosquash.compress.plan import LayerChoice, Plan
 from autosquash.evaluate.heal import HealConfig, heal
 from autosquash.evaluate.proxy import Reference, reference, score
 from autosquash.evaluate.texts import load_texts, token_block
+from autosquash.export.build import BuiltModel
 from autosquash.export.gguf_file import gguf_arch, write_gguf
 from autosquash.export.lora import adapter_weights, lora_path, write_gguf_lora
 from autosquash.models.arch import Arch
@@ -112,7 +113,7 @@ def llama_cpp_perplexity(model: Path, batch: torch.Tensor, lora: Path | None = N
 
 def _export(s: SmolLM2, plan: Plan, path: Path) -> tuple[float, float]:
     """(autosquash's perplexity of `plan`, llama.cpp's perplexity of its GGUF export)."""
-    write_gguf(path, SPEC, s.base, s.arch, plan, s.stats, s.cache)
+    write_gguf(path, BuiltModel(SPEC, s.base, s.arch, plan, s.stats, cache=s.cache))
     ours = score(compress(s.base, s.arch, plan, s.stats, s.cache), s.eval_ref)["perplexity"]
     return ours, llama_cpp_perplexity(path, s.eval_ref.batch)
 

@@ -14,6 +14,7 @@ import pytest
 from autosquash.compress.plan import Plan
 from autosquash.cost import estimate, file_tensors, load_phone
 from autosquash.cost.model import kv_cells
+from autosquash.export.build import BuiltModel
 from autosquash.export.gguf_file import write_gguf
 from autosquash.models.arch import Arch
 from autosquash.models.load import load_model
@@ -34,7 +35,7 @@ def exports(tmp_path_factory) -> dict[str, Path]:
     out = {}
     for t in ("F16", "Q8_0"):
         out[t] = tmp_path_factory.mktemp(t) / "m.gguf"
-        write_gguf(out[t], SPEC, base, arch, Plan.uniform(arch, t), {})
+        write_gguf(out[t], BuiltModel(SPEC, base, arch, Plan.uniform(arch, t), {}))
     return out
 
 

@@ -9,6 +9,7 @@ from autosquash.compress.apply import compress
 from autosquash.compress.plan import LayerChoice, Plan
 from autosquash.errors import AutosquashError
 from autosquash.evaluate.proxy import score
+from autosquash.export.build import BuiltModel
 from autosquash.export.gguf_file import gguf_arch, write_gguf
 from autosquash.export.lora import (
     adapter_weights,
@@ -35,7 +36,7 @@ PRUNED = Plan(
 def _export(tmp_path, spec, tiny_model, tiny_arch, plan, model, cache):
     tmp_path.mkdir(exist_ok=True)
     path = tmp_path / "m.gguf"
-    write_gguf(path, spec, tiny_model, tiny_arch, plan, {}, cache, model=model)
+    write_gguf(path, BuiltModel(spec, tiny_model, tiny_arch, plan, {}, cache=cache, model=model))
     adapter, alpha = adapter_weights(model)
     write_gguf_lora(lora_path(path), adapter, alpha, tiny_arch, gguf_arch(tiny_arch, plan))
     return path, lora_path(path)

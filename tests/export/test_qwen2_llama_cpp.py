@@ -16,6 +16,7 @@ import torch
 
 from autosquash.compress.apply import compress
 from autosquash.compress.plan import LayerChoice, Plan, deployed_tensors
+from autosquash.export.build import BuiltModel
 from autosquash.export.gguf_file import gguf_arch, write_gguf
 from autosquash.models.arch import Arch
 from autosquash.models.load import load_model, read_gguf_model
@@ -64,7 +65,7 @@ def test_llama_cpp_runs_the_exported_qwen2_with_its_biases(qwen2, tmp_path, plan
     spec, model, arch = qwen2
     plan = Plan.uniform(arch, "F16") if plan == UNIFORM else plan
     path = tmp_path / "m.gguf"
-    write_gguf(path, spec, model, arch, plan, {})
+    write_gguf(path, BuiltModel(spec, model, arch, plan, {}))
     ids = torch.randint(3, 49152, (24,), generator=torch.Generator().manual_seed(3)).tolist()
     with torch.no_grad():
         compressed = compress(model, arch, plan, {})

@@ -12,6 +12,7 @@ from autosquash.compress.plan import LayerChoice, Plan, deployed_tensors
 from autosquash.errors import AutosquashError
 from autosquash.evaluate.heal import adapter_tensors
 from autosquash.evaluate.proxy import score
+from autosquash.export.build import BuiltModel
 from autosquash.export.lora import has_adapter
 from autosquash.export.torch_file import load, save
 from autosquash.formats.codecs import quantize
@@ -36,7 +37,7 @@ def test_file_loads_back_as_the_trials_model(tmp_path, tiny_spec, tiny_model, ti
     model, cache = make_trial(plan)
     assert has_adapter(model) == (plan is DECOMPOSED)
     path = tmp_path / "m.safetensors"
-    save(path, tiny_spec, tiny_model, tiny_arch, plan, {}, cache, model=model)
+    save(path, BuiltModel(tiny_spec, tiny_model, tiny_arch, plan, {}, cache=cache, model=model))
     loaded, spec = load(path)
     assert spec == tiny_spec  # whose tokenizer the model uses
     with torch.no_grad():
@@ -50,7 +51,7 @@ def test_file_loads_back_as_the_trials_model(tmp_path, tiny_spec, tiny_model, ti
 def test_file_holds_what_the_cost_model_prices(tmp_path, tiny_spec, tiny_model, tiny_arch, make_trial):
     model, cache = make_trial(DECOMPOSED)
     path = tmp_path / "m.safetensors"
-    save(path, tiny_spec, tiny_model, tiny_arch, DECOMPOSED, {}, cache, model=model)
+    save(path, BuiltModel(tiny_spec, tiny_model, tiny_arch, DECOMPOSED, {}, cache=cache, model=model))
     with safe_open(str(path), "pt") as f:
         types = json.loads(f.metadata()["types"])
         stored = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
@@ -79,7 +80,7 @@ def test_foreign_files_are_one_line_errors(tmp_path):
 def test_quantized_tensor_bytes_are_kept_as_uint8_rows(tmp_path, tiny_spec, tiny_model, tiny_arch, make_trial):
     plan = Plan.uniform(tiny_arch, "Q4_K")
     model, cache = make_trial(plan, steps=0)
-    save(tmp_path / "q.safetensors", tiny_spec, tiny_model, tiny_arch, plan, {}, cache, model=model)
+    save(tmp_path / "q.safetensors", BuiltModel(tiny_spec, tiny_model, tiny_arch, plan, {}, cache=cache, model=model))
     with safe_open(str(tmp_path / "q.safetensors"), "pt") as f:
         raw = f.get_tensor("blk.0.ffn_down.weight")
         qtype, rows, cols = json.loads(f.metadata()["types"])["blk.0.ffn_down.weight"]

@@ -15,6 +15,7 @@ from autosquash.cost import estimate, load_phone
 from autosquash.errors import AutosquashError
 from autosquash.evaluate.heal import HealConfig, heal
 from autosquash.evaluate.proxy import reference, score
+from autosquash.export.build import BuiltModel
 from autosquash.export.gguf_file import gguf_arch
 from autosquash.export.torch_file import load, save
 from autosquash.models.arch import SUPPORTED_MODEL_TYPES, Arch
@@ -76,7 +77,7 @@ def test_a_mixed_plan_compresses_heals_scores_and_reloads(family, tmp_path):
     quality = score(healed, ref)
     assert 0 < quality["kl"] < 5 and quality["perplexity"] > 1
     path = tmp_path / "m.safetensors"
-    save(path, spec, model, arch, PLAN, {}, cache, model=healed)
+    save(path, BuiltModel(spec, model, arch, PLAN, {}, cache=cache, model=healed))
     loaded, _ = load(path)
     with torch.no_grad():  # every norm stored and put back: the reloaded model computes the trial's logits
         assert torch.equal(loaded(batch).logits, healed(batch).logits)

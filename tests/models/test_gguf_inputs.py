@@ -16,6 +16,7 @@ from autosquash.cli import main
 from autosquash.compress.apply import compress
 from autosquash.compress.plan import Plan
 from autosquash.errors import AutosquashError
+from autosquash.export.build import BuiltModel
 from autosquash.export.gguf_file import write_gguf
 from autosquash.formats.gguf import open_gguf
 from autosquash.models.arch import Arch
@@ -33,7 +34,7 @@ def _export(tmp_path, model_type: str):
     model = load_model(str(spec), seed=0)
     arch = Arch.from_config(model.config)
     path = tmp_path / f"{model_type}.gguf"
-    write_gguf(path, str(spec), model, arch, Plan.uniform(arch, "Q8_0"), {})
+    write_gguf(path, BuiltModel(str(spec), model, arch, Plan.uniform(arch, "Q8_0"), {}))
     return path, model, arch
 
 

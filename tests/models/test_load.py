@@ -47,11 +47,12 @@ def test_unsupported_architecture_is_named(tmp_path):
 
 def test_torch_format_files_are_their_own_kind(tmp_path, tiny_model, tiny_arch):
     from autosquash.compress.plan import Plan
+    from autosquash.export.build import BuiltModel
     from autosquash.export.torch_file import save
 
     plan = Plan.uniform(tiny_arch, "Q8_0")
     spec = str(tmp_path / "base.json")
-    save(tmp_path / "m.safetensors", spec, tiny_model, tiny_arch, plan, {})
+    save(tmp_path / "m.safetensors", BuiltModel(spec, tiny_model, tiny_arch, plan, {}))
     src = resolve(str(tmp_path / "m.safetensors"))
     assert src.kind == "torch" and src.key.startswith("torch:")
     assert load_arch(str(tmp_path / "m.safetensors")) == tiny_arch  # from the base config it records
@@ -85,6 +86,7 @@ def test_a_gguf_tokenizer_is_converted_once_and_its_model_read_by_autosquash(tmp
     import torch
 
     from autosquash.compress.plan import Plan
+    from autosquash.export.build import BuiltModel
     from autosquash.export.gguf_file import write_gguf
     from autosquash.models import load
     from autosquash.models.arch import Arch
@@ -93,7 +95,7 @@ def test_a_gguf_tokenizer_is_converted_once_and_its_model_read_by_autosquash(tmp
     base = load_model(spec)
     arch = Arch.from_config(base.config)
     path = tmp_path / "m.gguf"
-    write_gguf(path, spec, base, arch, Plan.uniform(arch, "F16"), {})
+    write_gguf(path, BuiltModel(spec, base, arch, Plan.uniform(arch, "F16"), {}))
     monkeypatch.setenv("AUTOSQUASH_CACHE_DIR", str(tmp_path / "cache"))
 
     def no_transformers_gguf(*a, **k):

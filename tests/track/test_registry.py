@@ -132,6 +132,7 @@ def test_a_pulled_plan_that_does_not_cover_its_model_file_is_refused_in_one_line
     import json
 
     from autosquash.compress.plan import Plan
+    from autosquash.export.build import BuiltModel
     from autosquash.export.gguf_file import write_gguf
     from autosquash.models.arch import Arch
     from autosquash.models.load import load_model
@@ -145,7 +146,7 @@ def test_a_pulled_plan_that_does_not_cover_its_model_file_is_refused_in_one_line
     plan = Plan.uniform(arch, "F16")
     gguf = tmp_path / "f/m.gguf"
     gguf.parent.mkdir()
-    write_gguf(gguf, str(spec), model, arch, plan, {})
+    write_gguf(gguf, BuiltModel(str(spec), model, arch, plan, {}))
     dump_yaml_model(plan, tmp_path / "f/trial-0001.yaml")
     half = Plan(groups={g: c for g, c in plan.groups.items() if g.startswith("blk.0.")})
     (tmp_path / "g").mkdir()
