@@ -7,6 +7,7 @@ import argparse
 import json
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from autosquash.cli.common import (
     CACHE_DIR,
@@ -16,6 +17,9 @@ from autosquash.cli.common import (
     writable_folder,
 )
 from autosquash.errors import AutosquashError, DeprecatedInput
+
+if TYPE_CHECKING:
+    from autosquash.models.load import ResolvedModel
 
 
 def search_command(args: argparse.Namespace) -> int:
@@ -91,7 +95,7 @@ def why_no_front(out: Path, phone: str) -> str:
 def estimate_command(args: argparse.Namespace) -> int:
     from autosquash.compress.plan import Plan, check_plan, deployed_tensors, kv_heads_per_layer
     from autosquash.cost import estimate, file_tensors, format_report, load_phone
-    from autosquash.models.load import load_arch, resolve
+    from autosquash.models.load import resolve_model
     from autosquash.yaml_io import load_yaml_model
 
     if args.old_device:
@@ -99,12 +103,13 @@ def estimate_command(args: argparse.Namespace) -> int:
             "estimate --device is deprecated: it names the phone; write --phone", DeprecatedInput, stacklevel=2
         )
     phone = load_phone(args.phone or args.old_device)
-    src = resolve(args.model)
+    model = resolve_model(args.model)
+    src = model.source
     if src.kind == "gguf" and not args.plan and args.uniform is None:
         # A GGUF file is priced as it is stored: its own tensors and types, its blocks' KV heads.
         arch, tensors, kv_heads = file_tensors(Path(src.location, src.gguf_file))
     else:
-        arch = load_arch(args.model)
+        arch = model.arch
         if args.plan:
             plan = check_plan(load_yaml_model(Plan, args.plan), arch, args.plan)
         else:
@@ -162,7 +167,7 @@ def fetch_command(args: argparse.Namespace) -> int:
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    from autosquash.models.load import load_model, load_tokenizer, resolve
+    from autosquash.models.load import load_model, load_tokenizer, resolve_model
 
     if not (args.tasks or args.text):
         raise AutosquashError(
@@ -181,15 +186,16 @@ def eval_command(args: argparse.Namespace) -> int:
         )
     if args.lora and not Path(args.lora).is_file():
         raise AutosquashError(f"LoRA adapter {args.lora} does not exist")
-    tok = load_tokenizer(args.model)
-    if resolve(args.model).kind == "torch":  # a compressed model: only the operators know its linears
+    base_model = resolve_model(args.model)
+    tok = load_tokenizer(base_model)
+    if base_model.source.kind == "torch":  # a compressed model: only the operators know its linears
         from autosquash.export.torch_file import load
 
         model = load(args.model)[0]
     else:
-        model = load_model(args.model)
+        model = load_model(base_model)
     if args.lora:
-        model = with_lora(model, args.model, args.lora)
+        model = with_lora(model, base_model, args.lora)
     result: dict = {}
     if tasks:
         from autosquash.evaluate.benchmark import run_tasks
@@ -223,13 +229,12 @@ def eval_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def with_lora(model, spec: str, lora: str):
+def with_lora(model, base_model: ResolvedModel, lora: str):
     """`model` with the GGUF LoRA adapter `lora` applied, as llama.cpp's --lora applies it."""
     from autosquash.export.lora import apply_adapter, read_gguf_lora
     from autosquash.formats.gguf import gguf_architecture
-    from autosquash.models.load import resolve
 
-    src = resolve(spec)
+    src, spec = base_model.source, base_model.spec
     if src.kind == "torch":
         raise AutosquashError(f"{spec} is a torch-format file, which carries its adapter inside; --lora is for GGUF")
     adapter, alpha, adapter_arch = read_gguf_lora(lora)
@@ -264,13 +269,14 @@ def export_command(args: argparse.Namespace) -> int:
     else:
         if not args.model or (args.plan is None and args.uniform is None):
             raise AutosquashError("export needs --run DIR --trial N, or --model M with --plan FILE or --uniform TYPE")
-        plan = args.uniform
+        from autosquash.models.load import resolve_model
+
+        plan, model = args.uniform, resolve_model(args.model)
         if args.plan:  # checked against the model's config before the weights load
             from autosquash.compress.plan import check_plan
-            from autosquash.models.load import load_arch
 
-            plan = check_plan(load_yaml_model(Plan, args.plan), load_arch(args.model), args.plan)
-        built = plan_model(args.model, plan, CACHE_DIR)
+            plan = check_plan(load_yaml_model(Plan, args.plan), model.arch, args.plan)
+        built = plan_model(model, plan, CACHE_DIR)
     files, counts, healing = write_export(out, args.format, built)
     types = ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
     for f in files:

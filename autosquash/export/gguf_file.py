@@ -27,7 +27,7 @@ from autosquash.formats.gguf import add_tensor, copy_tokenizer, gguf_writer
 from autosquash.formats.hf_vocab import add_hf_tokenizer
 from autosquash.models.arch import Arch
 from autosquash.models.gguf_family import extra_tensors, family, to_gguf, write_hparams
-from autosquash.models.load import DEFAULT_MODEL, ModelSource, load_tokenizer, resolve
+from autosquash.models.load import DEFAULT_MODEL, ModelSource, ResolvedModel, load_tokenizer, resolve
 
 
 def check_writable(arch: Arch, pruned: Sequence[str] = ()) -> None:
@@ -86,10 +86,10 @@ def write_gguf(path: str | Path, built: BuiltModel) -> dict[str, int]:
     arch_name = gguf_arch(arch, plan)
     fam = family(arch.model_type)
     with gguf_writer(path, arch_name) as writer:
-        writer.add_name(f"{getattr(built.base.config, 'name_or_path', '') or built.spec} (autosquash)")
+        writer.add_name(f"{getattr(built.base.config, 'name_or_path', '') or built.base_spec} (autosquash)")
         write_hparams(writer, fam, arch_name, built.base.config, arch, widths, heads, kv_heads)
         writer.add_quantization_version(2)
-        _write_tokenizer(writer, built.spec)
+        _write_tokenizer(writer, built.base_model)
         counts = _write_tensors(writer, arch_name, built)
     return counts
 
@@ -174,13 +174,13 @@ def _stacked(gate: QuantizedTensor | None, up: QuantizedTensor, name: str) -> Qu
     return QuantizedTensor(up.type, (gate.shape[0] + up.shape[0], up.shape[1]), np.concatenate([gate.data, up.data]))
 
 
-def _write_tokenizer(writer: GGUFWriter, spec: str) -> None:
+def _write_tokenizer(writer: GGUFWriter, model: ResolvedModel) -> None:
     """The tokenizer copied from the source GGUF, or written from a Hugging Face model's tokenizer.json."""
-    source = _tokenizer_gguf(resolve(spec))
+    source = _tokenizer_gguf(model.source)
     if source is not None:
         copy_tokenizer(writer, source)
     else:
-        add_hf_tokenizer(writer, load_tokenizer(spec))
+        add_hf_tokenizer(writer, load_tokenizer(model))
 
 
 def merged_weights(model: torch.nn.Module | None):

@@ -58,7 +58,7 @@ def save(path: str | Path, built: BuiltModel) -> dict[str, int]:
         tensors[f"{name}.lora_a"] = quantize(a, "F16")  # healing rounded A and B to F16: exact
         tensors[f"{name}.lora_b"] = quantize(b, "F16")
     metadata = {
-        "base_model": built.spec,
+        "base_model": built.base_spec,
         "config": base.config.to_json_string(use_diff=False),
         "plan": plan.model_dump_json(),
         "lora_alpha": json.dumps(alpha if adapter else None),

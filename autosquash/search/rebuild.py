@@ -73,9 +73,9 @@ def rebuild_trial(run: Path, number: int) -> tuple[BuiltModel, Experiment, Path]
         raise AutosquashError(f"{run} holds no trial {number} ({plan_file} is missing)")
     _check_finished(run, number)
     exp = load_experiment(run / "experiment.yaml")
-    model = resolve_model(exp.model)
-    plan = check_plan(load_yaml_model(Plan, plan_file), model.arch, str(plan_file))  # before the weights
-    inputs = load_inputs(exp, run, model=model)
+    base_model = resolve_model(exp.model)
+    plan = check_plan(load_yaml_model(Plan, plan_file), base_model.arch, str(plan_file))  # before the weights
+    inputs = load_inputs(exp, run, model=base_model)
     ctx = prepare_context(exp, inputs, workers=1, test_split=False)  # the trial's context: healing batch, config
     # The search's store holds the very bytes the trial was scored with, whichever worker made them.
     cache = VariantCache(max_bytes=KEEP_ALL, store=open_store(ctx))
@@ -87,5 +87,5 @@ def rebuild_trial(run: Path, number: int) -> tuple[BuiltModel, Experiment, Path]
         )
     with _threads(threads):
         model, info = build_plan(ctx, plan, trial_seed(exp.seed, number), cache)
-    built = BuiltModel(exp.model, inputs.base, inputs.arch, plan, inputs.stats, model, cache, info)
+    built = BuiltModel(base_model, inputs.base, inputs.arch, plan, inputs.stats, model, cache, info)
     return built, exp, plan_file

@@ -65,12 +65,12 @@ def _eval(tmp_path: Path, path: Path, lora: Path) -> dict:
     from autosquash.cli.commands import with_lora
     from autosquash.evaluate.proxy import perplexity
     from autosquash.evaluate.texts import load_texts, token_block
-    from autosquash.models.load import load_model, load_tokenizer
+    from autosquash.models.load import load_model, load_tokenizer, resolve_model
 
     batch = token_block(load_tokenizer(str(path)), load_texts("lambada"), 512, 128, skip=4096)
     model = load_model(str(path))
     if lora.exists():
-        model = with_lora(model, str(path), str(lora))
+        model = with_lora(model, resolve_model(str(path)), str(lora))
     with torch.no_grad():
         return {"perplexity": perplexity(model, batch, 0), "ids": batch.tolist()}
 

@@ -1,5 +1,6 @@
-"""A search resolves its model spec once, in its preflight, and parses its GGUF file's header once: the resolved
-model is handed down to what loads the weights, the tokenizer and the statistics, and prices the file."""
+"""A search or an export resolves its model spec once, where it starts, and parses its GGUF file's header once:
+the resolved model is handed down to what loads the weights, the tokenizer and the statistics, prices the file
+and writes the export's tokenizer."""
 
 import sys
 
@@ -10,8 +11,6 @@ from autosquash.formats import gguf
 from autosquash.models import load
 from tests.conftest import tiny_gguf, write_experiment
 
-pytestmark = pytest.mark.integration
-
 SPACE = {
     "name": "once",
     "target": "gguf",
@@ -21,8 +20,14 @@ SPACE = {
 }
 
 
-def test_a_search_resolves_its_model_once_and_parses_its_header_once(tmp_path, monkeypatch):
-    path = tiny_gguf(tmp_path)
+@pytest.fixture
+def gguf_file(tmp_path):
+    return tiny_gguf(tmp_path)
+
+
+@pytest.fixture
+def counted(gguf_file, monkeypatch) -> tuple[list, list]:
+    """(specs resolved, GGUF files parsed), as this process does them once the file is written."""
     resolved, parses = [], []
     resolve, init = load.resolve, gguf.GGUFFile.__init__
 
@@ -39,7 +44,20 @@ def test_a_search_resolves_its_model_once_and_parses_its_header_once(tmp_path, m
             monkeypatch.setattr(module, "resolve", counted_resolve)
     monkeypatch.setattr(gguf.GGUFFile, "__init__", counted_parse)
     gguf._parsed.cache_clear()
+    return resolved, parses
+
+
+@pytest.mark.integration
+def test_a_search_resolves_its_model_once_and_parses_its_header_once(tmp_path, gguf_file, counted):
+    path = gguf_file
     exp = write_experiment(tmp_path, str(path), SPACE, trials=2)
     assert main(["search", str(exp), "--out", str(tmp_path / "run")]) == 0
-    assert resolved == [str(path)]
-    assert parses.count(str(path.resolve())) == 1
+    assert counted[0] == [str(path)]
+    assert counted[1].count(str(path.resolve())) == 1
+
+
+def test_an_export_resolves_its_model_once_and_parses_its_header_once(tmp_path, gguf_file, counted):
+    path = gguf_file
+    assert main(["export", "--model", str(path), "--uniform", "Q4_0", "--out", str(tmp_path / "out.gguf")]) == 0
+    assert counted[0] == [str(path)]
+    assert counted[1].count(str(path.resolve())) == 1
