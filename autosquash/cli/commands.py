@@ -166,9 +166,8 @@ def fetch_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def eval_command(args: argparse.Namespace) -> int:
-    from autosquash.models.load import load_model, load_tokenizer, resolve_model
-
+def _eval_tasks(args: argparse.Namespace) -> list[str]:
+    """The lm-eval tasks `eval` is asked for, once its arguments are checked (one line each where they are bad)."""
     if not (args.tasks or args.text):
         raise AutosquashError(
             "eval needs --tasks a,b,... (lm-eval) or --text FILE (or a shipped source: wikipedia, lambada)"
@@ -186,6 +185,13 @@ def eval_command(args: argparse.Namespace) -> int:
         )
     if args.lora and not Path(args.lora).is_file():
         raise AutosquashError(f"LoRA adapter {args.lora} does not exist")
+    return tasks
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    from autosquash.models.load import load_model, load_tokenizer, resolve_model
+
+    tasks = _eval_tasks(args)
     base_model = resolve_model(args.model)
     tok = load_tokenizer(base_model)
     if base_model.source.kind == "torch":  # a compressed model: only the operators know its linears
