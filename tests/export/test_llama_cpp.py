@@ -33,12 +33,16 @@ pytestmark = pytest.mark.integration
 
 SPEC = "smollm2-135m"
 SEQ_LEN = 256
-EVAL_TOKENS = 512  # 2 rows of LAMBADA: enough to compare two runtimes on the same rows, not to rank models
+# 8 rows of LAMBADA: enough to compare two runtimes on the same rows, not to rank models. On 2 rows the uniform
+# Q4_K file's llama.cpp / autosquash ratio moved from +1.8 % to +2.55 % with a change of scale rounding alone
+# (67411a2 -> 3b65ae6, autosquash's perplexity 55.32 -> 55.30); on these 8 rows +1.2 % and +1.6 %.
+EVAL_TOKENS = 2048
 CALIB_TOKENS = 1024
 # Quantized weights: llama.cpp rounds the activations to 8 bits (Q8_0/Q8_K blocks) in every quantized
-# matmul, torch multiplies in float32. Measured: +0.4% (uniform Q4_K), -0.7% (the pruned plan of mixed
-# types), +1.1% (Q4_K with its adapter); on 4 rows +0.7%, -0.1%, and -0.3% to +1.0% over nine healing
-# settings. 2.5% keeps a margin and stays well inside what Q4_K costs over the base model (about 7%).
+# matmul, torch multiplies in float32. Measured on 2 rows: +0.4% (uniform Q4_K), -0.7% (the pruned plan of
+# mixed types), +1.1% (Q4_K with its adapter); on 4 rows +0.7%, -0.1%, and -0.3% to +1.0% over nine healing
+# settings; on the 8 rows used now +1.6% (uniform Q4_K, 3b65ae6). 2.5% keeps a margin and stays well inside
+# what Q4_K costs over the base model (about 7%).
 TOL_QUANTIZED = 0.025
 # F16 weights: only llama.cpp's rounding of activations to F16 differs. Measured: 0.01% or less.
 TOL_F16 = 0.001

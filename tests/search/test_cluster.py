@@ -87,7 +87,7 @@ def test_trials_land_on_gpu_nodes_and_each_worker_resolves_its_own_device(tmp_pa
 
         exp = load_experiment(smoke_plain).model_copy(update={"hardware": HardwareSpec(device="cuda")})
         opts = SearchOptions(out_dir=tmp_path / "cuda", trials=2, workers=2, ray_address=cluster.address)
-        assert _preflight(exp, opts) == torch.device("cpu")  # not refused: the GPUs are the workers' to have
+        assert _preflight(exp, opts)[0] == torch.device("cpu")  # not refused: the GPUs are the workers' to have
         ray.init(address=cluster.address)
         resources = _resources(exp, ray.cluster_resources().get("GPU", 0.0))
         assert resources == {"num_cpus": 1, "num_gpus": 1.0}
