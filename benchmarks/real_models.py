@@ -276,9 +276,20 @@ def report(exports: list[dict], tables: list[dict], commit: str) -> str:
             ],
         ),
         "",
-        "autosquash's time over llama-quantize's: the same types written (--pure), and the recipe",
+        "autosquash's time over llama-quantize's: the same types written (--pure; +i: with its importance matrix, "
+        "as autosquash weighs by its calibration), and the recipe",
         table(
-            ["type", "MB: ours", "--pure", "recipe", "warm/pure", "cold/pure", "warm/recipe", "cold/recipe"],
+            [
+                "type",
+                "MB: ours",
+                "--pure",
+                "recipe",
+                "warm/pure",
+                "warm/pure+i",
+                "cold/pure",
+                "warm/recipe",
+                "cold/recipe",
+            ],
             [
                 [
                     r["type"],
@@ -286,6 +297,7 @@ def report(exports: list[dict], tables: list[dict], commit: str) -> str:
                     f"{r['llama_quantize_pure_mb']:.0f}",
                     f"{r['llama_quantize_mb']:.0f}",
                     f"{r['autosquash_warm_s'] / r['llama_quantize_pure_s']:.2f}",
+                    f"{r['autosquash_warm_s'] / r['llama_quantize_pure_imatrix_s']:.2f}",
                     f"{r['autosquash_cold_s'] / r['llama_quantize_pure_s']:.2f}",
                     f"{r['autosquash_warm_s'] / r['llama_quantize_s']:.2f}",
                     f"{r['autosquash_cold_s'] / r['llama_quantize_s']:.2f}",
