@@ -76,6 +76,16 @@ def tiny_batch() -> torch.Tensor:
     return torch.randint(0, 512, (4, 64), generator=g)
 
 
+# Two types per group on the tiny random Llama: trials of a few seconds.
+SMALL_SPACE = {
+    "name": "small",
+    "target": "gguf",
+    "attn": {"quant": ["Q8_0", "Q4_0"]},
+    "ffn": {"quant": ["Q8_0", "Q4_0"]},
+    "baselines": ["Q8_0"],
+}
+
+
 def write_experiment(folder, model: str, space: dict, trials: int, workers: int = 1, name: str = "faults"):
     """An experiment file (and its space.yaml) in `folder` for a search of seconds a trial: small token sets,
     no healing, perplexity and memory the objectives; its path."""

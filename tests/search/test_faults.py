@@ -15,6 +15,7 @@ from transformers import LlamaForCausalLM
 from autosquash.cli import main
 from autosquash.models.load import load_model, load_tokenizer
 from autosquash.track.mlflow_store import default_tracking_uri
+from tests.conftest import SMALL_SPACE as SMALL
 from tests.conftest import write_experiment
 
 ROOT = Path(__file__).parents[2]
@@ -29,16 +30,6 @@ def _rows(out: Path) -> list[dict]:
 def _measured(rows: list[dict]) -> list[tuple]:
     """What each trial measured (a search fills in the test-split columns of its front at its end)."""
     return [(r["trial"], r["state"], r["perplexity"], r["kl"], r["memory_mb"], r["plan"]) for r in rows]
-
-
-# Two types per group on the tiny random Llama: trials of a few seconds.
-SMALL = {
-    "name": "small",
-    "target": "gguf",
-    "attn": {"quant": ["Q8_0", "Q4_0"]},
-    "ffn": {"quant": ["Q8_0", "Q4_0"]},
-    "baselines": ["Q8_0"],
-}
 
 
 def _small_search(tmp_path: Path, trials: int, *args: str) -> tuple[Path, Path, subprocess.Popen]:

@@ -9,15 +9,7 @@ import pytest
 from autosquash.cli import main
 from autosquash.formats import gguf
 from autosquash.models import load
-from tests.conftest import tiny_gguf, write_experiment
-
-SPACE = {
-    "name": "once",
-    "target": "gguf",
-    "attn": {"quant": ["Q8_0", "Q4_0"]},
-    "ffn": {"quant": ["Q8_0", "Q4_0"]},
-    "baselines": ["Q8_0"],
-}
+from tests.conftest import SMALL_SPACE, tiny_gguf, write_experiment
 
 
 @pytest.fixture
@@ -50,7 +42,7 @@ def counted(gguf_file, monkeypatch) -> tuple[list, list]:
 @pytest.mark.integration
 def test_a_search_resolves_its_model_once_and_parses_its_header_once(tmp_path, gguf_file, counted):
     path = gguf_file
-    exp = write_experiment(tmp_path, str(path), SPACE, trials=2)
+    exp = write_experiment(tmp_path, str(path), SMALL_SPACE, trials=2)
     assert main(["search", str(exp), "--out", str(tmp_path / "run")]) == 0
     assert counted[0] == [str(path)]
     assert counted[1].count(str(path.resolve())) == 1
