@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from autosquash.errors import AutosquashError
-from autosquash.formats.cpu_kernels import decode_q4_k, decode_q6_k, fit_affine, fit_scale
+from autosquash.formats.cpu_kernels import decode_k_affine, decode_q2_k, decode_q3_k, decode_q6_k, fit_affine, fit_scale
 from autosquash.formats.gguf_types import tensor_type
 from autosquash.formats.iq_lattice import LATTICE_CODECS, lattice_weights
 
@@ -582,7 +582,18 @@ def _pack_q2_k(s: Scales, q: Tensor) -> Tensor:
 _Q2_K = _k_affine_grid(16, 3, 15, "abs", _pack_q2_k)
 
 
+def _compiled_decode(b: Tensor, kernel: Callable, f16_at: tuple[int, ...], *args: int) -> Tensor:
+    """b's super-blocks decoded by a compiled kernel (cpu_kernels.decode_*): the kernel takes the bytes, the
+    f16 fields starting at the byte offsets `f16_at` (d, or d and dmin) as float32, `args`, then its output."""
+    out = torch.empty(b.shape[0], QK_K, device=b.device)
+    scales = [_numpy32(_read_f16(b[:, a : a + 2])).ravel() for a in f16_at]
+    kernel(b.contiguous().numpy(), *scales, *args, out.numpy())
+    return out
+
+
 def _decode_q2_k(b: Tensor) -> Tensor:
+    if compiled(b):
+        return _compiled_decode(b, decode_q2_k, (80, 82))
     scales = b[:, :16]
     q = _unpack(b[:, 16:80].reshape(-1, 2, 32), 2, 4).reshape(-1, 16, 16).to(torch.float32)
     dl = _read_f16(b[:, 80:82]) * (scales & 15).to(torch.float32)
@@ -604,6 +615,8 @@ _Q3_K = _k_symmetric_grid(4, 32, _pack_q3_k)
 
 
 def _decode_q3_k(b: Tensor) -> Tensor:
+    if compiled(b):
+        return _compiled_decode(b, decode_q3_k, (108,))
     high = _unpack(b[:, :32], 1, 8).reshape(-1, 16, 16)
     low = _unpack(b[:, 32:96].reshape(-1, 2, 32), 2, 4).reshape(-1, 16, 16)
     s = _unpack(b[:, 96:104], 4, 2).reshape(-1, 16) | (_unpack(b[:, 104:108], 2, 4).reshape(-1, 16) << 4)
@@ -631,10 +644,7 @@ def _decode_k_affine(b: Tensor, q: Tensor) -> Tensor:
 
 def _decode_q4_k(b: Tensor) -> Tensor:
     if compiled(b):
-        out = torch.empty(b.shape[0], QK_K, device=b.device)
-        d, dmin = (_numpy32(_read_f16(b[:, i : i + 2])).ravel() for i in (0, 2))
-        decode_q4_k(b.contiguous().numpy(), d, dmin, out.numpy())
-        return out
+        return _compiled_decode(b, decode_k_affine, (0, 2), 16, -1)
     return _decode_k_affine(b, _unpack(b[:, 16:].reshape(-1, 4, 32), 4, 2).reshape(-1, 8, 32))
 
 
@@ -650,6 +660,8 @@ _Q5_K = _k_affine_grid(32, 31, 63, "rms+abs", _pack_q5_k)
 
 
 def _decode_q5_k(b: Tensor) -> Tensor:
+    if compiled(b):
+        return _compiled_decode(b, decode_k_affine, (0, 2), 48, 16)
     high = _unpack(b[:, 16:48], 1, 8)
     low = _unpack(b[:, 48:].reshape(-1, 4, 32), 4, 2).reshape(-1, 8, 32)
     return _decode_k_affine(b, low | (high << 4))
@@ -668,9 +680,7 @@ _Q6_K = _k_symmetric_grid(32, 128, _pack_q6_k)
 
 def _decode_q6_k(b: Tensor) -> Tensor:
     if compiled(b):
-        out = torch.empty(b.shape[0], QK_K, device=b.device)
-        decode_q6_k(b.contiguous().numpy(), _numpy32(_read_f16(b[:, 208:210])).ravel(), out.numpy())
-        return out
+        return _compiled_decode(b, decode_q6_k, (208,))
     low = _unpack(b[:, :128].reshape(-1, 2, 64), 4, 2).reshape(-1, QK_K)
     high = _unpack(b[:, 128:192].reshape(-1, 2, 32), 2, 4).reshape(-1, QK_K)
     q = ((low | (high << 4)).to(torch.int8) - 32).to(torch.float32).view(-1, 16, 16)

@@ -101,7 +101,17 @@ def test_all_zero_and_constant_rows() -> None:
         assert torch.allclose(values, w, atol=0.02)
 
 
-@pytest.mark.parametrize("type_name", ("Q4_K", "Q6_K"))
+# Each K-quant's f16 scale fields (d, and dmin where it has one), as byte ranges of its super-block.
+F16_FIELDS = {
+    "Q2_K": slice(80, 84),
+    "Q3_K": slice(108, 110),
+    "Q4_K": slice(0, 4),
+    "Q5_K": slice(0, 4),
+    "Q6_K": slice(208, 210),
+}
+
+
+@pytest.mark.parametrize("type_name", tuple(F16_FIELDS))
 def test_compiled_decoders_give_the_torch_decoders_values_exactly(type_name: str, torch_path: None) -> None:
     """Every bit of the codes and 6/8-bit scales exercised: blocks of random bytes, their f16 scales kept
     finite; both decoders, and gguf's, give the same float32 values."""
@@ -109,9 +119,8 @@ def test_compiled_decoders_give_the_torch_decoders_values_exactly(type_name: str
     q = codecs.quantize(w, type_name)
     rng = np.random.default_rng(0)
     data = rng.integers(0, 256, size=q.data.shape, dtype=np.uint8).reshape(-1, q.data.shape[-1] // 2)
-    scale_bytes = [slice(0, 4)] if type_name == "Q4_K" else [slice(208, 210)]
-    for s in scale_bytes:  # keep d (and dmin) what the quantizer wrote: finite f16
-        data[:, s] = q.data.reshape(data.shape)[:, s]
+    s = F16_FIELDS[type_name]  # keep d (and dmin) what the quantizer wrote: finite f16
+    data[:, s] = q.data.reshape(data.shape)[:, s]
     q = codecs.QuantizedTensor(type_name, q.shape, data.reshape(q.data.shape))
     plain = codecs.dequantize(q)
     codecs.COMPILED_CPU = True
