@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from autosquash.errors import AutosquashError
-from autosquash.formats.cpu_kernels import decode_k_affine, decode_q2_k, decode_q3_k, decode_q6_k, fit_affine, fit_scale
+from autosquash.formats.cpu_kernels import decode_k_affine, decode_q6_k, fit_affine, fit_scale
 from autosquash.formats.gguf_types import tensor_type
 from autosquash.formats.iq_lattice import LATTICE_CODECS, lattice_weights
 
@@ -592,8 +592,6 @@ def _compiled_decode(b: Tensor, kernel: Callable, f16_at: tuple[int, ...], *args
 
 
 def _decode_q2_k(b: Tensor) -> Tensor:
-    if compiled(b):
-        return _compiled_decode(b, decode_q2_k, (80, 82))
     scales = b[:, :16]
     q = _unpack(b[:, 16:80].reshape(-1, 2, 32), 2, 4).reshape(-1, 16, 16).to(torch.float32)
     dl = _read_f16(b[:, 80:82]) * (scales & 15).to(torch.float32)
@@ -615,8 +613,6 @@ _Q3_K = _k_symmetric_grid(4, 32, _pack_q3_k)
 
 
 def _decode_q3_k(b: Tensor) -> Tensor:
-    if compiled(b):
-        return _compiled_decode(b, decode_q3_k, (108,))
     high = _unpack(b[:, :32], 1, 8).reshape(-1, 16, 16)
     low = _unpack(b[:, 32:96].reshape(-1, 2, 32), 2, 4).reshape(-1, 16, 16)
     s = _unpack(b[:, 96:104], 4, 2).reshape(-1, 16) | (_unpack(b[:, 104:108], 2, 4).reshape(-1, 16) << 4)

@@ -1,5 +1,5 @@
 """The K-quants' hot loops compiled for the CPU: the scale searches (codecs._fit_affine, _fit_scale), one
-sub-block at a time, and the K-quant decoders (Q2_K .. Q6_K).
+sub-block at a time, and the Q4_K / Q5_K / Q6_K decoders.
 
 On a GPU the search runs as torch ops over all candidates at once. On a CPU that layout streams each
 candidate's temporaries through memory a dozen times (Q4_K of a 1.5B model: about 150 s on 2 cores, 89 %
@@ -168,38 +168,6 @@ def decode_k_affine(b, d, dmin, qs, qh, out):  # pragma: no cover - compiled
                 if qh >= 0:
                     q |= ((blk[qh + j] >> k) & 1) << 4
                 out[n, 32 * k + j] = scale * _F(q) - mn
-
-
-@njit(nogil=True, cache=True)
-def decode_q3_k(b, d, out):  # pragma: no cover - compiled
-    """Q3_K super-blocks b (N, 110) uint8, their f16 d as float32 (N,), into out (N, 256): (d * (sc - 32)) * q per
-    sub-block of 16, sc 6 bits (low 4 in bytes 96-103, high 2 in 104-107), q = 2 bits of qs less 4 where the
-    hmask bit is clear."""
-    for n in range(b.shape[0]):
-        blk = b[n]
-        for k in range(16):
-            sc = ((blk[96 + k % 8] >> (4 * (k // 8))) & 15) | (((blk[104 + k % 4] >> (2 * (k // 4))) & 3) << 4)
-            scale = d[n] * _F(np.int32(sc) - 32)
-            for t in range(16):
-                v = 16 * k + t
-                low = (blk[32 + (v // 128) * 32 + v % 32] >> (2 * ((v % 128) // 32))) & 3
-                high = (blk[v % 32] >> (v // 32)) & 1
-                out[n, v] = scale * _F(np.int32(low) - 4 * (1 - np.int32(high)))
-
-
-@njit(nogil=True, cache=True)
-def decode_q2_k(b, d, dmin, out):  # pragma: no cover - compiled
-    """Q2_K super-blocks b (N, 84) uint8, their f16 d and dmin as float32 (N,), into out (N, 256):
-    (d * (sc & 15)) * q - (dmin * (sc >> 4)) per sub-block of 16, q = 2 bits of qs."""
-    for n in range(b.shape[0]):
-        blk = b[n]
-        for k in range(16):
-            scale = d[n] * _F(blk[k] & 15)
-            mn = dmin[n] * _F(blk[k] >> 4)
-            for t in range(16):
-                v = 16 * k + t
-                q = (blk[16 + (v // 128) * 32 + v % 32] >> (2 * ((v % 128) // 32))) & 3
-                out[n, v] = scale * _F(q) - mn
 
 
 @njit(nogil=True, cache=True)

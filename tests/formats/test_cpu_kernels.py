@@ -101,10 +101,9 @@ def test_all_zero_and_constant_rows() -> None:
         assert torch.allclose(values, w, atol=0.02)
 
 
-# Each K-quant's f16 scale fields (d, and dmin where it has one), as byte ranges of its super-block.
+# The compiled decoders' types and their f16 scale fields (d, and dmin where it has one), as byte ranges of a
+# super-block. (Q2_K's and Q3_K's torch decoders were as fast as compiled ones: 0.05 s per 6.3M values.)
 F16_FIELDS = {
-    "Q2_K": slice(80, 84),
-    "Q3_K": slice(108, 110),
     "Q4_K": slice(0, 4),
     "Q5_K": slice(0, 4),
     "Q6_K": slice(208, 210),
