@@ -209,6 +209,7 @@ def _sweep_compiled(g: Grid, x: Tensor, u: Tensor, imp: Tensor) -> tuple[Tensor,
     xt = x.T.contiguous()
     err = torch.empty_like(xt)
     cells, half, levels = g.lookup()
+    xt_n, u_n, err_n = xt.numpy(), u.numpy(), err.numpy()  # views the kernel writes through
     blocks = []
     for c0 in range(0, cols, g.block):
         c1 = c0 + g.block
@@ -222,7 +223,7 @@ def _sweep_compiled(g: Grid, x: Tensor, u: Tensor, imp: Tensor) -> tuple[Tensor,
         arrays = (step.numpy(), reciprocal(step).numpy(), offset.numpy(), g.lo, g.hi, cells, half, levels)
         for s0 in range(c0, c1, _LAZY):
             s1 = s0 + _LAZY
-            _code_run(xt.numpy(), c0, s0, s1, g.sub, u.numpy(), *arrays, codes.numpy(), err.numpy())
+            _code_run(xt_n, c0, s0, s1, g.sub, u_n, *arrays, codes.numpy(), err_n)
             if s1 < c1:
                 xt[s1:c1].addmm_(u[s0:s1, s1:c1].T, err[s0:s1], alpha=-1)
         blocks.append(g.pack(scales, codes.T.contiguous()))

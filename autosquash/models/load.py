@@ -126,9 +126,9 @@ class ResolvedModel:
     spec: str
     source: ModelSource
 
-    @property
+    @cached_property
     def key(self) -> str:
-        """The source's identity for caches keyed by model."""
+        """The source's identity for caches keyed by model, as it was when first asked (one stat of its file)."""
         return self.source.key
 
     @cached_property
