@@ -15,8 +15,8 @@ import time
 import torch
 
 from autosquash.compress.calibrate import collect_inputs, collect_stats
+from autosquash.compress.quantize import fake_quantize
 from autosquash.evaluate.texts import load_texts, token_block
-from autosquash.formats.codecs import fake_quantize
 from autosquash.formats.gguf_types import legal_type, tensor_type
 from autosquash.models.load import load_model, load_tokenizer
 

@@ -55,7 +55,8 @@ def _timed(fn, reps: int) -> float:
 def run(reps: int, types: tuple[str, ...] = TYPES) -> list[dict]:
     import gguf
 
-    from autosquash.formats.codecs import QuantizedTensor, dequantize, quantize
+    from autosquash.compress.quantize import quantize
+    from autosquash.formats.codecs import QuantizedTensor, dequantize
     from autosquash.formats.gguf_types import tensor_type
 
     torch.set_num_threads(2)

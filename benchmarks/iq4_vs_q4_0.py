@@ -31,9 +31,9 @@ def run() -> dict:
     from autosquash.compress.apply import compress
     from autosquash.compress.calibrate import collect_stats
     from autosquash.compress.plan import Plan, deployed_tensors
+    from autosquash.compress.quantize import fake_quantize
     from autosquash.evaluate.proxy import reference, score
     from autosquash.evaluate.texts import load_texts, token_block
-    from autosquash.formats.codecs import fake_quantize
     from autosquash.models.arch import Arch
     from autosquash.models.load import load_model, load_tokenizer
 

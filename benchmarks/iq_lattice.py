@@ -54,7 +54,8 @@ def _datasets(rows: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 def run(reps: int, rows: int, types: tuple[str, ...] = TYPES) -> list[dict]:
     import gguf
 
-    from autosquash.formats.codecs import QuantizedTensor, dequantize, quantize
+    from autosquash.compress.quantize import quantize
+    from autosquash.formats.codecs import QuantizedTensor, dequantize
     from autosquash.formats.gguf_types import tensor_type
 
     data = _datasets(rows)

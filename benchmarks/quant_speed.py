@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from gguf.constants import GGMLQuantizationType
 
-from autosquash.formats.codecs import QUANTIZABLE_TYPES, dequantize, quantize
+from autosquash.compress.quantize import quantize
+from autosquash.formats.codecs import QUANTIZABLE_TYPES, dequantize
 from autosquash.formats.gguf_types import tensor_type
 
 SMOLLM2_LINEAR_VALUES = 30 * (2 * 576 * 576 + 2 * 192 * 576 + 3 * 1536 * 576)

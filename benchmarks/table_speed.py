@@ -60,7 +60,10 @@ def revision_quantizers(rev: str) -> dict:
         del sys.modules[k]
     sys.path.insert(0, folder)
     try:
-        codecs = importlib.import_module("autosquash.formats.codecs")
+        try:
+            quantizer = importlib.import_module("autosquash.compress.quantize")
+        except ModuleNotFoundError:  # a revision from before the quantizers moved out of formats/
+            quantizer = importlib.import_module("autosquash.formats.codecs")
         try:
             gptq = importlib.import_module("autosquash.compress.gptq")
         except ModuleNotFoundError:  # a revision from before GPTQ moved out of formats/
@@ -71,8 +74,8 @@ def revision_quantizers(rev: str) -> dict:
             del sys.modules[k]
         sys.modules.update(saved)
     return {
-        "plain": codecs.quantize,
-        "weighted": codecs.quantize_no_worse,
+        "plain": quantizer.quantize,
+        "weighted": quantizer.quantize_no_worse,
         "compensated": gptq.quantize_compensated_no_worse,
     }
 
@@ -120,7 +123,7 @@ def _timed(fn, *args):
 def run(shapes, types, baseline: str | None, baseline_rows: int, source: str | None) -> list[dict]:
     from autosquash.compress.apply import TABLE_DAMP, TABLE_MIN_COMPENSATED_ERROR
     from autosquash.compress.gptq import quantize_compensated_no_worse
-    from autosquash.formats.codecs import quantize, quantize_no_worse
+    from autosquash.compress.quantize import quantize, quantize_no_worse
     from autosquash.formats.gguf_types import tensor_type
 
     # As compress.apply.quantized_table quantizes a table the head reads.

@@ -22,8 +22,9 @@ from autosquash.compress.gptq import quantize_compensated_no_worse
 from autosquash.compress.operators import PRUNING, deploy_linear, form
 from autosquash.compress.operators.base import Variant, weight_of
 from autosquash.compress.plan import SUBLAYERS, Plan
+from autosquash.compress.quantize import quantize, quantize_no_worse
 from autosquash.compress.store import VariantStore
-from autosquash.formats.codecs import QuantizedTensor, dequantize, quantize, quantize_no_worse
+from autosquash.formats.codecs import QuantizedTensor, dequantize
 from autosquash.formats.gguf_types import legal_type
 from autosquash.models.arch import Arch
 from autosquash.models.device import model_device, to_compute

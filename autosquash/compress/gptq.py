@@ -7,7 +7,7 @@ inputs, tr((W - Ŵ) H (W - Ŵ)^T) with H = E[x x^T], stays as low as it can: wit
 factor of H^-1, W[:, j+1:] -= (W[:, j] - Ŵ[:, j]) / U[j, j] * U[j, j+1:]. The stored bytes are the type's
 GGUF blocks, unchanged: when the sweep reaches a block (32 values, or a K-quant super-block of 256), its
 scales are chosen from the error-updated weights of that block by the same importance-weighted search as
-`codecs.quantize` (codecs.Grid), and its values are then coded against those scales column by column.
+`quantize` (compress.quantize.Grid), and its values are then coded against those scales column by column.
 Columns are updated lazily (GPTQ's lazy batches): one by one within a run of 32, the rest of a batch of 128
 (or of a super-block) by one matrix product per run, the columns beyond the batch by one per batch. Rows are
 independent: they go through a slice at a time, so that a table of 150k rows needs no copy of itself. On a
@@ -27,30 +27,26 @@ import torch
 from numba import njit
 from torch import Tensor
 
-from autosquash.errors import AutosquashError
-from autosquash.formats.codecs import (
+from autosquash.compress.quantize import (
     Grid,
-    QuantizedTensor,
-    Scales,
     checked_weight,
     chunk_rows,
-    compiled,
-    decode_rows,
-    for_each_slice,
     grid,
     importance_floor,
     no_worse_rows,
     quantize,
-    reciprocal,
     search_weights,
 )
+from autosquash.compress.quantize.scales import reciprocal
+from autosquash.errors import AutosquashError
+from autosquash.formats.codecs import QuantizedTensor, Scales, compiled, decode_rows, for_each_slice
 from autosquash.formats.gguf_types import tensor_type
 
 _LAZY = 32  # columns updated one by one at a time, the rest of their batch by one matrix product per 32
 _BATCH = 128  # columns (or one K-quant super-block) coded before the columns after them are updated
 # Weights one sweep takes at once, and the fewest rows worth a slice of their own. Each column's coding is a
 # handful of torch calls on a slice's rows: a GPU's slices are big, for few kernel launches. A CPU's slices run
-# one per torch thread (codecs.for_each_slice), and every call hands the GIL to the other thread: with one of
+# one per torch thread (for_each_slice), and every call hands the GIL to the other thread: with one of
 # the 2 cores taken by another process, 2^24-value slices of a 87,381 x 1,536 Q4_0 table took 33 s against
 # 21 s on one thread, 2^26-value ones 25 s against 22 s. 2^25 values keep a slice's copies (weights, errors,
 # decoded values) about 128 MB each. The compiled sweep (`_sweep_compiled`) makes a few dozen calls per block
@@ -98,7 +94,7 @@ def _inverse_cholesky(hessian: Tensor, cols: int, damp: float, device: torch.dev
 
 
 def _scales(g: Grid, x: Tensor, w: Tensor) -> Scales:
-    """`g.scales` of rows x (rows, block), a slice of rows at a time as `codecs.quantize` searches them (the
+    """`g.scales` of rows x (rows, block), a slice of rows at a time as `quantize` searches them (the
     search's temporaries are a few dozen candidates times its input: a whole table's column at once spills
     out of the CPU's caches, about twice as slow)."""
     step = chunk_rows(x.device, g.block)
@@ -123,7 +119,7 @@ def _sweep_rows(x: Tensor) -> int:
 def _sweep(g: Grid, x: Tensor, u: Tensor, imp: Tensor) -> tuple[Tensor, Tensor]:
     """Rows x (r, cols) coded column by column with their errors spread through U: the bytes (r, row bytes)
     and each row's sum of squared scaled errors, which is its output error by the damped H (w - ŵ = e U, so
-    (w - ŵ) U^-1 U^-T (w - ŵ)ᵀ = e eᵀ). Torch's ops on a GPU (or with codecs.COMPILED_CPU off), the
+    (w - ŵ) U^-1 U^-T (w - ŵ)ᵀ = e eᵀ). Torch's ops on a GPU (or with formats.codecs.COMPILED_CPU off), the
     compiled kernel on a CPU."""
     if compiled(x):
         return _sweep_compiled(g, x, u, imp)
@@ -278,7 +274,7 @@ def quantize_compensated(
     """Quantize a 2-D weight (out, in) to GGUF type `type_name`, spreading each column's error onto the
     columns not yet coded through `hessian` (in, in), the inputs' E[x x^T] (any positive multiple will do).
 
-    `importance` (in,) weights the scale search as in `codecs.quantize`; by default diag(hessian), the
+    `importance` (in,) weights the scale search as in `quantize`; by default diag(hessian), the
     inputs' mean squares. F32 and F16 have no grid and are written as `quantize` writes them; the lattice types
     (IQ3_S .. IQ2_XXS) code 4 or 8 columns jointly, not one at a time, and are written as `quantize` writes them
     with that importance, uncompensated. Runs on the weight's device; the bytes come back to host memory.
@@ -299,11 +295,11 @@ def quantize_compensated_no_worse(
     min_error: float = 0.0,
 ) -> QuantizedTensor:
     """`quantize_compensated`, each row then the better, by its output error (w - ŵ) H (w - ŵ)ᵀ, of that and
-    `codecs.quantize_no_worse`'s row: a weight already on the type's grid comes back exactly, and no row errs
+    `quantize_no_worse`'s row: a weight already on the type's grid comes back exactly, and no row errs
     more than without compensation. Rows are coded independently, so any mix of the two is a valid tensor.
     Inputs calibration never saw (zero diagonal of H) count nothing.
 
-    Runs on the weight's device a slice of rows at a time (`codecs.for_each_slice`); only the bytes come back
+    Runs on the weight's device a slice of rows at a time (`for_each_slice`); only the bytes come back
     to host memory. A slice whose `quantize_no_worse` encoding errs less than `min_error` relative to the
     weights, both by diag(H) (sum_j H_jj e_j² over sum_j H_jj w_j²), keeps that encoding uncompensated.
     """

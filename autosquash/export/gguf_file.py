@@ -19,10 +19,11 @@ from gguf import GGUFWriter
 
 from autosquash.compress.apply import quantized_tensors
 from autosquash.compress.plan import Plan, kept_ffn_channels, kv_heads_per_layer
+from autosquash.compress.quantize import quantize
 from autosquash.errors import AutosquashError
 from autosquash.export.build import BuiltModel, deploys_factors
 from autosquash.export.lora import has_adapter
-from autosquash.formats.codecs import QuantizedTensor, quantize
+from autosquash.formats.codecs import QuantizedTensor
 from autosquash.formats.gguf import add_tensor, copy_tokenizer, gguf_writer
 from autosquash.formats.hf_vocab import add_hf_tokenizer
 from autosquash.models.arch import Arch

@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 from gguf import GGUFType, Keys
 
+from autosquash.compress.quantize import quantize
 from autosquash.errors import AutosquashError
-from autosquash.formats.codecs import QuantizedTensor, quantize
+from autosquash.formats.codecs import QuantizedTensor
 from autosquash.formats.gguf import (
     GGUFFile,
     add_tensor,

@@ -17,12 +17,13 @@ import torch
 from autosquash.compress.apply import quantized_tensors, shape_sublayers
 from autosquash.compress.operators import FORMS, PRUNING
 from autosquash.compress.plan import SUBLAYERS, Plan
+from autosquash.compress.quantize import quantize
 from autosquash.errors import AutosquashError
 from autosquash.export.build import BuiltModel
 from autosquash.export.gguf_file import merged_weights
 from autosquash.export.lora import adapter_weights, apply_adapter
 from autosquash.formats import torch_file as container
-from autosquash.formats.codecs import QuantizedTensor, quantize
+from autosquash.formats.codecs import QuantizedTensor
 from autosquash.models.arch import Arch
 from autosquash.models.layers import with_bias
 

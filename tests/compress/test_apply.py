@@ -6,7 +6,8 @@ from autosquash.compress.apply import VariantCache, compress
 from autosquash.compress.calibrate import HEAD, HEAD_COVARIANCE, collect_stats
 from autosquash.compress.operators.svd import LowRankLinear
 from autosquash.compress.plan import LayerChoice, Plan, deployed_tensors
-from autosquash.formats.codecs import dequantize, fake_quantize, quantize
+from autosquash.compress.quantize import fake_quantize, quantize
+from autosquash.formats.codecs import dequantize
 from autosquash.models.arch import Arch
 from tests.conftest import tiny_config
 

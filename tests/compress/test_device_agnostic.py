@@ -19,7 +19,8 @@ from autosquash.compress.apply import VariantCache, compress, quantized_tensors
 from autosquash.compress.calibrate import collect_stats
 from autosquash.compress.operators import PRUNING
 from autosquash.compress.plan import LayerChoice
-from autosquash.formats.codecs import QUANTIZABLE_TYPES, QuantizedTensor, dequantize, quantize
+from autosquash.compress.quantize import quantize
+from autosquash.formats.codecs import QUANTIZABLE_TYPES, QuantizedTensor, dequantize
 from autosquash.search.profile import relative_error
 from tests.conftest import every_form_plan
 

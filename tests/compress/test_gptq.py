@@ -23,9 +23,10 @@ from autosquash.compress.calibrate import (
     compensation_of,
 )
 from autosquash.compress.gptq import quantize_compensated, quantize_compensated_no_worse
+from autosquash.compress.quantize import quantize, quantize_no_worse
 from autosquash.errors import AutosquashError
 from autosquash.formats import codecs
-from autosquash.formats.codecs import dequantize, quantize, quantize_no_worse
+from autosquash.formats.codecs import dequantize
 
 # Every type with a grid (the block types and the K-quants; the ternary types ride along).
 TYPES = ("Q8_0", "Q6_K", "Q5_1", "Q5_K", "Q5_0", "Q4_1", "Q4_K", "Q4_0", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "TQ2_0")
@@ -114,7 +115,7 @@ def test_no_worse_compensation_takes_the_better_row(type_name: str, unseen_input
     # rows gain. Compared in slices of 5 rows (as a 1B model's table is, in bigger ones), across their ends.
     # The compensated rows' errors come from the sweep (w - ŵ = e U) and the plain ones' from the Cholesky
     # factor of the damped H, each less the damping; an input calibration never fed counts nothing, as by H.
-    monkeypatch.setattr(codecs, "_CHUNK_VALUES", 5 * COLS)
+    monkeypatch.setattr("autosquash.compress.quantize._CHUNK_VALUES", 5 * COLS)
     monkeypatch.setattr("autosquash.compress.gptq._SWEEP_VALUES", 5 * COLS)
     monkeypatch.setattr("autosquash.compress.gptq._MIN_SLICE_ROWS", 1)
     x = _inputs(correlated=True)
@@ -172,7 +173,7 @@ def test_slices_that_err_little_by_the_weighted_encoding_keep_it(monkeypatch) ->
 
 
 def test_slices_on_two_threads_give_the_bytes_of_one(monkeypatch) -> None:
-    """A table's slices run one per torch thread (codecs.for_each_slice); rows are independent, so the bytes
+    """A table's slices run one per torch thread (for_each_slice); rows are independent, so the bytes
     are those of one thread taking the same slices in turn."""
     _slices_of_8_rows(monkeypatch)
     w, h = _weight(), _hessian(_inputs(correlated=True))

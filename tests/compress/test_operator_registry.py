@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from autosquash.compress.operators.base import ChoiceField, Form, TensorSpec, matrix_spec
-from autosquash.formats.codecs import quantize
+from autosquash.compress.quantize import quantize
 
 
 class ScaledLinear(torch.nn.Module):

@@ -9,13 +9,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from autosquash.compress.plan import LayerChoice, Plan, deployed_tensors
+from autosquash.compress.quantize import quantize
 from autosquash.errors import AutosquashError
 from autosquash.evaluate.heal import adapter_tensors
 from autosquash.evaluate.proxy import score
 from autosquash.export.build import BuiltModel
 from autosquash.export.lora import has_adapter
 from autosquash.export.torch_file import load, save
-from autosquash.formats.codecs import quantize
 from autosquash.models.load import load_model, resolve
 
 DECOMPOSED = Plan(

@@ -1,4 +1,4 @@
-"""The compiled CPU scale searches (formats/cpu_kernels.py) against the torch ops a GPU runs, on the CPU."""
+"""The compiled CPU scale searches and decoders (formats/cpu_kernels.py) against the torch ops a GPU runs."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 from gguf.constants import GGMLQuantizationType
 
+from autosquash.compress.quantize import fake_quantize, quantize, quantize_no_worse
 from autosquash.formats import codecs
 
 # Every type whose weighted search goes through _fit_affine or _fit_scale.
@@ -41,10 +42,10 @@ def _weighted_error(q: codecs.QuantizedTensor, w: torch.Tensor, imp: torch.Tenso
 
 
 def _both(type_name: str, w: torch.Tensor, imp: torch.Tensor | None):
-    compiled = codecs.quantize(w, type_name, imp)
+    compiled = quantize(w, type_name, imp)
     codecs.COMPILED_CPU = False
     try:
-        plain = codecs.quantize(w, type_name, imp)
+        plain = quantize(w, type_name, imp)
     finally:
         codecs.COMPILED_CPU = True
     return compiled, plain
@@ -84,10 +85,10 @@ def test_both_searches_keep_legacy_grid_weights_exact_beside_massive_activations
     no-worse quantizer beside an input channel weighted 1e6 (the weighted search alone need not find it there,
     on either path)."""
     w, imp = _case(2, extreme=True)
-    on_grid = codecs.fake_quantize(w, type_name)
+    on_grid = fake_quantize(w, type_name)
     for compiled in (False, True):
         codecs.COMPILED_CPU = compiled
-        assert torch.equal(codecs.dequantize(codecs.quantize_no_worse(on_grid, type_name, imp)), on_grid)
+        assert torch.equal(codecs.dequantize(quantize_no_worse(on_grid, type_name, imp)), on_grid)
 
 
 def test_all_zero_and_constant_rows() -> None:
@@ -96,7 +97,7 @@ def test_all_zero_and_constant_rows() -> None:
     w[1] = 0.5
     w[2, :32] = -1.0
     for type_name in ("Q4_K", "Q5_K", "Q2_K", "Q6_K", "Q3_K"):
-        values = codecs.fake_quantize(w, type_name, torch.ones(256))
+        values = fake_quantize(w, type_name, torch.ones(256))
         assert torch.equal(values[0], w[0])
         assert torch.allclose(values, w, atol=0.02)
 
@@ -115,7 +116,7 @@ def test_compiled_decoders_give_the_torch_decoders_values_exactly(type_name: str
     """Every bit of the codes and 6/8-bit scales exercised: blocks of random bytes, their f16 scales kept
     finite; both decoders, and gguf's, give the same float32 values."""
     w, _ = _case(3)
-    q = codecs.quantize(w, type_name)
+    q = quantize(w, type_name)
     rng = np.random.default_rng(0)
     data = rng.integers(0, 256, size=q.data.shape, dtype=np.uint8).reshape(-1, q.data.shape[-1] // 2)
     s = F16_FIELDS[type_name]  # keep d (and dmin) what the quantizer wrote: finite f16

@@ -12,9 +12,10 @@ import pytest
 import torch
 from gguf.constants import GGMLQuantizationType
 
+from autosquash.compress.quantize import fake_quantize, quantize
 from autosquash.errors import AutosquashError
 from autosquash.formats import iq_lattice
-from autosquash.formats.codecs import QuantizedTensor, dequantize, fake_quantize, quantize
+from autosquash.formats.codecs import QuantizedTensor, dequantize
 from autosquash.formats.gguf_types import legal_type, tensor_type
 from tests.formats.test_codecs import _one_thread  # noqa: F401  (autouse: one torch thread here too, as there)
 
@@ -85,7 +86,7 @@ def test_importance_lowers_the_weighted_error(type_name: str) -> None:
     def weighted(out: torch.Tensor) -> float:
         return float(((out - w).square() * imp).sum())
 
-    # Measured ratios 0.21-0.39 with this importance (the same spread as test_codecs.py's).
+    # Measured ratios 0.21-0.39 with this importance (the same spread as tests/compress/quantize/test_quantize.py's).
     assert weighted(fake_quantize(w, type_name, imp)) < 0.6 * weighted(fake_quantize(w, type_name))
 
 

@@ -16,7 +16,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from autosquash.compress.operators.base import ChoiceField, Form, LinearDeploy, TensorSpec, matrix_spec
-from autosquash.formats.codecs import quantize
+from autosquash.compress.quantize import quantize
 
 KronShape = tuple[int, int, int, int]  # (m1, m2, n1, n2): A is m1 x n1, B is m2 x n2
 

@@ -1,6 +1,6 @@
 """Quantization: a linear stored as one matrix in a GGUF type, importance-weighted with the calibration
-statistics as llama.cpp's imatrix does (codecs in autosquash.formats.codecs). Every other form quantizes
-its factors through the same types."""
+statistics as llama.cpp's imatrix does (autosquash.compress.quantize). Every other form quantizes its factors
+through the same types."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from autosquash.compress.gptq import quantize_compensated
 from autosquash.compress.operators.base import ChoiceField, Form, LinearDeploy, TensorSpec, matrix_spec
-from autosquash.formats.codecs import quantize
+from autosquash.compress.quantize import quantize
 from autosquash.formats.gguf_types import searchable_type, tensor_type
 from autosquash.models.arch import ATTN_LINEARS, FFN_LINEARS
 from autosquash.models.layers import linear_with

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from autosquash.compress.operators.base import ChoiceField, Form, LinearDeploy, TensorSpec, matrix_spec
-from autosquash.formats.codecs import quantize
+from autosquash.compress.quantize import quantize
 from autosquash.models.layers import linear_with
 
 # Factors are stored in whole quantization blocks, so ranks are rounded to this multiple.
