@@ -26,7 +26,7 @@ from autosquash.formats.iq_lattice import LATTICE_CODECS
 
 QK_K = 256  # values per K-quant / ternary super-block
 # The Q4_K/Q5_K/Q6_K decoders and the scale searches (autosquash.compress.quantize) on a CPU: compiled
-# (cpu_kernels), or torch's ops as on a GPU (tests compare the two).
+# (cpu_kernels, compress.quantize.kernels), or torch's ops as on a GPU (tests compare the two).
 COMPILED_CPU = True
 
 Decoder = Callable[[Tensor], Tensor]

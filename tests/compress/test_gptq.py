@@ -25,8 +25,8 @@ from autosquash.compress.calibrate import (
 from autosquash.compress.gptq import quantize_compensated, quantize_compensated_no_worse
 from autosquash.compress.quantize import quantize, quantize_no_worse
 from autosquash.errors import AutosquashError
-from autosquash.formats import codecs
 from autosquash.formats.codecs import dequantize
+from tests.compress.quantize.test_kernels import compiled_and_torch
 
 # Every type with a grid (the block types and the K-quants; the ternary types ride along).
 TYPES = ("Q8_0", "Q6_K", "Q5_1", "Q5_K", "Q5_0", "Q4_1", "Q4_K", "Q4_0", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "TQ2_0")
@@ -137,12 +137,7 @@ def test_the_compiled_sweep_errs_as_the_torch_sweep(type_name: str) -> None:
     ratios 0.993-1.010 (Q6_K and Q5_K the widest; the scale searches sum in another order, and a near-tied
     code that flips changes every later column's update), 50-100 % of rows identical (Q8_0 the fewest)."""
     w, h = _weight(2), _hessian(_inputs(correlated=True, seed=3))
-    compiled = quantize_compensated(w, type_name, h)
-    codecs.COMPILED_CPU = False
-    try:
-        plain = quantize_compensated(w, type_name, h)
-    finally:
-        codecs.COMPILED_CPU = True
+    compiled, plain = compiled_and_torch(quantize_compensated, w, type_name, h)
     errors = [float(_row_errors(w, q, h).sum()) for q in (compiled, plain)]
     assert errors[0] == pytest.approx(errors[1], rel=0.02)
     assert float(np.all(compiled.data == plain.data, axis=-1).mean()) >= 0.5

@@ -10,10 +10,10 @@ non-linear IQ4_NL/IQ4_XS (gguf.quants reads them but writes neither) search thei
 ggml's 16-level grid, weighting by x^2 without importance as llama.cpp's quantize_iq4_nl does; the lattice types
 IQ3_S .. IQ2_XXS search each group's grid point (formats.iq_lattice). Everything is vectorized over blocks in
 torch; rows go through in cache-sized chunks. On a CPU the scale searches over integer codes run compiled
-(formats.cpu_kernels), a sub-block at a time.
+(kernels), a sub-block at a time.
 
-The modules: scales (the scale searches), encoders (each type's `Grid` and encoder, ggml's reference
-quantizers); here, the quantizers of whole weights.
+The modules: scales (the scale searches), kernels (their compiled CPU loops), encoders (each type's `Grid` and
+encoder, ggml's reference quantizers); here, the quantizers of whole weights.
 """
 
 from __future__ import annotations

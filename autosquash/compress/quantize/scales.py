@@ -6,7 +6,7 @@ type's scale fields from them (the K-quants', the ternary types', IQ4_NL's and I
 The searches take rows of values (rows, n) but work on the transpose with all candidates at once, (n, C, rows):
 sums over the short value axis become vector adds and per-row scalars broadcast contiguously, about 2x faster
 on CPU than reducing an innermost axis of 16 or 32 values, one candidate at a time. On a CPU the searches over
-integer codes run compiled (formats.cpu_kernels), a sub-block at a time, with the same arithmetic.
+integer codes run compiled (kernels), a sub-block at a time, with the same arithmetic.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from autosquash.formats import cpu_kernels
+from autosquash.compress.quantize import kernels
 from autosquash.formats.bits import f16_rounded
 from autosquash.formats.codecs import IQ4_VALUES, Scales, compiled, numpy32
 
@@ -78,18 +78,18 @@ def _lsq_scale(x: Tensor, w: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
     return scale, scale * sum_xq
 
 
-# What a row's scale candidates are relative to (cpu_kernels._reference takes their positions).
+# What a row's scale candidates are relative to (kernels._reference takes their positions).
 _REFERENCES: tuple[Callable[[Tensor], Tensor], ...] = (signed_max, lambda x: x.amax(-1), lambda x: x.abs().amax(-1))
 _SIGNED_MAX, _MAX, _ABS_MAX = range(3)
 
 
 def _fit_scale(x: Tensor, w: Tensor, lo: int, hi: int, numerators: Tensor, reference: int) -> Tensor:
     """Per-row scale s minimising sum w (x - s q)^2 with integer codes q in [lo, hi] (symmetric grids), the
-    candidates 1/s `_candidates` of the row's `_REFERENCES[reference]`; on a CPU compiled (cpu_kernels.fit_scale,
+    candidates 1/s `_candidates` of the row's `_REFERENCES[reference]`; on a CPU compiled (kernels.fit_scale,
     as `_fit_affine`, the candidates worked out there)."""
     if compiled(x):
         out = np.empty(x.shape[0], np.float32)
-        cpu_kernels.fit_scale(numpy32(x), numpy32(w), lo, hi, numpy32(numerators), reference, _REFINE_STEPS, out)
+        kernels.fit_scale(numpy32(x), numpy32(w), lo, hi, numpy32(numerators), reference, _REFINE_STEPS, out)
         return torch.from_numpy(out)
     iscales = _candidates(_REFERENCES[reference](x), numerators)
     return _fit_grid_scale(x, w, lambda v: v.round_().clamp_(lo, hi), iscales)
@@ -169,7 +169,7 @@ def _lsq_affine(
 def _fit_affine(x: Tensor, w: Tensor, nmax: int, min_le_zero: bool) -> tuple[Tensor, Tensor]:
     """Per-row (scale, min) minimising sum w (x - scale q - min)^2, codes q in [0, nmax] (make_qkx2_quants).
 
-    On a CPU the compiled search of formats.cpu_kernels.fit_affine runs it, a sub-block at a time (the same
+    On a CPU the compiled search of kernels.fit_affine runs it, a sub-block at a time (the same
     arithmetic); elsewhere, or with formats.codecs.COMPILED_CPU off, the torch ops below, all candidates at once."""
     if compiled(x):
         return _fit_affine_compiled(x, w, nmax, min_le_zero)
@@ -194,10 +194,10 @@ def _fit_affine(x: Tensor, w: Tensor, nmax: int, min_le_zero: bool) -> tuple[Ten
 
 
 def _fit_affine_compiled(x: Tensor, w: Tensor, nmax: int, min_le_zero: bool) -> tuple[Tensor, Tensor]:
-    """`_fit_affine` by cpu_kernels.fit_affine."""
+    """`_fit_affine` by kernels.fit_affine."""
     scale, mn = np.empty(x.shape[0], np.float32), np.empty(x.shape[0], np.float32)
     numerators = (nmax + _AFFINE_OFFSETS).numpy()
-    cpu_kernels.fit_affine(
+    kernels.fit_affine(
         numpy32(x), numpy32(w), nmax, min_le_zero, numerators, _REFINE_STEPS, np.float32(_DET_EPS), scale, mn
     )
     return torch.from_numpy(scale), torch.from_numpy(mn)

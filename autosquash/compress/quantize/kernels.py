@@ -1,0 +1,144 @@
+"""The scale searches of the K-quants and legacy types compiled for the CPU (scales.fit_affine, scales.fit_scale),
+one sub-block at a time.
+
+On a GPU the search runs as torch ops over all candidates at once. On a CPU that layout streams each
+candidate's temporaries through memory a dozen times (Q4_K of a 1.5B model: about 150 s on 2 cores, 89 %
+of it in that search); here every sub-block's candidates are tried in registers, with the same arithmetic
+(float32, candidates in the same order, ties to the first, codes rounded half to even as torch rounds), so
+the two paths choose the same scales up to the order of their sums (float64 here). tests/compress/quantize/
+test_kernels.py holds each beside its torch path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_F = np.float32
+_FAST = {"reassoc", "contract"}
+
+
+@njit(nogil=True, cache=True, fastmath=_FAST)
+def _code(v, step_inv, nmax):  # pragma: no cover - compiled
+    return min(max(np.rint(v * step_inv), _F(0.0)), _F(nmax))
+
+
+@njit(nogil=True, cache=True, fastmath=_FAST)
+def _fit_codes(x, w, xc, shift, step_inv, nmax, sw, xbar, sxx, swxc, min_le_zero, det_eps):  # pragma: no cover
+    """(scale, min, err) of the weighted least-squares fit x ~ scale * q + min for the codes
+    q = clamp(round((x - shift) * step_inv), 0, nmax), with codes centred on their weighted mean
+    (scales._lsq_affine's arithmetic). One pass: the centred sums come from raw ones in float64, so that a
+    weight a million times the others' still cancels to well under det_eps."""
+    swq = 0.0
+    swqq = 0.0
+    swqx = 0.0
+    for j in range(x.shape[0]):
+        q = np.float64(_code(x[j] - shift, step_inv, nmax))
+        wq = w[j] * q
+        swq += wq
+        swqq += wq * q
+        swqx += wq * xc[j]
+    qbar = swq / max(sw, 1e-30)
+    sqq = swqq - swq * qbar
+    sxq = swqx - qbar * swxc
+    scale = sxq / sqq if sqq > det_eps * sw * max(qbar * qbar, 1.0) else 0.0
+    mn = xbar - scale * qbar
+    err = sxx - scale * sxq
+    if min_le_zero and mn > 0:
+        raw_xq = sxq + sw * xbar * qbar
+        scale = raw_xq / max(swqq, 1e-30) if swqq > 0 else 0.0
+        err = sxx + sw * xbar * xbar - scale * raw_xq
+        mn = 0.0
+    return scale, mn, err
+
+
+@njit(nogil=True, cache=True, fastmath=_FAST)
+def fit_affine(x, w, nmax, min_le_zero, numerators, refine_steps, det_eps, scale_out, min_out):  # pragma: no cover
+    """Per row of x (rows, n) float32, weights w alike: the (scale, min) of scales.fit_affine, written into
+    scale_out and min_out (rows,). `numerators` (C,) float32 are the candidates' nmax + offsets."""
+    rows, n = x.shape
+    xc = np.empty(n, np.float64)
+    wd = np.empty(n, np.float64)
+    for r in range(rows):
+        xr, wr = x[r], w[r]
+        sw = 0.0
+        swx = 0.0
+        xmin = xr[0]
+        xmax = xr[0]
+        for j in range(n):
+            wd[j] = wr[j]
+            sw += wd[j]
+            swx += wd[j] * xr[j]
+            xmin = min(xmin, xr[j])
+            xmax = max(xmax, xr[j])
+        xbar = swx / max(sw, 1e-30)
+        sxx = 0.0
+        swxc = 0.0
+        for j in range(n):
+            xc[j] = xr[j] - xbar
+            swxc += wd[j] * xc[j]
+            sxx += wd[j] * xc[j] * xc[j]
+        if min_le_zero:
+            xmin = min(xmin, _F(0.0))
+        ref = xmax - xmin
+        inv = _F(1.0) / ref if ref != 0 else _F(0.0)
+        best_s, best_m, best_err = 0.0, 0.0, np.inf
+        for c in range(numerators.shape[0]):
+            s, m, err = _fit_codes(
+                xr, wd, xc, xmin, numerators[c] * inv, nmax, sw, xbar, sxx, swxc, min_le_zero, det_eps
+            )
+            if err < best_err or c == 0:
+                best_s, best_m, best_err = s, m, err
+        for _ in range(refine_steps):
+            step_inv = _F(1.0) / _F(best_s) if best_s != 0 else _F(0.0)
+            s, m, err = _fit_codes(xr, wd, xc, _F(best_m), step_inv, nmax, sw, xbar, sxx, swxc, min_le_zero, det_eps)
+            if err < best_err:
+                best_s, best_m, best_err = s, m, err
+        scale_out[r] = best_s
+        min_out[r] = best_m
+
+
+@njit(nogil=True, cache=True, fastmath=_FAST)
+def _reference(xr, kind):  # pragma: no cover - compiled
+    """A row's value the scale candidates are relative to (scales._REFERENCES, in that order): its value of
+    largest magnitude, sign kept, the first on ties; its largest value; its largest magnitude."""
+    best = xr[0]
+    for j in range(1, xr.shape[0]):
+        if kind == 0:
+            if abs(xr[j]) > abs(best):
+                best = xr[j]
+        elif kind == 1:
+            best = max(best, xr[j])
+        else:
+            best = max(abs(best), abs(xr[j]))
+    return abs(best) if kind == 2 else best
+
+
+@njit(nogil=True, cache=True, fastmath=_FAST)
+def fit_scale(x, w, lo, hi, numerators, kind, refine_steps, scale_out):  # pragma: no cover - compiled
+    """Per row of x (rows, n) float32, weights w alike: the scale of scales.fit_scale for integer codes in
+    [lo, hi], each candidate 1 / scale numerators[c] / the row's `_reference` of that kind (scales.candidates'
+    arithmetic), written into scale_out (rows,)."""
+    rows, n = x.shape
+    for r in range(rows):
+        xr, wr = x[r], w[r]
+        ref = _reference(xr, kind)
+        ref_inv = _F(1.0) / ref if ref != 0 else _F(0.0)
+        best, best_gain = 0.0, 0.0
+        for c in range(numerators.shape[0] + refine_steps):
+            if c < numerators.shape[0]:
+                inv = numerators[c] * ref_inv
+            else:
+                inv = _F(1.0) / _F(best) if best != 0 else _F(0.0)
+            sum_xq = 0.0
+            sum_qq = 0.0
+            for j in range(n):
+                q = min(max(np.rint(xr[j] * inv), _F(lo)), _F(hi))
+                wq = wr[j] * q
+                sum_xq += wq * xr[j]
+                sum_qq += wq * q
+            scale = sum_xq / sum_qq if sum_qq > 0 else 0.0
+            gain = scale * sum_xq
+            if c == 0 or gain > best_gain:
+                best, best_gain = scale, gain
+        scale_out[r] = best
