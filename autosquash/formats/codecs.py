@@ -22,7 +22,7 @@ from autosquash.errors import AutosquashError
 from autosquash.formats.bits import f16_bytes, pack_bits, read_f16, unpack_bits
 from autosquash.formats.cpu_kernels import decode_k_affine, decode_q6_k
 from autosquash.formats.gguf_types import tensor_type
-from autosquash.formats.iq_lattice import LATTICE_CODECS
+from autosquash.formats.iq_lattice import LATTICE_DECODERS
 
 QK_K = 256  # values per K-quant / ternary super-block
 # The Q4_K/Q5_K/Q6_K decoders and the scale searches (autosquash.compress.quantize) on a CPU: compiled
@@ -370,7 +370,7 @@ _DECODERS: dict[str, Decoder] = {
     "TQ1_0": _decode_tq1_0,
     "IQ4_NL": _decode_iq4_nl,
     "IQ4_XS": _decode_iq4_xs,
-    **{name: decode for name, (_, decode) in LATTICE_CODECS.items()},  # IQ3_S .. IQ2_XXS (iq_lattice)
+    **LATTICE_DECODERS,  # IQ3_S .. IQ2_XXS (autosquash.formats.iq_lattice)
 }
 # The types autosquash writes and reads (autosquash.compress.quantize has an encoder for each).
 QUANTIZABLE_TYPES: tuple[str, ...] = tuple(_DECODERS)

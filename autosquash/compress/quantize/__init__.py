@@ -8,12 +8,13 @@ ggml-quants.c). With `importance` (per input channel, e.g. the mean squared acti
 searches its scales for the lowest importance-weighted squared error, as llama.cpp does with an imatrix. The
 non-linear IQ4_NL/IQ4_XS (gguf.quants reads them but writes neither) search their scales the same way over
 ggml's 16-level grid, weighting by x^2 without importance as llama.cpp's quantize_iq4_nl does; the lattice types
-IQ3_S .. IQ2_XXS search each group's grid point (formats.iq_lattice). Everything is vectorized over blocks in
-torch; rows go through in cache-sized chunks. On a CPU the scale searches over integer codes run compiled
-(kernels), a sub-block at a time.
+IQ3_S .. IQ2_XXS search each group's grid point (lattice). Everything is vectorized over blocks in torch; rows go
+through in cache-sized chunks. On a CPU the scale searches over integer codes run compiled (kernels), a
+sub-block at a time.
 
 The modules: scales (the scale searches), kernels (their compiled CPU loops), encoders (each type's `Grid` and
-encoder, ggml's reference quantizers); here, the quantizers of whole weights.
+encoder, ggml's reference quantizers), lattice (the lattice types' encoder); here, the quantizers of whole
+weights.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor
 
 from autosquash.compress.quantize.encoders import ENCODERS, GRIDS, Encoder, Grid, grid
+from autosquash.compress.quantize.lattice import LATTICE_ENCODERS, lattice_weights
 from autosquash.errors import AutosquashError
 from autosquash.formats.codecs import (
     QuantizedTensor,
@@ -32,7 +34,6 @@ from autosquash.formats.codecs import (
     quantizable_type,
 )
 from autosquash.formats.gguf_types import tensor_type
-from autosquash.formats.iq_lattice import LATTICE_CODECS, lattice_weights
 
 __all__ = [
     "Grid",
@@ -121,7 +122,7 @@ def quantize(weight: Tensor, type_name: str, importance: Tensor | None = None) -
         xr = x[a:b].to(torch.float32).contiguous()
         if imp is None:
             w = None
-        elif name in LATTICE_CODECS:  # llama.cpp weights these by each super-block's mean square, not the row's
+        elif name in LATTICE_ENCODERS:  # llama.cpp weights these by each super-block's mean square, not the row's
             w = lattice_weights(name, imp, xr)
         else:
             w = search_weights(imp, xr.square().mean(-1, keepdim=True), xr)

@@ -4,7 +4,7 @@ A type with scales has a `Grid`: its importance-weighted scale search (scales), 
 the scales it chose, packed as the type's bytes. Without importance, the legacy and ternary types (Q8_0, Q5_0,
 Q5_1, Q4_0, Q4_1, TQ2_0, TQ1_0) run ggml's reference quantizers (quantize_row_*_ref), byte for byte what
 gguf.quants.quantize writes, and the K-quants and IQ4_NL/IQ4_XS their grid's search with llama.cpp's default
-weights. The lattice types IQ3_S .. IQ2_XXS code groups of values jointly, with no Grid (formats.iq_lattice).
+weights. The lattice types IQ3_S .. IQ2_XXS code groups of values jointly, with no Grid (lattice).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from autosquash.compress.quantize.lattice import LATTICE_ENCODERS
 from autosquash.compress.quantize.scales import (
     IQ4_CELL_INDEX,
     IQ4_HALF_UNITS,
@@ -53,7 +54,6 @@ from autosquash.formats.codecs import (
     pack_tq2_0,
     quantizable_type,
 )
-from autosquash.formats.iq_lattice import LATTICE_CODECS
 
 Encoder = Callable[[Tensor, "Tensor | None"], Tensor]
 Packer = Callable[[Scales, Tensor], Tensor]
@@ -287,8 +287,7 @@ ENCODERS: dict[str, Encoder] = {
     "TQ1_0": _encode_tq1_0,
     "IQ4_NL": _IQ4_NL.encode,
     "IQ4_XS": _IQ4_XS.encode,
-    # IQ3_S .. IQ2_XXS: codes chosen group by group, so no Grid
-    **{name: encode for name, (encode, _) in LATTICE_CODECS.items()},
+    **LATTICE_ENCODERS,  # IQ3_S .. IQ2_XXS: codes chosen group by group, so no Grid
 }
 
 # The importance-weighted quantizer of every block type, in two steps (what `quantize` runs with importance).
