@@ -5,7 +5,7 @@ One section per type family: the legacy types (blocks of 32), the K-quants and t
 256), the non-linear IQ4_NL/IQ4_XS and the float types; the lattice types IQ3_S .. IQ2_XXS are in iq_lattice. A
 type's `pack_*` takes its scale fields and codes as the type stores them; choosing them (the importance-weighted
 scale searches and ggml's reference quantizers) is autosquash.compress.quantize's. The bit-level pieces are in
-bits; on a CPU the Q4_K, Q5_K and Q6_K decoders run compiled (cpu_kernels).
+bits; on a CPU the Q4_K, Q5_K and Q6_K decoders and the Q3_K and Q6_K packers run compiled (cpu_kernels).
 """
 
 from __future__ import annotations
@@ -19,14 +19,13 @@ import torch
 from torch import Tensor
 
 from autosquash.errors import AutosquashError
+from autosquash.formats import cpu_kernels
 from autosquash.formats.bits import f16_bytes, pack_bits, read_f16, unpack_bits
-from autosquash.formats.cpu_kernels import decode_k_affine, decode_q6_k
 from autosquash.formats.gguf_types import tensor_type
 from autosquash.formats.iq_lattice import LATTICE_DECODERS
 
 QK_K = 256  # values per K-quant / ternary super-block
-# The Q4_K/Q5_K/Q6_K decoders and the scale searches (autosquash.compress.quantize) on a CPU: compiled
-# (cpu_kernels, compress.quantize.kernels), or torch's ops as on a GPU (tests compare the two).
+# On a CPU: compiled kernels (cpu_kernels, compress.quantize.kernels), or torch's as on a GPU (tests compare them).
 COMPILED_CPU = True
 
 Decoder = Callable[[Tensor], Tensor]
@@ -169,9 +168,19 @@ def _decode_q2_k(b: Tensor) -> Tensor:
     return (dl.unsqueeze(-1) * q - ml.unsqueeze(-1)).reshape(-1, QK_K)
 
 
+def _compiled_pack(kernel: Callable, nbytes: int, d: Tensor, sc: Tensor, q: Tensor) -> Tensor:
+    """Super-blocks packed by cpu_kernels.pack_* from the codes and sub-block scales; f16 d in the last 2 bytes."""
+    out = torch.empty(q.shape[0], nbytes, dtype=torch.uint8, device=q.device)
+    kernel(q.to(torch.int8).contiguous().numpy(), sc.to(torch.int8).contiguous().numpy(), out.numpy())
+    out[:, -2:] = f16_bytes(d)
+    return out
+
+
 def pack_q3_k(s: Scales, q: Tensor) -> Tensor:
     """Q3_K super-blocks from (d, 6-bit signed sc per sub-block of 16) and codes in [-4, 3]."""
     d, sc = s
+    if compiled(q):
+        return _compiled_pack(cpu_kernels.pack_q3_k, 110, d, sc, q)
     q = (q + 4).to(torch.uint8)  # bit 2 goes to hmask (set means no -4 offset), bits 0-1 to qs
     hmask = pack_bits((q >> 2).view(-1, 8, 32), 1)
     qs = pack_bits((q & 3).view(-1, 2, 4, 32), 2).view(-1, 64)
@@ -206,7 +215,7 @@ def _decode_k_affine(b: Tensor, q: Tensor) -> Tensor:
 
 def _decode_q4_k(b: Tensor) -> Tensor:
     if compiled(b):
-        return _compiled_decode(b, decode_k_affine, (0, 2), 16, -1)
+        return _compiled_decode(b, cpu_kernels.decode_k_affine, (0, 2), 16, -1)
     return _decode_k_affine(b, unpack_bits(b[:, 16:].reshape(-1, 4, 32), 4, 2).reshape(-1, 8, 32))
 
 
@@ -221,7 +230,7 @@ def pack_q5_k(s: Scales, q: Tensor) -> Tensor:
 
 def _decode_q5_k(b: Tensor) -> Tensor:
     if compiled(b):
-        return _compiled_decode(b, decode_k_affine, (0, 2), 48, 16)
+        return _compiled_decode(b, cpu_kernels.decode_k_affine, (0, 2), 48, 16)
     high = unpack_bits(b[:, 16:48], 1, 8)
     low = unpack_bits(b[:, 48:].reshape(-1, 4, 32), 4, 2).reshape(-1, 8, 32)
     return _decode_k_affine(b, low | (high << 4))
@@ -230,6 +239,8 @@ def _decode_q5_k(b: Tensor) -> Tensor:
 def pack_q6_k(s: Scales, q: Tensor) -> Tensor:
     """Q6_K super-blocks from (d, 8-bit signed sc per sub-block of 16) and codes in [-32, 31]."""
     d, sc = s
+    if compiled(q):
+        return _compiled_pack(cpu_kernels.pack_q6_k, 210, d, sc, q)
     q = (q + 32).to(torch.uint8)
     ql = pack_bits((q & 15).view(-1, 2, 2, 64), 4).view(-1, 128)
     qh = pack_bits((q >> 4).view(-1, 2, 4, 32), 2).view(-1, 64)
@@ -238,7 +249,7 @@ def pack_q6_k(s: Scales, q: Tensor) -> Tensor:
 
 def _decode_q6_k(b: Tensor) -> Tensor:
     if compiled(b):
-        return _compiled_decode(b, decode_q6_k, (208,))
+        return _compiled_decode(b, cpu_kernels.decode_q6_k, (208,))
     low = unpack_bits(b[:, :128].reshape(-1, 2, 64), 4, 2).reshape(-1, QK_K)
     high = unpack_bits(b[:, 128:192].reshape(-1, 2, 32), 2, 4).reshape(-1, QK_K)
     q = ((low | (high << 4)).to(torch.int8) - 32).to(torch.float32).view(-1, 16, 16)

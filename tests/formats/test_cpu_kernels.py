@@ -58,3 +58,22 @@ def test_compiled_decoders_give_the_torch_decoders_values_exactly(type_name: str
     compiled = codecs.dequantize(q)
     assert torch.equal(compiled, plain)
     assert np.array_equal(compiled.numpy(), gguf.quants.dequantize(q.data, GGMLQuantizationType[type_name]))
+
+
+@pytest.mark.parametrize("type_name", ("Q3_K", "Q6_K"))
+def test_compiled_packers_write_the_torch_packers_bytes(type_name: str) -> None:
+    """Every code and sub-block scale of the type's range, at random, with f16 scales of every magnitude: the
+    compiled packer's bytes are the torch packer's."""
+    g = torch.Generator().manual_seed(4)
+    nmax, scale_nmax = {"Q3_K": (4, 32), "Q6_K": (32, 128)}[type_name]
+    q = torch.randint(-nmax, nmax, (300, 256), dtype=torch.int8, generator=g)
+    sc = torch.randint(-scale_nmax, scale_nmax, (300, 16), dtype=torch.int8, generator=g)
+    d = torch.randn(300, generator=g) * torch.logspace(-6, 4, 300)
+    pack = {"Q3_K": codecs.pack_q3_k, "Q6_K": codecs.pack_q6_k}[type_name]
+    compiled = pack((d, sc), q)
+    codecs.COMPILED_CPU = False
+    try:
+        plain = pack((d, sc.to(torch.float32)), q.to(torch.float32))
+    finally:
+        codecs.COMPILED_CPU = True
+    assert torch.equal(compiled, plain)

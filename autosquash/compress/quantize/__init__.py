@@ -139,10 +139,8 @@ def _better_on_grid(g: Grid, xb: Tensor, sw: Tensor, w: Tensor) -> tuple[Tensor,
     the better by w: its bytes and values (`Grid.values` gives what the bytes decode to, exactly)."""
     fits = []
     for weights in (sw, None):
-        scales = g.scales(xb, weights)
-        affine = g.affine(scales)
-        codes = g.codes(xb, *affine)
-        values = g.values(codes, *affine)
+        scales, codes = g.fit(xb, weights)
+        values = g.values(codes, *g.affine(scales))
         fits.append((scales, codes, values, (values - xb).square_().mul_(w).sum(-1)))
     (scales, codes, values, err), (p_scales, p_codes, p_values, p_err) = fits
     better = p_err < err

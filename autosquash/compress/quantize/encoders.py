@@ -30,12 +30,14 @@ from autosquash.compress.quantize.scales import (
     signed_max,
     signed_scale,
     symmetric_k,
+    symmetric_k_codes,
     ternary_scales,
 )
 from autosquash.formats.codecs import (
     IQ4_VALUES,
     QK_K,
     Scales,
+    compiled,
     pack_f16,
     pack_f32,
     pack_iq4_nl,
@@ -78,6 +80,8 @@ class Grid:
     affine: Callable[[Scales], tuple[Tensor, Tensor | None]]  # (N, block // sub) each; offset None: 0
     pack: Packer  # (scales, codes (N, block)) -> (N, block bytes)
     nonlinear: bool = False  # codes index ggml's IQ4 levels instead of being the levels
+    # On a CPU, scales and codes at once (a compiled pass), where a type has one: what `fit` returns.
+    compiled_fit: Callable[[Tensor, Tensor | None], tuple[Scales, Tensor]] | None = None
 
     def nearest(self, v: Tensor) -> Tensor:
         """The codes nearest values v given in grid units (v is overwritten; for a linear grid, it is them)."""
@@ -110,10 +114,16 @@ class Grid:
             v = v + offset.unsqueeze(-1)
         return v.view(n, -1)
 
-    def encode(self, x: Tensor, w: Tensor | None) -> Tensor:
-        """Rows x (N, block) as the type's bytes: `scales` under weights w, then the codes nearest under them."""
+    def fit(self, x: Tensor, w: Tensor | None) -> tuple[Scales, Tensor]:
+        """Rows x (N, block): `scales` under weights w, and the codes nearest under them."""
+        if self.compiled_fit is not None and compiled(x):
+            return self.compiled_fit(x, w)
         s = self.scales(x, w)
-        return self.pack(s, self.codes(x, *self.affine(s)))
+        return s, self.codes(x, *self.affine(s))
+
+    def encode(self, x: Tensor, w: Tensor | None) -> Tensor:
+        """Rows x (N, block) as the type's bytes: `fit`, packed."""
+        return self.pack(*self.fit(x, w))
 
 
 def _scale_only(s: Scales) -> tuple[Tensor, None]:
@@ -203,7 +213,10 @@ def _k_symmetric_grid(nmax: int, scale_nmax: int, pack: Packer) -> Grid:
     def scales(x: Tensor, w: Tensor | None) -> Scales:
         return symmetric_k(x, k_weights(x, w, 16, "square"), nmax, scale_nmax)
 
-    return Grid(QK_K, 16, -nmax, nmax - 1, scales, _k_symmetric_affine, pack)
+    def fit(x: Tensor, w: Tensor | None) -> tuple[Scales, Tensor]:
+        return symmetric_k_codes(x, k_weights(x, w, 16, "square"), nmax, scale_nmax)
+
+    return Grid(QK_K, 16, -nmax, nmax - 1, scales, _k_symmetric_affine, pack, compiled_fit=fit)
 
 
 # The reference's symmetric -127..127: some int8 dot-product kernels assume -128 never occurs.

@@ -1,15 +1,17 @@
 """The scale searches of the K-quants and legacy types compiled for the CPU (scales.fit_affine, scales.fit_scale),
-one sub-block at a time.
+one sub-block at a time, and Q3_K's and Q6_K's whole encoding (fit_symmetric_k: scales and codes in one pass).
 
 On a GPU the search runs as torch ops over all candidates at once. On a CPU that layout streams each
 candidate's temporaries through memory a dozen times (Q4_K of a 1.5B model: about 150 s on 2 cores, 89 %
 of it in that search); here every sub-block's candidates are tried in registers, with the same arithmetic
 (float32, candidates in the same order, ties to the first, codes rounded half to even as torch rounds), so
-the two paths choose the same scales up to the order of their sums (float64 here). tests/compress/quantize/
-test_kernels.py holds each beside its torch path.
+the two paths choose the same scales up to the order of their sums (float64 in fit_affine's centred fit).
+tests/compress/quantize/test_kernels.py holds each beside its torch path.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from numba import njit
@@ -115,30 +117,84 @@ def _reference(xr, kind):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True, fastmath=_FAST)
+def _row_scale(xr, wr, lo, hi, numerators, kind, refine_steps):  # pragma: no cover - compiled
+    """scales._fit_scale of one row: each candidate 1 / scale numerators[c] / the row's `_reference` of that
+    kind, then `refine_steps` rounds from the best; float32 sums, as torch's."""
+    ref = _reference(xr, kind)
+    ref_inv = _F(1.0) / ref if ref != 0 else _F(0.0)
+    best, best_gain = _F(0.0), _F(0.0)
+    for c in range(numerators.shape[0] + refine_steps):
+        if c < numerators.shape[0]:
+            inv = numerators[c] * ref_inv
+        else:
+            inv = _F(1.0) / best if best != 0 else _F(0.0)
+        sum_xq = _F(0.0)
+        sum_qq = _F(0.0)
+        for j in range(xr.shape[0]):
+            q = min(max(np.rint(xr[j] * inv), _F(lo)), _F(hi))
+            wq = wr[j] * q
+            sum_xq += wq * xr[j]
+            sum_qq += wq * q
+        scale = sum_xq / sum_qq if sum_qq > 0 else _F(0.0)
+        gain = scale * sum_xq
+        if c == 0 or gain > best_gain:
+            best, best_gain = scale, gain
+    return best
+
+
+@njit(nogil=True, cache=True, fastmath=_FAST)
 def fit_scale(x, w, lo, hi, numerators, kind, refine_steps, scale_out):  # pragma: no cover - compiled
-    """Per row of x (rows, n) float32, weights w alike: the scale of scales.fit_scale for integer codes in
-    [lo, hi], each candidate 1 / scale numerators[c] / the row's `_reference` of that kind (scales.candidates'
-    arithmetic), written into scale_out (rows,)."""
-    rows, n = x.shape
-    for r in range(rows):
+    """Per row of x (rows, n) float32, weights w alike: the scale of scales._fit_scale for integer codes in
+    [lo, hi] (`_row_scale`), written into scale_out (rows,)."""
+    for r in range(x.shape[0]):
+        scale_out[r] = _row_scale(x[r], w[r], lo, hi, numerators, kind, refine_steps)
+
+
+@njit(nogil=True, cache=True)
+def _f16(v):  # pragma: no cover - compiled
+    """v rounded to the nearest float16, ties to even, beyond its largest value infinite (formats.bits.f16_rounded)."""
+    a = abs(np.float64(v))
+    if a == 0.0:
+        return _F(0.0)
+    _, e = math.frexp(a)  # a = m 2^e, m in [0.5, 1): f16 keeps 11 significant bits, down to 2^-24
+    quantum = math.ldexp(1.0, max(e - 11, -24))
+    r = np.rint(a / quantum) * quantum
+    r = np.inf if r > 65504.0 else r
+    return _F(r if v > 0 else -r)
+
+
+@njit(nogil=True, cache=True, fastmath=_FAST)
+def _code_symmetric(v, inv, nmax):  # pragma: no cover - compiled
+    return np.int8(min(max(np.rint(v * inv), _F(-nmax)), _F(nmax - 1)))
+
+
+@njit(nogil=True, cache=True, fastmath=_FAST)
+def fit_symmetric_k(x, w, nmax, scale_nmax, numerators, scale_numerators, refine_steps, d, sc, q):  # pragma: no cover
+    """Q3_K / Q6_K super-blocks x (N, 256) float32, weights w alike, in one pass each (scales.symmetric_k and
+    Grid.codes' arithmetic): every sub-block of 16's scale (`_row_scale`, codes in [-nmax, nmax - 1]), the f16 d
+    of those 16 scales weighted by their codes' sum of w q^2 (codes in [-scale_nmax, scale_nmax - 1]), written
+    into d (N,), the sub-block codes into sc (N, 16) int8 and the value codes under d * sc into q (N, 256) int8.
+    `numerators` and `scale_numerators` are the two searches' candidates (scales._SCALE_OFFSETS below -nmax)."""
+    scale = np.empty(16, np.float32)
+    weight = np.empty(16, np.float32)
+    for r in range(x.shape[0]):
         xr, wr = x[r], w[r]
-        ref = _reference(xr, kind)
-        ref_inv = _F(1.0) / ref if ref != 0 else _F(0.0)
-        best, best_gain = 0.0, 0.0
-        for c in range(numerators.shape[0] + refine_steps):
-            if c < numerators.shape[0]:
-                inv = numerators[c] * ref_inv
-            else:
-                inv = _F(1.0) / _F(best) if best != 0 else _F(0.0)
-            sum_xq = 0.0
-            sum_qq = 0.0
-            for j in range(n):
-                q = min(max(np.rint(xr[j] * inv), _F(lo)), _F(hi))
-                wq = wr[j] * q
-                sum_xq += wq * xr[j]
-                sum_qq += wq * q
-            scale = sum_xq / sum_qq if sum_qq > 0 else 0.0
-            gain = scale * sum_xq
-            if c == 0 or gain > best_gain:
-                best, best_gain = scale, gain
-        scale_out[r] = best
+        for k in range(16):
+            xs, ws = xr[16 * k : 16 * k + 16], wr[16 * k : 16 * k + 16]
+            s = _row_scale(xs, ws, -nmax, nmax - 1, numerators, 0, refine_steps)
+            inv = _F(1.0) / s if s != 0 else _F(0.0)
+            acc = _F(0.0)
+            for j in range(16):
+                c = _F(_code_symmetric(xs[j], inv, nmax))
+                acc += ws[j] * c * c
+            scale[k] = s
+            weight[k] = acc
+        dr = _f16(_row_scale(scale, weight, -scale_nmax, scale_nmax - 1, scale_numerators, 0, refine_steps))
+        d[r] = dr
+        d_inv = _F(1.0) / dr if dr != 0 else _F(0.0)
+        for k in range(16):
+            sc[r, k] = _code_symmetric(scale[k], d_inv, scale_nmax)
+            step = dr * _F(sc[r, k])
+            inv = _F(1.0) / step if step != 0 else _F(0.0)
+            for j in range(16 * k, 16 * k + 16):
+                q[r, j] = _code_symmetric(xr[j], inv, nmax)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from autosquash.compress.quantize import kernels
 from autosquash.formats.bits import f16_rounded
-from autosquash.formats.codecs import IQ4_VALUES, Scales, compiled, numpy32
+from autosquash.formats.codecs import IQ4_VALUES, QK_K, Scales, compiled, numpy32
 
 # Candidate 1/scale offsets around the max-magnitude mapping: llama.cpp's make_qx_quants range (+-0.9) at
 # step 0.3 instead of 0.1; with the refit rounds below the errors on Gaussian rows agree to 1e-4.
@@ -242,9 +242,23 @@ def affine_k(x: Tensor, w: Tensor, sub: int, nmax: int, scale_nmax: int) -> Scal
     return d, dmin, sc, m
 
 
+def symmetric_k_codes(x: Tensor, w: Tensor, nmax: int, scale_nmax: int) -> tuple[Scales, Tensor]:
+    """`symmetric_k`'s scales and the codes nearest under them (Grid.codes), for CPU tensors: one compiled pass
+    per super-block (kernels.fit_symmetric_k), sc and the codes as int8."""
+    n = x.shape[0]
+    d, sc, q = np.empty(n, np.float32), np.empty((n, 16), np.int8), np.empty((n, QK_K), np.int8)
+    numerators, scale_numerators = numpy32(-nmax - _SCALE_OFFSETS), numpy32(-scale_nmax - _SCALE_OFFSETS)
+    kernels.fit_symmetric_k(
+        numpy32(x), numpy32(w), nmax, scale_nmax, numerators, scale_numerators, _REFINE_STEPS, d, sc, q
+    )
+    return (torch.from_numpy(d), torch.from_numpy(sc)), torch.from_numpy(q)
+
+
 def symmetric_k(x: Tensor, w: Tensor, nmax: int, scale_nmax: int) -> Scales:
     """Q3_K/Q6_K: value = d * sc * q over sub-blocks of 16; (d, sc) with sc in [-scale_nmax, scale_nmax-1], for
     codes q in [-nmax, nmax-1]."""
+    if compiled(x):
+        return symmetric_k_codes(x, w, nmax, scale_nmax)[0]
     n = x.shape[0]
     xs, ws = x.view(n, -1, 16), w.view(n, -1, 16)
     flat = xs.reshape(-1, 16)
