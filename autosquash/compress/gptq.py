@@ -228,12 +228,22 @@ def _sweep_compiled(g: Grid, x: Tensor, u: Tensor, imp: Tensor) -> tuple[Tensor,
     return torch.cat(blocks, dim=-1), err.square_().sum(0)
 
 
-def _lower_product_norms(e: Tensor, low: Tensor) -> Tensor:
+def _lower_product_norms(e: Tensor, low: Tensor, limit: Tensor) -> Tensor:
     """|e L|² per row of e for lower-triangular L, a column block of L at a time from its diagonal down: the
-    zeros above it are skipped, half the work of e @ L (and twice as fast as a triangular solve on 2 cores)."""
-    out = torch.zeros(e.shape[0], dtype=e.dtype, device=e.device)
+    zeros above it are skipped, half the work of e @ L (and twice as fast as a triangular solve on 2 cores).
+
+    The sum only grows, block by block, so a row stops once it passes its `limit` (its value then a partial sum
+    above the limit: what a comparison with the limit needs). L's first columns carry most of it (the first 128
+    of the output head's 1,536 held 52 % of |e L|² at Q3_K), so most rows stop after the costliest block.
+    """
+    out = e.new_zeros(e.shape[0])
+    rows = torch.arange(e.shape[0], device=e.device)
     for k0 in range(0, e.shape[1], _BATCH):
-        out += (e[:, k0:] @ low[k0:, k0 : k0 + _BATCH]).square_().sum(-1)
+        part = e[:, k0:] if rows.numel() == e.shape[0] else e[rows, k0:]
+        out.index_add_(0, rows, (part @ low[k0:, k0 : k0 + _BATCH]).square_().sum(-1))
+        rows = rows[out[rows] <= limit[rows]]
+        if rows.numel() == 0:
+            break
     return out
 
 
@@ -314,10 +324,10 @@ def quantize_compensated_no_worse(
             return plain
         comp, comp_err = _sweep(g, x, u, imp)
         # Both errors by the damped H, less what damping added to its diagonal: e H eᵀ. The compensated one
-        # comes with the sweep; the plain one is |e L|², L lower-triangular.
-        plain_err = _lower_product_norms(e, low) - e.square_().mv(added)
-        e = decode_rows(comp, name, x.shape[1]).sub_(x)
-        comp_err -= e.square_().mv(added)
+        # comes with the sweep; the plain one is |e L|², L lower-triangular, worked out as far as the choice needs.
+        comp_err -= decode_rows(comp, name, x.shape[1]).sub_(x).square_().mv(added)
+        plain_added = e.square().mv(added)
+        plain_err = _lower_product_norms(e, low, comp_err + plain_added) - plain_added
         return torch.where((comp_err < plain_err).unsqueeze(-1), comp, plain)
 
     return _compensated(weight, type_name, hessian, importance, damp, code)

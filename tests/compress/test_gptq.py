@@ -292,3 +292,18 @@ def test_token_normalized_covariances_weigh_every_token_alike(tiny_model, tiny_b
     xn = x / x.square().mean(1, keepdim=True).sqrt()
     torch.testing.assert_close(h, xn.T @ xn / x.shape[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(h.diagonal().mean(), torch.tensor(1.0), rtol=1e-5, atol=0)
+
+
+def test_lower_product_norms_stop_a_row_only_past_its_limit() -> None:
+    """|e L|² per row: a row under its limit gets its whole sum (as e @ L gives it); a row past it stops early
+    with a partial sum that is past it too, so comparing either with the limit decides as the whole sum would."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 300, generator=g)
+    low = torch.linalg.cholesky(a @ a.T / 300 + torch.eye(300))
+    e = torch.randn(64, 300, generator=g)
+    whole = (e @ low).square().sum(-1)
+    limit = whole * torch.where(torch.arange(64) % 2 == 0, 1.01, 0.2)  # even rows stay under, odd ones pass
+    got = gptq._lower_product_norms(e, low, limit)
+    assert torch.allclose(got[::2], whole[::2], rtol=1e-5)
+    assert bool((got[1::2] > limit[1::2]).all())
+    assert bool((got[1::2] < whole[1::2] * 0.999).any())  # some stopped before their last block
