@@ -28,6 +28,7 @@ from autosquash.compress.quantize.lattice import LATTICE_ENCODERS, lattice_weigh
 from autosquash.errors import AutosquashError
 from autosquash.formats.codecs import (
     QuantizedTensor,
+    compiled,
     decode_rows,
     dequantize,
     for_each_slice,
@@ -159,6 +160,8 @@ def no_worse_rows(x: Tensor, type_name: str, imp: Tensor) -> tuple[Tensor, Tenso
     device."""
     name, encode = _encoder(type_name)
     g, block = GRIDS[name], tensor_type(name).block_size
+    if g.compiled_no_worse is not None and compiled(x):
+        return g.compiled_no_worse(x, search_weights(imp, x.square().mean(-1, keepdim=True), x), imp)
     rows, cols = x.shape
     step = chunk_rows(x.device, cols)
     parts = []

@@ -30,6 +30,7 @@ from autosquash.compress.quantize.scales import (
     signed_max,
     signed_scale,
     symmetric_k,
+    symmetric_k_better,
     symmetric_k_codes,
     ternary_scales,
 )
@@ -80,8 +81,10 @@ class Grid:
     affine: Callable[[Scales], tuple[Tensor, Tensor | None]]  # (N, block // sub) each; offset None: 0
     pack: Packer  # (scales, codes (N, block)) -> (N, block bytes)
     nonlinear: bool = False  # codes index ggml's IQ4 levels instead of being the levels
-    # On a CPU, scales and codes at once (a compiled pass), where a type has one: what `fit` returns.
+    # On a CPU, in one compiled pass where a type has one: what `fit` returns, and quantize.no_worse_rows of rows
+    # (r, cols) under their search weights (r, cols) and importance (cols,).
     compiled_fit: Callable[[Tensor, Tensor | None], tuple[Scales, Tensor]] | None = None
+    compiled_no_worse: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
 
     def nearest(self, v: Tensor) -> Tensor:
         """The codes nearest values v given in grid units (v is overwritten; for a linear grid, it is them)."""
@@ -216,7 +219,13 @@ def _k_symmetric_grid(nmax: int, scale_nmax: int, pack: Packer) -> Grid:
     def fit(x: Tensor, w: Tensor | None) -> tuple[Scales, Tensor]:
         return symmetric_k_codes(x, k_weights(x, w, 16, "square"), nmax, scale_nmax)
 
-    return Grid(QK_K, 16, -nmax, nmax - 1, scales, _k_symmetric_affine, pack, compiled_fit=fit)
+    def no_worse(x: Tensor, sw: Tensor, imp: Tensor) -> tuple[Tensor, Tensor]:
+        scales, codes, values = symmetric_k_better(x, sw, imp, nmax, scale_nmax)
+        return pack(scales, codes).view(x.shape[0], -1), values
+
+    return Grid(
+        QK_K, 16, -nmax, nmax - 1, scales, _k_symmetric_affine, pack, compiled_fit=fit, compiled_no_worse=no_worse
+    )
 
 
 # The reference's symmetric -127..127: some int8 dot-product kernels assume -128 never occurs.

@@ -169,6 +169,33 @@ def _code_symmetric(v, inv, nmax):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True, fastmath=_FAST)
+def _symmetric_block(
+    xr, wr, nmax, scale_nmax, numerators, scale_numerators, refine_steps, scale, weight, sc, q
+):  # pragma: no cover
+    """One super-block of `fit_symmetric_k`: its sc (16,) and q (256,) written, its d returned; scale and weight
+    (16,) are room for the sub-blocks' scales and weights."""
+    for k in range(16):
+        xs, ws = xr[16 * k : 16 * k + 16], wr[16 * k : 16 * k + 16]
+        s = _row_scale(xs, ws, -nmax, nmax - 1, numerators, 0, refine_steps)
+        inv = _F(1.0) / s if s != 0 else _F(0.0)
+        acc = _F(0.0)
+        for j in range(16):
+            c = _F(_code_symmetric(xs[j], inv, nmax))
+            acc += ws[j] * c * c
+        scale[k] = s
+        weight[k] = acc
+    d = _f16(_row_scale(scale, weight, -scale_nmax, scale_nmax - 1, scale_numerators, 0, refine_steps))
+    d_inv = _F(1.0) / d if d != 0 else _F(0.0)
+    for k in range(16):
+        sc[k] = _code_symmetric(scale[k], d_inv, scale_nmax)
+        step = d * _F(sc[k])
+        inv = _F(1.0) / step if step != 0 else _F(0.0)
+        for j in range(16 * k, 16 * k + 16):
+            q[j] = _code_symmetric(xr[j], inv, nmax)
+    return d
+
+
+@njit(nogil=True, cache=True, fastmath=_FAST)
 def fit_symmetric_k(x, w, nmax, scale_nmax, numerators, scale_numerators, refine_steps, d, sc, q):  # pragma: no cover
     """Q3_K / Q6_K super-blocks x (N, 256) float32, weights w alike, in one pass each (scales.symmetric_k and
     Grid.codes' arithmetic): every sub-block of 16's scale (`_row_scale`, codes in [-nmax, nmax - 1]), the f16 d
@@ -178,23 +205,51 @@ def fit_symmetric_k(x, w, nmax, scale_nmax, numerators, scale_numerators, refine
     scale = np.empty(16, np.float32)
     weight = np.empty(16, np.float32)
     for r in range(x.shape[0]):
-        xr, wr = x[r], w[r]
-        for k in range(16):
-            xs, ws = xr[16 * k : 16 * k + 16], wr[16 * k : 16 * k + 16]
-            s = _row_scale(xs, ws, -nmax, nmax - 1, numerators, 0, refine_steps)
-            inv = _F(1.0) / s if s != 0 else _F(0.0)
-            acc = _F(0.0)
-            for j in range(16):
-                c = _F(_code_symmetric(xs[j], inv, nmax))
-                acc += ws[j] * c * c
-            scale[k] = s
-            weight[k] = acc
-        dr = _f16(_row_scale(scale, weight, -scale_nmax, scale_nmax - 1, scale_numerators, 0, refine_steps))
-        d[r] = dr
-        d_inv = _F(1.0) / dr if dr != 0 else _F(0.0)
-        for k in range(16):
-            sc[r, k] = _code_symmetric(scale[k], d_inv, scale_nmax)
-            step = dr * _F(sc[r, k])
-            inv = _F(1.0) / step if step != 0 else _F(0.0)
-            for j in range(16 * k, 16 * k + 16):
-                q[r, j] = _code_symmetric(xr[j], inv, nmax)
+        d[r] = _symmetric_block(
+            x[r], w[r], nmax, scale_nmax, numerators, scale_numerators, refine_steps, scale, weight, sc[r], q[r]
+        )
+
+
+@njit(nogil=True, cache=True, fastmath=_FAST)
+def _symmetric_values(d, sc, q, out):  # pragma: no cover - compiled
+    """A super-block's values q * (d * sc) (Grid.values' arithmetic) into out (256,)."""
+    for k in range(16):
+        step = d * _F(sc[k])
+        for j in range(16 * k, 16 * k + 16):
+            out[j] = _F(q[j]) * step
+
+
+@njit(nogil=True, cache=True, fastmath=_FAST)
+def better_symmetric_k(
+    x, sw, imp, nmax, scale_nmax, numerators, scale_numerators, refine_steps, d, sc, q, values
+):  # pragma: no cover
+    """quantize.no_worse_rows for Q3_K / Q6_K in one pass: rows x (rows, cols) float32, their search weights sw
+    alike (quantize.search_weights), importance imp (cols,); each super-block encoded (`_symmetric_block`)
+    under sw and under the reference weights x^2, the one with the lower imp-weighted squared error kept (the
+    reference on a strict win): its d, sc and q into d (N,), sc (N, 16), q (N, 256) (N = rows * cols / 256,
+    row by row), its values into values (rows, cols)."""
+    per_row = x.shape[1] // 256
+    scale, weight = np.empty(16, np.float32), np.empty(16, np.float32)
+    ref, other = np.empty(256, np.float32), np.empty(256, np.float32)
+    sc2, q2 = np.empty(16, np.int8), np.empty(256, np.int8)
+    for r in range(x.shape[0]):
+        for b in range(per_row):
+            n, cut = r * per_row + b, slice(256 * b, 256 * b + 256)
+            xb, ib, vb = x[r, cut], imp[cut], values[r, cut]
+            for j in range(256):
+                ref[j] = xb[j] * xb[j]
+            args = (nmax, scale_nmax, numerators, scale_numerators, refine_steps, scale, weight)
+            d1 = _symmetric_block(xb, sw[r, cut], *args, sc[n], q[n])
+            d2 = _symmetric_block(xb, ref, *args, sc2, q2)
+            _symmetric_values(d1, sc[n], q[n], vb)
+            _symmetric_values(d2, sc2, q2, other)
+            e1, e2 = _F(0.0), _F(0.0)
+            for j in range(256):
+                e1 += ib[j] * (vb[j] - xb[j]) ** 2
+                e2 += ib[j] * (other[j] - xb[j]) ** 2
+            d[n] = d1
+            if e2 < e1:
+                d[n] = d2
+                sc[n, :] = sc2
+                q[n, :] = q2
+                vb[:] = other

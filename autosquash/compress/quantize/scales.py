@@ -254,6 +254,19 @@ def symmetric_k_codes(x: Tensor, w: Tensor, nmax: int, scale_nmax: int) -> tuple
     return (torch.from_numpy(d), torch.from_numpy(sc)), torch.from_numpy(q)
 
 
+def symmetric_k_better(x: Tensor, sw: Tensor, imp: Tensor, nmax: int, scale_nmax: int) -> tuple[Scales, Tensor, Tensor]:
+    """Rows x (rows, cols) of CPU tensors, search weights sw alike, importance imp (cols,): each super-block the
+    better, by the importance-weighted error, of `symmetric_k_codes` under sw and under the reference weights
+    (kernels.better_symmetric_k, one compiled pass): its scales, codes (N, 256) and x's values."""
+    n = x.shape[0] * x.shape[1] // QK_K
+    d, sc, q = np.empty(n, np.float32), np.empty((n, 16), np.int8), np.empty((n, QK_K), np.int8)
+    values = np.empty(x.shape, np.float32)
+    numerators, scale_numerators = numpy32(-nmax - _SCALE_OFFSETS), numpy32(-scale_nmax - _SCALE_OFFSETS)
+    arrays = (numpy32(x), numpy32(sw), numpy32(imp), nmax, scale_nmax, numerators, scale_numerators)
+    kernels.better_symmetric_k(*arrays, _REFINE_STEPS, d, sc, q, values)
+    return (torch.from_numpy(d), torch.from_numpy(sc)), torch.from_numpy(q), torch.from_numpy(values)
+
+
 def symmetric_k(x: Tensor, w: Tensor, nmax: int, scale_nmax: int) -> Scales:
     """Q3_K/Q6_K: value = d * sc * q over sub-blocks of 16; (d, sc) with sc in [-scale_nmax, scale_nmax-1], for
     codes q in [-nmax, nmax-1]."""
