@@ -39,8 +39,9 @@ from autosquash.compress.quantize import (
 )
 from autosquash.compress.quantize.scales import reciprocal
 from autosquash.errors import AutosquashError
-from autosquash.formats.codecs import QuantizedTensor, Scales, compiled, decode_rows, for_each_slice
+from autosquash.formats.codecs import QuantizedTensor, Scales, compiled, decode_rows
 from autosquash.formats.gguf_types import tensor_type
+from autosquash.formats.slices import for_each_slice
 
 _LAZY = 32  # columns updated one by one at a time, the rest of their batch by one matrix product per 32
 _BATCH = 128  # columns (or one K-quant super-block) coded before the columns after them are updated

@@ -11,7 +11,6 @@ bits; on a CPU the Q4_K, Q5_K and Q6_K decoders and the Q3_K and Q6_K packers ru
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +22,7 @@ from autosquash.formats import cpu_kernels
 from autosquash.formats.bits import f16_bytes, pack_bits, read_f16, unpack_bits
 from autosquash.formats.gguf_types import tensor_type
 from autosquash.formats.iq_lattice import LATTICE_DECODERS
+from autosquash.formats.slices import for_each_slice
 
 QK_K = 256  # values per K-quant / ternary super-block
 # On a CPU: compiled kernels (cpu_kernels, compress.quantize.kernels), or torch's as on a GPU (tests compare them).
@@ -151,10 +151,12 @@ def pack_q2_k(s: Scales, q: Tensor) -> Tensor:
     return torch.cat([scales, qs, f16_bytes(d), f16_bytes(dmin)], dim=-1)
 
 
-def _compiled_decode(b: Tensor, kernel: Callable, f16_at: tuple[int, ...], *args: int) -> Tensor:
-    """b's super-blocks decoded by a compiled kernel (cpu_kernels.decode_*): the kernel takes the bytes, the
-    f16 fields starting at the byte offsets `f16_at` (d, or d and dmin) as float32, `args`, then its output."""
-    out = torch.empty(b.shape[0], QK_K, device=b.device)
+def _compiled_decode(b: Tensor, name: str, out: Tensor | None = None) -> Tensor:
+    """b's super-blocks of type `name` decoded by its compiled kernel (`_COMPILED_DECODERS`: the kernel takes the
+    bytes, the f16 fields at their byte offsets (d, or d and dmin) as float32, its arguments, then its output),
+    into `out` (N, 256) if given."""
+    kernel, f16_at, args = _COMPILED_DECODERS[name]
+    out = torch.empty(b.shape[0], QK_K, device=b.device) if out is None else out
     scales = [numpy32(read_f16(b[:, a : a + 2])).ravel() for a in f16_at]
     kernel(b.contiguous().numpy(), *scales, *args, out.numpy())
     return out
@@ -215,7 +217,7 @@ def _decode_k_affine(b: Tensor, q: Tensor) -> Tensor:
 
 def _decode_q4_k(b: Tensor) -> Tensor:
     if compiled(b):
-        return _compiled_decode(b, cpu_kernels.decode_k_affine, (0, 2), 16, -1)
+        return _compiled_decode(b, "Q4_K")
     return _decode_k_affine(b, unpack_bits(b[:, 16:].reshape(-1, 4, 32), 4, 2).reshape(-1, 8, 32))
 
 
@@ -230,7 +232,7 @@ def pack_q5_k(s: Scales, q: Tensor) -> Tensor:
 
 def _decode_q5_k(b: Tensor) -> Tensor:
     if compiled(b):
-        return _compiled_decode(b, cpu_kernels.decode_k_affine, (0, 2), 48, 16)
+        return _compiled_decode(b, "Q5_K")
     high = unpack_bits(b[:, 16:48], 1, 8)
     low = unpack_bits(b[:, 48:].reshape(-1, 4, 32), 4, 2).reshape(-1, 8, 32)
     return _decode_k_affine(b, low | (high << 4))
@@ -249,7 +251,7 @@ def pack_q6_k(s: Scales, q: Tensor) -> Tensor:
 
 def _decode_q6_k(b: Tensor) -> Tensor:
     if compiled(b):
-        return _compiled_decode(b, cpu_kernels.decode_q6_k, (208,))
+        return _compiled_decode(b, "Q6_K")
     low = unpack_bits(b[:, :128].reshape(-1, 2, 64), 4, 2).reshape(-1, QK_K)
     high = unpack_bits(b[:, 128:192].reshape(-1, 2, 32), 2, 4).reshape(-1, QK_K)
     q = ((low | (high << 4)).to(torch.int8) - 32).to(torch.float32).view(-1, 16, 16)
@@ -364,6 +366,12 @@ def _decode_f16(b: Tensor) -> Tensor:
     return read_f16(b)
 
 
+# The compiled decoders (cpu_kernels): kernel, byte offsets of the f16 fields, the kernel's other arguments.
+_COMPILED_DECODERS: dict[str, tuple[Callable, tuple[int, ...], tuple[int, ...]]] = {
+    "Q4_K": (cpu_kernels.decode_k_affine, (0, 2), (16, -1)),
+    "Q5_K": (cpu_kernels.decode_k_affine, (0, 2), (48, 16)),
+    "Q6_K": (cpu_kernels.decode_q6_k, (208,), ()),
+}
 _DECODERS: dict[str, Decoder] = {
     "F32": _decode_f32,
     "F16": _decode_f16,
@@ -395,31 +403,6 @@ def quantizable_type(type_name: str) -> str:
     return name
 
 
-def for_each_slice(device: torch.device, rows: int, step: int, work: Callable[[int, int], None]) -> None:
-    """work(start, stop) for each slice of `step` rows in turn; on a CPU, slices at once on torch's threads,
-    each with one torch thread of its own (restored after).
-
-    A quantizer issues hundreds of mid-sized torch calls per slice. Split over OpenMP threads, every call
-    ends in a barrier, and on a machine whose cores are shared one descheduled thread stalls them all: two
-    threads were 10x slower than one (Q4_K's weighted search of 8,192 x 1,536: 36.7 s against 3.5 s, load
-    average 8 on 2 cores), where a slice per thread took 2.5 s. On the idle machine a slice per thread ran
-    1.7x as fast as one thread (43,690 x 1,536 Q4_0: quantize_no_worse 3.2 -> 1.9 s, compensated 10.6 -> 6.0 s).
-    """
-    threads = torch.get_num_threads()
-    slices = [(a, min(a + step, rows)) for a in range(0, rows, step)]
-    if device.type != "cpu" or threads == 1 or len(slices) == 1:
-        for a, b in slices:
-            work(a, b)
-        return
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(min(threads, len(slices))) as pool:
-            for done in [pool.submit(work, a, b) for a, b in slices]:
-                done.result()
-    finally:
-        torch.set_num_threads(threads)
-
-
 def dequantize(q: QuantizedTensor, device: torch.device | str | None = None) -> Tensor:
     """Decode `q` to float32 (shape q.shape) with the arithmetic of gguf.quants.dequantize (ggml layouts),
     on `device` (the CPU by default): the bytes travel there, not the four-times-larger floats."""
@@ -431,20 +414,26 @@ def dequantize(q: QuantizedTensor, device: torch.device | str | None = None) -> 
         raise AutosquashError(
             f"{name} data for shape {q.shape} must be uint8 of shape {expected}; got {q.data.dtype} {q.data.shape}"
         )
-    b = torch.from_numpy(np.array(q.data, copy=True))
     if device is not None and torch.device(device).type != "cpu":
-        return decode_rows(b.to(device), name, cols)
-    # On a CPU, slices of rows decode on torch's threads at once: the compiled decoders run one thread each.
-    out = torch.empty(rows, cols, device=b.device)
+        return decode_rows(torch.from_numpy(np.array(q.data, copy=True)).to(device), name, cols)
+    # On a CPU, slices of rows decode on torch's threads at once (the compiled decoders run one thread each),
+    # each slice's bytes copied (the file's may be a read-only map) and decoded into its rows of the output.
+    out = torch.empty(rows, cols, device="cpu")
 
     def work(a: int, z: int) -> None:
-        out[a:z] = decode_rows(b[a:z], name, cols)
+        decode_rows(torch.from_numpy(np.array(q.data[a:z])), name, cols, out[a:z])
 
-    for_each_slice(b.device, rows, max(1, -(-rows // (4 * torch.get_num_threads()))), work)
+    for_each_slice(out.device, rows, max(1, -(-rows // (4 * torch.get_num_threads()))), work)
     return out
 
 
-def decode_rows(data: Tensor, type_name: str, cols: int) -> Tensor:
-    """Bytes (rows, row bytes) uint8 of type `type_name` decoded to float32 (rows, cols) on their device."""
+def decode_rows(data: Tensor, type_name: str, cols: int, out: Tensor | None = None) -> Tensor:
+    """Bytes (rows, row bytes) uint8 of type `type_name` decoded to float32 (rows, cols) on their device, into
+    `out` (contiguous) if given: a type with a compiled decoder writes there directly."""
     name = quantizable_type(type_name)
-    return _DECODERS[name](data.reshape(-1, tensor_type(name).block_bytes)).reshape(data.shape[0], cols)
+    blocks = data.reshape(-1, tensor_type(name).block_bytes)
+    if out is not None and name in _COMPILED_DECODERS and compiled(data):
+        _compiled_decode(blocks, name, out.view(-1, QK_K))
+        return out
+    values = _DECODERS[name](blocks).reshape(data.shape[0], cols)
+    return values if out is None else out.copy_(values)

@@ -31,10 +31,10 @@ from autosquash.formats.codecs import (
     compiled,
     decode_rows,
     dequantize,
-    for_each_slice,
     quantizable_type,
 )
 from autosquash.formats.gguf_types import tensor_type
+from autosquash.formats.slices import for_each_slice
 
 __all__ = [
     "Grid",

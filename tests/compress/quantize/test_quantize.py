@@ -19,8 +19,9 @@ from autosquash.compress.quantize import (
 )
 from autosquash.compress.quantize.encoders import ENCODERS
 from autosquash.errors import AutosquashError
-from autosquash.formats.codecs import QUANTIZABLE_TYPES, QuantizedTensor, dequantize, for_each_slice
+from autosquash.formats.codecs import QUANTIZABLE_TYPES, QuantizedTensor, dequantize
 from autosquash.formats.gguf_types import tensor_type
+from autosquash.formats.slices import for_each_slice
 from tests.formats.test_codecs import (  # noqa: F401  (_one_thread: autouse, one torch thread here too, as there)
     KVALUES_IQ4NL,
     _gguf_dequantize,
