@@ -242,12 +242,16 @@ def affine_k(x: Tensor, w: Tensor, sub: int, nmax: int, scale_nmax: int) -> Scal
     return d, dmin, sc, m
 
 
+def _symmetric_k_arrays(n: int, nmax: int, scale_nmax: int) -> tuple[np.ndarray, ...]:
+    """What the compiled Q3_K/Q6_K passes fill for n super-blocks (d, sc, q) after the two searches' candidates."""
+    candidates = (numpy32(-nmax - _SCALE_OFFSETS), numpy32(-scale_nmax - _SCALE_OFFSETS))
+    return *candidates, np.empty(n, np.float32), np.empty((n, 16), np.int8), np.empty((n, QK_K), np.int8)
+
+
 def symmetric_k_codes(x: Tensor, w: Tensor, nmax: int, scale_nmax: int) -> tuple[Scales, Tensor]:
     """`symmetric_k`'s scales and the codes nearest under them (Grid.codes), for CPU tensors: one compiled pass
     per super-block (kernels.fit_symmetric_k), sc and the codes as int8."""
-    n = x.shape[0]
-    d, sc, q = np.empty(n, np.float32), np.empty((n, 16), np.int8), np.empty((n, QK_K), np.int8)
-    numerators, scale_numerators = numpy32(-nmax - _SCALE_OFFSETS), numpy32(-scale_nmax - _SCALE_OFFSETS)
+    numerators, scale_numerators, d, sc, q = _symmetric_k_arrays(x.shape[0], nmax, scale_nmax)
     kernels.fit_symmetric_k(
         numpy32(x), numpy32(w), nmax, scale_nmax, numerators, scale_numerators, _REFINE_STEPS, d, sc, q
     )
@@ -258,10 +262,8 @@ def symmetric_k_better(x: Tensor, sw: Tensor, imp: Tensor, nmax: int, scale_nmax
     """Rows x (rows, cols) of CPU tensors, search weights sw alike, importance imp (cols,): each super-block the
     better, by the importance-weighted error, of `symmetric_k_codes` under sw and under the reference weights
     (kernels.better_symmetric_k, one compiled pass): its scales, codes (N, 256) and x's values."""
-    n = x.shape[0] * x.shape[1] // QK_K
-    d, sc, q = np.empty(n, np.float32), np.empty((n, 16), np.int8), np.empty((n, QK_K), np.int8)
+    numerators, scale_numerators, d, sc, q = _symmetric_k_arrays(x.shape[0] * x.shape[1] // QK_K, nmax, scale_nmax)
     values = np.empty(x.shape, np.float32)
-    numerators, scale_numerators = numpy32(-nmax - _SCALE_OFFSETS), numpy32(-scale_nmax - _SCALE_OFFSETS)
     arrays = (numpy32(x), numpy32(sw), numpy32(imp), nmax, scale_nmax, numerators, scale_numerators)
     kernels.better_symmetric_k(*arrays, _REFINE_STEPS, d, sc, q, values)
     return (torch.from_numpy(d), torch.from_numpy(sc)), torch.from_numpy(q), torch.from_numpy(values)
