@@ -38,6 +38,7 @@ from autosquash.formats.codecs import dequantize
 from autosquash.models.arch import Arch
 from autosquash.models.device import to_compute
 from autosquash.search.space import GroupSpace, SearchSpace
+from autosquash.search.tensor_options import tensor_options
 
 SAMPLE_ROWS = 64  # rows per weight on which a quantization error is measured
 
@@ -266,21 +267,9 @@ def measure_profile(
     tty, every, started = sys.stdout.isatty(), max(1, arch.n_layers // 5), time.perf_counter()
     for i, block in enumerate(base.model.layers):
         errs = _Errors(block, i, stats)
-        for kind, linears in SUBLAYERS:
-            name, gspace = f"blk.{i}.{kind}", getattr(space, kind)
-            options = _options(gspace)
-            choices = [c for _, c in options]
-            parts = [_group_errors(block, i, kind, arch, stats, c, errs) for c in choices]
-            g_quant, g_prune = _gains(
-                base, ref, block, i, kind, arch, choices, parts, linears, stats, hidden[i], probes
-            )
+        for kind, _ in SUBLAYERS:
             groups.append(
-                GroupProfile(
-                    name,
-                    [params for params, _ in options],
-                    [_group_bytes(arch, name, c, context_tokens) for c in choices],
-                    [g_quant * q + g_prune * p for q, p in parts],
-                )
+                _group_profile(base, ref, block, i, kind, arch, space, stats, hidden[i], probes, errs, context_tokens)
             )
         if tty or (i + 1) % every == 0 or i + 1 == arch.n_layers:  # a log file gets a line per fifth
             done = f"  sensitivity: block {i + 1}/{arch.n_layers}, {time.perf_counter() - started:.0f} s"
@@ -291,6 +280,36 @@ def measure_profile(
     # Block norms belong to their group (a removed sublayer drops its norm); the final norm is fixed.
     fixed = sum(t.nbytes for t in deployed_tensors(arch, Plan()) if t.name == "output_norm.weight")
     return Profile(groups, embed, fixed)
+
+
+def _group_profile(base, ref, block, i, kind, arch, space, stats, hidden, probes, errs, context_tokens) -> GroupProfile:
+    """Block `i`'s `kind` group: its options, their bytes and predicted damage. In a kind the space searches per
+    tensor, each linear takes its own type and its own gain (a probe of it alone at its most damaging type)."""
+    name, gspace, linears = f"blk.{i}.{kind}", getattr(space, kind), dict(SUBLAYERS)[kind]
+    options = _options(gspace)
+    choices = [c for _, c in options]
+    parts = [_group_errors(block, i, kind, arch, stats, c, errs) for c in choices]
+    if kind in space.per_tensor and len(gspace.quant) > 1:
+        # Only pruning's gain from the group's probes (quantization's comes per linear).
+        _, g_prune = _gains(
+            base, ref, block, i, kind, arch, choices, [(0.0, p) for _, p in parts], linears, stats, hidden, probes
+        )
+        gains = {}
+        for tensor, path in linears:
+            alone = [(errs.linear(tensor, path, c), 0.0) for c in choices]
+            gains[tensor] = _gains(
+                base, ref, block, i, kind, arch, choices, alone, [(tensor, path)], stats, hidden, probes
+            )[0]
+        shares = [p for _, p in parts]
+        sized = lambda c: _group_bytes(arch, name, c, context_tokens)  # noqa: E731
+        return GroupProfile(name, *tensor_options(i, kind, arch, options, shares, gains, g_prune, errs.linear, sized))
+    g_quant, g_prune = _gains(base, ref, block, i, kind, arch, choices, parts, linears, stats, hidden, probes)
+    return GroupProfile(
+        name,
+        [params for params, _ in options],
+        [_group_bytes(arch, name, c, context_tokens) for c in choices],
+        [g_quant * q + g_prune * p for q, p in parts],
+    )
 
 
 def _fast_to_quantize(block, i: int, linears, choice: LayerChoice) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import optuna
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
@@ -70,6 +70,9 @@ class SearchSpace(BaseModel):
     attn: GroupSpace
     ffn: GroupSpace
     baselines: list[str] = Field(default_factory=list)
+    # Kinds whose linears each take their own type from the kind's `quant` options, as llama.cpp's --target-size
+    # allocator chooses per tensor: one parameter per linear (`blk.<i>.ffn.ffn_down.quant`) instead of one per group.
+    per_tensor: list[Literal["attn", "ffn"]] = Field(default_factory=list)
 
     @field_validator("baselines", "embed_quant")
     @classmethod
@@ -126,10 +129,13 @@ class SearchSpace(BaseModel):
     def _dims(self, arch: Arch) -> list[tuple[str, str, list]]:
         dims = []
         for i in range(arch.n_layers):
-            for kind, _ in SUBLAYERS:
+            for kind, linears in SUBLAYERS:
                 space = getattr(self, kind)
                 for field in SEARCHED_FIELDS:
-                    dims.append((f"blk.{i}.{kind}", field, getattr(space, field)))
+                    if field == "quant" and kind in self.per_tensor:
+                        dims += [(f"blk.{i}.{kind}", f"{name}.quant", space.quant) for name, _ in linears]
+                    else:
+                        dims.append((f"blk.{i}.{kind}", field, getattr(space, field)))
         return dims
 
     def sample(self, trial: optuna.Trial, arch: Arch) -> Plan:
@@ -142,7 +148,7 @@ class SearchSpace(BaseModel):
         return Plan(
             target=self.target,
             embed_quant=trial.suggest_categorical("embed_quant", embed) if len(embed) > 1 else embed[0],
-            groups={g: LayerChoice(**v) for g, v in values.items()},
+            groups={g: layer_choice(g.rsplit(".", 1)[1], v) for g, v in values.items()},
         )
 
     def options(self, arch: Arch) -> dict[str, list]:
@@ -175,15 +181,38 @@ class SearchSpace(BaseModel):
                 return params
         return None
 
+    def params_of(self, plan: Plan, arch: Arch) -> dict[str, object]:
+        """The Optuna parameters `sample` makes `plan` from (for a plan of this space)."""
+        params: dict[str, object] = {}
+        for group, field, choices in self._dims(arch):
+            if len(choices) > 1:
+                c = plan.choice(group)
+                tensor = field.removesuffix(".quant")
+                params[f"{group}.{field}"] = c.quant_for(tensor) if tensor != field else getattr(c, field)
+        if len(self.embed_quant) > 1:
+            params["embed_quant"] = plan.embed_quant
+        return params
+
     def baseline_params(self, arch: Arch, quant: str) -> dict[str, object]:
         """Optuna parameters of the uniform plan with every group in `quant`, for `enqueue_trial`."""
         params: dict[str, object] = {}
         for group, field, choices in self._dims(arch):
             if len(choices) > 1:
-                params[f"{group}.{field}"] = quant if field == "quant" else _NEUTRAL[field]
+                params[f"{group}.{field}"] = quant if field.endswith("quant") else _NEUTRAL[field]
         if len(self.embed_quant) > 1:
             params["embed_quant"] = self.embed_quant[0]
         return params
+
+
+def layer_choice(kind: str, values: dict[str, Any]) -> LayerChoice:
+    """The layer choice of one `kind` group's searched values; per-tensor types (`<tensor>.quant`) become `quant`
+    (the kind's first linear's) and `tensor_quant` (the others that differ from it)."""
+    values = dict(values)
+    types = {k.removesuffix(".quant"): values.pop(k) for k in [k for k in values if k.endswith(".quant")]}
+    if types:
+        first = types[dict(SUBLAYERS)[kind][0][0]]
+        values |= {"quant": first, "tensor_quant": {t: q for t, q in types.items() if q != first}}
+    return LayerChoice(**values)
 
 
 def params_key(params: dict) -> tuple:

@@ -326,3 +326,45 @@ def test_the_tables_the_profile_quantizes_are_what_the_trials_read(measured, tmp
         apply.compress(model, arch, Plan.uniform(arch, "Q8_0", embed_quant=q), stats, trial)
         read = trial.get(("token_embd", q), not_again).parts["weight"]
         assert read.type == q and read.data.tobytes() == made[q].data.tobytes()
+
+
+def test_per_tensor_options_price_and_predict_each_linear_alone(measured, monkeypatch):
+    from autosquash.search import profile as profile_module
+
+    model, arch, stats, ref, _ = measured
+    space = SPACE.model_copy(update={"per_tensor": ["attn", "ffn"]})
+    probed, real = [], profile_module._probe
+
+    def probe(m, r, swaps, *a):
+        probed.append(sorted(swaps))
+        return real(m, r, swaps, *a)
+
+    monkeypatch.setattr(profile_module, "_probe", probe)
+    profile = measure_profile(model, arch, space, stats, ref, CONTEXT, log=lambda *a, **k: None)
+    assert ["model.layers.0.self_attn.v_proj"] in probed and ["model.layers.1.mlp.down_proj"] in probed
+    for quant in space.baselines:  # the uniform plans stay among the options, sized as deployed
+        plan = Plan.uniform(arch, quant, embed_quant="Q8_0")
+        picks = profile.picks_of(space.baseline_params(arch, quant))
+        assert (
+            profile.size(*picks)
+            == sum(t.nbytes for t in deployed_tensors(arch, plan)) + kv_cache_bytes_per_token(arch) * CONTEXT
+        )
+    rng = random.Random(0)
+    mixed = 0
+    for _ in range(6):
+        picks = [rng.randrange(len(g.nbytes)) for g in profile.groups]
+        plan = space.sample(optuna.trial.FixedTrial(profile.params(picks, 0)), arch)
+        mixed += sum(bool(c.tensor_quant) for c in plan.groups.values())
+        kv = kv_cache_bytes_per_token(arch, kv_heads_per_layer=[arch.n_kv_heads] * arch.n_layers) * CONTEXT
+        assert profile.size(picks, 0) == sum(t.nbytes for t in deployed_tensors(arch, plan)) + kv
+    assert mixed
+    for g in profile.groups:  # per pruning setting, no option is beaten on bytes and damage but a uniform one
+        for k, (o, b, d) in enumerate(zip(g.options, g.nbytes, g.damage, strict=True)):
+            if len({v for f, v in o.items() if f.endswith(".quant")}) > 1:
+                rest = {f: v for f, v in o.items() if not f.endswith(".quant")}
+                others = [
+                    (b2, d2)
+                    for o2, b2, d2 in zip(g.options, g.nbytes, g.damage, strict=True)
+                    if {f: v for f, v in o2.items() if not f.endswith(".quant")} == rest
+                ]
+                assert not any(b2 <= b and d2 < d - 1e-12 for b2, d2 in others), (g.name, k)

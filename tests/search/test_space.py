@@ -96,3 +96,43 @@ def test_without_pruning_holds_every_pruning_field_neutral_and_keeps_the_rest():
     assert kept.attn.attn_keep_ratio == kept.ffn.ffn_keep_ratio == [1.0]
     assert kept.attn.rank_ratio == [0.0, 0.25] and kept.ffn.quant == space.ffn.quant
     assert (kept.embed_quant, kept.baselines, kept.target) == (space.embed_quant, space.baselines, space.target)
+
+
+def test_per_tensor_kinds_ask_each_linear_its_type_and_the_baselines_stay_uniform(tiny_arch):
+    space = SearchSpace.model_validate(
+        {**SPACE, "target": "gguf", "per_tensor": ["ffn"], "attn": {"quant": ["Q8_0", "Q4_0"]}}
+    )
+    options = space.options(tiny_arch)
+    assert "blk.0.ffn.ffn_down.quant" in options and "blk.0.ffn.quant" not in options
+    assert "blk.0.attn.quant" in options and "blk.0.attn.attn_v.quant" not in options
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    mixed = 0
+    for _ in range(10):
+        trial = study.ask()
+        plan = space.sample(trial, tiny_arch)
+        for i in range(tiny_arch.n_layers):
+            c = plan.choice(f"blk.{i}.ffn")
+            for name in ("ffn_gate", "ffn_up", "ffn_down"):
+                assert c.quant_for(name) == trial.params[f"blk.{i}.ffn.{name}.quant"]
+            assert c.quant == trial.params[f"blk.{i}.ffn.ffn_gate.quant"] and c.quant not in c.tensor_quant.values()
+            mixed += bool(c.tensor_quant)
+    assert mixed  # random types on three linears differ somewhere
+    study.enqueue_trial(space.baseline_params(tiny_arch, "Q4_0"))
+    plan = space.sample(study.ask(), tiny_arch)
+    assert {c.quant for c in plan.groups.values()} == {"Q4_0"}
+    assert all(not c.tensor_quant for c in plan.groups.values())
+
+
+def test_per_tensor_names_a_kind():
+    with pytest.raises(ValueError, match="per_tensor"):
+        SearchSpace.model_validate({**SPACE, "per_tensor": ["mlp"]})
+
+
+@pytest.mark.parametrize("per_tensor", [[], ["attn", "ffn"]])
+def test_params_of_a_sampled_plan_are_the_params_it_was_sampled_from(tiny_arch, per_tensor):
+    space = SearchSpace.model_validate({**SPACE, "per_tensor": per_tensor})
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(5):
+        trial = study.ask()
+        plan = space.sample(trial, tiny_arch)
+        assert space.params_of(plan, tiny_arch) == trial.params
