@@ -115,6 +115,12 @@ def score(bin_dir: Path, model: Path, test: Path, kld_base: Path, log: Path, lor
     return _stats(_run(cmd, log), log)
 
 
+def base_logits(bin_dir: Path, base: Path, test: Path, kld_base: Path) -> None:
+    """The base model's logits on the test text, kept in `kld_base` for the KL of every other file."""
+    cmd = [bin_dir / "llama-perplexity", "-m", base, "-f", test, "-c", CONTEXT, "-t", os.cpu_count() or 1]
+    _run([*cmd, "--kl-divergence-base", kld_base], kld_base.with_suffix(".log"))
+
+
 def _stats(text: str, log: Path) -> dict:
     """KL, perplexity and same-top share from llama-perplexity's output."""
 
@@ -202,9 +208,7 @@ def damage_model_files(run: Path, exp, front: list[dict], work: Path) -> list[di
     out = []
     for f in front:
         plan = load_yaml_model(Plan, run / "plans" / f"trial-{f['trial']:04d}.yaml")
-        params = {f"{g}.{k}": v for g, c in plan.groups.items() for k, v in c.model_dump().items()}
-        params["embed_quant"] = plan.embed_quant
-        budget = profile.size(*profile.picks_of(params))
+        budget = profile.size(*profile.picks_of(space.params_of(plan, arch)))
         picks = best_under(profile, budget)
         if picks is None:
             continue
@@ -333,22 +337,7 @@ def main() -> None:
         )
     kld_base = work / "base.kld"
     if not (reuse and kld_base.exists()):
-        _run(
-            [
-                bin_dir / "llama-perplexity",
-                "-m",
-                base,
-                "-f",
-                test,
-                "-c",
-                CONTEXT,
-                "-t",
-                threads,
-                "--kl-divergence-base",
-                kld_base,
-            ],
-            work / "base.log",
-        )
+        base_logits(bin_dir, base, test, kld_base)
     self_log = work / "base-self.log"
     if reuse and self_log.exists():
         base_stats = _stats(self_log.read_text(), self_log)
