@@ -135,12 +135,15 @@ def test_the_compiled_sweep_errs_as_the_torch_sweep(type_name: str) -> None:
     """A CPU's sweep (compiled, a run of columns at a time over tiles of rows) against the torch ops a GPU
     runs: the output error by H agrees within 2 % and most rows' bytes are the same. Measured over seeds 0-3:
     ratios 0.993-1.010 (Q6_K and Q5_K the widest; the scale searches sum in another order, and a near-tied
-    code that flips changes every later column's update), 50-100 % of rows identical (Q8_0 the fewest)."""
+    code that flips changes every later column's update), 81-100 % of rows identical but for Q8_0, whose 255
+    levels tie most often: at least 50 % on the machine this was written on, 44-53 % on an AMD EPYC (the
+    compiled sums' order follows the CPU's vectors), so its bound is half that."""
     w, h = _weight(2), _hessian(_inputs(correlated=True, seed=3))
     compiled, plain = compiled_and_torch(quantize_compensated, w, type_name, h)
     errors = [float(_row_errors(w, q, h).sum()) for q in (compiled, plain)]
     assert errors[0] == pytest.approx(errors[1], rel=0.02)
-    assert float(np.all(compiled.data == plain.data, axis=-1).mean()) >= 0.5
+    least = 0.25 if type_name == "Q8_0" else 0.5
+    assert float(np.all(compiled.data == plain.data, axis=-1).mean()) >= least
 
 
 def _slices_of_8_rows(monkeypatch) -> None:
